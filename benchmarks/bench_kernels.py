@@ -1,0 +1,131 @@
+"""PerforatedConv + NNInterpolate against ONNX Runtime's own Conv, one layer at a time.
+
+Both run in ORT at ORT_ENABLE_ALL (ORT's NCHWc Conv path included) with the same intra-op thread
+count and spinning off, interleaved so that machine noise hits both alike. Masks are uniform random
+at rate r (fraction of positions skipped). Prints a Markdown table: median latency, speedup over
+ORT's Conv, and the fraction of the theoretical speedup 1/(1-r) reached.
+
+    python benchmarks/bench_kernels.py                # default layers, r = 0, .25, .5, .75, 1 and 2 threads
+    python benchmarks/bench_kernels.py --quick        # fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_perforate
+from onnx_perforate import ops
+
+# (name, C, H=W, M): AlexNet- and VGG-like 3x3 layers, padding 1.
+LAYERS = [
+    ("vgg-conv3 128x56x56->192", 128, 56, 192),
+    ("vgg-conv4 256x28x28->256", 256, 28, 256),
+    ("alexnet-conv4 192x13x13->384", 192, 13, 384),
+]
+
+
+def conv_model(c, hw, m, batch, rng):
+    w = (rng.standard_normal((m, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32)
+    b = rng.standard_normal(m).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1], kernel_shape=[3, 3])],
+        "layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, hw, hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, m, hw, hw])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), w, b
+
+
+def perforated_model(c, hw, m, batch, w, b, mask):
+    attrs = ops.ConvAttributes(kernel_shape=(3, 3), pads=(1, 1, 1, 1))
+    graph = helper.make_graph(
+        [
+            ops.make_perforated_conv_node(["x", "w", "b", "mask"], "yc", attrs, "conv"),
+            ops.make_nn_interpolate_node("yc", "index", "y", "conv/interpolate"),
+        ],
+        "layer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, hw, hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, m, hw, hw])],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(b, "b"),
+            numpy_helper.from_array(mask, "mask"),
+            numpy_helper.from_array(ops.nearest_index(mask), "index"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+
+
+def uniform_mask(hw, rate, rng):
+    keep = max(1, round((1 - rate) * hw * hw))
+    flat = np.zeros(hw * hw, dtype=bool)
+    flat[rng.permutation(hw * hw)[:keep]] = True
+    return flat.reshape(hw, hw)
+
+
+def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    options = onnx_perforate.session_options(threads, allow_spinning=False)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def time_interleaved(sessions, feed, repeats, warmup=3):
+    for s in sessions:
+        for _ in range(warmup):
+            s.run(None, feed)
+    times = [[] for _ in sessions]
+    for _ in range(repeats):
+        for i, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="10 repeats")
+    args = parser.parse_args(argv)
+    repeats = 10 if args.quick else args.repeats
+    rng = np.random.default_rng(0)
+
+    print(f"# PerforatedConv + NNInterpolate vs ORT Conv (onnxruntime {ort.__version__}, batch {args.batch}, "
+          f"{platform.machine()}, median of {repeats})\n")
+    print("| layer | threads | r | ORT Conv ms | perforated ms | speedup | theoretical | fraction |")
+    print("|---|---|---|---|---|---|---|---|")
+    worst = 1.0
+    for name, c, hw, m in LAYERS:
+        base, w, b = conv_model(c, hw, m, args.batch, rng)
+        x = rng.standard_normal((args.batch, c, hw, hw)).astype(np.float32)
+        for threads in args.threads:
+            base_session = session(base, threads)
+            for rate in args.rates:
+                mask = uniform_mask(hw, rate, rng)
+                perforated = session(perforated_model(c, hw, m, args.batch, w, b, mask), threads)
+                t_base, t_perf = time_interleaved([base_session, perforated], {"x": x}, repeats)
+                achieved_rate = 1 - mask.mean()
+                theoretical = 1 / (1 - achieved_rate)
+                speedup = t_base / t_perf
+                fraction = speedup / theoretical
+                if rate >= 0.25:
+                    worst = min(worst, fraction)
+                print(f"| {name} | {threads} | {rate:.2f} | {t_base * 1e3:.3f} | {t_perf * 1e3:.3f} | "
+                      f"{speedup:.2f}x | {theoretical:.2f}x | {fraction:.0%} |", flush=True)
+    print(f"\nworst fraction of the theoretical speedup at r >= 0.25: {worst:.0%} (target 80%)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+// ORT side of the CPU kernels: reads inputs and attributes, caches what depends only on constant
+// inputs (the mask's positions, the gather table, the interpolation index) and calls the math in
+// perforated_conv.cc / nn_interpolate.cc.
+#include "cpu_ops.h"
+
+#include <memory>
+#include <mutex>
+
+#include "nn_interpolate.h"
+#include "perforated_conv.h"
+
+namespace onnx_perforate {
+
+namespace {
+
+ParallelRunner MakeParallelRunner(const Ort::KernelContext& ctx) {
+  return [&ctx](size_t total, const std::function<void(size_t)>& fn) {
+    if (total == 1) {
+      fn(0);
+      return;
+    }
+    auto trampoline = [](void* data, size_t i) { (*static_cast<const std::function<void(size_t)>*>(data))(i); };
+    ctx.ParallelFor(trampoline, total, 0, const_cast<std::function<void(size_t)>*>(&fn));
+  };
+}
+
+// A constant input read once at kernel creation (initializers), or nothing.
+template <typename Read>
+auto ReadConstantInput(const OrtKernelInfo* info, size_t index, Read&& read) -> decltype(read(Ort::ConstValue{})) {
+  int is_constant = 0;
+  Ort::ConstValue value = Ort::ConstKernelInfo(info).GetTensorConstantInput(index, &is_constant);
+  if (!is_constant || !value) return {};
+  return read(value);
+}
+
+struct MaskInput {
+  std::vector<uint8_t> values;
+  std::vector<int64_t> shape;
+};
+
+// What PerforatedConv derives from the mask and the input size.
+struct ConvPlan {
+  int64_t in_h, in_w, kernel_h, kernel_w;
+  MaskPositions positions;
+  GatherTable table;
+};
+
+struct PerforatedConvKernel {
+  PerforatedConvKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
+    KernelAttributes attrs(api, info);
+    node_ = attrs.NodeName();
+    attrs_ = ReadConvAttributes(attrs);
+    auto mask = ReadConstantInput(info, 3, [](const Ort::ConstValue& v) {
+      return std::make_shared<MaskInput>(MaskInput{ReadMask(v), ShapeOf(v)});
+    });
+    constant_mask_ = mask;
+    int is_constant = 0;
+    Ort::ConstKernelInfo(info).GetTensorConstantInput(1, &is_constant);
+    constant_weights_ = is_constant != 0;
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guarded(api_, "PerforatedConv", node_, [&] { Compute(context); });
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    if (ctx.GetInputCount() != 4) throw OpError("expected 4 inputs (X, W, B or empty, mask)");
+    const auto x = ctx.GetInput(0), w = ctx.GetInput(1), b = ctx.GetInput(2), mask = ctx.GetInput(3);
+    if (!x || !w || !mask) throw OpError("inputs X, W and mask are required");
+    const auto b_shape = b ? ShapeOf(b) : std::vector<int64_t>{};
+    const ConvShape shape = ComputeConvShape(ShapeOf(x), ShapeOf(w), b ? &b_shape : nullptr, attrs_);
+    const std::shared_ptr<const ConvPlan> plan = Plan(shape, mask);
+    const int64_t count = plan->positions.count();
+    auto y = ctx.GetOutput(0, {shape.batch, shape.out_channels, count});
+    const float* weights = w.GetTensorData<float>();
+    const auto packed = Packed(shape, weights);
+    PerforatedConvCpu::Compute(shape, attrs_, plan->table, x.GetTensorData<float>(), weights, packed.get(),
+                               b ? b.GetTensorData<float>() : nullptr, y.GetTensorMutableData<float>(),
+                               MakeParallelRunner(ctx));
+  }
+
+  // Weights that are initializers are packed once; others on every call.
+  std::shared_ptr<const PackedWeights> Packed(const ConvShape& s, const float* w) {
+    if (!constant_weights_) return PerforatedConvCpu::PackWeightsFor(s, w);
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!packed_ready_) {
+      packed_ = PerforatedConvCpu::PackWeightsFor(s, w);
+      packed_ready_ = true;
+    }
+    return packed_;
+  }
+
+  std::shared_ptr<const ConvPlan> Plan(const ConvShape& s, const Ort::ConstValue& mask) {
+    auto build = [&](const MaskInput& m) {
+      auto plan = std::make_shared<ConvPlan>();
+      plan->in_h = s.in_h, plan->in_w = s.in_w, plan->kernel_h = s.kernel_h, plan->kernel_w = s.kernel_w;
+      plan->positions = ComputeMaskPositions(m.values.data(), m.shape, s.out_h, s.out_w);
+      plan->table = BuildGatherTable(s, attrs_, plan->positions);
+      return plan;
+    };
+    if (!constant_mask_) return build(MaskInput{ReadMask(mask), ShapeOf(mask)});
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!plan_ || plan_->in_h != s.in_h || plan_->in_w != s.in_w || plan_->kernel_h != s.kernel_h ||
+        plan_->kernel_w != s.kernel_w)
+      plan_ = build(*constant_mask_);
+    return plan_;
+  }
+
+  const OrtApi& api_;
+  std::string node_;
+  ConvAttributes attrs_;
+  std::shared_ptr<const MaskInput> constant_mask_;
+  std::mutex mutex_;
+  std::shared_ptr<const ConvPlan> plan_;
+  bool constant_weights_ = false;
+  bool packed_ready_ = false;
+  std::shared_ptr<const PackedWeights> packed_;
+};
+
+struct InterpolationIndex {
+  std::vector<int32_t> values;
+  std::vector<int64_t> shape;
+  int64_t min = 0, max = 0;
+};
+
+std::shared_ptr<const InterpolationIndex> ReadIndex(const Ort::ConstValue& v) {
+  const auto shape = ShapeOf(v);
+  if (shape.size() != 2) throw OpError("input index has shape " + ShapeToString(shape) + ", expected 2-D [Ho, Wo]");
+  const auto* data = v.GetTensorData<int64_t>();
+  auto index = std::make_shared<InterpolationIndex>();
+  index->shape = shape;
+  const size_t n = static_cast<size_t>(shape[0] * shape[1]);
+  index->values.resize(n);
+  index->min = n ? data[0] : 0;
+  index->max = n ? data[0] : 0;
+  for (size_t i = 0; i < n; ++i) {
+    index->min = std::min(index->min, data[i]);
+    index->max = std::max(index->max, data[i]);
+    index->values[i] = static_cast<int32_t>(std::max<int64_t>(std::min<int64_t>(data[i], INT32_MAX), INT32_MIN));
+  }
+  return index;
+}
+
+struct NNInterpolateKernel {
+  NNInterpolateKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
+    node_ = KernelAttributes(api, info).NodeName();
+    constant_index_ = ReadConstantInput(info, 1, ReadIndex);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guarded(api_, "NNInterpolate", node_, [&] { Compute(context); });
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const auto yc = ctx.GetInput(0), index_value = ctx.GetInput(1);
+    if (!yc || !index_value) throw OpError("inputs Yc and index are required");
+    const auto yc_shape = ShapeOf(yc);
+    if (yc_shape.size() != 3)
+      throw OpError("input Yc has shape " + ShapeToString(yc_shape) + ", expected 3-D [N, M, K]");
+    const auto index = constant_index_ ? constant_index_ : ReadIndex(index_value);
+    const int64_t count = yc_shape[2], positions = index->shape[0] * index->shape[1];
+    if (positions > 0 && (index->min < 0 || index->max >= count)) {
+      const int64_t bad = index->min < 0 ? index->min : index->max;
+      throw OpError("input index has value " + std::to_string(bad) + ", expected values in [0, K) with K = " +
+                    std::to_string(count) + " (the last dimension of Yc " + ShapeToString(yc_shape) + ")");
+    }
+    auto y = ctx.GetOutput(0, {yc_shape[0], yc_shape[1], index->shape[0], index->shape[1]});
+    NNInterpolateCpu::Compute(yc_shape[0] * yc_shape[1], count, index->values.data(), positions,
+                              yc.GetTensorData<float>(), y.GetTensorMutableData<float>(), MakeParallelRunner(ctx));
+  }
+
+  const OrtApi& api_;
+  std::string node_;
+  std::shared_ptr<const InterpolationIndex> constant_index_;
+};
+
+template <typename Kernel>
+OrtStatusPtr NewKernel(const OrtApi& api, const OrtKernelInfo* info, void** kernel, const char* op) {
+  std::string node = "?";
+  return Guarded(api, op, node, [&] { *kernel = new Kernel(api, info); });
+}
+
+struct PerforatedConvOp : Ort::CustomOpBase<PerforatedConvOp, PerforatedConvKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return NewKernel<PerforatedConvKernel>(api, info, kernel, GetName());
+  }
+  const char* GetName() const { return "PerforatedConv"; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    // The mask may be bool or uint8: checked in the kernel.
+    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+struct NNInterpolateOp : Ort::CustomOpBase<NNInterpolateOp, NNInterpolateKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return NewKernel<NNInterpolateKernel>(api, info, kernel, GetName());
+  }
+  const char* GetName() const { return "NNInterpolate"; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+void AddCpuOps(Ort::CustomOpDomain& domain) {
+  static PerforatedConvOp perforated_conv;
+  static NNInterpolateOp nn_interpolate;
+  domain.Add(&perforated_conv);
+  domain.Add(&nn_interpolate);
+}
+
+}  // namespace onnx_perforate

@@ -1,0 +1,29 @@
+#include "nn_interpolate.h"
+
+#include <algorithm>
+
+namespace onnx_perforate {
+
+namespace {
+
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void GatherPlane(const float* __restrict src, const int32_t* __restrict index, int64_t n,
+                 float* __restrict dst) {
+  for (int64_t p = 0; p < n; ++p) dst[p] = src[index[p]];
+}
+
+}  // namespace
+
+void NNInterpolateCpu::Compute(int64_t planes, int64_t count, const int32_t* index, int64_t positions,
+                               const float* yc, float* y, const ParallelRunner& parallel) {
+  if (planes == 0 || positions == 0) return;
+  // About 64 KiB of output per task: small enough to balance, large enough to amortise the dispatch.
+  const int64_t per_task = std::max<int64_t>(1, (16 * 1024) / positions);
+  const int64_t tasks = (planes + per_task - 1) / per_task;
+  parallel(static_cast<size_t>(tasks), [&](size_t t) {
+    const int64_t first = static_cast<int64_t>(t) * per_task, last = std::min(planes, first + per_task);
+    for (int64_t p = first; p < last; ++p) GatherPlane(yc + p * count, index, positions, y + p * positions);
+  });
+}
+
+}  // namespace onnx_perforate

@@ -1,0 +1,43 @@
+// The GEMM behind the CPU PerforatedConv: Yc[m, k] = sum_p W[m, p] * X_col[p, k], where X_col is the
+// im2col matrix restricted to the computed positions. Weights are packed once per kernel (they are
+// constant initializers); the im2col gather writes straight into the packed layout the micro-kernel
+// reads, so no im2col matrix is ever materialised and no BLAS repacks it.
+//
+// Micro-kernel: a tile of MR output channels (one or two SIMD vectors) x NR positions, accumulated
+// in registers over a KC-long slice of p. AVX-512: 32 x 12 (24 zmm accumulators); AVX2: 16 x 6.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace onnx_perforate {
+
+struct GemmIsa {
+  const char* name = "none";
+  int width = 0;  // floats per SIMD vector
+  int nr = 0;     // positions per micro-tile
+  // kernel(kc, a_panel, b_panel, c, ldc, first): c[j * ldc + r] (+)= sum_p a[p * MR + r] * b[p * NR + j]
+  using Kernel = void (*)(int64_t, const float*, const float*, float*, int64_t, bool);
+  Kernel kernel_1v = nullptr;  // MR = width
+  Kernel kernel_2v = nullptr;  // MR = 2 * width
+};
+
+// The best micro-kernel this CPU runs, or a GemmIsa with width 0 (then the caller uses OpenBLAS).
+// ONNX_PERFORATE_GEMM=openblas forces the BLAS path (for comparisons).
+const GemmIsa& BestGemmIsa();
+
+// W of one convolution, per group, in MR-row panels: data[((g * panels + i) * patch + p) * mr + r].
+struct PackedWeights {
+  int64_t group = 0, rows = 0, patch = 0;  // rows = output channels per group
+  int mr = 0, vectors = 0;                 // vectors = MR / width
+  int64_t panels = 0;                      // ceil(rows / mr)
+  std::vector<float> data;
+  const float* Panel(int64_t g, int64_t i) const { return data.data() + ((g * panels + i) * patch) * mr; }
+};
+
+// w is [group * rows, patch] row-major (ONNX Conv weights flattened).
+std::shared_ptr<const PackedWeights> PackWeights(const float* w, int64_t group, int64_t rows, int64_t patch,
+                                                 const GemmIsa& isa);
+
+}  // namespace onnx_perforate

@@ -1,0 +1,27 @@
+// CPU math of PerforatedConv: im2col restricted to the computed positions, then a GEMM.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+
+#include "../shared/conv_geometry.h"
+#include "packed_gemm.h"
+
+namespace onnx_perforate {
+
+// Runs fn(i) for every i in [0, total) on the caller's thread pool (ORT's intra-op pool in the glue).
+using ParallelRunner = std::function<void(size_t total, const std::function<void(size_t)>& fn)>;
+
+struct PerforatedConvCpu {
+  // x [N, C, H, W], w [M, C/group, kH, kW], bias [M] or nullptr -> yc [N, M, K] (K = table.count).
+  // `packed` holds w packed for BestGemmIsa() (see PackWeightsFor); without it the GEMM is OpenBLAS's.
+  static void Compute(const ConvShape& shape, const ConvAttributes& attrs, const GatherTable& table,
+                      const float* x, const float* w, const PackedWeights* packed, const float* bias,
+                      float* yc, const ParallelRunner& parallel);
+
+  // Packed weights for this CPU's micro-kernel, or nullptr where the OpenBLAS path is used (no AVX2,
+  // depthwise convolutions, or ONNX_PERFORATE_GEMM=openblas).
+  static std::shared_ptr<const PackedWeights> PackWeightsFor(const ConvShape& shape, const float* w);
+};
+
+}  // namespace onnx_perforate

@@ -1,0 +1,120 @@
+#include "conv_geometry.h"
+
+#include <limits>
+#include <sstream>
+
+namespace onnx_perforate {
+
+std::string ShapeToString(const std::vector<int64_t>& shape) {
+  std::ostringstream s;
+  s << '[';
+  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  s << ']';
+  return s.str();
+}
+
+Activation ParseActivation(const std::string& name) {
+  if (name.empty()) return Activation::kNone;
+  if (name == "Relu") return Activation::kRelu;
+  if (name == "LeakyRelu") return Activation::kLeakyRelu;
+  if (name == "Clip") return Activation::kClip;
+  throw OpError("attribute 'activation' is '" + name +
+                "', expected one of \"\", \"Relu\", \"LeakyRelu\", \"Clip\"");
+}
+
+ConvShape ComputeConvShape(const std::vector<int64_t>& x_shape, const std::vector<int64_t>& w_shape,
+                           const std::vector<int64_t>* b_shape, const ConvAttributes& a) {
+  if (x_shape.size() != 4)
+    throw OpError("input X has shape " + ShapeToString(x_shape) + ", expected 4-D [N, C, H, W]");
+  if (w_shape.size() != 4)
+    throw OpError("input W has shape " + ShapeToString(w_shape) + ", expected 4-D [M, C/group, kH, kW]");
+  ConvShape s;
+  s.batch = x_shape[0];
+  s.in_channels = x_shape[1];
+  s.in_h = x_shape[2];
+  s.in_w = x_shape[3];
+  s.out_channels = w_shape[0];
+  s.kernel_h = w_shape[2];
+  s.kernel_w = w_shape[3];
+  s.group = a.group;
+  if (a.group < 1) throw OpError("attribute 'group' is " + std::to_string(a.group) + ", expected >= 1");
+  if (s.in_channels % a.group != 0 || s.out_channels % a.group != 0)
+    throw OpError("group " + std::to_string(a.group) + " does not divide X's channels (" +
+                  std::to_string(s.in_channels) + ") and W's output channels (" +
+                  std::to_string(s.out_channels) + ")");
+  if (w_shape[1] != s.in_channels / a.group)
+    throw OpError("input W has shape " + ShapeToString(w_shape) + ", expected dimension 1 = C/group = " +
+                  std::to_string(s.in_channels / a.group) + " for X of shape " + ShapeToString(x_shape));
+  if ((a.kernel_h && a.kernel_h != s.kernel_h) || (a.kernel_w && a.kernel_w != s.kernel_w))
+    throw OpError("attribute 'kernel_shape' [" + std::to_string(a.kernel_h) + ", " +
+                  std::to_string(a.kernel_w) + "] does not match W of shape " + ShapeToString(w_shape));
+  if (b_shape && (b_shape->size() != 1 || (*b_shape)[0] != s.out_channels))
+    throw OpError("input B has shape " + ShapeToString(*b_shape) + ", expected [" +
+                  std::to_string(s.out_channels) + "]");
+  if (a.stride_h < 1 || a.stride_w < 1 || a.dilation_h < 1 || a.dilation_w < 1)
+    throw OpError("strides and dilations must be >= 1");
+  if (a.pad_top < 0 || a.pad_left < 0 || a.pad_bottom < 0 || a.pad_right < 0)
+    throw OpError("pads must be >= 0");
+  for (int64_t d : x_shape)
+    if (d < 0) throw OpError("input X has shape " + ShapeToString(x_shape) + " with a negative dimension");
+  const int64_t eff_kh = (s.kernel_h - 1) * a.dilation_h + 1;
+  const int64_t eff_kw = (s.kernel_w - 1) * a.dilation_w + 1;
+  s.out_h = (s.in_h + a.pad_top + a.pad_bottom - eff_kh) / a.stride_h + 1;
+  s.out_w = (s.in_w + a.pad_left + a.pad_right - eff_kw) / a.stride_w + 1;
+  if (s.in_h + a.pad_top + a.pad_bottom < eff_kh || s.in_w + a.pad_left + a.pad_right < eff_kw)
+    throw OpError("the padded input " + ShapeToString({s.in_h, s.in_w}) +
+                  " is smaller than the dilated kernel " + ShapeToString({eff_kh, eff_kw}));
+  // The gather table holds int32 offsets inside one input plane.
+  if (s.in_h * s.in_w >= std::numeric_limits<int32_t>::max())
+    throw OpError("input planes of more than 2^31 pixels are not supported");
+  return s;
+}
+
+MaskPositions ComputeMaskPositions(const uint8_t* mask, const std::vector<int64_t>& mask_shape,
+                                   int64_t out_h, int64_t out_w) {
+  if (mask_shape.size() != 2 || mask_shape[0] != out_h || mask_shape[1] != out_w)
+    throw OpError("input mask has shape " + ShapeToString(mask_shape) +
+                  ", expected the convolution's output size [" + std::to_string(out_h) + ", " +
+                  std::to_string(out_w) + "]");
+  MaskPositions m;
+  m.out_h = out_h;
+  m.out_w = out_w;
+  for (int64_t p = 0; p < out_h * out_w; ++p)
+    if (mask[p]) m.positions.push_back(static_cast<int32_t>(p));
+  if (m.positions.empty())
+    throw OpError("input mask has no nonzero entry (K = 0): at least one position must be computed");
+  return m;
+}
+
+GatherTable BuildGatherTable(const ConvShape& s, const ConvAttributes& a, const MaskPositions& m) {
+  GatherTable t;
+  t.in_h = s.in_h;
+  t.in_w = s.in_w;
+  t.taps = s.taps();
+  t.count = m.count();
+  t.offsets.resize(static_cast<size_t>(t.taps * t.count));
+  for (int64_t i = 0; i < s.kernel_h; ++i) {
+    for (int64_t j = 0; j < s.kernel_w; ++j) {
+      int32_t* row = t.offsets.data() + (i * s.kernel_w + j) * t.count;
+      for (int64_t k = 0; k < t.count; ++k) {
+        const int64_t oy = m.positions[k] / m.out_w, ox = m.positions[k] % m.out_w;
+        const int64_t iy = oy * a.stride_h - a.pad_top + i * a.dilation_h;
+        const int64_t ix = ox * a.stride_w - a.pad_left + j * a.dilation_w;
+        const bool inside = iy >= 0 && iy < s.in_h && ix >= 0 && ix < s.in_w;
+        row[k] = inside ? static_cast<int32_t>(iy * s.in_w + ix) : -1;
+      }
+    }
+  }
+  return t;
+}
+
+void ValidateInterpolationIndex(const int64_t* index, int64_t size, int64_t count) {
+  for (int64_t p = 0; p < size; ++p) {
+    if (index[p] < 0 || index[p] >= count)
+      throw OpError("input index has value " + std::to_string(index[p]) + " at flat position " +
+                    std::to_string(p) + ", expected a value in [0, K) with K = " + std::to_string(count) +
+                    " (the last dimension of Yc)");
+  }
+}
+
+}  // namespace onnx_perforate

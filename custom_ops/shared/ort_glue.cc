@@ -1,0 +1,139 @@
+#include "ort_glue.h"
+
+namespace onnx_perforate {
+
+int64_t KernelAttributes::Int(const char* name, int64_t fallback) const {
+  int64_t value = 0;
+  if (OrtStatus* status = api_.KernelInfoGetAttribute_int64(info_, name, &value)) {
+    api_.ReleaseStatus(status);
+    return fallback;
+  }
+  return value;
+}
+
+float KernelAttributes::Float(const char* name, float fallback) const {
+  float value = 0;
+  if (OrtStatus* status = api_.KernelInfoGetAttribute_float(info_, name, &value)) {
+    api_.ReleaseStatus(status);
+    return fallback;
+  }
+  return value;
+}
+
+std::string KernelAttributes::String(const char* name, const std::string& fallback) const {
+  size_t size = 0;
+  if (OrtStatus* status = api_.KernelInfoGetAttribute_string(info_, name, nullptr, &size)) {
+    api_.ReleaseStatus(status);
+    return fallback;
+  }
+  std::string value(size, '\0');
+  if (OrtStatus* status = api_.KernelInfoGetAttribute_string(info_, name, value.data(), &size)) {
+    api_.ReleaseStatus(status);
+    return fallback;
+  }
+  value.resize(size > 0 ? size - 1 : 0);  // size counts the terminating NUL
+  return value;
+}
+
+std::vector<int64_t> KernelAttributes::Ints(const char* name) const {
+  size_t size = 0;
+  if (OrtStatus* status = api_.KernelInfoGetAttributeArray_int64(info_, name, nullptr, &size)) {
+    api_.ReleaseStatus(status);
+    return {};
+  }
+  std::vector<int64_t> values(size);
+  if (size == 0) return values;
+  if (OrtStatus* status = api_.KernelInfoGetAttributeArray_int64(info_, name, values.data(), &size)) {
+    api_.ReleaseStatus(status);
+    return {};
+  }
+  return values;
+}
+
+std::string KernelAttributes::NodeName() const {
+  size_t size = 0;
+  if (OrtStatus* status = api_.KernelInfo_GetNodeName(info_, nullptr, &size)) {
+    api_.ReleaseStatus(status);
+    return "?";
+  }
+  std::string value(size, '\0');
+  if (OrtStatus* status = api_.KernelInfo_GetNodeName(info_, value.data(), &size)) {
+    api_.ReleaseStatus(status);
+    return "?";
+  }
+  value.resize(size > 0 ? size - 1 : 0);
+  return value;
+}
+
+namespace {
+
+std::vector<int64_t> PairOr(const std::vector<int64_t>& values, const char* name, int64_t fallback) {
+  if (values.empty()) return {fallback, fallback};
+  if (values.size() != 2)
+    throw OpError(std::string("attribute '") + name + "' has " + std::to_string(values.size()) +
+                  " values, expected 2 (only 2-D convolutions are supported)");
+  return values;
+}
+
+}  // namespace
+
+ConvAttributes ReadConvAttributes(const KernelAttributes& attrs) {
+  ConvAttributes a;
+  const auto kernel = attrs.Ints("kernel_shape");
+  if (!kernel.empty()) {
+    const auto k = PairOr(kernel, "kernel_shape", 0);
+    a.kernel_h = k[0];
+    a.kernel_w = k[1];
+  }
+  const auto strides = PairOr(attrs.Ints("strides"), "strides", 1);
+  const auto dilations = PairOr(attrs.Ints("dilations"), "dilations", 1);
+  a.stride_h = strides[0];
+  a.stride_w = strides[1];
+  a.dilation_h = dilations[0];
+  a.dilation_w = dilations[1];
+  const auto pads = attrs.Ints("pads");
+  if (!pads.empty()) {
+    if (pads.size() != 4)
+      throw OpError("attribute 'pads' has " + std::to_string(pads.size()) +
+                    " values, expected 4 [top, left, bottom, right]");
+    a.pad_top = pads[0];
+    a.pad_left = pads[1];
+    a.pad_bottom = pads[2];
+    a.pad_right = pads[3];
+  }
+  const std::string auto_pad = attrs.String("auto_pad", "NOTSET");
+  if (auto_pad != "NOTSET" && auto_pad != "")
+    throw OpError("attribute 'auto_pad' is '" + auto_pad + "', expected NOTSET with explicit 'pads'");
+  a.group = attrs.Int("group", 1);
+  a.activation = ParseActivation(attrs.String("activation", ""));
+  a.alpha = attrs.Float("alpha", 0.01f);
+  a.clip_min = attrs.Float("clip_min", a.clip_min);
+  a.clip_max = attrs.Float("clip_max", a.clip_max);
+  if (a.activation == Activation::kClip && a.clip_min > a.clip_max)
+    throw OpError("attribute 'clip_min' is larger than 'clip_max'");
+  return a;
+}
+
+std::vector<int64_t> ShapeOf(const Ort::ConstValue& value) {
+  return value.GetTensorTypeAndShapeInfo().GetShape();
+}
+
+std::vector<uint8_t> ReadMask(const Ort::ConstValue& mask) {
+  const auto info = mask.GetTensorTypeAndShapeInfo();
+  const auto type = info.GetElementType();
+  if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+    throw OpError("input mask has element type " + std::to_string(static_cast<int>(type)) +
+                  ", expected bool or uint8");
+  const size_t count = info.GetElementCount();
+  const auto* bytes = static_cast<const uint8_t*>(mask.GetTensorRawData());
+  std::vector<uint8_t> result(count);
+  for (size_t i = 0; i < count; ++i) result[i] = bytes[i] != 0;
+  return result;
+}
+
+OrtStatusPtr MakeError(const OrtApi& api, const char* op, const std::string& node, const std::string& message) {
+  const std::string text = std::string(op) + " node '" + node + "': " + message;
+  return api.CreateStatus(ORT_INVALID_ARGUMENT, text.c_str());
+}
+
+}  // namespace onnx_perforate

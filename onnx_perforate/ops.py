@@ -1,0 +1,238 @@
+"""The two custom operators in code: node builders, the nearest-neighbour index, and the numpy
+reference implementations (the test oracle), also registered for ``onnx.reference``.
+
+docs/ops.md is the specification; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx.reference.op_run import OpRun
+
+from ._library import DOMAIN, OPSET_VERSION
+
+ACTIVATIONS = ("", "Relu", "LeakyRelu", "Clip")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass
+class ConvAttributes:
+    """PerforatedConv's attributes (ONNX Conv's, explicit pads, plus a fused activation)."""
+
+    kernel_shape: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, left, bottom, right
+    dilations: tuple[int, int] = (1, 1)
+    group: int = 1
+    activation: str = ""
+    alpha: float = 0.01
+    clip_min: float = -FLOAT32_MAX
+    clip_max: float = FLOAT32_MAX
+    extra: dict = field(default_factory=dict)
+
+    def to_onnx(self) -> dict:
+        attrs = dict(
+            kernel_shape=list(self.kernel_shape),
+            strides=list(self.strides),
+            pads=list(self.pads),
+            dilations=list(self.dilations),
+            group=int(self.group),
+        )
+        if self.activation:
+            attrs["activation"] = self.activation
+            if self.activation == "LeakyRelu":
+                attrs["alpha"] = float(self.alpha)
+            if self.activation == "Clip":
+                attrs["clip_min"] = float(self.clip_min)
+                attrs["clip_max"] = float(self.clip_max)
+        return attrs
+
+
+def conv_output_size(in_hw, kernel_shape, strides, pads, dilations) -> tuple[int, int]:
+    """Spatial output size of a 2-D convolution with explicit pads [top, left, bottom, right]."""
+    out = []
+    for axis in range(2):
+        effective = (kernel_shape[axis] - 1) * dilations[axis] + 1
+        padded = in_hw[axis] + pads[axis] + pads[axis + 2]
+        out.append((padded - effective) // strides[axis] + 1)
+    return out[0], out[1]
+
+
+def nearest_index(mask: np.ndarray) -> np.ndarray:
+    """NNInterpolate's index for a mask: int64 [Ho, Wo], values in [0, K).
+
+    Each position maps to the computed position nearest in Euclidean (row, col) distance; ties go to
+    the computed position with the smallest row-major index; computed positions map to themselves.
+
+    Exact and O(Ho * Ho * Wo): for every row r, the nearest computed column of r (ties to the left) is
+    found in 1-D; then for each output row the best row is the first argmin, which is the smallest
+    row-major index among equally near candidates.
+    """
+    mask = np.asarray(mask).astype(bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    if not mask.any():
+        raise ValueError("mask has no computed position")
+    ho, wo = mask.shape
+    cols = np.arange(wo)
+    big = np.iinfo(np.int64).max // 4
+    # Nearest computed column left (<=) and right (>=) of each column, per row.
+    left = np.where(mask, cols, -1)
+    left = np.maximum.accumulate(left, axis=1)
+    right = np.where(mask, cols, wo)
+    right = np.minimum.accumulate(right[:, ::-1], axis=1)[:, ::-1]
+    d_left = np.where(left >= 0, cols - left, big)
+    d_right = np.where(right < wo, right - cols, big)
+    use_left = d_left <= d_right
+    nearest_col = np.where(use_left, left, right)
+    d_col = np.minimum(d_left, d_right)  # big where the row has no computed position
+    rows = np.arange(ho)
+    rank = np.cumsum(mask.ravel()) - 1  # flat position -> k
+    index = np.empty((ho, wo), dtype=np.int64)
+    d_col2 = np.where(d_col < big, d_col * d_col, big)
+    for i in range(ho):
+        dist = (rows[:, None] - i) ** 2 + d_col2  # [rows, wo]
+        best_row = np.argmin(dist, axis=0)
+        flat = best_row * wo + nearest_col[best_row, cols]
+        index[i] = rank[flat]
+    return index
+
+
+def make_perforated_conv_node(inputs, output, attributes: ConvAttributes, name: str) -> onnx.NodeProto:
+    """inputs = [X, W, B or "", mask]."""
+    return helper.make_node(
+        "PerforatedConv", list(inputs), [output], name=name, domain=DOMAIN, **attributes.to_onnx()
+    )
+
+
+def make_nn_interpolate_node(compact, index, output, name: str) -> onnx.NodeProto:
+    return helper.make_node("NNInterpolate", [compact, index], [output], name=name, domain=DOMAIN)
+
+
+def opset_import() -> onnx.OperatorSetIdProto:
+    return helper.make_opsetid(DOMAIN, OPSET_VERSION)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference implementations (float64 accumulation, independent of the C++ code).
+
+
+def _activate(y: np.ndarray, activation: str, alpha: float, clip_min: float, clip_max: float) -> np.ndarray:
+    if activation in ("", None):
+        return y
+    if activation == "Relu":
+        return np.maximum(y, 0)
+    if activation == "LeakyRelu":
+        return np.where(y < 0, alpha * y, y)
+    if activation == "Clip":
+        return np.clip(y, clip_min, clip_max)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def perforated_conv_reference(
+    x: np.ndarray,
+    w: np.ndarray,
+    b: np.ndarray | None,
+    mask: np.ndarray,
+    *,
+    kernel_shape=None,
+    strides=(1, 1),
+    pads=(0, 0, 0, 0),
+    dilations=(1, 1),
+    group: int = 1,
+    activation: str = "",
+    alpha: float = 0.01,
+    clip_min: float = -FLOAT32_MAX,
+    clip_max: float = FLOAT32_MAX,
+) -> np.ndarray:
+    """PerforatedConv in numpy: returns Yc [N, M, K] (float32), computed in float64."""
+    x = np.asarray(x)
+    w = np.asarray(w)
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(f"X and W must be 4-D, got {x.shape} and {w.shape}")
+    n, c, h, wd = x.shape
+    m, cg, kh, kw = w.shape
+    if kernel_shape is not None and tuple(kernel_shape) != (kh, kw):
+        raise ValueError(f"kernel_shape {tuple(kernel_shape)} does not match W {w.shape}")
+    if c != cg * group or m % group:
+        raise ValueError(f"channels do not match: X {x.shape}, W {w.shape}, group {group}")
+    sh, sw = strides
+    dh, dw = dilations
+    ho, wo = conv_output_size((h, wd), (kh, kw), strides, pads, dilations)
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape != (ho, wo):
+        raise ValueError(f"mask shape {mask.shape} != output size {(ho, wo)}")
+    ys, xs = np.nonzero(mask)
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    mg = m // group
+    out = np.zeros((n, m, len(ys)), dtype=np.float64)
+    for g in range(group):
+        xg = xp[:, g * cg : (g + 1) * cg]
+        wg = w[g * mg : (g + 1) * mg].astype(np.float64)
+        for i in range(kh):
+            for j in range(kw):
+                patch = xg[:, :, ys * sh + i * dh, xs * sw + j * dw]  # [N, cg, K]
+                out[:, g * mg : (g + 1) * mg] += np.einsum("oc,nck->nok", wg[:, :, i, j], patch)
+    if b is not None:
+        out += np.asarray(b, dtype=np.float64)[None, :, None]
+    return _activate(out, activation, alpha, clip_min, clip_max).astype(np.float32)
+
+
+def nn_interpolate_reference(yc: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """NNInterpolate in numpy: Y[n, m, i, j] = Yc[n, m, index[i, j]]."""
+    yc = np.asarray(yc)
+    index = np.asarray(index)
+    if yc.ndim != 3 or index.ndim != 2:
+        raise ValueError(f"Yc must be 3-D and index 2-D, got {yc.shape} and {index.shape}")
+    if index.size and (index.min() < 0 or index.max() >= yc.shape[2]):
+        raise ValueError(f"index values must lie in [0, {yc.shape[2]})")
+    return yc[:, :, index]
+
+
+class PerforatedConv(OpRun):
+    """``onnx.reference`` implementation of onnx_perforate.PerforatedConv."""
+
+    op_domain = DOMAIN
+
+    def _run(self, x, w, b=None, mask=None, **attributes):
+        attrs = {k: getattr(self, k, None) for k in _REFERENCE_ATTRS}
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        if isinstance(attrs.get("activation"), bytes):
+            attrs["activation"] = attrs["activation"].decode()
+        return (perforated_conv_reference(x, w, b, mask, **attrs),)
+
+
+_REFERENCE_ATTRS = (
+    "kernel_shape",
+    "strides",
+    "pads",
+    "dilations",
+    "group",
+    "activation",
+    "alpha",
+    "clip_min",
+    "clip_max",
+)
+
+
+class NNInterpolate(OpRun):
+    """``onnx.reference`` implementation of onnx_perforate.NNInterpolate."""
+
+    op_domain = DOMAIN
+
+    def _run(self, yc, index):
+        return (nn_interpolate_reference(yc, index),)
+
+
+REFERENCE_OPS = [PerforatedConv, NNInterpolate]
+
+
+def reference_evaluator(model, **kwargs):
+    """An ``onnx.reference.ReferenceEvaluator`` that knows the two custom ops."""
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(model, new_ops=REFERENCE_OPS, **kwargs)

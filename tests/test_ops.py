@@ -1,0 +1,360 @@
+"""PerforatedConv and NNInterpolate: the compiled kernels in ORT against the numpy reference (float64)
+and against ORT's own Conv, on random shapes, strides, pads, dilations, groups, batches and masks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_perforate
+from onnx_perforate import ops
+
+pytestmark = pytest.mark.usefixtures("require_library")
+
+
+def perforated_model(x_shape, w, b, mask, attrs: ops.ConvAttributes, interpolate=True, mask_dtype=bool):
+    inputs = ["x", "w", "b" if b is not None else "", "mask"]
+    nodes = [ops.make_perforated_conv_node(inputs, "yc", attrs, "conv")]
+    initializers = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(mask.astype(mask_dtype), "mask")]
+    if b is not None:
+        initializers.append(numpy_helper.from_array(b, "b"))
+    output = "yc"
+    if interpolate:
+        nodes.append(ops.make_nn_interpolate_node("yc", "index", "y", "conv/interpolate"))
+        initializers.append(numpy_helper.from_array(ops.nearest_index(mask), "index"))
+        output = "y"
+    graph = helper.make_graph(
+        nodes,
+        "perforated",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+
+
+def run_ort(model, feeds, threads=2):
+    session = ort.InferenceSession(
+        model.SerializeToString(), onnx_perforate.session_options(threads), providers=["CPUExecutionProvider"]
+    )
+    return session.run(None, feeds)[0]
+
+
+def assert_close_to_reference(y, x, w, b, mask, attrs: ops.ConvAttributes):
+    """|y - ref| within float32 rounding of the sum of |terms| (the accumulation's own scale)."""
+    kwargs = dict(
+        kernel_shape=attrs.kernel_shape,
+        strides=attrs.strides,
+        pads=attrs.pads,
+        dilations=attrs.dilations,
+        group=attrs.group,
+    )
+    ref = ops.perforated_conv_reference(
+        x, w, b, mask, activation=attrs.activation, alpha=attrs.alpha, clip_min=attrs.clip_min,
+        clip_max=attrs.clip_max, **kwargs
+    )
+    scale = ops.perforated_conv_reference(np.abs(x), np.abs(w), None if b is None else np.abs(b), mask, **kwargs)
+    assert y.shape == ref.shape
+    assert np.isfinite(y).all()
+    err = np.abs(y.astype(np.float64) - ref)
+    bound = 1e-5 * scale + 1e-6
+    worst = float((err / bound).max()) if err.size else 0.0
+    assert worst <= 1.0, f"max error {err.max():.3g} is {worst:.2f}x the float32 rounding bound"
+
+
+@st.composite
+def conv_cases(draw):
+    group = draw(st.sampled_from([1, 1, 2, 3]))
+    depthwise = draw(st.booleans()) and group == 1
+    cg = 1 if depthwise else draw(st.integers(1, 6))
+    channels = draw(st.integers(1, 6)) if depthwise else cg * group
+    if depthwise:
+        group = channels
+    m = group * draw(st.integers(1, 5 if not depthwise else 2))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    sh, sw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    eff_h, eff_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    h = draw(st.integers(max(1, eff_h - pads[0] - pads[2]), 12))
+    w = draw(st.integers(max(1, eff_w - pads[1] - pads[3]), 12))
+    n = draw(st.integers(1, 3))
+    activation = draw(st.sampled_from(ops.ACTIVATIONS))
+    with_bias = draw(st.booleans())
+    mask_kind = draw(st.sampled_from(["random", "ones", "single"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    attrs = ops.ConvAttributes(
+        kernel_shape=(kh, kw), strides=(sh, sw), pads=pads, dilations=(dh, dw), group=group,
+        activation=activation, alpha=0.2, clip_min=-0.5, clip_max=0.7,
+    )
+    return (n, channels, h, w, m, cg), attrs, with_bias, mask_kind, seed
+
+
+def random_case(n, c, h, w, m, cg, attrs, with_bias, mask_kind, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    weights = rng.standard_normal((m, cg, *attrs.kernel_shape)).astype(np.float32)
+    b = rng.standard_normal(m).astype(np.float32) if with_bias else None
+    ho, wo = ops.conv_output_size((h, w), attrs.kernel_shape, attrs.strides, attrs.pads, attrs.dilations)
+    if mask_kind == "ones":
+        mask = np.ones((ho, wo), bool)
+    elif mask_kind == "single":
+        mask = np.zeros((ho, wo), bool)
+        mask[rng.integers(ho), rng.integers(wo)] = True
+    else:
+        mask = rng.random((ho, wo)) < rng.uniform(0.2, 0.9)
+        mask.flat[rng.integers(mask.size)] = True
+    return x, weights, b, mask
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases())
+def test_perforated_conv_matches_reference(case):
+    (n, c, h, w, m, cg), attrs, with_bias, mask_kind, seed = case
+    x, weights, b, mask = random_case(n, c, h, w, m, cg, attrs, with_bias, mask_kind, seed)
+    yc = run_ort(perforated_model(x.shape, weights, b, mask, attrs, interpolate=False), {"x": x})
+    assert_close_to_reference(yc, x, weights, b, mask, attrs)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(conv_cases())
+def test_interpolated_output_matches_reference(case):
+    (n, c, h, w, m, cg), attrs, with_bias, mask_kind, seed = case
+    x, weights, b, mask = random_case(n, c, h, w, m, cg, attrs, with_bias, mask_kind, seed)
+    y = run_ort(perforated_model(x.shape, weights, b, mask, attrs), {"x": x})
+    yc = ops.perforated_conv_reference(
+        x, weights, b, mask, kernel_shape=attrs.kernel_shape, strides=attrs.strides, pads=attrs.pads,
+        dilations=attrs.dilations, group=attrs.group, activation=attrs.activation, alpha=attrs.alpha,
+        clip_min=attrs.clip_min, clip_max=attrs.clip_max,
+    )
+    expected = ops.nn_interpolate_reference(yc, ops.nearest_index(mask))
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
+
+
+def ort_conv(x, w, b, attrs: ops.ConvAttributes):
+    inputs = ["x", "w"] + (["b"] if b is not None else [])
+    inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(b, "b")] if b is not None else [])
+    graph = helper.make_graph(
+        [helper.make_node("Conv", inputs, ["y"], kernel_shape=list(attrs.kernel_shape), strides=list(attrs.strides),
+                          pads=list(attrs.pads), dilations=list(attrs.dilations), group=attrs.group)],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+# Shapes that exercise every path of the CPU kernel: reduction split in KC slices (patch > 256), channel
+# tiles of one and two vectors with tails, column blocks with position tails, depthwise, OpenBLAS groups.
+LARGE_CASES = [
+    ((1, 64, 20, 20), (40, 64, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1))),
+    ((2, 96, 15, 17), (16, 96, 3, 3), ops.ConvAttributes((3, 3), strides=(2, 1), pads=(0, 1, 2, 1))),
+    ((1, 128, 28, 28), (192, 128, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1))),
+    ((3, 48, 14, 14), (48, 1, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=48)),
+    ((1, 64, 13, 13), (128, 16, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=4)),
+    ((2, 300, 9, 9), (33, 300, 1, 1), ops.ConvAttributes((1, 1))),
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, attrs", LARGE_CASES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_all_ones_mask_equals_ort_conv(x_shape, w_shape, attrs, threads):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32)
+    expected = ort_conv(x, w, b, attrs)
+    mask = np.ones(expected.shape[2:], bool)
+    y = run_ort(perforated_model(x.shape, w, b, mask, attrs), {"x": x}, threads=threads)
+    scale = np.abs(ort_conv(np.abs(x), np.abs(w), np.abs(b), attrs))
+    assert np.isfinite(y).all()
+    assert (np.abs(y - expected) <= 1e-5 * scale + 1e-6).all()
+
+
+@pytest.mark.parametrize("x_shape, w_shape, attrs", LARGE_CASES)
+def test_random_mask_on_large_layers(x_shape, w_shape, attrs):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32)
+    ho, wo = ops.conv_output_size(x_shape[2:], attrs.kernel_shape, attrs.strides, attrs.pads, attrs.dilations)
+    mask = rng.random((ho, wo)) < 0.4
+    mask[0, 0] = True
+    yc = run_ort(perforated_model(x.shape, w, b, mask, attrs, interpolate=False), {"x": x})
+    assert_close_to_reference(yc, x, w, b, mask, attrs)
+
+
+def test_uint8_mask_and_missing_bias():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 8, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    attrs = ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), activation="LeakyRelu", alpha=0.1)
+    mask = rng.random((9, 9)) < 0.5
+    yc = run_ort(perforated_model(x.shape, w, None, mask, attrs, interpolate=False, mask_dtype=np.uint8), {"x": x})
+    assert_close_to_reference(yc, x, w, None, mask, attrs)
+
+
+def test_openblas_path_matches_packed_path():
+    """The OpenBLAS GEMM (CPUs without AVX2, or ONNX_PERFORATE_GEMM=openblas) gives the same results."""
+    script = textwrap.dedent(
+        """
+        import numpy as np, sys
+        sys.path[:0] = [{tests!r}]
+        from test_ops import perforated_model, run_ort, assert_close_to_reference
+        from onnx_perforate import ops
+        rng = np.random.default_rng(4)
+        x = rng.standard_normal((2, 40, 11, 11)).astype(np.float32)
+        w = rng.standard_normal((24, 20, 3, 3)).astype(np.float32)
+        b = rng.standard_normal(24).astype(np.float32)
+        attrs = ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=2, activation="Relu")
+        mask = rng.random((11, 11)) < 0.5
+        yc = run_ort(perforated_model(x.shape, w, b, mask, attrs, interpolate=False), {{"x": x}})
+        assert_close_to_reference(yc, x, w, b, mask, attrs)
+        print("ok")
+        """
+    ).format(tests=os.path.dirname(__file__))
+    env = dict(os.environ, ONNX_PERFORATE_GEMM="openblas")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_reference_evaluator_runs_the_custom_ops():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    mask = rng.random((8, 8)) < 0.5
+    mask[3, 3] = True
+    model = perforated_model(x.shape, w, b, mask, ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), activation="Relu"))
+    expected = ops.reference_evaluator(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run_ort(model, {"x": x}), expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# nearest_index
+
+
+def brute_force_index(mask):
+    positions = np.argwhere(mask)
+    ho, wo = mask.shape
+    index = np.empty((ho, wo), np.int64)
+    for i in range(ho):
+        for j in range(wo):
+            d = ((positions - [i, j]) ** 2).sum(axis=1)
+            index[i, j] = int(np.flatnonzero(d == d.min())[0])  # argwhere is row-major: first = smallest
+    return index
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 12), st.floats(0.05, 1.0), st.integers(0, 2**31 - 1))
+def test_nearest_index_matches_brute_force(ho, wo, density, seed):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((ho, wo)) < density
+    mask.flat[rng.integers(mask.size)] = True
+    index = ops.nearest_index(mask)
+    np.testing.assert_array_equal(index, brute_force_index(mask))
+    computed = np.flatnonzero(mask.ravel())
+    assert (index.ravel()[computed] == np.arange(len(computed))).all()  # computed positions map to themselves
+
+
+def test_nearest_index_ties_go_to_smallest_row_major_index():
+    mask = np.zeros((3, 3), bool)
+    mask[0, 1] = mask[1, 0] = mask[2, 1] = mask[1, 2] = True
+    # The centre is at distance 1 from all four; (0, 1) has the smallest row-major index (k = 0).
+    assert ops.nearest_index(mask)[1, 1] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear ORT error naming the op, the node and what was expected, never a crash.
+
+
+def bad_model(nodes, inputs, initializers):
+    graph = helper.make_graph(nodes, "bad", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+
+
+def expect_error(model, feeds, *fragments):
+    with pytest.raises(Exception) as info:
+        run_ort(model, feeds)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def conv_node(**overrides):
+    attrs = ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1))
+    return ops.make_perforated_conv_node(["x", "w", "", "mask"], "y", attrs, "conv7")
+
+
+def conv_inputs(x_shape=(1, 4, 6, 6), w_shape=(5, 4, 3, 3), mask=None):
+    x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
+    w = np.ones(w_shape, np.float32)
+    mask = np.ones((6, 6), bool) if mask is None else mask
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(mask, "mask")]
+    return x, [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], inits
+
+
+def test_error_wrong_mask_shape():
+    x, inputs, inits = conv_inputs(mask=np.ones((5, 6), bool))
+    expect_error(bad_model([conv_node()], inputs, inits), {"x": x}, "PerforatedConv node 'conv7'", "mask",
+                 "[5, 6]", "[6, 6]")
+
+
+def test_error_empty_mask():
+    x, inputs, inits = conv_inputs(mask=np.zeros((6, 6), bool))
+    expect_error(bad_model([conv_node()], inputs, inits), {"x": x}, "conv7", "K = 0")
+
+
+def test_error_channel_mismatch():
+    x, inputs, inits = conv_inputs(w_shape=(5, 3, 3, 3))
+    expect_error(bad_model([conv_node()], inputs, inits), {"x": x}, "conv7", "input W", "C/group = 4")
+
+
+def test_error_not_4d():
+    x, inputs, inits = conv_inputs()
+    expect_error(bad_model([conv_node()], inputs, inits), {"x": x[0]}, "conv7", "input X", "4-D")
+
+
+def test_error_index_out_of_range():
+    yc = np.ones((1, 2, 3), np.float32)
+    index = np.array([[0, 1], [2, 3]], np.int64)
+    node = ops.make_nn_interpolate_node("yc", "index", "y", "interp3")
+    model = bad_model([node], [helper.make_tensor_value_info("yc", TensorProto.FLOAT, None)],
+                      [numpy_helper.from_array(index, "index")])
+    expect_error(model, {"yc": yc}, "NNInterpolate node 'interp3'", "value 3", "K = 3")
+
+
+def test_error_yc_not_3d():
+    index = np.zeros((2, 2), np.int64)
+    node = ops.make_nn_interpolate_node("yc", "index", "y", "interp4")
+    model = bad_model([node], [helper.make_tensor_value_info("yc", TensorProto.FLOAT, None)],
+                      [numpy_helper.from_array(index, "index")])
+    expect_error(model, {"yc": np.ones((2, 3), np.float32)}, "interp4", "3-D")
+
+
+def test_error_unknown_activation():
+    x, inputs, inits = conv_inputs()
+    node = conv_node()
+    node.attribute.append(helper.make_attribute("activation", "Gelu"))
+    expect_error(bad_model([node], inputs, inits), {"x": x}, "activation", "Gelu")
+
+
+def test_library_does_not_link_onnxruntime():
+    """The library initialises through the OrtApiBase ORT passes in, so it loads in any ORT >= 1.21."""
+    path = onnx_perforate.library_path()
+    result = subprocess.run(["ldd", path], capture_output=True, text=True)
+    assert "onnxruntime" not in result.stdout
+    assert onnx.__version__  # keeps the import used even where ldd is missing
