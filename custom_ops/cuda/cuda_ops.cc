@@ -1,0 +1,310 @@
+// ORT side of the CUDA kernels: reads inputs and attributes, keeps the tables that depend only on the
+// mask / index (and the input size) on the device, and launches the kernels of kernels.h on ORT's
+// compute stream.
+//
+// Rules: the mask and index inputs are requested in CPU memory, so the tables are built on the host
+// with the shared geometry code and uploaded once; their device copies are cached per kernel (no
+// cudaMalloc in the steady state, only when the input size, mask, index or device changes); every
+// launch and copy goes to KernelContext::GetGPUComputeStream(), never the default stream; nothing
+// synchronises the device in the hot path.
+#include "cuda_ops.h"
+
+#include <cuda_runtime_api.h>
+
+#include <climits>
+#include <cstring>
+#include <memory>
+#include <mutex>
+
+#include "kernels.h"
+
+namespace onnx_perforate {
+
+namespace {
+
+constexpr const char* kProvider = "CUDAExecutionProvider";
+
+void Check(cudaError_t error, const char* what) {
+  if (error != cudaSuccess) throw OpError(std::string(what) + " failed: " + cudaGetErrorString(error));
+}
+
+int CurrentDevice() {
+  int device = 0;
+  Check(cudaGetDevice(&device), "cudaGetDevice");
+  return device;
+}
+
+cudaStream_t ComputeStream(const Ort::KernelContext& ctx) {
+  void* stream = ctx.GetGPUComputeStream();
+  if (!stream) throw OpError("ONNX Runtime gave no CUDA compute stream to the kernel");
+  return static_cast<cudaStream_t>(stream);
+}
+
+int ToInt(int64_t value, const char* what) {
+  if (value < 0 || value > INT_MAX) throw OpError(std::string(what) + " = " + std::to_string(value) + " does not fit the CUDA kernels' 32-bit sizes");
+  return static_cast<int>(value);
+}
+
+// Device memory owned by a cached plan. The plan outlives every launch that reads it on its stream
+// except across a plan change, where cudaFree's implicit synchronisation covers the pending work.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() {
+    if (ptr_) cudaFree(ptr_);  // errors ignored: may run while the process tears the runtime down
+  }
+  // Uploads bytes from host memory on `stream` (the host copy must stay alive until the copy ran;
+  // the plans keep it).
+  void Upload(const void* host, size_t bytes, cudaStream_t stream) {
+    Check(cudaMalloc(&ptr_, bytes ? bytes : 1), "cudaMalloc");
+    Check(cudaMemcpyAsync(ptr_, host, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+  }
+  template <typename T>
+  const T* get() const {
+    return static_cast<const T*>(ptr_);
+  }
+
+ private:
+  void* ptr_ = nullptr;
+};
+
+// A constant input read once at kernel creation (initializers), or nothing.
+template <typename Read>
+auto ReadConstantInput(const OrtKernelInfo* info, size_t index, Read&& read) -> decltype(read(Ort::ConstValue{})) {
+  int is_constant = 0;
+  Ort::ConstValue value = Ort::ConstKernelInfo(info).GetTensorConstantInput(index, &is_constant);
+  if (!is_constant || !value) return {};
+  return read(value);
+}
+
+struct MaskInput {
+  std::vector<uint8_t> values;
+  std::vector<int64_t> shape;
+};
+
+// What PerforatedConv derives from the mask and the input size, with the gather table on the device.
+struct CudaConvPlan {
+  int64_t in_h = 0, in_w = 0, kernel_h = 0, kernel_w = 0;
+  int device = -1;
+  std::shared_ptr<const MaskInput> mask;
+  int64_t count = 0;
+  GatherTable table;  // host copy, kept for the asynchronous upload
+  DeviceBuffer offsets;
+};
+
+struct PerforatedConvKernel {
+  PerforatedConvKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
+    KernelAttributes attrs(api, info);
+    node_ = attrs.NodeName();
+    attrs_ = ReadConvAttributes(attrs);
+    constant_mask_ = ReadConstantInput(info, 3, [](const Ort::ConstValue& v) {
+      return std::make_shared<const MaskInput>(MaskInput{ReadMask(v), ShapeOf(v)});
+    });
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guarded(api_, "PerforatedConv", node_, [&] { Compute(context); });
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    if (ctx.GetInputCount() != 4) throw OpError("expected 4 inputs (X, W, B or empty, mask)");
+    const auto x = ctx.GetInput(0), w = ctx.GetInput(1), b = ctx.GetInput(2), mask = ctx.GetInput(3);
+    if (!x || !w || !mask) throw OpError("inputs X, W and mask are required");
+    const auto b_shape = b ? ShapeOf(b) : std::vector<int64_t>{};
+    const ConvShape s = ComputeConvShape(ShapeOf(x), ShapeOf(w), b ? &b_shape : nullptr, attrs_);
+    const cudaStream_t stream = ComputeStream(ctx);
+    const std::shared_ptr<const CudaConvPlan> plan = Plan(s, mask, stream);
+    auto y = ctx.GetOutput(0, {s.batch, s.out_channels, plan->count});
+    if (s.batch == 0 || s.out_channels == 0) return;
+    Check(onnx_perforate_cuda_perforated_conv(
+              x.GetTensorData<float>(), w.GetTensorData<float>(), b ? b.GetTensorData<float>() : nullptr,
+              plan->offsets.get<int32_t>(), ToInt(s.batch, "N"), ToInt(s.in_channels, "C"), ToInt(s.in_h, "H"),
+              ToInt(s.in_w, "W"), ToInt(s.out_channels, "M"), ToInt(s.group, "group"), ToInt(s.kernel_h, "kH"),
+              ToInt(s.kernel_w, "kW"), ToInt(plan->count, "K"), static_cast<int>(attrs_.activation), attrs_.alpha,
+              attrs_.clip_min, attrs_.clip_max, y.GetTensorMutableData<float>(), stream),
+          "PerforatedConv CUDA launch");
+  }
+
+  std::shared_ptr<const CudaConvPlan> Plan(const ConvShape& s, const Ort::ConstValue& mask_value,
+                                           cudaStream_t stream) {
+    const int device = CurrentDevice();
+    // A mask that is not an initializer is compared with the cached one (a few KiB of host memory:
+    // the input lives on the CPU) so that an unchanged mask costs no upload.
+    std::shared_ptr<const MaskInput> mask = constant_mask_;
+    if (!mask) mask = std::make_shared<const MaskInput>(MaskInput{ReadMask(mask_value), ShapeOf(mask_value)});
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (plan_ && plan_->in_h == s.in_h && plan_->in_w == s.in_w && plan_->kernel_h == s.kernel_h &&
+        plan_->kernel_w == s.kernel_w && plan_->device == device &&
+        (plan_->mask == mask ||
+         (plan_->mask->shape == mask->shape && plan_->mask->values == mask->values)))
+      return plan_;
+    auto plan = std::make_shared<CudaConvPlan>();
+    plan->in_h = s.in_h, plan->in_w = s.in_w, plan->kernel_h = s.kernel_h, plan->kernel_w = s.kernel_w;
+    plan->device = device;
+    plan->mask = mask;
+    const MaskPositions positions = ComputeMaskPositions(mask->values.data(), mask->shape, s.out_h, s.out_w);
+    plan->count = positions.count();
+    plan->table = BuildGatherTable(s, attrs_, positions);
+    plan->offsets.Upload(plan->table.offsets.data(), plan->table.offsets.size() * sizeof(int32_t), stream);
+    plan_ = std::move(plan);
+    return plan_;
+  }
+
+  const OrtApi& api_;
+  std::string node_;
+  ConvAttributes attrs_;
+  std::shared_ptr<const MaskInput> constant_mask_;
+  std::mutex mutex_;
+  std::shared_ptr<const CudaConvPlan> plan_;
+};
+
+struct HostIndex {
+  std::vector<int64_t> raw;  // as given, for comparing a non-constant index with the cached one
+  std::vector<int32_t> values;
+  std::vector<int64_t> shape;
+  int64_t min = 0, max = 0;
+};
+
+std::shared_ptr<const HostIndex> ReadIndex(const Ort::ConstValue& v) {
+  const auto shape = ShapeOf(v);
+  if (shape.size() != 2) throw OpError("input index has shape " + ShapeToString(shape) + ", expected 2-D [Ho, Wo]");
+  const auto* data = v.GetTensorData<int64_t>();
+  auto index = std::make_shared<HostIndex>();
+  index->shape = shape;
+  const size_t n = static_cast<size_t>(shape[0] * shape[1]);
+  index->raw.assign(data, data + n);
+  index->values.resize(n);
+  index->min = n ? data[0] : 0;
+  index->max = n ? data[0] : 0;
+  for (size_t i = 0; i < n; ++i) {
+    index->min = std::min(index->min, data[i]);
+    index->max = std::max(index->max, data[i]);
+    index->values[i] = static_cast<int32_t>(std::max<int64_t>(std::min<int64_t>(data[i], INT32_MAX), INT32_MIN));
+  }
+  return index;
+}
+
+struct CudaIndexPlan {
+  std::shared_ptr<const HostIndex> index;
+  int device = -1;
+  DeviceBuffer values;
+};
+
+struct NNInterpolateKernel {
+  NNInterpolateKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
+    node_ = KernelAttributes(api, info).NodeName();
+    constant_index_ = ReadConstantInput(info, 1, ReadIndex);
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guarded(api_, "NNInterpolate", node_, [&] { Compute(context); });
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const auto yc = ctx.GetInput(0), index_value = ctx.GetInput(1);
+    if (!yc || !index_value) throw OpError("inputs Yc and index are required");
+    const auto yc_shape = ShapeOf(yc);
+    if (yc_shape.size() != 3)
+      throw OpError("input Yc has shape " + ShapeToString(yc_shape) + ", expected 3-D [N, M, K]");
+    const cudaStream_t stream = ComputeStream(ctx);
+    const auto plan = Plan(index_value, stream);
+    const HostIndex& index = *plan->index;
+    const int64_t count = yc_shape[2], positions = index.shape[0] * index.shape[1];
+    if (positions > 0 && (index.min < 0 || index.max >= count)) {
+      const int64_t bad = index.min < 0 ? index.min : index.max;
+      throw OpError("input index has value " + std::to_string(bad) + ", expected values in [0, K) with K = " +
+                    std::to_string(count) + " (the last dimension of Yc " + ShapeToString(yc_shape) + ")");
+    }
+    auto y = ctx.GetOutput(0, {yc_shape[0], yc_shape[1], index.shape[0], index.shape[1]});
+    const int64_t planes = yc_shape[0] * yc_shape[1];
+    if (planes == 0 || positions == 0) return;
+    Check(onnx_perforate_cuda_nn_interpolate(yc.GetTensorData<float>(), plan->values.get<int32_t>(), planes,
+                                             ToInt(count, "K"), ToInt(positions, "Ho*Wo"),
+                                             y.GetTensorMutableData<float>(), stream),
+          "NNInterpolate CUDA launch");
+  }
+
+  std::shared_ptr<const CudaIndexPlan> Plan(const Ort::ConstValue& index_value, cudaStream_t stream) {
+    const int device = CurrentDevice();
+    std::shared_ptr<const HostIndex> index = constant_index_;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!index) {
+      // Not an initializer: reuse the cached upload while the values are unchanged.
+      const auto shape = ShapeOf(index_value);
+      if (plan_ && plan_->device == device && plan_->index->shape == shape &&
+          std::memcmp(plan_->index->raw.data(), index_value.GetTensorData<int64_t>(),
+                      plan_->index->raw.size() * sizeof(int64_t)) == 0)
+        return plan_;
+      index = ReadIndex(index_value);
+    } else if (plan_ && plan_->device == device) {
+      return plan_;
+    }
+    auto plan = std::make_shared<CudaIndexPlan>();
+    plan->index = index;
+    plan->device = device;
+    plan->values.Upload(index->values.data(), index->values.size() * sizeof(int32_t), stream);
+    plan_ = std::move(plan);
+    return plan_;
+  }
+
+  const OrtApi& api_;
+  std::string node_;
+  std::shared_ptr<const HostIndex> constant_index_;
+  std::mutex mutex_;
+  std::shared_ptr<const CudaIndexPlan> plan_;
+};
+
+template <typename Kernel>
+OrtStatusPtr NewKernel(const OrtApi& api, const OrtKernelInfo* info, void** kernel, const char* op) {
+  std::string node = "?";
+  return Guarded(api, op, node, [&] { *kernel = new Kernel(api, info); });
+}
+
+struct PerforatedConvCudaOp : Ort::CustomOpBase<PerforatedConvCudaOp, PerforatedConvKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return NewKernel<PerforatedConvKernel>(api, info, kernel, GetName());
+  }
+  const char* GetName() const { return "PerforatedConv"; }
+  const char* GetExecutionProviderType() const { return kProvider; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    // The mask may be bool or uint8: checked in the kernel.
+    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtMemType GetInputMemoryType(size_t i) const { return i == 3 ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+struct NNInterpolateCudaOp : Ort::CustomOpBase<NNInterpolateCudaOp, NNInterpolateKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return NewKernel<NNInterpolateKernel>(api, info, kernel, GetName());
+  }
+  const char* GetName() const { return "NNInterpolate"; }
+  const char* GetExecutionProviderType() const { return kProvider; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtMemType GetInputMemoryType(size_t i) const { return i == 1 ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+void AddCudaOps(Ort::CustomOpDomain& domain) {
+  static PerforatedConvCudaOp perforated_conv;
+  static NNInterpolateCudaOp nn_interpolate;
+  domain.Add(&perforated_conv);
+  domain.Add(&nn_interpolate);
+}
+
+}  // namespace onnx_perforate

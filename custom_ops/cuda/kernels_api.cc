@@ -1,0 +1,67 @@
+// Host helpers of libonnx_perforate_cuda_kernels.so for harnesses that load it with ctypes: device
+// memory management and the gather table, built by the shared geometry code (not re-implemented).
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "../shared/conv_geometry.h"
+#include "kernels.h"
+
+extern "C" {
+
+ONNX_PERFORATE_CUDA_API cudaError_t onnx_perforate_cuda_malloc(void** device_ptr, size_t bytes) {
+  return cudaMalloc(device_ptr, bytes);
+}
+
+ONNX_PERFORATE_CUDA_API cudaError_t onnx_perforate_cuda_free(void* device_ptr) { return cudaFree(device_ptr); }
+
+ONNX_PERFORATE_CUDA_API cudaError_t onnx_perforate_cuda_upload(void* device_dst, const void* host_src, size_t bytes) {
+  return cudaMemcpy(device_dst, host_src, bytes, cudaMemcpyHostToDevice);
+}
+
+ONNX_PERFORATE_CUDA_API const char* onnx_perforate_cuda_error_string(int error) {
+  return cudaGetErrorString(static_cast<cudaError_t>(error));
+}
+
+ONNX_PERFORATE_CUDA_API int onnx_perforate_build_gather_table(
+    int64_t in_h, int64_t in_w, int64_t kh, int64_t kw, int64_t stride_h, int64_t stride_w, int64_t pad_top,
+    int64_t pad_left, int64_t pad_bottom, int64_t pad_right, int64_t dilation_h, int64_t dilation_w,
+    const uint8_t* mask, int64_t mask_h, int64_t mask_w, int32_t* offsets, int64_t* count, char* error,
+    size_t error_size) {
+  using namespace onnx_perforate;
+  try {
+    ConvAttributes a;
+    a.kernel_h = kh;
+    a.kernel_w = kw;
+    a.stride_h = stride_h;
+    a.stride_w = stride_w;
+    a.pad_top = pad_top;
+    a.pad_left = pad_left;
+    a.pad_bottom = pad_bottom;
+    a.pad_right = pad_right;
+    a.dilation_h = dilation_h;
+    a.dilation_w = dilation_w;
+    // Channels and batch do not enter the table: one image of one channel stands for all.
+    const ConvShape shape = ComputeConvShape({1, 1, in_h, in_w}, {1, 1, kh, kw}, nullptr, a);
+    if (!mask) throw OpError("mask is NULL");
+    const MaskPositions positions = ComputeMaskPositions(mask, {mask_h, mask_w}, shape.out_h, shape.out_w);
+    if (count) *count = positions.count();
+    if (offsets) {
+      const GatherTable table = BuildGatherTable(shape, a, positions);
+      std::memcpy(offsets, table.offsets.data(), table.offsets.size() * sizeof(int32_t));
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    if (error && error_size) {
+      const size_t n = std::min(error_size - 1, std::strlen(e.what()));
+      std::memcpy(error, e.what(), n);
+      error[n] = '\0';
+    }
+    return 1;
+  }
+}
+
+}  // extern "C"
