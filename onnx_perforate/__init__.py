@@ -21,3 +21,38 @@ __all__ = [
     "library_path",
     "session_options",
 ]
+
+from . import masks  # noqa: E402
+from .errors import (  # noqa: E402
+    DataError,
+    DynamicShapeError,
+    EmptyMaskError,
+    MaskError,
+    MaskShapeError,
+    PerforateError,
+    UnknownNodeError,
+    UnsupportedNodeError,
+)
+from .inspection import ConvRecord, format_table, inspect  # noqa: E402
+from .rewrite import LayerReport, RewriteReport, rewrite, rewrite_with_report  # noqa: E402
+from .rewrite import save as rewrite_save  # noqa: E402
+
+__all__ += [
+    "masks",
+    "DataError",
+    "DynamicShapeError",
+    "EmptyMaskError",
+    "MaskError",
+    "MaskShapeError",
+    "PerforateError",
+    "UnknownNodeError",
+    "UnsupportedNodeError",
+    "ConvRecord",
+    "format_table",
+    "inspect",
+    "LayerReport",
+    "RewriteReport",
+    "rewrite",
+    "rewrite_with_report",
+    "rewrite_save",
+]

@@ -1,0 +1,397 @@
+"""``onnx-perforate`` / ``python -m onnx_perforate``: inspect, perforate, bench and eval (docs/cli.md)."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PerforateError
+
+log = logging.getLogger("onnx_perforate.cli")
+
+EPILOG = "Exit status: 0 on success, 1 on an error (printed on stderr), 2 on bad usage. See docs/cli.md."
+
+
+# ----------------------------------------------------------------------------------------------------
+# inspect
+
+
+def cmd_inspect(args) -> int:
+    from .inspection import format_table, inspect
+
+    records = inspect(args.model)
+    print(format_table(records))
+    if args.json:
+        from .graph import write_json
+
+        write_json([r.to_dict() for r in records], args.json)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# perforate
+
+
+def _parse_kernel(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected KxK (e.g. 3x3), got {text!r}") from None
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected KxK (e.g. 3x3), got {text!r}")
+    return parts[0], parts[1]
+
+
+def select_layers(records, patterns=None, kernel=None) -> list:
+    """Perforable Conv records whose name matches one of ``patterns`` (globs; default: all) and, if
+    given, whose kernel is ``kernel``. A pattern that matches nothing is an error."""
+    from .errors import UnknownNodeError
+
+    chosen = []
+    for pattern in patterns or ["*"]:
+        hits = [r for r in records if fnmatch.fnmatchcase(r.name, pattern)]
+        if not hits:
+            names = ", ".join(r.name for r in records[:20])
+            raise UnknownNodeError(f"--layers {pattern!r} matches no convolution; convolutions: {names}")
+        for record in hits:
+            if not record.perforable:
+                if pattern == record.name:
+                    raise PerforateError(f"Conv {record.name!r} cannot be perforated: {record.reason}")
+                continue
+            if kernel and tuple(record.kernel) != tuple(kernel):
+                continue
+            if record not in chosen:
+                chosen.append(record)
+    if not chosen:
+        raise PerforateError("no convolution is selected (check --layers and --kernel)")
+    return chosen
+
+
+def cmd_perforate(args) -> int:
+    from . import masks
+    from .graph import load_model, save_model, write_json
+    from .inspection import inspect
+    from .rewrite import rewrite_with_report
+
+    model = load_model(args.model)
+    layers = select_layers(inspect(model), args.layers, args.kernel)
+    chosen = {}
+    for record in layers:
+        shape = record.output_shape[2:]
+        chosen[record.name] = masks.make(args.mask, shape, args.rate, seed=args.seed, model=model, conv=record.name)
+    passes = dict(fuse=not args.no_fuse)
+    for flag in ("fold_batchnorm", "fuse_activation", "interpolate_late"):
+        if getattr(args, f"no_{flag}"):
+            passes[flag] = False
+    result, report = rewrite_with_report(model, chosen, **passes)
+    for line in report.format().splitlines():
+        log.info("%s", line)
+    save_model(result, args.output, external_data=True if args.external_data else None)
+    summary = {
+        "model": str(args.model),
+        "output": str(args.output),
+        "mask": args.mask,
+        "rate": args.rate,
+        "seed": args.seed,
+        "passes": {k: v for k, v in passes.items()},
+        **report.to_dict(),
+    }
+    summary_path = args.summary or Path(args.output).with_suffix(".json")
+    write_json(summary, summary_path)
+    print(f"wrote {args.output} ({len(layers)} Conv perforated, conv MACs {report.mac_reduction:.2f}x fewer) "
+          f"and {summary_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench
+
+
+def _input_of(model):
+    inits = {t.name for t in model.graph.initializer}
+    (inp,) = [i for i in model.graph.input if i.name not in inits][:1] or [None]
+    if inp is None:
+        raise PerforateError("the model has no graph input")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+    return inp.name, dims
+
+
+def _bench_input(model, batch):
+    name, dims = _input_of(model)
+    if dims and dims[0] is not None and dims[0] != batch:
+        log.info("input %r has a static batch of %d: --batch %d is ignored", name, dims[0], batch)
+        batch = dims[0]
+    shape = [batch] + [d if d is not None else 1 for d in dims[1:]]
+    if any(d is None for d in dims[1:]):
+        raise PerforateError(f"input {name!r} has a dynamic non-batch dimension: {dims}")
+    return name, np.random.default_rng(0).uniform(0, 1, size=shape).astype(np.float32)
+
+
+def cmd_bench(args) -> int:
+    import onnxruntime as ort
+
+    from ._library import has_library, session_options
+    from .graph import load_model
+
+    if not has_library():
+        raise PerforateError("bench needs the compiled custom-op library (install the package or set ONNX_PERFORATE_LIBRARY)")
+    paths = [args.model] + ([args.perforated] if args.perforated else [])
+    models = [load_model(p) for p in paths]
+    name, x = _bench_input(models[0], args.batch)
+    sessions = [
+        ort.InferenceSession(m.SerializeToString(), session_options(args.threads, allow_spinning=False),
+                             providers=["CPUExecutionProvider"])
+        for m in models
+    ]
+    for session in sessions:
+        for _ in range(args.warmup):
+            session.run(None, {name: x})
+    times = [[] for _ in sessions]
+    # Interleave the models so that drifts in machine load hit both alike.
+    for _ in _progress(range(args.repeats), "bench", args):
+        for session, bucket in zip(sessions, times):
+            start = time.perf_counter()
+            session.run(None, {name: x})
+            bucket.append(time.perf_counter() - start)
+    result = {"threads": args.threads, "batch": int(x.shape[0]), "repeats": args.repeats, "models": []}
+    for path, bucket in zip(paths, times):
+        median = statistics.median(bucket)
+        result["models"].append({"path": str(path), "median_ms": median * 1e3, "min_ms": min(bucket) * 1e3})
+        print(f"{path}: median {median * 1e3:.3f} ms, min {min(bucket) * 1e3:.3f} ms ({args.repeats} runs)")
+    if len(sessions) == 2:
+        result["speedup"] = statistics.median(times[0]) / statistics.median(times[1])
+        print(f"speedup: {result['speedup']:.3f}x")
+    if args.json:
+        from .graph import write_json
+
+        write_json(result, args.json)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# eval
+
+
+def _spec(args, input_dims):
+    from .data import PRESETS, PreprocessSpec
+
+    base = PRESETS[args.preset] if args.preset else PreprocessSpec()
+    layout = args.layout
+    if layout == "auto":
+        layout = "NHWC" if len(input_dims) == 4 and input_dims[3] in (1, 3) and input_dims[1] not in (1, 3) else "NCHW"
+    channels = input_dims[1] if layout == "NCHW" else input_dims[3]
+    values = dict(base.__dict__)
+    values.update(layout=layout, channels=channels if channels in (1, 3) else 3)
+    for key in ("size", "crop", "mean", "std", "scale"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.bgr:
+        values["bgr"] = True
+    if values["channels"] == 1:
+        values["mean"], values["std"] = values["mean"][:1], values["std"][:1]
+    return PreprocessSpec(**values)
+
+
+def _topk_hits(scores, labels, k):
+    top = np.argsort(-scores, axis=1)[:, :k]
+    return (top == labels[:, None]).any(axis=1)
+
+
+def cmd_eval(args) -> int:
+    from .data import load_data
+    from .fallback import session
+    from .graph import load_model
+
+    model = load_model(args.model)
+    name, dims = _input_of(model)
+    spec = _spec(args, dims) if Path(args.data).is_dir() else None
+    dataset = load_data(args.data, spec=spec, labels=args.labels, input_name=name, input_shape=dims, limit=args.limit)
+    log.info("data: %s", dataset.description)
+    batch = dims[0] if dims and dims[0] else args.batch  # a static batch size wins
+    sessions = [session(model, args.threads)]
+    if args.compare:
+        other = load_model(args.compare)
+        other_name = _input_of(other)[0]
+        sessions.append(session(other, args.threads))
+    predictions = [[] for _ in sessions]
+    hits1 = [[] for _ in sessions]
+    hits5 = [[] for _ in sessions]
+    pending = _progress(dataset.batches(batch), "eval", args, total=-(-len(dataset) // batch))
+    for x, labels in pending:
+        if dims[0] and len(x) < batch:  # pad the last batch of a static-batch model
+            x = np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
+        for i, sess in enumerate(sessions):
+            feed_name = name if i == 0 else other_name
+            scores = sess.run(None, {feed_name: x})[0]
+            scores = scores.reshape(scores.shape[0], -1)[: len(labels) if labels is not None else None]
+            predictions[i].append(scores.argmax(axis=1))
+            if labels is not None:
+                hits1[i].append(_topk_hits(scores, labels, 1))
+                hits5[i].append(_topk_hits(scores, labels, min(5, scores.shape[1])))
+    result = {"model": str(args.model), "data": str(args.data), "count": len(dataset)}
+    paths = [args.model] + ([args.compare] if args.compare else [])
+    for i, path in enumerate(paths):
+        key = "model" if i == 0 else "compare"
+        if dataset.labels is not None:
+            top1, top5 = float(np.concatenate(hits1[i]).mean()), float(np.concatenate(hits5[i]).mean())
+            result[f"{key}_top1"], result[f"{key}_top5"] = top1, top5
+            print(f"{path}: top-1 {top1:.4f}, top-5 {top5:.4f} on {len(dataset)} inputs")
+    if args.compare:
+        agreement = float((np.concatenate(predictions[0]) == np.concatenate(predictions[1])).mean())
+        result["compare"] = str(args.compare)
+        result["top1_agreement"] = agreement
+        print(f"top-1 agreement with {args.compare}: {agreement:.4f}")
+    if dataset.labels is None and not args.compare:
+        log.warning("no labels and no --compare model: nothing to report beyond running the model")
+    if args.json:
+        from .graph import write_json
+
+        write_json(result, args.json)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parser and entry point
+
+
+def _progress(iterable, desc, args, total=None):
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, disable=args.no_progress or None, leave=False)
+
+
+def _floats(text):
+    try:
+        return tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _rate(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"the rate is the fraction of positions skipped, in [0, 1); got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging verbosity on stderr (default: INFO)")
+    common.add_argument("--no-progress", action="store_true", help="do not show progress bars")
+
+    parser = argparse.ArgumentParser(
+        prog="onnx-perforate",
+        description="Perforated convolutions for ONNX models: skip computing some Conv output positions and "
+        "fill them by nearest-neighbour interpolation, run by ONNX Runtime custom ops.",
+        epilog=EPILOG,
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", parents=[common], epilog=EPILOG,
+                       help="list the Conv nodes with shapes and MACs",
+                       description="Print a table of the model's convolutions: input/weight/output shapes, "
+                       "kernel, stride, group, MACs per image and their share. The names are the keys "
+                       "that --layers and rewrite() use.")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--json", metavar="FILE", help="also write the records as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("perforate", parents=[common], epilog=EPILOG,
+                       help="write a perforated model and a JSON summary",
+                       description="Replace the selected Conv nodes by PerforatedConv + NNInterpolate with "
+                       "masks of the given kind and rate, and write the model and a JSON summary "
+                       "(layers, masks, theoretical MAC reduction).")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("-o", "--output", required=True, help="where to write the perforated model")
+    p.add_argument("--mask", choices=["uniform", "grid", "pooling"], default="grid",
+                   help="mask kind (default: grid); pooling falls back to uniform where no pooling follows")
+    p.add_argument("--rate", type=_rate, required=True, help="fraction of output positions skipped, in [0, 1)")
+    p.add_argument("--layers", nargs="+", metavar="NAME",
+                   help="Conv names or glob patterns (default: every perforable Conv); see `inspect`")
+    p.add_argument("--kernel", type=_parse_kernel, metavar="KxK",
+                   help="only Conv nodes with this kernel size, e.g. 3x3")
+    p.add_argument("--seed", type=int, default=0, help="seed of uniform masks and pooling ties (default: 0)")
+    p.add_argument("--summary", metavar="FILE", help="JSON summary path (default: OUTPUT with .json)")
+    p.add_argument("--no-fuse", action="store_true", help="turn off all graph passes")
+    p.add_argument("--no-fold-batchnorm", action="store_true", help="do not fold a following BatchNormalization")
+    p.add_argument("--no-fuse-activation", action="store_true", help="do not fuse a following Relu/LeakyRelu/Clip")
+    p.add_argument("--no-interpolate-late", action="store_true",
+                   help="do not move position-wise ops before the interpolation")
+    p.add_argument("--external-data", action="store_true",
+                   help="store weights in OUTPUT.data (automatic above 2 GB)")
+    p.set_defaults(func=cmd_perforate)
+
+    p = sub.add_parser("bench", parents=[common], epilog=EPILOG,
+                       help="ORT latency of a model and its perforated version",
+                       description="Time the models in ONNX Runtime with the custom-op library, the same "
+                       "thread count and spinning off for both, runs interleaved after a warm-up; prints the "
+                       "median latency and the speed-up.")
+    p.add_argument("model", help="the original ONNX model")
+    p.add_argument("perforated", nargs="?", help="the perforated model (optional)")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for both models (default: 1)")
+    p.add_argument("--batch", type=int, default=1, help="batch size for dynamic-batch inputs (default: 1)")
+    p.add_argument("--repeats", type=int, default=50, help="timed runs per model (default: 50)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default: 5)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", parents=[common], epilog=EPILOG,
+                       help="top-1/top-5 accuracy, and agreement with another model",
+                       description="Run the model on a folder of images (with a preprocessing spec) or on "
+                       ".npz/.npy arrays, and report top-1/top-5 accuracy when labels are known and top-1 "
+                       "agreement with --compare. Perforated models run with the custom-op library, or "
+                       "slowly through Python ops when it is missing.")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--data", required=True,
+                   help="image folder, or .npz (keys: the input name, images or x; labels or y) or .npy")
+    p.add_argument("--labels", help="labels file for an image folder: lines `FILE CLASS_INDEX` "
+                   "(default: DATA/labels.txt, else class subfolders)")
+    p.add_argument("--compare", metavar="MODEL", help="another model (e.g. the original) to measure agreement with")
+    p.add_argument("--limit", type=int, help="use only the first N inputs")
+    p.add_argument("--batch", type=int, default=32, help="batch size for dynamic-batch inputs (default: 32)")
+    p.add_argument("--threads", type=int, help="intra-op threads")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    g = p.add_argument_group("image preprocessing (image folders only)")
+    g.add_argument("--preset", choices=["caffe", "torchvision", "raw"],
+                   help="caffe: 256/224, BGR, mean 104,117,123; torchvision: 256/224, /255, ImageNet mean/std")
+    g.add_argument("--size", type=int, help="resize the shorter side to this")
+    g.add_argument("--crop", type=int, help="centre crop to this square size")
+    g.add_argument("--mean", type=_floats, help="per-channel mean, in the model's channel order, after --scale")
+    g.add_argument("--std", type=_floats, help="per-channel std, in the model's channel order")
+    g.add_argument("--scale", type=float, help="multiply pixel values (0..255) by this first, e.g. 0.00392157")
+    g.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
+    g.add_argument("--layout", choices=["auto", "NCHW", "NHWC"], default="auto",
+                   help="input layout (default: from the model's input shape)")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except (PerforateError, FileNotFoundError, OSError) as exc:
+        print(f"onnx-perforate {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""A slow way to run a perforated model in ORT without the compiled library: onnxruntime-extensions'
+Python custom ops, calling the numpy reference implementations of ``ops.py``.
+
+onnxruntime-extensions only runs Python ops of its own domain (``ai.onnx.contrib``) and only passes
+scalar int/float/string attributes, so :func:`to_python_op_model` moves the two ops to that domain,
+packs their list attributes into one JSON string attribute and gives PerforatedConv an explicit zero
+bias where it had none. Install with ``pip install onnx-perforate[fallback]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from . import ops
+from ._library import DOMAIN
+from .errors import PerforateError
+from .graph import infer_shapes, load_model
+
+log = logging.getLogger(__name__)
+
+ATTRIBUTE = "attributes"  # the JSON-packed attribute of the Python-op model
+_registered = False
+
+
+def _extensions():
+    try:
+        import onnxruntime_extensions
+    except ImportError as exc:
+        raise PerforateError(
+            "the Python fallback needs onnxruntime-extensions (pip install onnx-perforate[fallback])"
+        ) from exc
+    return onnxruntime_extensions
+
+
+def python_domain() -> str:
+    return _extensions().default_opset_domain()
+
+
+def to_python_op_model(model) -> onnx.ModelProto:
+    """A copy of a perforated model whose custom ops run as onnxruntime-extensions Python ops."""
+    model = load_model(model)
+    domain = python_domain()
+    shapes = None
+    for node in model.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        if node.op_type == "PerforatedConv" and (len(node.input) < 3 or not node.input[2]):
+            shapes = shapes or infer_shapes(model)
+            w_shape = shapes.get(node.input[1], (0, None))[1]
+            if not w_shape or not isinstance(w_shape[0], int):
+                raise PerforateError(f"PerforatedConv {node.name!r}: the output channel count of {node.input[1]!r} is unknown")
+            bias = numpy_helper.from_array(np.zeros(w_shape[0], np.float32), f"{node.name or node.output[0]}.zero_bias")
+            model.graph.initializer.append(bias)
+            inputs = list(node.input) + [""] * (3 - len(node.input))
+            inputs[2] = bias.name
+            del node.input[:]
+            node.input.extend(inputs)
+        packed = {a.name: _jsonable(helper.get_attribute_value(a)) for a in node.attribute}
+        del node.attribute[:]
+        if node.op_type == "PerforatedConv":
+            node.attribute.append(helper.make_attribute(ATTRIBUTE, json.dumps(packed, sort_keys=True)))
+        node.domain = domain
+    imports = [o for o in model.opset_import if o.domain not in (DOMAIN, domain)]
+    del model.opset_import[:]
+    model.opset_import.extend(imports + [helper.make_opsetid(domain, 1)])
+    return model
+
+
+def _jsonable(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def register_python_ops() -> None:
+    """Register the two Python ops with onnxruntime-extensions (once per process)."""
+    global _registered
+    if _registered:
+        return
+    ext = _extensions()
+    dt = ext.PyCustomOpDef
+
+    @ext.onnx_op(op_type="PerforatedConv", inputs=[dt.dt_float, dt.dt_float, dt.dt_float, dt.dt_bool],
+                 outputs=[dt.dt_float], attrs={ATTRIBUTE: dt.dt_string})
+    def perforated_conv(x, w, b, mask, **kwargs):
+        attributes = json.loads(kwargs.get(ATTRIBUTE) or "{}")
+        return ops.perforated_conv_reference(x, w, b, mask, **attributes)
+
+    @ext.onnx_op(op_type="NNInterpolate", inputs=[dt.dt_float, dt.dt_int64], outputs=[dt.dt_float])
+    def nn_interpolate(yc, index):
+        return ops.nn_interpolate_reference(yc, index)
+
+    _registered = True
+
+
+def fallback_session(model, options=None):
+    """An ORT session that runs a perforated model through the slow Python ops."""
+    import onnxruntime as ort
+
+    ext = _extensions()
+    log.warning(
+        "the onnx-perforate custom-op library is not available: running PerforatedConv/NNInterpolate "
+        "as slow Python ops (onnxruntime-extensions); timings are meaningless"
+    )
+    register_python_ops()
+    options = options or ort.SessionOptions()
+    options.register_custom_ops_library(ext.get_library_path())
+    converted = to_python_op_model(model)
+    return ort.InferenceSession(converted.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def uses_custom_ops(model: onnx.ModelProto) -> bool:
+    return any(node.domain == DOMAIN for node in model.graph.node)
+
+
+def session(model, threads: int | None = None, *, allow_spinning: bool | None = None):
+    """An ORT session for any model: with the compiled library when the model needs it and it is
+    installed, else with the Python fallback (warning), else plain ORT."""
+    import onnxruntime as ort
+
+    from ._library import has_library, session_options
+
+    model = load_model(model)
+    if uses_custom_ops(model) and not has_library():
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        return fallback_session(model, options)
+    options = session_options(threads, allow_spinning=allow_spinning) if has_library() else ort.SessionOptions()
+    if not has_library() and threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

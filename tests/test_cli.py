@@ -1,0 +1,121 @@
+"""The command-line tool end to end on small models (and on the bundled sample model when present)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_perforate
+from onnx_perforate.cli import main
+from test_rewrite import bn, conv_model, unary
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_models"
+needs_library = pytest.mark.skipif(not onnx_perforate.has_library(),
+                                   reason="compiled custom-op library not found (install the package or set ONNX_PERFORATE_LIBRARY)")
+
+
+def _classifier():
+    """x [N,3,12,12] -> Conv+BN+Relu -> MaxPool -> logits [N, 8*6*6] (a stand-in classifier)."""
+    def flatten(prev):
+        return [onnx.helper.make_node("Flatten", [prev], ["flat"], name="flatten")], [], "flat"
+    return conv_model(after=[bn, unary("Relu"), unary("MaxPool", kernel_shape=[2, 2], strides=[2, 2]), flatten])
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(_classifier(), path)
+    return path
+
+
+def _npz(tmp_path, n=10, classes=288):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "data.npz"
+    np.savez(path, images=rng.normal(size=(n, 12, 12, 3)).astype(np.float32), labels=rng.integers(0, classes, n))
+    return path
+
+
+def test_help_and_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "onnx_perforate", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0
+    for word in ("inspect", "perforate", "bench", "eval", "--log-level"):
+        assert word in out.stdout
+    assert subprocess.run([sys.executable, "-m", "onnx_perforate", "perforate"], capture_output=True,
+                          cwd=ROOT).returncode == 2
+
+
+def test_inspect(model_path, tmp_path, capsys):
+    assert main(["inspect", str(model_path), "--json", str(tmp_path / "i.json")]) == 0
+    assert "conv" in capsys.readouterr().out
+    assert json.loads((tmp_path / "i.json").read_text())[0]["name"] == "conv"
+
+
+@pytest.mark.parametrize("kind", ["uniform", "grid", "pooling"])
+def test_perforate_writes_model_and_summary(model_path, tmp_path, kind, caplog):
+    out = tmp_path / "out" / "p.onnx"
+    with caplog.at_level("INFO"):
+        assert main(["perforate", str(model_path), "--mask", kind, "--rate", "0.5", "-o", str(out)]) == 0
+    model = onnx.load(out)
+    onnx.checker.check_model(model, full_check=True)
+    summary = json.loads(out.with_suffix(".json").read_text())
+    (layer,) = summary["layers"]
+    assert layer["mask"]["kind"] == kind and layer["mask"]["rate"] == 0.5
+    assert summary["conv_mac_reduction"] == pytest.approx(2.0, rel=0.05)
+    assert "folded BatchNormalization" in caplog.text  # the report is logged at INFO
+
+
+def test_perforate_options_and_errors(model_path, tmp_path, capsys):
+    out = tmp_path / "p.onnx"
+    assert main(["perforate", str(model_path), "--rate", "0.3", "--layers", "co*", "--kernel", "3x3",
+                 "--no-fuse", "--summary", str(tmp_path / "s.json"), "-o", str(out)]) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["layers"][0]["skipped"]["fold_batchnorm"] == "turned off"
+    assert main(["perforate", str(model_path), "--rate", "0.3", "--layers", "nope", "-o", str(tmp_path / "x.onnx")]) == 1
+    assert "'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+    assert main(["inspect", str(tmp_path / "missing.onnx")]) == 1
+    with pytest.raises(SystemExit):
+        main(["perforate", str(model_path), "--rate", "1.5", "-o", str(out)])
+
+
+def test_eval_with_npz_and_compare(model_path, tmp_path, capsys):
+    perforated = tmp_path / "p.onnx"
+    assert main(["perforate", str(model_path), "--rate", "0.0", "-o", str(perforated)]) == 0
+    result = tmp_path / "e.json"
+    assert main(["eval", str(perforated), "--data", str(_npz(tmp_path)), "--compare", str(model_path),
+                 "--batch", "4", "--json", str(result), "--no-progress"]) == 0
+    data = json.loads(result.read_text())
+    assert data["top1_agreement"] == 1.0 and data["model_top1"] == data["compare_top1"]
+    assert data["count"] == 10 and "model_top5" in data
+
+
+@needs_library
+def test_bench(model_path, tmp_path, capsys):
+    perforated = tmp_path / "p.onnx"
+    assert main(["perforate", str(model_path), "--rate", "0.5", "-o", str(perforated)]) == 0
+    assert main(["bench", str(model_path), str(perforated), "--repeats", "3", "--warmup", "1", "--batch", "2",
+                 "--json", str(tmp_path / "b.json"), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["speedup"] > 0 and len(data["models"]) == 2 and data["batch"] == 2
+    assert "speedup" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (SAMPLE / "fashion_cnn.onnx").is_file() or not (SAMPLE / "fashion_mnist_subset.npz").is_file(),
+                    reason="sample_models/fashion_cnn.onnx or its data set is not built yet")
+def test_end_to_end_on_sample_model(tmp_path):
+    out = tmp_path / "fashion_p.onnx"
+    assert main(["perforate", str(SAMPLE / "fashion_cnn.onnx"), "--mask", "grid", "--rate", "0.5", "-o", str(out)]) == 0
+    result = tmp_path / "e.json"
+    assert main(["eval", str(out), "--data", str(SAMPLE / "fashion_mnist_subset.npz"), "--compare",
+                 str(SAMPLE / "fashion_cnn.onnx"), "--limit", "200", "--json", str(result), "--no-progress"]) == 0
+    data = json.loads(result.read_text())
+    assert 0 <= data["model_top1"] <= 1 and data["top1_agreement"] > 0.3
+    if onnx_perforate.has_library():
+        assert main(["bench", str(SAMPLE / "fashion_cnn.onnx"), str(out), "--repeats", "3", "--no-progress"]) == 0
