@@ -43,6 +43,7 @@ struct ConvPlan {
   int64_t in_h, in_w, kernel_h, kernel_w;
   MaskPositions positions;
   GatherTable table;
+  PaddedGather padded;
 };
 
 struct PerforatedConvKernel {
@@ -75,7 +76,7 @@ struct PerforatedConvKernel {
     auto y = ctx.GetOutput(0, {shape.batch, shape.out_channels, count});
     const float* weights = w.GetTensorData<float>();
     const auto packed = Packed(shape, weights);
-    PerforatedConvCpu::Compute(shape, attrs_, plan->table, x.GetTensorData<float>(), weights, packed.get(),
+    PerforatedConvCpu::Compute(shape, attrs_, plan->table, plan->padded, x.GetTensorData<float>(), weights, packed.get(),
                                b ? b.GetTensorData<float>() : nullptr, y.GetTensorMutableData<float>(),
                                MakeParallelRunner(ctx));
   }
@@ -97,6 +98,7 @@ struct PerforatedConvKernel {
       plan->in_h = s.in_h, plan->in_w = s.in_w, plan->kernel_h = s.kernel_h, plan->kernel_w = s.kernel_w;
       plan->positions = ComputeMaskPositions(m.values.data(), m.shape, s.out_h, s.out_w);
       plan->table = BuildGatherTable(s, attrs_, plan->positions);
+      plan->padded = BuildPaddedGather(s, attrs_, plan->positions);
       return plan;
     };
     if (!constant_mask_) return build(MaskInput{ReadMask(mask), ShapeOf(mask)});

@@ -29,7 +29,8 @@ __attribute__((always_inline)) inline void Store(float* p, V v) {
 // vector types map onto zmm / ymm registers.
 template <typename V, int kVectors, int kNr>
 __attribute__((always_inline)) inline void MicroKernel(int64_t kc, const float* __restrict a,
-                                                       const float* __restrict b, float* __restrict c,
+                                                       const float* const* __restrict rows,
+                                                       const int32_t* __restrict positions, float* __restrict c,
                                                        int64_t ldc, bool first) {
   constexpr int kWidth = sizeof(V) / sizeof(float);
   constexpr int kMr = kVectors * kWidth;
@@ -39,13 +40,17 @@ __attribute__((always_inline)) inline void MicroKernel(int64_t kc, const float* 
 #pragma GCC unroll 2
     for (int v = 0; v < kVectors; ++v)
       acc[j][v] = first ? V{} : Load<V>(c + j * ldc + v * kWidth);
+  int64_t offset[kNr];
+#pragma GCC unroll 16
+  for (int j = 0; j < kNr; ++j) offset[j] = positions[j];
   for (int64_t p = 0; p < kc; ++p) {
+    const float* row = rows[p];
     V av[kVectors];
 #pragma GCC unroll 2
     for (int v = 0; v < kVectors; ++v) av[v] = Load<V>(a + p * kMr + v * kWidth);
 #pragma GCC unroll 16
     for (int j = 0; j < kNr; ++j) {
-      const V bj = V{} + b[p * kNr + j];
+      const V bj = row[offset[j]] - V{};  // a broadcast; x - 0 == x exactly, unlike 0 + x for x = -0
 #pragma GCC unroll 2
       for (int v = 0; v < kVectors; ++v) acc[j][v] += av[v] * bj;
     }
@@ -59,17 +64,21 @@ __attribute__((always_inline)) inline void MicroKernel(int64_t kc, const float* 
 #define PERFORATE_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma,avx2")))
 #define PERFORATE_AVX2 __attribute__((target("avx2,fma")))
 
-PERFORATE_AVX512 void KernelAvx512x1(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, bool first) {
-  MicroKernel<Vec16, 1, 12>(kc, a, b, c, ldc, first);
+PERFORATE_AVX512 void KernelAvx512x1(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
+                                     float* c, int64_t ldc, bool first) {
+  MicroKernel<Vec16, 1, 12>(kc, a, rows, positions, c, ldc, first);
 }
-PERFORATE_AVX512 void KernelAvx512x2(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, bool first) {
-  MicroKernel<Vec16, 2, 12>(kc, a, b, c, ldc, first);
+PERFORATE_AVX512 void KernelAvx512x2(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
+                                     float* c, int64_t ldc, bool first) {
+  MicroKernel<Vec16, 2, 12>(kc, a, rows, positions, c, ldc, first);
 }
-PERFORATE_AVX2 void KernelAvx2x1(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, bool first) {
-  MicroKernel<Vec8, 1, 6>(kc, a, b, c, ldc, first);
+PERFORATE_AVX2 void KernelAvx2x1(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
+                                     float* c, int64_t ldc, bool first) {
+  MicroKernel<Vec8, 1, 6>(kc, a, rows, positions, c, ldc, first);
 }
-PERFORATE_AVX2 void KernelAvx2x2(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, bool first) {
-  MicroKernel<Vec8, 2, 6>(kc, a, b, c, ldc, first);
+PERFORATE_AVX2 void KernelAvx2x2(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
+                                     float* c, int64_t ldc, bool first) {
+  MicroKernel<Vec8, 2, 6>(kc, a, rows, positions, c, ldc, first);
 }
 
 GemmIsa Detect() {

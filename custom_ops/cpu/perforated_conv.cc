@@ -1,6 +1,9 @@
 #include "perforated_conv.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <thread>
 #include <vector>
 
 #include "blas.h"
@@ -57,11 +60,56 @@ void BiasActivation(float* __restrict y, int64_t n, float bias, Activation act, 
   }
 }
 
-// Columns (computed positions) per task, a multiple of `unit`. Enough blocks keep every core of the
-// pool busy when N * group is small; the bounds keep a task's buffers in L2 and amortise its setup.
+template <Activation kAct>
+__attribute__((always_inline)) inline float Activate(float v, float alpha, float lo, float hi) {
+  if (kAct == Activation::kRelu) return std::max(v, 0.0f);
+  if (kAct == Activation::kLeakyRelu) return v < 0.0f ? alpha * v : v;
+  if (kAct == Activation::kClip) return std::min(std::max(v, lo), hi);
+  return v;
+}
+
+// out[m * count + k] = act(tile[k * mpad + m] + bias[m]): the micro-kernel's position-major tile
+// transposed into Yc's channel-major rows, in 16 x 16 blocks so both sides stay in cache.
+template <Activation kAct>
+__attribute__((always_inline)) inline void StoreTileImpl(const float* __restrict tile, int64_t mpad, int64_t mg,
+                                                         int64_t kn, const float* __restrict bias,
+                                                         float* __restrict out, int64_t count, float alpha,
+                                                         float lo, float hi) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t m0 = 0; m0 < mg; m0 += kBlock) {
+    const int64_t m1 = std::min(mg, m0 + kBlock);
+    for (int64_t k0 = 0; k0 < kn; k0 += kBlock) {
+      const int64_t k1 = std::min(kn, k0 + kBlock);
+      for (int64_t m = m0; m < m1; ++m) {
+        const float b = bias ? bias[m] : 0.0f;
+        float* row = out + m * count;
+        for (int64_t k = k0; k < k1; ++k) row[k] = Activate<kAct>(tile[k * mpad + m] + b, alpha, lo, hi);
+      }
+    }
+  }
+}
+
+PERFORATE_MULTIVERSION
+void StoreTile(const float* tile, int64_t mpad, int64_t mg, int64_t kn, const float* bias, float* out,
+               int64_t count, Activation act, float alpha, float lo, float hi) {
+  switch (act) {
+    case Activation::kNone:
+      return StoreTileImpl<Activation::kNone>(tile, mpad, mg, kn, bias, out, count, alpha, lo, hi);
+    case Activation::kRelu:
+      return StoreTileImpl<Activation::kRelu>(tile, mpad, mg, kn, bias, out, count, alpha, lo, hi);
+    case Activation::kLeakyRelu:
+      return StoreTileImpl<Activation::kLeakyRelu>(tile, mpad, mg, kn, bias, out, count, alpha, lo, hi);
+    case Activation::kClip:
+      return StoreTileImpl<Activation::kClip>(tile, mpad, mg, kn, bias, out, count, alpha, lo, hi);
+  }
+}
+
+// Columns (computed positions) per task, a multiple of `unit`. One block per core keeps every core
+// busy when N * group is small; more blocks than that only cost bandwidth, since every block streams
+// all the weights through the cache again. The bounds keep a task's buffers in L2.
 int64_t ColumnBlock(int64_t count, int64_t outer_tasks, int64_t unit, int64_t min_block, int64_t max_block) {
-  constexpr int64_t kMinTasks = 8;
-  const int64_t wanted = std::max<int64_t>(1, (kMinTasks + outer_tasks - 1) / outer_tasks);
+  static const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t wanted = std::max<int64_t>(1, (cores + outer_tasks - 1) / outer_tasks);
   int64_t block = (count + wanted - 1) / wanted;
   block = std::min(std::max(block, min_block), max_block);
   block = (block + unit - 1) / unit * unit;
@@ -71,17 +119,55 @@ int64_t ColumnBlock(int64_t count, int64_t outer_tasks, int64_t unit, int64_t mi
 // Per-thread scratch, reused across calls: tasks of ORT's pool never share it.
 thread_local std::vector<float> tls_panel;
 thread_local std::vector<float> tls_tile;
+thread_local std::vector<float> tls_padded;
+thread_local std::vector<const float*> tls_rows;
 
-float* Scratch(std::vector<float>& buffer, size_t size) {
+template <typename T>
+T* Scratch(std::vector<T>& buffer, size_t size) {
   if (buffer.size() < size) buffer.resize(size);
   return buffer.data();
 }
 
-// Reduction depth of one pass: KC x NR of the gathered input (12 KiB at KC = 256) stays in L1 and
-// MR x KC panels of the weights in L2 while the micro-kernel sweeps them.
+// Reduction depth of one pass: the MR x KC weight panels (32 KiB each at KC = 256) stay in L2 while
+// the input pixels of one tile of positions stay in L1 across all of them.
 constexpr int64_t kKc = 256;
 
+// X with the convolution's padding made explicit, one plane per task.
+void PadInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g, const float* x, float* out,
+              const ParallelRunner& parallel) {
+  const int64_t hp = g.padded_h, wp = g.padded_w;
+  parallel(static_cast<size_t>(s.batch * s.in_channels), [&](size_t plane) {
+    const float* src = x + plane * s.in_h * s.in_w;
+    float* dst = out + plane * hp * wp;
+    std::fill(dst, dst + a.pad_top * wp, 0.0f);
+    for (int64_t y = 0; y < s.in_h; ++y) {
+      float* row = dst + (a.pad_top + y) * wp;
+      std::fill(row, row + a.pad_left, 0.0f);
+      std::copy(src + y * s.in_w, src + (y + 1) * s.in_w, row + a.pad_left);
+      std::fill(row + a.pad_left + s.in_w, row + wp, 0.0f);
+    }
+    std::fill(dst + (a.pad_top + s.in_h) * wp, dst + hp * wp, 0.0f);
+  });
+}
+
 }  // namespace
+
+PaddedGather BuildPaddedGather(const ConvShape& s, const ConvAttributes& a, const MaskPositions& mask) {
+  PaddedGather g;
+  g.padded_h = s.in_h + a.pad_top + a.pad_bottom;
+  g.padded_w = s.in_w + a.pad_left + a.pad_right;
+  g.copy_needed = a.pad_top || a.pad_left || a.pad_bottom || a.pad_right;
+  if (g.padded_h * g.padded_w >= (int64_t{1} << 31)) throw OpError("padded input planes of 2^31 pixels or more");
+  g.positions.assign(static_cast<size_t>(mask.count() + 16), 0);
+  for (int64_t k = 0; k < mask.count(); ++k) {
+    const int64_t oy = mask.positions[k] / mask.out_w, ox = mask.positions[k] % mask.out_w;
+    g.positions[k] = static_cast<int32_t>(oy * a.stride_h * g.padded_w + ox * a.stride_w);
+  }
+  for (int64_t i = 0; i < s.kernel_h; ++i)
+    for (int64_t j = 0; j < s.kernel_w; ++j)
+      g.tap_offsets.push_back(static_cast<int32_t>(i * a.dilation_h * g.padded_w + j * a.dilation_w));
+  return g;
+}
 
 std::shared_ptr<const PackedWeights> PerforatedConvCpu::PackWeightsFor(const ConvShape& s, const float* w) {
   const GemmIsa& isa = BestGemmIsa();
@@ -90,8 +176,9 @@ std::shared_ptr<const PackedWeights> PerforatedConvCpu::PackWeightsFor(const Con
 }
 
 void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, const GatherTable& table,
-                                const float* x, const float* w, const PackedWeights* packed,
-                                const float* bias, float* yc, const ParallelRunner& parallel) {
+                                const PaddedGather& padded, const float* x, const float* w,
+                                const PackedWeights* packed, const float* bias, float* yc,
+                                const ParallelRunner& parallel) {
   const int64_t count = table.count, taps = s.taps();
   const int64_t cg = s.in_channels_per_group(), mg = s.out_channels_per_group();
   const int64_t patch = s.patch_size(), plane = s.in_h * s.in_w;
@@ -122,39 +209,33 @@ void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, con
     const GemmIsa& isa = BestGemmIsa();
     const int64_t nr = isa.nr, mr = packed->mr, mpad = packed->panels * mr;
     const GemmIsa::Kernel kernel = packed->vectors == 2 ? isa.kernel_2v : isa.kernel_1v;
+    const int64_t padded_plane = padded.padded_h * padded.padded_w;
+    const float* input = x;
+    if (padded.copy_needed) {
+      float* buffer = Scratch(tls_padded, static_cast<size_t>(s.batch * s.in_channels * padded_plane));
+      PadInput(s, a, padded, x, buffer, parallel);
+      input = buffer;
+    }
     const int64_t block = ColumnBlock(count, s.batch * s.group, nr, 2 * nr, 16 * nr);
     const int64_t blocks = (count + block - 1) / block;
     parallel(static_cast<size_t>(s.batch * s.group * blocks), [&](size_t t) {
       const int64_t b = t % blocks, ng = t / blocks, g = ng % s.group, n = ng / s.group;
       const int64_t k0 = b * block, kn = std::min(block, count - k0), tiles = (kn + nr - 1) / nr;
+      // rows[p]: where row p = (channel, tap) of the im2col matrix starts in the padded input.
+      const float* x_group = input + (n * s.in_channels + g * cg) * padded_plane;
+      const float** rows = Scratch(tls_rows, static_cast<size_t>(patch));
+      for (int64_t p = 0; p < patch; ++p) rows[p] = x_group + (p / taps) * padded_plane + padded.tap_offsets[p % taps];
       // tile[k * mpad + m]: the block's outputs, position-major, accumulated across KC passes.
       float* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * mpad));
-      float* panel = Scratch(tls_panel, static_cast<size_t>(tiles * kKc * nr));
       for (int64_t pc = 0; pc < patch; pc += kKc) {
         const int64_t kc = std::min(kKc, patch - pc);
-        // Gather rows [pc, pc + kc) of the im2col matrix straight into micro-kernel order
-        // panel[(tile * kc + p) * nr + q]; positions past the block's end read as 0.
-        for (int64_t p = 0; p < kc; ++p) {
-          const int64_t row = pc + p, c = row / taps, tap = row % taps;
-          const float* src = x + (n * s.in_channels + g * cg + c) * plane;
-          const int32_t* offsets = table.offsets.data() + tap * count + k0;
-          for (int64_t j = 0; j < tiles; ++j) {
-            float* dst = panel + (j * kc + p) * nr;
-            const int64_t valid = std::min(nr, kn - j * nr);
-            GatherRow(src, offsets + j * nr, valid, dst);
-            for (int64_t q = valid; q < nr; ++q) dst[q] = 0.0f;
-          }
-        }
         for (int64_t j = 0; j < tiles; ++j)
           for (int64_t i = 0; i < packed->panels; ++i)
-            kernel(kc, packed->Panel(g, i) + pc * mr, panel + j * kc * nr, tile + j * nr * mpad + i * mr, mpad,
-                   pc == 0);
+            kernel(kc, packed->Panel(g, i) + pc * mr, rows + pc, padded.positions.data() + k0 + j * nr,
+                   tile + j * nr * mpad + i * mr, mpad, pc == 0);
       }
-      for (int64_t m = 0; m < mg; ++m) {
-        float* out = yc + (n * s.out_channels + g * mg + m) * count + k0;
-        for (int64_t k = 0; k < kn; ++k) out[k] = tile[k * mpad + m];
-        finish(out, g * mg + m, kn);
-      }
+      StoreTile(tile, mpad, mg, kn, bias ? bias + g * mg : nullptr, yc + (n * s.out_channels + g * mg) * count + k0,
+                count, a.activation, a.alpha, a.clip_min, a.clip_max);
     });
     return;
   }

@@ -12,12 +12,24 @@ namespace onnx_perforate {
 // Runs fn(i) for every i in [0, total) on the caller's thread pool (ORT's intra-op pool in the glue).
 using ParallelRunner = std::function<void(size_t total, const std::function<void(size_t)>& fn)>;
 
+// What the implicit-GEMM path reads: the input with the convolution's padding materialised (so no
+// position needs a bounds check), each computed position's top-left input pixel in that padded plane,
+// and each kernel tap's offset from it.
+struct PaddedGather {
+  int64_t padded_h = 0, padded_w = 0;
+  bool copy_needed = false;          // some padding: the kernel copies X into a padded buffer
+  std::vector<int32_t> positions;    // [K + 16], 0 past K (read by tail tiles, never stored)
+  std::vector<int32_t> tap_offsets;  // [kH * kW]
+};
+
+PaddedGather BuildPaddedGather(const ConvShape& shape, const ConvAttributes& attrs, const MaskPositions& mask);
+
 struct PerforatedConvCpu {
   // x [N, C, H, W], w [M, C/group, kH, kW], bias [M] or nullptr -> yc [N, M, K] (K = table.count).
   // `packed` holds w packed for BestGemmIsa() (see PackWeightsFor); without it the GEMM is OpenBLAS's.
   static void Compute(const ConvShape& shape, const ConvAttributes& attrs, const GatherTable& table,
-                      const float* x, const float* w, const PackedWeights* packed, const float* bias,
-                      float* yc, const ParallelRunner& parallel);
+                      const PaddedGather& padded, const float* x, const float* w, const PackedWeights* packed,
+                      const float* bias, float* yc, const ParallelRunner& parallel);
 
   // Packed weights for this CPU's micro-kernel, or nullptr where the OpenBLAS path is used (no AVX2,
   // depthwise convolutions, or ONNX_PERFORATE_GEMM=openblas).
