@@ -103,7 +103,7 @@ def nearest_index(mask: np.ndarray) -> np.ndarray:
 
 
 def make_perforated_conv_node(inputs, output, attributes: ConvAttributes, name: str) -> onnx.NodeProto:
-    """inputs = [X, W, B or "", mask]."""
+    """inputs = [X, W, B or "", mask] or [X, W, B or "", mask, X_index] (X compact, see docs/ops.md)."""
     return helper.make_node(
         "PerforatedConv", list(inputs), [output], name=name, domain=DOMAIN, **attributes.to_onnx()
     )
@@ -148,8 +148,15 @@ def perforated_conv_reference(
     alpha: float = 0.01,
     clip_min: float = -FLOAT32_MAX,
     clip_max: float = FLOAT32_MAX,
+    x_index: np.ndarray | None = None,
 ) -> np.ndarray:
-    """PerforatedConv in numpy: returns Yc [N, M, K] (float32), computed in float64."""
+    """PerforatedConv in numpy: returns Yc [N, M, K] (float32), computed in float64.
+
+    With ``x_index``, ``x`` is compact [N, C, K_in] and stands for the interpolated input
+    ``nn_interpolate_reference(x, x_index)``.
+    """
+    if x_index is not None:
+        x = nn_interpolate_reference(x, x_index)
     x = np.asarray(x)
     w = np.asarray(w)
     if x.ndim != 4 or w.ndim != 4:
@@ -198,12 +205,12 @@ class PerforatedConv(OpRun):
 
     op_domain = DOMAIN
 
-    def _run(self, x, w, b=None, mask=None, **attributes):
+    def _run(self, x, w, b=None, mask=None, x_index=None, **attributes):
         attrs = {k: getattr(self, k, None) for k in _REFERENCE_ATTRS}
         attrs = {k: v for k, v in attrs.items() if v is not None}
         if isinstance(attrs.get("activation"), bytes):
             attrs["activation"] = attrs["activation"].decode()
-        return (perforated_conv_reference(x, w, b, mask, **attrs),)
+        return (perforated_conv_reference(x, w, b, mask, x_index=x_index, **attrs),)
 
 
 _REFERENCE_ATTRS = (

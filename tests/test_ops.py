@@ -358,3 +358,50 @@ def test_library_does_not_link_onnxruntime():
     result = subprocess.run(["ldd", path], capture_output=True, text=True)
     assert "onnxruntime" not in result.stdout
     assert onnx.__version__  # keeps the import used even where ldd is missing
+
+
+# ------------------------------------------------------------------------------------------------
+# Implicit interpolation: a compact X read through X_index equals NNInterpolate followed by the conv.
+
+
+@pytest.mark.parametrize("x_shape, w_shape, attrs", LARGE_CASES[:4] + [
+    ((2, 6, 7, 9), (4, 6, 3, 3), ops.ConvAttributes((3, 3), strides=(2, 2), pads=(0, 1, 1, 2), dilations=(1, 2))),
+])
+@pytest.mark.parametrize("producer_rate", [0.0, 0.6])
+def test_compact_input_equals_explicit_interpolation(x_shape, w_shape, attrs, producer_rate):
+    rng = np.random.default_rng(6)
+    n, c, h, w = x_shape
+    producer_mask = rng.random((h, w)) >= producer_rate
+    producer_mask[h // 2, w // 2] = True
+    x_index = ops.nearest_index(producer_mask)
+    compact = rng.standard_normal((n, c, int(producer_mask.sum()))).astype(np.float32)
+    weights = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32)
+    ho, wo = ops.conv_output_size((h, w), attrs.kernel_shape, attrs.strides, attrs.pads, attrs.dilations)
+    mask = rng.random((ho, wo)) < 0.5
+    mask[0, 0] = True
+
+    node = ops.make_perforated_conv_node(["x", "w", "b", "mask", "x_index"], "yc", attrs, "conv")
+    graph = helper.make_graph(
+        [node], "compact", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(compact.shape))],
+        [helper.make_tensor_value_info("yc", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(b, "b"),
+         numpy_helper.from_array(mask, "mask"), numpy_helper.from_array(x_index, "x_index")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+    got = run_ort(model, {"x": compact})
+    explicit = run_ort(perforated_model(x_shape, weights, b, mask, attrs, interpolate=False),
+                       {"x": ops.nn_interpolate_reference(compact, x_index)})
+    np.testing.assert_array_equal(got, explicit)  # same arithmetic, same order: bit-identical
+    np.testing.assert_allclose(ops.reference_evaluator(model).run(None, {"x": compact})[0], got, rtol=1e-4, atol=1e-3)
+
+
+def test_error_compact_index_out_of_range():
+    x_index = np.array([[0, 1], [2, 5]], np.int64)
+    node = ops.make_perforated_conv_node(["x", "w", "", "mask", "x_index"], "y",
+                                         ops.ConvAttributes((1, 1)), "conv9")
+    model = bad_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                      [numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w"),
+                       numpy_helper.from_array(np.ones((2, 2), bool), "mask"),
+                       numpy_helper.from_array(x_index, "x_index")])
+    expect_error(model, {"x": np.ones((1, 3, 4), np.float32)}, "conv9", "X_index", "value 5", "K_in = 4")
+    expect_error(model, {"x": np.ones((1, 3, 2, 2), np.float32)}, "conv9", "3-D")

@@ -38,9 +38,22 @@ struct MaskInput {
   std::vector<int64_t> shape;
 };
 
+struct RawIndex {
+  std::vector<int64_t> shape;
+  std::vector<int64_t> values;
+};
+
+std::vector<int64_t> ReadInt64(const Ort::ConstValue& v) {
+  const auto info = v.GetTensorTypeAndShapeInfo();
+  if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64) throw OpError("input X_index must be int64");
+  const int64_t* data = v.GetTensorData<int64_t>();
+  return std::vector<int64_t>(data, data + info.GetElementCount());
+}
+
 // What PerforatedConv derives from the mask and the input size.
 struct ConvPlan {
-  int64_t in_h, in_w, kernel_h, kernel_w;
+  int64_t in_h, in_w, in_plane, kernel_h, kernel_w;
+  std::shared_ptr<const InputIndex> input_index;  // set when X is compact
   MaskPositions positions;
   GatherTable table;
   PaddedGather padded;
@@ -55,6 +68,11 @@ struct PerforatedConvKernel {
       return std::make_shared<MaskInput>(MaskInput{ReadMask(v), ShapeOf(v)});
     });
     constant_mask_ = mask;
+    if (Ort::ConstKernelInfo(info).GetInputCount() > 4) {
+      constant_input_index_ = ReadConstantInput(info, 4, [](const Ort::ConstValue& v) {
+        return std::make_shared<RawIndex>(RawIndex{ShapeOf(v), ReadInt64(v)});
+      });
+    }
     int is_constant = 0;
     Ort::ConstKernelInfo(info).GetTensorConstantInput(1, &is_constant);
     constant_weights_ = is_constant != 0;
@@ -66,19 +84,38 @@ struct PerforatedConvKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    if (ctx.GetInputCount() != 4) throw OpError("expected 4 inputs (X, W, B or empty, mask)");
+    const size_t inputs = ctx.GetInputCount();
+    if (inputs != 4 && inputs != 5) throw OpError("expected 4 or 5 inputs (X, W, B or empty, mask, X_index)");
     const auto x = ctx.GetInput(0), w = ctx.GetInput(1), b = ctx.GetInput(2), mask = ctx.GetInput(3);
+    const auto x_index = inputs == 5 ? ctx.GetInput(4) : Ort::ConstValue{nullptr};
     if (!x || !w || !mask) throw OpError("inputs X, W and mask are required");
     const auto b_shape = b ? ShapeOf(b) : std::vector<int64_t>{};
-    const ConvShape shape = ComputeConvShape(ShapeOf(x), ShapeOf(w), b ? &b_shape : nullptr, attrs_);
-    const std::shared_ptr<const ConvPlan> plan = Plan(shape, mask);
+    const auto x_shape = ShapeOf(x);
+    const auto input_index = x_index ? IndexFor(x_shape, x_index) : nullptr;
+    ConvShape shape = ComputeConvShape(LogicalInputShape(x_shape, input_index.get()), ShapeOf(w),
+                                       b ? &b_shape : nullptr, attrs_);
+    if (input_index) shape.in_plane = input_index->compact_size;
+    const std::shared_ptr<const ConvPlan> plan = Plan(shape, mask, input_index);
     const int64_t count = plan->positions.count();
     auto y = ctx.GetOutput(0, {shape.batch, shape.out_channels, count});
     const float* weights = w.GetTensorData<float>();
     const auto packed = Packed(shape, weights);
-    PerforatedConvCpu::Compute(shape, attrs_, plan->table, plan->padded, x.GetTensorData<float>(), weights, packed.get(),
+    PerforatedConvCpu::Compute(shape, attrs_, plan->table, plan->padded, plan->input_index.get(),
+                               x.GetTensorData<float>(), weights, packed.get(),
                                b ? b.GetTensorData<float>() : nullptr, y.GetTensorMutableData<float>(),
                                MakeParallelRunner(ctx));
+  }
+
+  // A constant X_index is validated once per compact input size; others on every call.
+  std::shared_ptr<const InputIndex> IndexFor(const std::vector<int64_t>& x_shape, const Ort::ConstValue& x_index) {
+    auto read = [&](const RawIndex& raw) {
+      return std::make_shared<const InputIndex>(ReadInputIndex(raw.values.data(), raw.shape, x_shape));
+    };
+    if (!constant_input_index_) return read(RawIndex{ShapeOf(x_index), ReadInt64(x_index)});
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!input_index_ || x_shape.size() != 3 || input_index_->compact_size != x_shape[2])
+      input_index_ = read(*constant_input_index_);
+    return input_index_;
   }
 
   // Weights that are initializers are packed once; others on every call.
@@ -92,19 +129,23 @@ struct PerforatedConvKernel {
     return packed_;
   }
 
-  std::shared_ptr<const ConvPlan> Plan(const ConvShape& s, const Ort::ConstValue& mask) {
+  std::shared_ptr<const ConvPlan> Plan(const ConvShape& s, const Ort::ConstValue& mask,
+                                       const std::shared_ptr<const InputIndex>& input_index) {
     auto build = [&](const MaskInput& m) {
       auto plan = std::make_shared<ConvPlan>();
-      plan->in_h = s.in_h, plan->in_w = s.in_w, plan->kernel_h = s.kernel_h, plan->kernel_w = s.kernel_w;
+      plan->in_h = s.in_h, plan->in_w = s.in_w, plan->in_plane = s.in_plane;
+      plan->kernel_h = s.kernel_h, plan->kernel_w = s.kernel_w;
+      plan->input_index = input_index;
       plan->positions = ComputeMaskPositions(m.values.data(), m.shape, s.out_h, s.out_w);
-      plan->table = BuildGatherTable(s, attrs_, plan->positions);
-      plan->padded = BuildPaddedGather(s, attrs_, plan->positions);
+      plan->table = BuildGatherTable(s, attrs_, plan->positions, input_index.get());
+      plan->padded = BuildPaddedGather(s, attrs_, plan->positions, input_index != nullptr);
       return plan;
     };
-    if (!constant_mask_) return build(MaskInput{ReadMask(mask), ShapeOf(mask)});
+    const bool index_constant = !input_index || constant_input_index_;
+    if (!constant_mask_ || !index_constant) return build(MaskInput{ReadMask(mask), ShapeOf(mask)});
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!plan_ || plan_->in_h != s.in_h || plan_->in_w != s.in_w || plan_->kernel_h != s.kernel_h ||
-        plan_->kernel_w != s.kernel_w)
+    if (!plan_ || plan_->in_h != s.in_h || plan_->in_w != s.in_w || plan_->in_plane != s.in_plane ||
+        plan_->kernel_h != s.kernel_h || plan_->kernel_w != s.kernel_w || plan_->input_index != input_index)
       plan_ = build(*constant_mask_);
     return plan_;
   }
@@ -113,6 +154,8 @@ struct PerforatedConvKernel {
   std::string node_;
   ConvAttributes attrs_;
   std::shared_ptr<const MaskInput> constant_mask_;
+  std::shared_ptr<const RawIndex> constant_input_index_;
+  std::shared_ptr<const InputIndex> input_index_;
   std::mutex mutex_;
   std::shared_ptr<const ConvPlan> plan_;
   bool constant_weights_ = false;
@@ -189,13 +232,14 @@ struct PerforatedConvOp : Ort::CustomOpBase<PerforatedConvOp, PerforatedConvKern
     return NewKernel<PerforatedConvKernel>(api, info, kernel, GetName());
   }
   const char* GetName() const { return "PerforatedConv"; }
-  size_t GetInputTypeCount() const { return 4; }
+  size_t GetInputTypeCount() const { return 5; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     // The mask may be bool or uint8: checked in the kernel.
-    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    if (i == 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    return i == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return i == 2 || i == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }

@@ -132,18 +132,24 @@ T* Scratch(std::vector<T>& buffer, size_t size) {
 // the input pixels of one tile of positions stay in L1 across all of them.
 constexpr int64_t kKc = 256;
 
-// X with the convolution's padding made explicit, one plane per task.
-void PadInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g, const float* x, float* out,
-              const ParallelRunner& parallel) {
+// X with the convolution's padding made explicit, one plane per task. A compact X is interpolated on
+// the way (through its index): the full input exists only in this per-thread scratch buffer.
+void PadInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g, const InputIndex* index,
+              const float* x, float* out, const ParallelRunner& parallel) {
   const int64_t hp = g.padded_h, wp = g.padded_w;
   parallel(static_cast<size_t>(s.batch * s.in_channels), [&](size_t plane) {
-    const float* src = x + plane * s.in_h * s.in_w;
+    const float* src = x + plane * s.in_plane;
     float* dst = out + plane * hp * wp;
     std::fill(dst, dst + a.pad_top * wp, 0.0f);
     for (int64_t y = 0; y < s.in_h; ++y) {
       float* row = dst + (a.pad_top + y) * wp;
       std::fill(row, row + a.pad_left, 0.0f);
-      std::copy(src + y * s.in_w, src + (y + 1) * s.in_w, row + a.pad_left);
+      if (index) {
+        const int32_t* positions = index->values.data() + y * s.in_w;
+        for (int64_t xx = 0; xx < s.in_w; ++xx) row[a.pad_left + xx] = src[positions[xx]];
+      } else {
+        std::copy(src + y * s.in_w, src + (y + 1) * s.in_w, row + a.pad_left);
+      }
       std::fill(row + a.pad_left + s.in_w, row + wp, 0.0f);
     }
     std::fill(dst + (a.pad_top + s.in_h) * wp, dst + hp * wp, 0.0f);
@@ -152,11 +158,12 @@ void PadInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g
 
 }  // namespace
 
-PaddedGather BuildPaddedGather(const ConvShape& s, const ConvAttributes& a, const MaskPositions& mask) {
+PaddedGather BuildPaddedGather(const ConvShape& s, const ConvAttributes& a, const MaskPositions& mask,
+                               bool compact_input) {
   PaddedGather g;
   g.padded_h = s.in_h + a.pad_top + a.pad_bottom;
   g.padded_w = s.in_w + a.pad_left + a.pad_right;
-  g.copy_needed = a.pad_top || a.pad_left || a.pad_bottom || a.pad_right;
+  g.copy_needed = compact_input || a.pad_top || a.pad_left || a.pad_bottom || a.pad_right;
   if (g.padded_h * g.padded_w >= (int64_t{1} << 31)) throw OpError("padded input planes of 2^31 pixels or more");
   g.positions.assign(static_cast<size_t>(mask.count() + 16), 0);
   for (int64_t k = 0; k < mask.count(); ++k) {
@@ -176,12 +183,12 @@ std::shared_ptr<const PackedWeights> PerforatedConvCpu::PackWeightsFor(const Con
 }
 
 void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, const GatherTable& table,
-                                const PaddedGather& padded, const float* x, const float* w,
-                                const PackedWeights* packed, const float* bias, float* yc,
+                                const PaddedGather& padded, const InputIndex* input_index, const float* x,
+                                const float* w, const PackedWeights* packed, const float* bias, float* yc,
                                 const ParallelRunner& parallel) {
   const int64_t count = table.count, taps = s.taps();
   const int64_t cg = s.in_channels_per_group(), mg = s.out_channels_per_group();
-  const int64_t patch = s.patch_size(), plane = s.in_h * s.in_w;
+  const int64_t patch = s.patch_size(), plane = s.in_plane;
   if (s.batch == 0 || s.out_channels == 0) return;
 
   auto finish = [&](float* out, int64_t m, int64_t n) {
@@ -213,7 +220,7 @@ void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, con
     const float* input = x;
     if (padded.copy_needed) {
       float* buffer = Scratch(tls_padded, static_cast<size_t>(s.batch * s.in_channels * padded_plane));
-      PadInput(s, a, padded, x, buffer, parallel);
+      PadInput(s, a, padded, input_index, x, buffer, parallel);
       input = buffer;
     }
     const int64_t block = ColumnBlock(count, s.batch * s.group, nr, 2 * nr, 16 * nr);

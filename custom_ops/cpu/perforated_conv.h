@@ -17,19 +17,22 @@ using ParallelRunner = std::function<void(size_t total, const std::function<void
 // and each kernel tap's offset from it.
 struct PaddedGather {
   int64_t padded_h = 0, padded_w = 0;
-  bool copy_needed = false;          // some padding: the kernel copies X into a padded buffer
+  bool copy_needed = false;          // padding or a compact X: the kernel writes X into a padded buffer
   std::vector<int32_t> positions;    // [K + 16], 0 past K (read by tail tiles, never stored)
   std::vector<int32_t> tap_offsets;  // [kH * kW]
 };
 
-PaddedGather BuildPaddedGather(const ConvShape& shape, const ConvAttributes& attrs, const MaskPositions& mask);
+PaddedGather BuildPaddedGather(const ConvShape& shape, const ConvAttributes& attrs, const MaskPositions& mask,
+                               bool compact_input = false);
 
 struct PerforatedConvCpu {
   // x [N, C, H, W], w [M, C/group, kH, kW], bias [M] or nullptr -> yc [N, M, K] (K = table.count).
   // `packed` holds w packed for BestGemmIsa() (see PackWeightsFor); without it the GEMM is OpenBLAS's.
+  // `input_index` (nullable): X is compact and read through it (implicit interpolation); `table` must
+  // then have been built with the same index.
   static void Compute(const ConvShape& shape, const ConvAttributes& attrs, const GatherTable& table,
-                      const PaddedGather& padded, const float* x, const float* w, const PackedWeights* packed,
-                      const float* bias, float* yc, const ParallelRunner& parallel);
+                      const PaddedGather& padded, const InputIndex* input_index, const float* x, const float* w,
+                      const PackedWeights* packed, const float* bias, float* yc, const ParallelRunner& parallel);
 
   // Packed weights for this CPU's micro-kernel, or nullptr where the OpenBLAS path is used (no AVX2,
   // depthwise convolutions, or ONNX_PERFORATE_GEMM=openblas).

@@ -37,6 +37,7 @@ ConvShape ComputeConvShape(const std::vector<int64_t>& x_shape, const std::vecto
   s.kernel_h = w_shape[2];
   s.kernel_w = w_shape[3];
   s.group = a.group;
+  s.in_plane = s.in_h * s.in_w;
   if (a.group < 1) throw OpError("attribute 'group' is " + std::to_string(a.group) + ", expected >= 1");
   if (s.in_channels % a.group != 0 || s.out_channels % a.group != 0)
     throw OpError("group " + std::to_string(a.group) + " does not divide X's channels (" +
@@ -86,7 +87,36 @@ MaskPositions ComputeMaskPositions(const uint8_t* mask, const std::vector<int64_
   return m;
 }
 
-GatherTable BuildGatherTable(const ConvShape& s, const ConvAttributes& a, const MaskPositions& m) {
+InputIndex ReadInputIndex(const int64_t* index, const std::vector<int64_t>& index_shape,
+                          const std::vector<int64_t>& x_shape) {
+  if (index_shape.size() != 2)
+    throw OpError("input X_index has shape " + ShapeToString(index_shape) + ", expected 2-D [H, W]");
+  if (x_shape.size() != 3)
+    throw OpError("input X has shape " + ShapeToString(x_shape) +
+                  ", expected 3-D [N, C, K_in] (compact) when X_index is given");
+  InputIndex result;
+  result.in_h = index_shape[0];
+  result.in_w = index_shape[1];
+  result.compact_size = x_shape[2];
+  const int64_t size = result.in_h * result.in_w;
+  result.values.resize(static_cast<size_t>(size));
+  for (int64_t p = 0; p < size; ++p) {
+    if (index[p] < 0 || index[p] >= result.compact_size)
+      throw OpError("input X_index has value " + std::to_string(index[p]) + " at flat position " +
+                    std::to_string(p) + ", expected a value in [0, K_in) with K_in = " +
+                    std::to_string(result.compact_size) + " (the last dimension of X)");
+    result.values[p] = static_cast<int32_t>(index[p]);
+  }
+  return result;
+}
+
+std::vector<int64_t> LogicalInputShape(const std::vector<int64_t>& x_shape, const InputIndex* index) {
+  if (!index) return x_shape;
+  return {x_shape[0], x_shape[1], index->in_h, index->in_w};
+}
+
+GatherTable BuildGatherTable(const ConvShape& s, const ConvAttributes& a, const MaskPositions& m,
+                             const InputIndex* index) {
   GatherTable t;
   t.in_h = s.in_h;
   t.in_w = s.in_w;
@@ -101,7 +131,8 @@ GatherTable BuildGatherTable(const ConvShape& s, const ConvAttributes& a, const 
         const int64_t iy = oy * a.stride_h - a.pad_top + i * a.dilation_h;
         const int64_t ix = ox * a.stride_w - a.pad_left + j * a.dilation_w;
         const bool inside = iy >= 0 && iy < s.in_h && ix >= 0 && ix < s.in_w;
-        row[k] = inside ? static_cast<int32_t>(iy * s.in_w + ix) : -1;
+        const int64_t pixel = iy * s.in_w + ix;
+        row[k] = !inside ? -1 : static_cast<int32_t>(index ? index->values[pixel] : pixel);
       }
     }
   }

@@ -40,6 +40,8 @@ struct ConvShape {
   int64_t out_channels = 0, kernel_h = 0, kernel_w = 0;
   int64_t out_h = 0, out_w = 0;
   int64_t group = 1;
+  // Floats between two channel planes of X: in_h * in_w, or K_in when X is compact (see InputIndex).
+  int64_t in_plane = 0;
   int64_t in_channels_per_group() const { return in_channels / group; }
   int64_t out_channels_per_group() const { return out_channels / group; }
   int64_t taps() const { return kernel_h * kernel_w; }
@@ -51,6 +53,21 @@ struct ConvShape {
 // offending tensor and what was expected.
 ConvShape ComputeConvShape(const std::vector<int64_t>& x_shape, const std::vector<int64_t>& w_shape,
                            const std::vector<int64_t>* b_shape, const ConvAttributes& attrs);
+
+// PerforatedConv's optional input X_index: X is then compact, [N, C, K_in], and the input pixel at grid
+// position (y, x) is X[n, c, index[y * in_w + x]] (the producer's NNInterpolate index). The kernel reads
+// through it instead of materialising the interpolated input (implicit interpolation).
+struct InputIndex {
+  std::vector<int32_t> values;  // [in_h * in_w], validated to lie in [0, compact_size)
+  int64_t in_h = 0, in_w = 0, compact_size = 0;
+};
+
+// Validates X_index [H, W] int64 against compact X [N, C, K_in]; throws OpError naming what is wrong.
+InputIndex ReadInputIndex(const int64_t* index, const std::vector<int64_t>& index_shape,
+                          const std::vector<int64_t>& x_shape);
+
+// The 4-D shape X stands for: X itself, or [N, C, H, W] for a compact X read through `index`.
+std::vector<int64_t> LogicalInputShape(const std::vector<int64_t>& x_shape, const InputIndex* index);
 
 // The computed positions of a mask, in row-major order: position k of the compact output is
 // (positions[k] / out_w, positions[k] % out_w).
@@ -74,8 +91,9 @@ struct GatherTable {
   std::vector<int32_t> offsets;
 };
 
+// With an input index, offsets point into the compact plane (K_in floats) instead.
 GatherTable BuildGatherTable(const ConvShape& shape, const ConvAttributes& attrs,
-                             const MaskPositions& mask);
+                             const MaskPositions& mask, const InputIndex* index = nullptr);
 
 // Validates an NNInterpolate index [Ho, Wo] against K: every value in [0, K).
 void ValidateInterpolationIndex(const int64_t* index, int64_t size, int64_t count);
