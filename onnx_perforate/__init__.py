@@ -56,3 +56,7 @@ __all__ += [
     "rewrite_with_report",
     "rewrite_save",
 ]
+
+from .tuning import TuneResult, TuneStep, tune  # noqa: E402
+
+__all__ += ["TuneResult", "TuneStep", "tune"]

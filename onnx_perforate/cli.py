@@ -206,16 +206,24 @@ def _topk_hits(scores, labels, k):
     return (top == labels[:, None]).any(axis=1)
 
 
-def cmd_eval(args) -> int:
+def _load_dataset(args, model):
+    """The --data of eval and tune: an image folder with the preprocessing options, or arrays."""
     from .data import load_data
+
+    name, dims = _input_of(model)
+    spec = _spec(args, dims) if Path(args.data).is_dir() else None
+    dataset = load_data(args.data, spec=spec, labels=args.labels, input_name=name, input_shape=dims, limit=args.limit)
+    log.info("data: %s", dataset.description)
+    return dataset
+
+
+def cmd_eval(args) -> int:
     from .fallback import session
     from .graph import load_model
 
     model = load_model(args.model)
     name, dims = _input_of(model)
-    spec = _spec(args, dims) if Path(args.data).is_dir() else None
-    dataset = load_data(args.data, spec=spec, labels=args.labels, input_name=name, input_shape=dims, limit=args.limit)
-    log.info("data: %s", dataset.description)
+    dataset = _load_dataset(args, model)
     batch = dims[0] if dims and dims[0] else args.batch  # a static batch size wins
     sessions = [session(model, args.threads)]
     if args.compare:
@@ -259,6 +267,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .graph import load_model
+    from .tuning import tune
+
+    if args.target_speedup is None and args.max_accuracy_drop is None:
+        raise PerforateError("give --target-speedup and/or --max-accuracy-drop (where the search stops)")
+    model = load_model(args.model)
+    dataset = _load_dataset(args, model)
+    result = tune(
+        model, dataset, target_speedup=args.target_speedup, max_accuracy_drop=args.max_accuracy_drop,
+        ladder=args.ladder, layers=args.layers, mask_kind=args.mask_kind, subset_size=args.subset_size,
+        threads=args.threads, repeats=args.repeats, include_1x1=args.include_1x1, checkpoint=args.checkpoint,
+        progress=not args.no_progress,
+    )
+    paths = result.save(args.output)
+    print(result.table())
+    final = result.final
+    print(f"\n{result.stopped}: {final.speedup:.2f}x in ORT after {len(result.steps) - 1} steps "
+          f"({result.settings['elapsed_s']:.0f} s); model, report and plots in {args.output}")
+    for kind, path in paths.items():
+        log.info("%s: %s", kind, path)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Parser and entry point
 
@@ -281,6 +313,25 @@ def _rate(text):
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"the rate is the fraction of positions skipped, in [0, 1); got {value}")
     return value
+
+
+def _add_data_arguments(p) -> None:
+    p.add_argument("--data", required=True,
+                   help="image folder, or .npz (keys: the input name, images or x; labels or y) or .npy")
+    p.add_argument("--labels", help="labels file for an image folder: lines `FILE CLASS_INDEX` "
+                   "(default: DATA/labels.txt, else class subfolders)")
+    p.add_argument("--limit", type=int, help="use only the first N inputs")
+    g = p.add_argument_group("image preprocessing (image folders only)")
+    g.add_argument("--preset", choices=["caffe", "torchvision", "raw"],
+                   help="caffe: 256/224, BGR, mean 104,117,123; torchvision: 256/224, /255, ImageNet mean/std")
+    g.add_argument("--size", type=int, help="resize the shorter side to this")
+    g.add_argument("--crop", type=int, help="centre crop to this square size")
+    g.add_argument("--mean", type=_floats, help="per-channel mean, in the model's channel order, after --scale")
+    g.add_argument("--std", type=_floats, help="per-channel std, in the model's channel order")
+    g.add_argument("--scale", type=float, help="multiply pixel values (0..255) by this first, e.g. 0.00392157")
+    g.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
+    g.add_argument("--layout", choices=["auto", "NCHW", "NHWC"], default="auto",
+                   help="input layout (default: from the model's input shape)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,27 +407,35 @@ def build_parser() -> argparse.ArgumentParser:
                        "agreement with --compare. Perforated models run with the custom-op library, or "
                        "slowly through Python ops when it is missing.")
     p.add_argument("model", help="ONNX model file")
-    p.add_argument("--data", required=True,
-                   help="image folder, or .npz (keys: the input name, images or x; labels or y) or .npy")
-    p.add_argument("--labels", help="labels file for an image folder: lines `FILE CLASS_INDEX` "
-                   "(default: DATA/labels.txt, else class subfolders)")
+    _add_data_arguments(p)
     p.add_argument("--compare", metavar="MODEL", help="another model (e.g. the original) to measure agreement with")
-    p.add_argument("--limit", type=int, help="use only the first N inputs")
     p.add_argument("--batch", type=int, default=32, help="batch size for dynamic-batch inputs (default: 32)")
     p.add_argument("--threads", type=int, help="intra-op threads")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    g = p.add_argument_group("image preprocessing (image folders only)")
-    g.add_argument("--preset", choices=["caffe", "torchvision", "raw"],
-                   help="caffe: 256/224, BGR, mean 104,117,123; torchvision: 256/224, /255, ImageNet mean/std")
-    g.add_argument("--size", type=int, help="resize the shorter side to this")
-    g.add_argument("--crop", type=int, help="centre crop to this square size")
-    g.add_argument("--mean", type=_floats, help="per-channel mean, in the model's channel order, after --scale")
-    g.add_argument("--std", type=_floats, help="per-channel std, in the model's channel order")
-    g.add_argument("--scale", type=float, help="multiply pixel values (0..255) by this first, e.g. 0.00392157")
-    g.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
-    g.add_argument("--layout", choices=["auto", "NCHW", "NHWC"], default="auto",
-                   help="input layout (default: from the model's input shape)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tune", parents=[common], epilog=EPILOG,
+                       help="greedy multi-layer perforation to a target speedup or accuracy budget",
+                       description="Climb each layer's ladder of perforation rates, one layer a step: the layer "
+                       "whose next rung costs the least loss per time saved, (L - L0) / (t0 - t), with t the "
+                       "whole network's time measured in ORT. Masks are impact masks from gradients computed "
+                       "in ORT. Writes OUTPUT/model.onnx, report.json, tradeoff.png and masks.png.")
+    p.add_argument("model", help="ONNX model file")
+    _add_data_arguments(p)
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--target-speedup", type=float, help="stop once the network is this much faster in ORT")
+    p.add_argument("--max-accuracy-drop", type=float,
+                   help="stop before top-1 (agreement with the original without labels) drops more than this")
+    p.add_argument("--subset-size", type=int, default=256, help="calibration images (default: 256)")
+    p.add_argument("--ladder", type=_floats, default=(0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8),
+                   help="rates each layer climbs through (default: 0,0.2,0.35,0.5,0.6,0.7,0.8)")
+    p.add_argument("--mask-kind", choices=["impact", "uniform", "grid"], default="impact")
+    p.add_argument("--layers", nargs="+", help="tune only these Conv nodes (default: every spatial Conv)")
+    p.add_argument("--include-1x1", action="store_true", help="also perforate 1x1 convolutions")
+    p.add_argument("--threads", type=int, help="intra-op threads for timing")
+    p.add_argument("--repeats", type=int, default=15, help="timed runs per candidate (median)")
+    p.add_argument("--checkpoint", help="JSON file written after every step; resumes from it if it exists")
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

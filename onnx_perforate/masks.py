@@ -17,7 +17,7 @@ from .errors import EmptyMaskError, MaskError, PerforateError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("uniform", "grid", "pooling", "custom")
+KINDS = ("uniform", "grid", "pooling", "impact", "iterative_impact", "custom")
 
 
 @dataclass(frozen=True)
@@ -258,3 +258,11 @@ def make(kind: str, shape, rate: float, *, seed: int = 0, model=None, conv: str 
             raise MaskError("a pooling-structure mask needs the model and the Conv's name")
         return pooling_structure(model, conv, rate, seed=seed)
     raise MaskError(f"unknown mask kind {kind!r}; expected uniform, grid or pooling")
+
+
+def impact(model, data, rates, **options) -> dict:
+    """Impact masks from calibration data, {Conv name: Mask}; see :func:`onnx_perforate.impact.impact`
+    (``steps`` > 1 for the iterative variant, recomputed on the perforated network)."""
+    from .impact import impact as impact_masks
+
+    return impact_masks(model, data, rates, **options)

@@ -1,0 +1,87 @@
+"""Calibration data for impact masks and the tuner, from whatever the user has.
+
+Accepted: a :class:`~onnx_perforate.data.Dataset` (what ``eval`` loads: image folders with a
+preprocessing spec, ``.npz``/``.npy``), a path to such data, an iterable of input dicts (optionally
+``(feeds, labels)`` pairs), or ONNX Runtime's ``CalibrationDataReader`` (anything with ``get_next()``).
+Everything is materialised once as a short list of batches: calibration sets are small, and every
+tuner step reads them again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .data import Dataset, load_data
+from .errors import DataError
+
+
+@dataclass
+class CalibrationSet:
+    """Batches of model inputs, with labels where known (labels is None for unlabelled data)."""
+
+    input_name: str
+    inputs: np.ndarray  # all images, [N, ...]
+    labels: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def batches(self, batch_size: int):
+        """(feeds, labels or None) per batch."""
+        for start in range(0, len(self.inputs), batch_size):
+            stop = min(start + batch_size, len(self.inputs))
+            labels = None if self.labels is None else self.labels[start:stop]
+            yield {self.input_name: self.inputs[start:stop]}, labels
+
+    def subset(self, start: int, stop: int) -> "CalibrationSet":
+        labels = None if self.labels is None else self.labels[start:stop]
+        return CalibrationSet(self.input_name, self.inputs[start:stop], labels)
+
+
+def model_input(model: onnx.ModelProto) -> str:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise DataError(f"calibration needs a model with one input, this one has {inputs}")
+    return inputs[0]
+
+
+def calibration_set(model: onnx.ModelProto, data, *, subset_size: int | None = None, **load_options) -> CalibrationSet:
+    """Materialise ``data`` for ``model`` (see the module docstring for what ``data`` may be)."""
+    name = model_input(model)
+    inputs, labels = [], []
+    has_labels = True
+
+    def add(x, y):
+        nonlocal has_labels
+        x = np.asarray(x, dtype=np.float32)
+        inputs.append(x)
+        if y is None:
+            has_labels = False
+        else:
+            labels.append(np.asarray(y).reshape(-1).astype(np.int64))
+
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        data = load_data(data, input_name=name, limit=subset_size, **load_options)
+    if isinstance(data, CalibrationSet):
+        return data.subset(0, subset_size or len(data))
+    if isinstance(data, Dataset):
+        for x, y in data.batches(64):
+            add(x, y)
+    elif hasattr(data, "get_next"):  # onnxruntime.quantization.CalibrationDataReader
+        while (feeds := data.get_next()) is not None:
+            add(feeds[name], None)
+    else:
+        for item in data:
+            feeds, y = item if isinstance(item, tuple) else (item, None)
+            if name not in feeds:
+                raise DataError(f"a calibration item has inputs {sorted(feeds)}, expected '{name}'")
+            add(feeds[name], y)
+    if not inputs:
+        raise DataError("the calibration data is empty")
+    x = np.concatenate(inputs)[:subset_size]
+    y = np.concatenate(labels)[:subset_size] if has_labels and labels else None
+    return CalibrationSet(name, x, y)

@@ -1,0 +1,428 @@
+"""The greedy multi-layer schedule (Figurnov et al. 2016, section 3.4).
+
+Each layer climbs a ladder of perforation rates. At every step the tuner tries moving each candidate
+layer one rung up, measures the loss L on calibration data and the whole network's time t in ONNX
+Runtime with the custom ops, and takes the layer with the least (L - L0) / (t0 - t), where L0, t0
+belong to the original network (the paper found this cost much better than the step-to-step one).
+It stops at the target speedup or before the accuracy drop exceeds its budget, and keeps the
+trade-off curve of every step.
+
+What does not change between steps is computed once: the original network's outputs on the
+calibration set, its time t0, and the impact maps (refreshed on the current perforated network every
+``refresh_every`` steps, so later masks account for earlier perforation, as in the iterative variant).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import masks as mask_kinds
+from ._library import session_options
+from .calibration import CalibrationSet, calibration_set
+from .errors import PerforateError
+from .graph import load_model, save_model, write_json
+from .impact import ImpactEstimator, spatial_convs, top_positions
+from .inspection import inspect
+from .masks import Mask, computed_count
+from .rewrite import rewrite
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LADDER = (0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8)
+MASK_KINDS = ("impact", "uniform", "grid")
+
+
+@dataclass
+class TuneStep:
+    step: int
+    layer: str | None  # the layer moved up at this step (None: the original network)
+    rates: dict  # {layer: rate} after the step
+    time_ms: float
+    speedup: float
+    loss: float
+    top1: float | None
+    top5: float | None
+    agreement: float  # top-1 agreement with the original network
+    cost: float | None
+    elapsed_s: float
+
+
+@dataclass
+class TuneResult:
+    model: onnx.ModelProto
+    masks: dict
+    steps: list  # TuneStep, the first one the original network
+    stopped: str
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def final(self) -> TuneStep:
+        return self.steps[-1]
+
+    def to_dict(self) -> dict:
+        return {
+            "stopped": self.stopped,
+            "settings": self.settings,
+            "steps": [asdict(s) for s in self.steps],
+            "masks": {name: m.to_dict() for name, m in self.masks.items()},
+        }
+
+    def table(self) -> str:
+        """The trade-off curve as a Markdown table."""
+        rows = ["| step | layer | rate | speedup | time ms | loss | top-1 | top-5 | agreement |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for s in self.steps:
+            rate = "" if s.layer is None else f"{s.rates[s.layer]:.2f}"
+            fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+            rows.append(f"| {s.step} | {s.layer or '(original)'} | {rate} | {s.speedup:.2f}x | {s.time_ms:.2f} | "
+                        f"{s.loss:.4f} | {fmt(s.top1)} | {fmt(s.top5)} | {s.agreement:.3f} |")
+        return "\n".join(rows)
+
+    def save(self, output_dir) -> dict:
+        """Writes model.onnx, report.json, tradeoff.png and masks.png; returns their paths."""
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"model": out / "model.onnx", "report": out / "report.json",
+                 "plot": out / "tradeoff.png", "masks": out / "masks.png"}
+        save_model(self.model, paths["model"])
+        write_json(self.to_dict(), paths["report"])
+        plot_tradeoff(self.steps, paths["plot"])
+        plot_masks(self.masks, paths["masks"])
+        return {k: str(v) for k, v in paths.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Measuring a network: loss and accuracy on the calibration set, time in ORT.
+
+
+def _as_probabilities(outputs: np.ndarray) -> np.ndarray:
+    """[N, classes] probabilities from logits or probabilities (detected: rows of a simplex)."""
+    x = outputs.reshape(outputs.shape[0], -1).astype(np.float64)
+    if x.min() >= 0 and np.allclose(x.sum(axis=1), 1.0, atol=1e-3):
+        return np.clip(x, 1e-12, 1.0)
+    x = np.exp(x - x.max(axis=1, keepdims=True))
+    return x / x.sum(axis=1, keepdims=True)
+
+
+def _fixed_batch(model: onnx.ModelProto, input_name: str) -> int | None:
+    for value in model.graph.input:
+        if value.name == input_name:
+            dim = value.type.tensor_type.shape.dim[0]
+            return dim.dim_value if dim.HasField("dim_value") else None
+    return None
+
+
+class NetworkMeter:
+    """Loss, accuracy and latency of a (perforated) model, all against the original network."""
+
+    def __init__(self, original: onnx.ModelProto, calibration: CalibrationSet, *, threads: int | None,
+                 batch_size: int, repeats: int, timing_batch: int = 1):
+        self.calibration = calibration
+        self.threads = threads
+        self.repeats = repeats
+        fixed = _fixed_batch(original, calibration.input_name)
+        self.batch_size = fixed or batch_size
+        self.timing_batch = fixed or timing_batch
+        usable = len(calibration) - len(calibration) % self.batch_size
+        if usable == 0:
+            raise PerforateError(f"the model's fixed batch {self.batch_size} exceeds the {len(calibration)} "
+                                 "calibration images")
+        self.calibration = calibration.subset(0, usable)
+        shape = (self.timing_batch,) + calibration.inputs.shape[1:]
+        self.timing_input = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        self.reference = self._probabilities(original)
+        self.reference_top1 = self.reference.argmax(axis=1)
+
+    def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
+        options = session_options(self.threads, allow_spinning=False)
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def _probabilities(self, model, session=None) -> np.ndarray:
+        session = session or self._session(model)
+        outputs = [session.run(None, feeds)[0] for feeds, _ in self.calibration.batches(self.batch_size)]
+        return _as_probabilities(np.concatenate(outputs))
+
+    def measure(self, model: onnx.ModelProto) -> dict:
+        session = self._session(model)
+        probs = self._probabilities(model, session)
+        labels = self.calibration.labels
+        if labels is not None:
+            loss = float(-np.log(probs[np.arange(len(probs)), labels]).mean())
+            ranks = np.argsort(-probs, axis=1)
+            top1 = float((ranks[:, 0] == labels).mean())
+            top5 = float((ranks[:, :5] == labels[:, None]).any(axis=1).mean())
+        else:  # KL(original || perforated): how far the prediction moved
+            loss = float((self.reference * (np.log(self.reference) - np.log(probs))).sum(axis=1).mean())
+            top1 = top5 = None
+        agreement = float((probs.argmax(axis=1) == self.reference_top1).mean())
+        return dict(loss=loss, top1=top1, top5=top5, agreement=agreement, time=self.time(session))
+
+    def time(self, session: ort.InferenceSession, repeats: int | None = None) -> float:
+        feeds = {self.calibration.input_name: self.timing_input}
+        for _ in range(3):
+            session.run(None, feeds)
+        times = []
+        for _ in range(repeats or self.repeats):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------------
+# Masks for each rung of each layer's ladder.
+
+
+class MaskLadder:
+    """The mask of every (layer, rate). Impact masks are nested: a rung keeps a subset of the rung below."""
+
+    def __init__(self, model, calibration, convs: Mapping[str, str], kind: str, *, loss, batch_size, threads,
+                 seed: int = 0):
+        if kind not in MASK_KINDS:
+            raise ValueError(f"mask kind must be one of {MASK_KINDS}, got {kind!r}")
+        self.kind = kind
+        self.seed = seed
+        self.shapes = {r.name: tuple(r.output_shape[2:]) for r in inspect(model) if r.name in convs}
+        self.estimator = (ImpactEstimator(model, calibration, convs, loss=loss, batch_size=batch_size,
+                                          threads=threads) if kind == "impact" else None)
+        self.impact = None
+
+    def refresh(self, current: Mapping[str, np.ndarray]) -> None:
+        """Recompute impact on the network perforated by ``current``."""
+        if self.estimator is not None:
+            self.impact = self.estimator.impact({k: v for k, v in current.items() if not v.all()})
+
+    def mask(self, layer: str, rate: float, current: np.ndarray) -> np.ndarray:
+        shape = self.shapes[layer]
+        if rate <= 0:
+            return np.ones(shape, bool)
+        if self.kind == "impact":
+            if self.impact is None:
+                self.refresh({})
+            return top_positions(self.impact[layer], computed_count(shape, rate), allowed=current)
+        if self.kind == "grid":
+            return np.asarray(mask_kinds.grid(shape, rate))
+        return np.asarray(mask_kinds.uniform(shape, rate, seed=self.seed))
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop: float | None = None,
+         ladder=DEFAULT_LADDER, layers=None, mask_kind: str = "impact", loss: str | None = None,
+         subset_size: int | None = 256, batch_size: int = 16, threads: int | None = None, repeats: int = 15,
+         refresh_every: int = 4, include_1x1: bool = False, checkpoint=None, progress: bool = True) -> TuneResult:
+    """Greedy perforation schedule; see the module docstring.
+
+    ``data``: calibration data (see :mod:`onnx_perforate.calibration`); its first ``subset_size``
+    images are used. ``max_accuracy_drop`` is in top-1 accuracy on labelled data, else in top-1
+    agreement with the original network. ``checkpoint``: a JSON path written after every step; if it
+    exists, the tuner resumes from it. Ctrl-C stops the search and returns what was found so far.
+    """
+    started = time.perf_counter()
+    original = load_model(model)
+    calibration = calibration_set(original, data, subset_size=subset_size)
+    ladder = tuple(sorted(set(float(r) for r in ladder) | {0.0}))
+    convs = spatial_convs(original)
+    if include_1x1:
+        convs = {r.name: _output_of(original, r.name) for r in inspect(original) if r.perforable}
+    if layers:
+        missing = sorted(set(layers) - set(convs))
+        if missing:
+            raise PerforateError(f"cannot tune {missing}: candidates are {sorted(convs)}")
+        convs = {k: v for k, v in convs.items() if k in layers}
+    if not convs:
+        raise PerforateError("the model has no perforable Conv with a spatial kernel")
+
+    meter = NetworkMeter(original, calibration, threads=threads, batch_size=batch_size, repeats=repeats)
+    ladder_masks = MaskLadder(original, calibration, convs, mask_kind, loss=loss, batch_size=batch_size,
+                              threads=threads)
+    base = meter.measure(original)
+    base["time"] = min(base["time"], meter.time(meter._session(original), repeats * 2))
+    accuracy0 = base["top1"] if base["top1"] is not None else base["agreement"]
+    steps = [_step(0, None, {}, base, base, None, started)]
+    rungs = {name: 0 for name in convs}
+    current = {name: np.ones(ladder_masks.shapes[name], bool) for name in convs}
+    settings = dict(target_speedup=target_speedup, max_accuracy_drop=max_accuracy_drop, ladder=list(ladder),
+                    mask_kind=mask_kind, calibration_images=len(meter.calibration), threads=threads,
+                    repeats=repeats, refresh_every=refresh_every, layers=sorted(convs),
+                    loss="nll" if calibration.labels is not None else "kl")
+    if checkpoint and Path(checkpoint).exists():
+        rungs, current, steps = _resume(checkpoint, ladder, convs, steps)
+        log.info("resumed from %s at step %d", checkpoint, len(steps) - 1)
+
+    stopped = "every layer reached the top of its ladder"
+    bar = _progress(progress, target_speedup)
+    try:
+        while True:
+            latest = steps[-1]
+            if target_speedup and latest.speedup >= target_speedup:
+                stopped = f"reached the target speedup {target_speedup:g}x"
+                break
+            if mask_kind == "impact" and (len(steps) - 1) % refresh_every == 0:
+                ladder_masks.refresh(current)
+            best = None
+            for name in convs:
+                if rungs[name] + 1 >= len(ladder):
+                    continue
+                rate = ladder[rungs[name] + 1]
+                trial = dict(current, **{name: ladder_masks.mask(name, rate, current[name])})
+                measured = meter.measure(_perforate(original, trial))
+                gain = base["time"] - measured["time"]
+                cost = (measured["loss"] - base["loss"]) / gain if gain > 0 else math.inf
+                log.debug("candidate %s -> %.2f: loss %.4f, %.2f ms, cost %.4g", name, rate, measured["loss"],
+                          measured["time"] * 1e3, cost)
+                if best is None or (cost, measured["loss"]) < (best[0], best[3]["loss"]):
+                    best = (cost, name, trial, measured)
+            if best is None:
+                break
+            cost, name, trial, measured = best
+            accuracy = measured["top1"] if measured["top1"] is not None else measured["agreement"]
+            if max_accuracy_drop is not None and accuracy0 - accuracy > max_accuracy_drop:
+                stopped = (f"the next step ({name} -> {ladder[rungs[name] + 1]:g}) would drop accuracy by "
+                           f"{accuracy0 - accuracy:.3f} > {max_accuracy_drop:g}")
+                break
+            rungs[name] += 1
+            current = trial
+            rates = {k: ladder[v] for k, v in rungs.items() if v}
+            steps.append(_step(len(steps), name, rates, measured, base, cost, started))
+            if bar:
+                bar.update(1)
+                bar.set_postfix(speedup=f"{steps[-1].speedup:.2f}x", loss=f"{measured['loss']:.3f}")
+            if checkpoint:
+                _save_checkpoint(checkpoint, rungs, current, steps)
+    except KeyboardInterrupt:
+        stopped = "interrupted; the result holds the steps found so far"
+    finally:
+        if bar:
+            bar.close()
+
+    final_masks = {
+        name: Mask(current[name], kind=mask_kind, rate=ladder[rungs[name]])
+        for name in convs if rungs[name] > 0
+    }
+    settings["elapsed_s"] = round(time.perf_counter() - started, 1)
+    return TuneResult(model=_perforate(original, final_masks), masks=final_masks, steps=steps, stopped=stopped,
+                      settings=settings)
+
+
+def _output_of(model, key):
+    from .graph import node_key
+
+    return next(n.output[0] for n in model.graph.node if node_key(n) == key)
+
+
+def _perforate(model, masks: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    masks = {k: v for k, v in masks.items() if not np.asarray(v, bool).all()}
+    return rewrite(model, masks) if masks else model
+
+
+def _step(index, layer, rates, measured, base, cost, started) -> TuneStep:
+    return TuneStep(step=index, layer=layer, rates=dict(rates), time_ms=measured["time"] * 1e3,
+                    speedup=base["time"] / measured["time"], loss=measured["loss"], top1=measured["top1"],
+                    top5=measured["top5"], agreement=measured["agreement"],
+                    cost=None if cost is None or not math.isfinite(cost) else cost,
+                    elapsed_s=round(time.perf_counter() - started, 2))
+
+
+def _progress(enabled, target):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc="tune" + (f" to {target:g}x" if target else ""), unit="step", leave=True)
+
+
+def _save_checkpoint(path, rungs, current, steps) -> None:
+    state = {
+        "rungs": rungs,
+        "masks": {k: np.packbits(v.ravel()).tolist() for k, v in current.items()},
+        "shapes": {k: list(v.shape) for k, v in current.items()},
+        "steps": [asdict(s) for s in steps],
+    }
+    write_json(state, path)
+
+
+def _resume(path, ladder, convs, steps):
+    state = json.loads(Path(path).read_text())
+    if set(state["rungs"]) != set(convs):
+        raise PerforateError(f"checkpoint {path} is for layers {sorted(state['rungs'])}, not {sorted(convs)}")
+    current = {}
+    for name, packed in state["masks"].items():
+        shape = tuple(state["shapes"][name])
+        bits = np.unpackbits(np.asarray(packed, np.uint8))[: shape[0] * shape[1]]
+        current[name] = bits.astype(bool).reshape(shape)
+    return dict(state["rungs"]), current, [TuneStep(**s) for s in state["steps"]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Pictures.
+
+
+def plot_tradeoff(steps, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    speedup = [s.speedup for s in steps]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    if steps[0].top1 is not None:
+        left.plot(speedup, [s.top1 for s in steps], "o-", label="top-1")
+        left.plot(speedup, [s.top5 for s in steps], "s-", label="top-5")
+    left.plot(speedup, [s.agreement for s in steps], "^--", label="agreement with original")
+    left.set_xlabel("speedup in ONNX Runtime (x)")
+    left.set_ylabel("accuracy on calibration data")
+    left.legend()
+    left.grid(alpha=0.3)
+    right.plot(speedup, [s.loss for s in steps], "o-", color="C3")
+    right.set_xlabel("speedup in ONNX Runtime (x)")
+    right.set_ylabel("loss (NLL)" if steps[0].top1 is not None else "KL to original")
+    right.grid(alpha=0.3)
+    fig.suptitle("Greedy perforation: speed / accuracy trade-off")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def plot_masks(masks: Mapping[str, Mask], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(masks)
+    cols = min(4, max(1, len(names)))
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, name in zip(axes.ravel(), names):
+        mask = masks[name]
+        ax.imshow(np.asarray(mask), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"{name}\nr = {mask.achieved_rate:.2f}", fontsize=8)
+    if not names:
+        axes[0, 0].text(0.5, 0.5, "no layer perforated", ha="center")
+    fig.suptitle("Perforation masks (white = computed)")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path) -> None:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp.png")
+    fig.savefig(temporary, dpi=110)
+    plt.close(fig)
+    temporary.replace(path)

@@ -1,0 +1,75 @@
+"""The greedy tuner: the steps it takes, where it stops, what it writes, and resuming."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_perforate
+from onnx_perforate.errors import PerforateError
+
+from test_gradients import synthetic_cnn, synthetic_input
+
+pytestmark = pytest.mark.usefixtures("require_library")
+
+
+def calibration(n=32):
+    x = synthetic_input(n)
+    labels = np.arange(n) % 5
+    return [({"x": x[i : i + 16]}, labels[i : i + 16]) for i in range(0, n, 16)]
+
+
+def test_climbs_every_ladder_and_records_the_curve(tmp_path):
+    model = synthetic_cnn()
+    result = onnx_perforate.tune(model, calibration(), ladder=(0.0, 0.5), repeats=3, progress=False)
+    assert result.steps[0].layer is None and result.steps[0].speedup == 1.0
+    assert [s.step for s in result.steps] == list(range(len(result.steps)))
+    assert sorted(s.layer for s in result.steps[1:]) == ["conv1", "conv2"]  # one rung each, then done
+    assert result.stopped.startswith("every layer")
+    assert {m.kind for m in result.masks.values()} == {"impact"}
+    assert all(abs(m.achieved_rate - 0.5) < 0.02 for m in result.masks.values())
+    assert result.steps[0].top1 is not None  # labelled data: accuracy is reported
+    onnx.checker.check_model(result.model, full_check=True)
+    paths = result.save(tmp_path / "out")
+    report = json.loads(open(paths["report"]).read())
+    assert len(report["steps"]) == len(result.steps)
+    for key in ("plot", "masks"):
+        assert open(paths[key], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| step |" in result.table()
+
+
+def test_stops_before_the_accuracy_budget_is_exceeded():
+    model = synthetic_cnn()
+    result = onnx_perforate.tune(model, calibration(), ladder=(0.0, 0.6, 0.9), max_accuracy_drop=0.0,
+                                 mask_kind="uniform", repeats=3, progress=False)
+    base = result.steps[0].top1
+    assert all(base - s.top1 <= 0.0 for s in result.steps)
+    assert "would drop accuracy" in result.stopped or result.stopped.startswith("every layer")
+
+
+def test_checkpoint_resumes_where_it_stopped(tmp_path):
+    model = synthetic_cnn()
+    checkpoint = tmp_path / "tune.json"
+    first = onnx_perforate.tune(model, calibration(), ladder=(0.0, 0.3, 0.6), layers=["conv1"], repeats=3,
+                                checkpoint=checkpoint, progress=False)
+    assert checkpoint.exists()
+    again = onnx_perforate.tune(model, calibration(), ladder=(0.0, 0.3, 0.6), layers=["conv1"], repeats=3,
+                                checkpoint=checkpoint, progress=False)
+    assert len(again.steps) == len(first.steps)  # nothing left to do after resuming
+    np.testing.assert_array_equal(np.asarray(again.masks["conv1"]), np.asarray(first.masks["conv1"]))
+
+
+def test_unknown_layer_is_a_clear_error():
+    with pytest.raises(PerforateError, match="conv7"):
+        onnx_perforate.tune(synthetic_cnn(), calibration(), layers=["conv7"], progress=False)
+
+
+def test_unlabelled_data_uses_agreement(tmp_path):
+    x = synthetic_input(16)
+    result = onnx_perforate.tune(synthetic_cnn(), [{"x": x}], ladder=(0.0, 0.5), layers=["conv2"], repeats=3,
+                                 progress=False)
+    assert result.steps[0].top1 is None and result.steps[0].agreement == 1.0
+    assert result.settings["loss"] == "kl"
