@@ -235,7 +235,25 @@ class NNInterpolate(OpRun):
         return (nn_interpolate_reference(yc, index),)
 
 
-REFERENCE_OPS = [PerforatedConv, NNInterpolate]
+class BatchNormalization(OpRun):
+    """Inference-mode BatchNormalization for every opset.
+
+    onnx.reference (1.23) runs opsets 9-13 in training mode (it applies the default momentum), which
+    is wrong for the inference models this package rewrites (and for the rewritten BN that runs on
+    compact [N, C, K] tensors)."""
+
+    op_domain = ""
+
+    def _run(self, x, scale, bias, mean, var, **attributes):
+        epsilon = getattr(self, "epsilon", None)
+        epsilon = 1e-5 if epsilon is None else epsilon
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        scale64 = np.asarray(scale, np.float64).reshape(shape) / np.sqrt(np.asarray(var, np.float64).reshape(shape) + epsilon)
+        y = (x - np.asarray(mean, np.float64).reshape(shape)) * scale64 + np.asarray(bias, np.float64).reshape(shape)
+        return (y.astype(x.dtype),)
+
+
+REFERENCE_OPS = [PerforatedConv, NNInterpolate, BatchNormalization]
 
 
 def reference_evaluator(model, **kwargs):
