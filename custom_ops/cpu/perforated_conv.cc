@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <climits>
 #include <thread>
 #include <vector>
 
@@ -121,6 +122,7 @@ thread_local std::vector<float> tls_panel;
 thread_local std::vector<float> tls_tile;
 thread_local std::vector<float> tls_padded;
 thread_local std::vector<const float*> tls_rows;
+thread_local std::vector<int32_t> tls_positions;
 
 template <typename T>
 T* Scratch(std::vector<T>& buffer, size_t size) {
@@ -223,27 +225,51 @@ void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, con
       PadInput(s, a, padded, input_index, x, buffer, parallel);
       input = buffer;
     }
-    const int64_t block = ColumnBlock(count, s.batch * s.group, nr, 2 * nr, 16 * nr);
-    const int64_t blocks = (count + block - 1) / block;
-    parallel(static_cast<size_t>(s.batch * s.group * blocks), [&](size_t t) {
-      const int64_t b = t % blocks, ng = t / blocks, g = ng % s.group, n = ng / s.group;
-      const int64_t k0 = b * block, kn = std::min(block, count - k0), tiles = (kn + nr - 1) / nr;
-      // rows[p]: where row p = (channel, tap) of the im2col matrix starts in the padded input.
-      const float* x_group = input + (n * s.in_channels + g * cg) * padded_plane;
-      const float** rows = Scratch(tls_rows, static_cast<size_t>(patch));
-      for (int64_t p = 0; p < patch; ++p) rows[p] = x_group + (p / taps) * padded_plane + padded.tap_offsets[p % taps];
-      // tile[k * mpad + m]: the block's outputs, position-major, accumulated across KC passes.
-      float* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * mpad));
-      for (int64_t pc = 0; pc < patch; pc += kKc) {
-        const int64_t kc = std::min(kKc, patch - pc);
-        for (int64_t j = 0; j < tiles; ++j)
-          for (int64_t i = 0; i < packed->panels; ++i)
-            kernel(kc, packed->Panel(g, i) + pc * mr, rows + pc, padded.positions.data() + k0 + j * nr,
-                   tile + j * nr * mpad + i * mr, mpad, pc == 0);
+    // Micro-batching: the images of a batch share one column space (image n's positions are offset by
+    // its input plane), so small perforated layers still fill whole tiles and blocks. Chunks of images
+    // keep the int32 offsets in range.
+    const int64_t image = s.in_channels * padded_plane;
+    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(s.batch, INT32_MAX / image - 1));
+    for (int64_t n0 = 0; n0 < s.batch; n0 += chunk) {
+      const int64_t images = std::min(chunk, s.batch - n0), columns = images * count;
+      const int32_t* positions = padded.positions.data();
+      if (images > 1) {
+        int32_t* stacked = Scratch(tls_positions, static_cast<size_t>(columns + 16));
+        for (int64_t n = 0; n < images; ++n)
+          for (int64_t k = 0; k < count; ++k) stacked[n * count + k] = static_cast<int32_t>(n * image) + positions[k];
+        std::fill(stacked + columns, stacked + columns + 16, 0);
+        positions = stacked;
       }
-      StoreTile(tile, mpad, mg, kn, bias ? bias + g * mg : nullptr, yc + (n * s.out_channels + g * mg) * count + k0,
-                count, a.activation, a.alpha, a.clip_min, a.clip_max);
-    });
+      const float* batch_input = input + n0 * image;
+      float* batch_output = yc + n0 * s.out_channels * count;
+      const int64_t block = ColumnBlock(columns, s.group, nr, 2 * nr, 16 * nr);
+      const int64_t blocks = (columns + block - 1) / block;
+      parallel(static_cast<size_t>(s.group * blocks), [&](size_t t) {
+        const int64_t b = t % blocks, g = t / blocks;
+        const int64_t k0 = b * block, kn = std::min(block, columns - k0), tiles = (kn + nr - 1) / nr;
+        // rows[p]: where row p = (channel, tap) of the im2col matrix starts in the padded input.
+        const float* x_group = batch_input + g * cg * padded_plane;
+        const float** rows = Scratch(tls_rows, static_cast<size_t>(patch));
+        for (int64_t p = 0; p < patch; ++p) rows[p] = x_group + (p / taps) * padded_plane + padded.tap_offsets[p % taps];
+        // tile[k * mpad + m]: the block's outputs, position-major, accumulated across KC passes.
+        float* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * mpad));
+        for (int64_t pc = 0; pc < patch; pc += kKc) {
+          const int64_t kc = std::min(kKc, patch - pc);
+          for (int64_t j = 0; j < tiles; ++j)
+            for (int64_t i = 0; i < packed->panels; ++i)
+              kernel(kc, packed->Panel(g, i) + pc * mr, rows + pc, positions + k0 + j * nr,
+                     tile + j * nr * mpad + i * mr, mpad, pc == 0);
+        }
+        // The block may span images: store each image's part into its own rows of Yc.
+        for (int64_t k = k0; k < k0 + kn;) {
+          const int64_t n = k / count, end = std::min(k0 + kn, (n + 1) * count);
+          StoreTile(tile + (k - k0) * mpad, mpad, mg, end - k, bias ? bias + g * mg : nullptr,
+                    batch_output + (n * s.out_channels + g * mg) * count + (k - n * count), count, a.activation,
+                    a.alpha, a.clip_min, a.clip_max);
+          k = end;
+        }
+      });
+    }
     return;
   }
 
