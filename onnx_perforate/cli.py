@@ -88,7 +88,7 @@ def cmd_perforate(args) -> int:
     for record in layers:
         shape = record.output_shape[2:]
         chosen[record.name] = masks.make(args.mask, shape, args.rate, seed=args.seed, model=model, conv=record.name)
-    passes = dict(fuse=not args.no_fuse)
+    passes = dict(fuse=not args.no_fuse, compact=args.compact)
     for flag in ("fold_batchnorm", "fuse_activation", "interpolate_late"):
         if getattr(args, f"no_{flag}"):
             passes[flag] = False
@@ -163,10 +163,16 @@ def cmd_bench(args) -> int:
             session.run(None, {name: x})
             bucket.append(time.perf_counter() - start)
     result = {"threads": args.threads, "batch": int(x.shape[0]), "repeats": args.repeats, "models": []}
-    for path, bucket in zip(paths, times):
+    peaks = [_peak_memory(p, int(x.shape[0])) if args.memory else None for p in paths]
+    for path, bucket, peak in zip(paths, times, peaks):
         median = statistics.median(bucket)
-        result["models"].append({"path": str(path), "median_ms": median * 1e3, "min_ms": min(bucket) * 1e3})
-        print(f"{path}: median {median * 1e3:.3f} ms, min {min(bucket) * 1e3:.3f} ms ({args.repeats} runs)")
+        entry = {"path": str(path), "median_ms": median * 1e3, "min_ms": min(bucket) * 1e3}
+        memory = ""
+        if peak is not None:
+            entry["peak_run_memory_mib"] = peak / 2**20
+            memory = f", peak run memory {peak / 2**20:.2f} MiB"
+        result["models"].append(entry)
+        print(f"{path}: median {median * 1e3:.3f} ms, min {min(bucket) * 1e3:.3f} ms ({args.repeats} runs){memory}")
     if len(sessions) == 2:
         result["speedup"] = statistics.median(times[0]) / statistics.median(times[1])
         print(f"speedup: {result['speedup']:.3f}x")
@@ -175,6 +181,43 @@ def cmd_bench(args) -> int:
 
         write_json(result, args.json)
     return 0
+
+
+def _peak_memory(path, batch) -> int | None:
+    """Peak RSS growth while running the model, in a fresh subprocess (benchmarks/bench_models.py's
+    method: CPU arena off, one warm-up run, peak-RSS counter reset, three runs); None if unavailable."""
+    import json
+    import os
+    import subprocess
+
+    code = (
+        "import json, sys, numpy as np, onnx, onnx_perforate, onnxruntime as ort\n"
+        "from pathlib import Path\n"
+        "def status(f):\n"
+        "    return next(int(l.split()[1]) * 1024 for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(f + ':'))\n"
+        "path, batch = sys.argv[1], int(sys.argv[2])\n"
+        "m = onnx.load(path)\n"
+        "inits = {t.name for t in m.graph.initializer}\n"
+        "vi = next(i for i in m.graph.input if i.name not in inits)\n"
+        "dims = [d.dim_value or None for d in vi.type.tensor_type.shape.dim]\n"
+        "x = np.random.default_rng(0).uniform(0, 1, [dims[0] or batch] + [d or 1 for d in dims[1:]]).astype(np.float32)\n"
+        "o = onnx_perforate.session_options(1, allow_spinning=False, enable_cpu_mem_arena=False)\n"
+        "o.log_severity_level = 3\n"
+        "s = ort.InferenceSession(path, o, providers=['CPUExecutionProvider'])\n"
+        "s.run(None, {vi.name: x})\n"
+        "before = status('VmRSS')\n"
+        "Path('/proc/self/clear_refs').write_text('5')\n"
+        "for _ in range(3):\n"
+        "    s.run(None, {vi.name: x})\n"
+        "print(json.dumps(status('VmHWM') - before))\n"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(path), str(batch)], capture_output=True, text=True,
+                             check=True, env=dict(os.environ))
+        return int(json.loads(out.stdout.strip().splitlines()[-1]))
+    except (subprocess.CalledProcessError, ValueError, IndexError, OSError) as exc:
+        log.warning("peak memory not measured: %s", exc)
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -382,6 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse-activation", action="store_true", help="do not fuse a following Relu/LeakyRelu/Clip")
     p.add_argument("--no-interpolate-late", action="store_true",
                    help="do not move position-wise ops before the interpolation")
+    p.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep perforated tensors compact through 1x1 convolutions, concatenations, residual adds "
+                   "and global pooling, and let perforated convolutions read compact inputs (default: on; "
+                   "--no-compact gives one NNInterpolate per perforated Conv, the form the CUDA kernels run)")
     p.add_argument("--external-data", action="store_true",
                    help="store weights in OUTPUT.data (automatic above 2 GB)")
     p.set_defaults(func=cmd_perforate)
@@ -397,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="batch size for dynamic-batch inputs (default: 1)")
     p.add_argument("--repeats", type=int, default=50, help="timed runs per model (default: 50)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default: 5)")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure each model's peak memory while running, in a subprocess (default: on)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
 

@@ -59,6 +59,12 @@ class LayerReport:
     fused_activation: str | None = None
     interpolated_late: list[str] = field(default_factory=list)  # ops now run on the compact tensor
     skipped: dict[str, str] = field(default_factory=dict)  # pass -> why it did not apply
+    # compact pass (docs/compact.md): nodes that run on tensors compact with this layer's mask, the
+    # consumers that needed the full tensor and why, and the layer whose compact output this one reads
+    # through X_index
+    compact: list[str] = field(default_factory=list)
+    interpolated_for: dict[str, str] = field(default_factory=dict)
+    implicit_input: str | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -76,6 +82,11 @@ class LayerReport:
             f"skips {self.mask['achieved_rate']:.1%}; " + ("; ".join(done) if done else "no pass applied")
         ]
         out += [f"  {name}: {why}" for name, why in self.skipped.items()]
+        if self.implicit_input:
+            out.append(f"  input: compact output of {self.implicit_input!r} (no interpolation)")
+        if self.compact:
+            out.append("  stays compact through: " + ", ".join(self.compact))
+        out += [f"  interpolated for {name}: {why}" for name, why in self.interpolated_for.items()]
         return out
 
 
@@ -86,10 +97,12 @@ class RewriteReport:
     layers: list[LayerReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     total_conv_macs: int = 0  # all Conv nodes of the model, per image
+    compact_saved_macs: int = 0  # MACs of unperforated 1x1 Convs that now run on compact tensors
 
     @property
     def perforated_conv_macs(self) -> int:
-        return self.total_conv_macs - sum(l.macs - l.perforated_macs for l in self.layers)
+        saved = sum(l.macs - l.perforated_macs for l in self.layers) + self.compact_saved_macs
+        return self.total_conv_macs - saved
 
     @property
     def mac_reduction(self) -> float:
@@ -101,6 +114,7 @@ class RewriteReport:
             "layers": [l.to_dict() for l in self.layers],
             "notes": list(self.notes),
             "total_conv_macs": self.total_conv_macs,
+            "compact_saved_macs": self.compact_saved_macs,
             "perforated_conv_macs": self.perforated_conv_macs,
             "conv_mac_reduction": round(self.mac_reduction, 4),
         }
@@ -124,21 +138,29 @@ def rewrite(
     masks: dict,
     *,
     fuse: bool = True,
+    compact: bool = True,
     fold_batchnorm: bool | None = None,
     fuse_activation: bool | None = None,
     interpolate_late: bool | None = None,
+    compact_options=None,
 ) -> onnx.ModelProto:
     """Perforate the Conv nodes named in ``masks`` and return the new model (the input is untouched).
 
     ``masks`` maps a Conv's name (or, for an unnamed Conv, its output tensor's name) to a bool array
     [Ho, Wo] (True = computed) or a :class:`~onnx_perforate.masks.Mask`. ``fuse`` turns the three graph
     passes on or off together; ``fold_batchnorm``, ``fuse_activation`` and ``interpolate_late``
-    override it one by one. Use :func:`rewrite_with_report` to learn what each pass did.
+    override it one by one. ``compact`` (default) keeps perforated tensors compact through every
+    position-wise consumer and lets perforated convolutions read compact inputs through ``X_index``
+    (docs/compact.md); ``compact=False`` gives the explicit form (one NNInterpolate per perforated Conv),
+    which is also what the CUDA kernels support. Use :func:`rewrite_with_report` to learn what each
+    pass did.
     """
     return rewrite_with_report(
         model,
         masks,
         fuse=fuse,
+        compact=compact,
+        compact_options=compact_options,
         fold_batchnorm=fold_batchnorm,
         fuse_activation=fuse_activation,
         interpolate_late=interpolate_late,
@@ -150,9 +172,11 @@ def rewrite_with_report(
     masks: dict,
     *,
     fuse: bool = True,
+    compact: bool = True,
     fold_batchnorm: bool | None = None,
     fuse_activation: bool | None = None,
     interpolate_late: bool | None = None,
+    compact_options=None,
 ) -> tuple[onnx.ModelProto, RewriteReport]:
     """Like :func:`rewrite`, and also returns a :class:`RewriteReport`."""
     passes = _Passes(
@@ -171,6 +195,10 @@ def rewrite_with_report(
     by_output = {n.outputs[0].name: n for n in graph.nodes if n.outputs}
     for geometry, mask in plan:
         report.layers.append(surgeon.perforate(by_output[geometry.node.output[0]], geometry, mask))
+    if compact:
+        from .compact import propagate
+
+        propagate(surgeon, shapes, original, report, surgeon.seeds, compact_options)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     result = _export(graph, original, report)
     _validate(result)
@@ -269,6 +297,7 @@ class _Surgeon:
         self.opset = opset
         self.passes = passes
         self.names = set(graph.tensors()) | {n.name for n in graph.nodes if n.name}
+        self.seeds: list = []  # (layer, its NNInterpolate, mask) for the compact pass
 
     def unique(self, base: str) -> str:
         name, i = base, 1
@@ -342,10 +371,10 @@ class _Surgeon:
 
         index = self.constant(f"{key}.nn_index", ops.nearest_index(mask.array))
         out.dtype, out.shape = np.float32, [batch, channels, *geometry.out_hw]
-        self.graph.nodes.append(
-            gs.Node("NNInterpolate", name=self.unique(f"{name}/interpolate"), domain=DOMAIN,
-                    inputs=[compact, index], outputs=[out])
-        )
+        interpolate = gs.Node("NNInterpolate", name=self.unique(f"{name}/interpolate"), domain=DOMAIN,
+                              inputs=[compact, index], outputs=[out])
+        self.graph.nodes.append(interpolate)
+        self.seeds.append((layer, interpolate, mask.array.astype(bool)))
         layer.output = out.name
         return layer
 
@@ -463,13 +492,18 @@ class _Surgeon:
             value = _constant(other)
             if value is None:
                 return f"operand {other.name!r} is not constant"
-            if value.dtype != np.float32:
-                return f"operand {other.name!r} is {value.dtype}, expected float32"
-            padded = (1,) * (4 - value.ndim) + value.shape if value.ndim <= 4 else None
-            if padded is None or padded[0] != 1 or padded[2:] != (1, 1) or padded[1] not in (1, channels):
-                return f"operand {other.name!r} of shape {list(value.shape)} is not per-channel"
-            return ""
+            return _per_channel_reason(value, other.name, channels)
         return "does not commute with nearest-neighbour interpolation"
+
+
+def _per_channel_reason(value: np.ndarray, name: str, channels) -> str:
+    """'' when a constant float32 operand broadcasts per channel (or is a scalar) against [N, C, H, W]."""
+    if value.dtype != np.float32:
+        return f"operand {name!r} is {value.dtype}, expected float32"
+    padded = (1,) * (4 - value.ndim) + value.shape if value.ndim <= 4 else None
+    if padded is None or padded[0] != 1 or padded[2:] != (1, 1) or padded[1] not in (1, channels):
+        return f"operand {name!r} of shape {list(value.shape)} is not per-channel"
+    return ""
 
 
 # ----------------------------------------------------------------------------------------------------

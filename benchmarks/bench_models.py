@@ -1,0 +1,378 @@
+"""End-to-end comparison of a model, its explicit perforation and its compact perforation (same masks).
+
+    ONNX_PERFORATE_LIBRARY=... python3 benchmarks/bench_models.py ../shared/data/imagenet/squeezenet1.1.onnx \
+        --mask grid --rate 0.5 --layers all-but-first --threads 1 2 --batch 1 8 --accuracy
+
+Prints Markdown tables:
+
+- latency: median ms over interleaved runs (all variants take turns, so load drifts hit them alike) for
+  every thread count and batch size; speed-up against the original;
+- memory, two ways (docs/compact.md):
+  *measured*: a fresh subprocess per model loads the session (CPU arena off, memory pattern on, so ORT
+  allocates exactly what it plans instead of arena chunks), runs once (weights are packed and gather
+  tables built on the first run: constant memory, not activations), resets the kernel's peak-RSS
+  counter (/proc/self/clear_refs), runs three more times and reports peak RSS minus RSS before them;
+  *planned*: the peak of live activation bytes when the nodes run in graph order and every tensor is
+  freed after its last reader (Reshape/Flatten/Squeeze/Unsqueeze/Identity outputs alias their input),
+  and the bytes of all activations written (the paper's "activations to store");
+- accuracy (``--accuracy``): top-1/top-5 on SqueezeNet's val100, top-1 on every 10th CIFAR-10 test image,
+  top-1 on the bundled Fashion-MNIST subset, chosen from the model's file name;
+- ``--profile``: per-node time (ORT profiling, summed ``dur`` per node over the runs) of each variant.
+
+Models with a fixed batch of 1 (SqueezeNet) get a symbolic batch dimension first, so batch 8 can run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnx_perforate  # noqa: E402
+from onnx_perforate import masks as masks_module  # noqa: E402
+from onnx_perforate.inspection import inspect  # noqa: E402
+
+VARIANTS = ("original", "explicit", "compact")
+ALIASING = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models
+
+
+def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with a symbolic batch dimension 'N' on its inputs and outputs (value_info dropped so
+    that shape inference recomputes it). Only for graphs whose ops do not bake in the batch size."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {t.name for t in model.graph.initializer}
+    for vi in list(model.graph.input) + list(model.graph.output):
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            dims[0].ClearField("dim_value")
+            dims[0].dim_param = "N"
+    del model.graph.value_info[:]
+    return model
+
+
+def select(model, spec: str) -> list:
+    """Conv records for ``spec``: all | all-but-first | all-3x3 | all-1x1 | comma-separated globs."""
+    records = [r for r in inspect(model) if r.perforable]
+    if spec == "all":
+        return records
+    if spec == "all-but-first":
+        return records[1:]
+    if spec in ("all-3x3", "all-1x1"):
+        k = 3 if spec == "all-3x3" else 1
+        return [r for r in records if tuple(r.kernel) == (k, k)]
+    patterns = spec.split(",")
+    return [r for r in records if any(fnmatch.fnmatchcase(r.name, p) for p in patterns)]
+
+
+def build_variants(path, mask_kind, rate, layers, seed=0):
+    """{variant: ModelProto}, the chosen masks and the compact rewrite's report."""
+    original = dynamic_batch(onnx.load(str(path)))
+    chosen = {
+        r.name: masks_module.make(mask_kind, r.output_shape[2:], rate, seed=seed, model=original, conv=r.name)
+        for r in select(original, layers)
+    }
+    explicit = onnx_perforate.rewrite(original, chosen, compact=False)
+    compact, report = onnx_perforate.rewrite_with_report(original, chosen, compact=True)
+    return {"original": original, "explicit": explicit, "compact": compact}, chosen, report
+
+
+def input_of(model):
+    inits = {t.name for t in model.graph.initializer}
+    vi = next(i for i in model.graph.input if i.name not in inits)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    return vi.name, dims
+
+
+def random_input(model, batch, seed=0):
+    name, dims = input_of(model)
+    shape = [batch] + [d or 1 for d in dims[1:]]
+    return name, np.random.default_rng(seed).uniform(0, 255, size=shape).astype(np.float32)
+
+
+def session(model_or_path, threads, **settings):
+    import onnxruntime as ort
+
+    options = onnx_perforate.session_options(threads, allow_spinning=False, **settings)
+    options.log_severity_level = 3
+    data = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else model_or_path.SerializeToString()
+    return ort.InferenceSession(str(data) if isinstance(data, os.PathLike) else data, options,
+                                providers=["CPUExecutionProvider"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Latency
+
+
+def latency(models: dict, threads: int, batch: int, repeats: int, warmup: int = 5) -> dict:
+    sessions = {k: session(m, threads) for k, m in models.items()}
+    name, x = random_input(models["original"], batch)
+    for s in sessions.values():
+        for _ in range(warmup):
+            s.run(None, {name: x})
+    times = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for k, s in sessions.items():
+            start = time.perf_counter()
+            s.run(None, {name: x})
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status field in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_child(path: str, batch: int) -> None:
+    """Runs in a subprocess: peak RSS growth while running (bytes), as JSON on stdout."""
+    model = onnx.load(path)
+    sess = session(path, 1, enable_cpu_mem_arena=False)
+    name, x = random_input(model, batch)
+    sess.run(None, {name: x})  # first run: kernels pack weights and build gather tables (not activations)
+    before = _status("VmRSS")
+    resettable = True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        resettable = False
+    for _ in range(3):
+        sess.run(None, {name: x})
+    peak = _status("VmHWM")
+    print(json.dumps({"session_bytes": before, "run_peak_bytes": peak - before, "resettable": resettable}))
+
+
+def measured_memory(path: Path, batch: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", str(path), str(batch)],
+                         capture_output=True, text=True, check=True, env=dict(os.environ))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def planned_memory(model: onnx.ModelProto, batch: int) -> tuple[int, int]:
+    """(peak live activation bytes in graph order, bytes of all activations written); see the module
+    docstring."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    sizes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (batch if d.dim_param else None) for d in t.shape.dim]
+        if None in dims:
+            continue
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+        sizes[vi.name] = int(np.prod(dims)) * itemsize
+    graph = inferred.graph
+    root = {}
+    for node in graph.node:
+        if node.op_type in ALIASING and node.input and node.input[0] in (root.keys() | sizes.keys()):
+            root[node.output[0]] = root.get(node.input[0], node.input[0])
+    last_use = {}
+    for step, node in enumerate(graph.node):
+        for name in node.input:
+            last_use[root.get(name, name)] = step
+    for out in graph.output:
+        last_use[root.get(out.name, out.name)] = len(graph.node)
+    live, peak = {}, 0
+    for step, node in enumerate(graph.node):
+        for name in node.output:
+            if name and name not in root and name in sizes:
+                live[name] = sizes[name]
+        peak = max(peak, sum(live.values()))
+        for name in [n for n in live if last_use.get(n, -1) <= step]:
+            del live[name]
+    total = sum(size for name, size in sizes.items() if name not in root)
+    return peak, total
+
+
+# ----------------------------------------------------------------------------------------------------
+# Accuracy
+
+
+def accuracy(models: dict, path: Path, threads: int = 2) -> dict | None:
+    from onnx_perforate.data import PRESETS, Dataset, load_arrays, load_folder
+
+    stem = path.name.lower()
+    shared = ROOT.parent / "shared" / "data"
+    if "squeezenet" in stem:
+        data, batch, topk = load_folder(shared / "imagenet" / "val100", PRESETS["caffe"]), 10, (1, 5)
+    elif "cifar" in stem:
+        full = load_arrays(shared / "cifar10" / "cifar10_test.npz", input_shape=["N", 3, 32, 32])
+        x_all = full.load(0, len(full))[::10]  # sorted by class: every 10th image is balanced
+        data, batch, topk = Dataset(len(x_all), lambda a, b: x_all[a:b], full.labels[::10]), 100, (1,)
+    elif "fashion" in stem:
+        npz = ROOT / "sample_models" / "fashion_mnist_subset.npz"
+        name, dims = input_of(models["original"])
+        data, batch, topk = load_arrays(npz, input_name=name, input_shape=dims), 100, (1,)
+    else:
+        return None
+    result = {}
+    for key, model in models.items():
+        sess = session(model, threads)
+        name = input_of(model)[0]
+        hits = {k: [] for k in topk}
+        for x, y in data.batches(batch):
+            scores = sess.run(None, {name: x})[0].reshape(len(x), -1)
+            order = np.argsort(-scores, axis=1)
+            for k in topk:
+                hits[k].append((order[:, :k] == y[:, None]).any(axis=1))
+        result[key] = {f"top{k}": float(np.concatenate(v).mean()) for k, v in hits.items()}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-node profile
+
+
+def profile(models: dict, threads: int, batch: int, runs: int, workdir: Path) -> dict:
+    """{variant: {node name: (op type, mean ms per run)}} from ORT's profiler."""
+    result = {}
+    for key, model in models.items():
+        sess = session(model, threads, enable_profiling=True,
+                       profile_file_prefix=str(workdir / f"profile_{key}"))
+        name, x = random_input(model, batch)
+        for _ in range(3):
+            sess.run(None, {name: x})
+        events_before = None
+        for _ in range(runs):
+            sess.run(None, {name: x})
+        trace = json.loads(Path(sess.end_profiling()).read_text())
+        per_node, counts = {}, {}
+        for event in trace:
+            if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+                continue
+            node = event["name"][: -len("_kernel_time")]
+            op = event.get("args", {}).get("op_name", "?")
+            total = per_node.get(node, (op, 0.0))[1] + event["dur"] / 1e3
+            per_node[node] = (op, total)
+            counts[node] = counts.get(node, 0) + 1
+        del events_before
+        total_runs = runs + 3
+        result[key] = {n: (op, t / total_runs) for n, (op, t) in per_node.items()}
+    return result
+
+
+def format_profile(prof: dict, top: int) -> str:
+    names = sorted(set().union(*[set(p) for p in prof.values()]),
+                   key=lambda n: -max(p.get(n, ("", 0.0))[1] for p in prof.values()))
+    lines = ["| node | " + " | ".join(f"{k} op | {k} ms" for k in prof) + " |",
+             "|---|" + "---|---|" * len(prof)]
+    for n in names[:top]:
+        cells = []
+        for p in prof.values():
+            op, t = p.get(n, ("", None))
+            cells += [op, f"{t:.3f}" if t is not None else ""]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    totals = [f"{sum(t for _, t in p.values()):.3f}" for p in prof.values()]
+    lines.append("| **sum of node times** | " + " | ".join(f" | {t}" for t in totals) + " |")
+    by_op = {}
+    for key, p in prof.items():
+        for op, t in p.values():
+            by_op.setdefault(op, {}).setdefault(key, 0.0)
+            by_op[op][key] += t
+    lines += ["", "| op type | " + " | ".join(f"{k} ms" for k in prof) + " |", "|---|" + "---|" * len(prof)]
+    for op, per in sorted(by_op.items(), key=lambda kv: -max(kv[1].values())):
+        lines.append(f"| {op} | " + " | ".join(f"{per.get(k, 0.0):.3f}" for k in prof) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
+        memory_child(sys.argv[2], int(sys.argv[3]))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model", type=Path)
+    p.add_argument("--mask", default="grid", choices=["grid", "uniform", "pooling"])
+    p.add_argument("--rate", type=float, nargs="+", default=[0.5])
+    p.add_argument("--layers", default="all-but-first",
+                   help="all | all-but-first | all-3x3 | all-1x1 | comma-separated globs (default: all-but-first)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--accuracy", action="store_true")
+    p.add_argument("--profile", action="store_true", help="per-node time breakdown (1 thread, first batch size)")
+    p.add_argument("--profile-top", type=int, default=25)
+    p.add_argument("--report", action="store_true", help="print the compact rewrite's report")
+    p.add_argument("--save", type=Path, help="folder to keep the three models in")
+    args = p.parse_args(argv)
+    if not onnx_perforate.has_library():
+        print("needs the compiled custom-op library (ONNX_PERFORATE_LIBRARY)", file=sys.stderr)
+        return 1
+
+    for rate in args.rate:
+        models, chosen, report = build_variants(args.model, args.mask, rate, args.layers)
+        interps = {k: sum(n.op_type == "NNInterpolate" for n in m.graph.node) for k, m in models.items()}
+        print(f"\n## {args.model.name}: {args.mask} r={rate}, {len(chosen)} Conv perforated ({args.layers})\n")
+        print(f"conv MACs {report.mac_reduction:.2f}x fewer with the compact graph "
+              f"(perforated layers alone: {report.total_conv_macs / max(report.perforated_conv_macs + report.compact_saved_macs, 1):.2f}x); "
+              f"NNInterpolate nodes: explicit {interps['explicit']}, compact {interps['compact']}\n")
+        if args.report:
+            print("```\n" + report.format() + "\n```\n")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = args.save or Path(tmp)
+            folder.mkdir(parents=True, exist_ok=True)
+            paths = {}
+            for k, m in models.items():
+                paths[k] = folder / f"{args.model.stem}.{k}.r{rate}.onnx"
+                onnx.save(m, paths[k])
+            print("| threads | batch | original ms | explicit ms | compact ms | explicit speed-up | compact speed-up |")
+            print("|---|---|---|---|---|---|---|")
+            for threads in args.threads:
+                for batch in args.batch:
+                    t = latency(models, threads, batch, args.repeats)
+                    print(f"| {threads} | {batch} | {t['original']:.3f} | {t['explicit']:.3f} | {t['compact']:.3f} | "
+                          f"{t['original'] / t['explicit']:.2f}x | {t['original'] / t['compact']:.2f}x |", flush=True)
+            if not args.no_memory:
+                print("\n| batch | variant | measured peak run RSS MiB | planned peak activations MiB | all activations MiB |")
+                print("|---|---|---|---|---|")
+                for batch in args.batch:
+                    for k in VARIANTS:
+                        measured = measured_memory(paths[k], batch)
+                        planned, total = planned_memory(models[k], batch)
+                        flag = "" if measured["resettable"] else " (peak not resettable: includes loading)"
+                        print(f"| {batch} | {k} | {measured['run_peak_bytes'] / 2**20:.2f}{flag} | {planned / 2**20:.2f} | {total / 2**20:.2f} |",
+                              flush=True)
+            if args.accuracy:
+                acc = accuracy(models, args.model)
+                if acc:
+                    keys = list(next(iter(acc.values())))
+                    print("\n| variant | " + " | ".join(keys) + " |")
+                    print("|---|" + "---|" * len(keys))
+                    for k, v in acc.items():
+                        print(f"| {k} | " + " | ".join(f"{v[key]:.3f}" for key in keys) + " |")
+            if args.profile:
+                print(f"\nper-node time, 1 thread, batch {args.batch[0]} (mean ms per run):\n")
+                print(format_profile(profile(models, 1, args.batch[0], args.repeats, folder), args.profile_top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,432 @@
+"""Compact propagation: keep perforated tensors as [N, C, K] for as long as the graph allows
+(docs/compact.md).
+
+``rewrite`` first replaces every perforated Conv by PerforatedConv + NNInterpolate (the *explicit*
+form). This pass then walks the graph in topological order with a map {full tensor -> its compact
+form (tensor [N, C, K], interpolation index [H, W])} and moves every consumer that is position-wise
+for that index onto the compact tensor:
+
+- element-wise ops (unary, per-channel constants, and Add/Mul/... of compact tensors with the *same*
+  index, e.g. residual connections), inference BatchNormalization, inference Dropout (removed);
+- channel Concat of compact tensors with the same index;
+- unperforated 1x1 Conv (stride 1, no padding): PerforatedConv on the compact tensor viewed as
+  [N, C, 1, K] with an all-ones [1, K] mask (bias and a following activation fused);
+- perforated convolutions (PerforatedConv): they read the compact tensor through the producer's index
+  (the ``X_index`` input), so the interpolated tensor never exists;
+- GlobalAveragePool / ReduceMean / ReduceSum over space: a MatMul with the positions' multiplicities
+  (how many grid positions each computed one fills); GlobalMaxPool / ReduceMax: a max over K.
+
+Whatever else reads a compact tensor's full name gets one shared NNInterpolate that produces it under
+its original name, so the rest of the graph is untouched. Every rewrite is exact: it computes what the
+explicit form computes, only on fewer positions.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ._library import DOMAIN
+from .errors import PerforateError
+from .graph import conv_geometry
+
+# Element-wise ops of one tensor input (Clip's bounds are scalars, so only input 0 is a tensor).
+UNARY = (
+    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu", "Selu", "HardSigmoid", "HardSwish", "Softplus",
+    "Softsign", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Gelu", "Mish", "ThresholdedRelu",
+    "Celu", "Floor", "Ceil", "Round", "Sign",
+)
+# Element-wise ops whose other operands may be compact tensors with the same index or per-channel
+# constants (numpy broadcasting: a [N, C, K] tensor against [C, 1] or a scalar).
+ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "PRelu", "Pow")
+SPATIAL_REDUCTIONS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceSum", "ReduceMax")
+
+
+@dataclass
+class Compact:
+    """The compact form of a full tensor [N, C, H, W]: ``tensor`` [N, C, K] with full[..., y, x] =
+    tensor[..., index[y, x]]."""
+
+    tensor: gs.Variable
+    index: gs.Constant  # int64 [H, W]
+    mask: np.ndarray  # bool [H, W], the computed positions (row-major order = the order along K)
+    layer: object  # the LayerReport of the PerforatedConv whose mask this is (for the report)
+    producer: str  # name of the node that now writes ``tensor`` (names the NNInterpolate if one is needed)
+
+    @property
+    def k(self) -> int:
+        return int(self.index.values.max()) + 1
+
+
+@dataclass
+class CompactOptions:
+    # Unperforated spatial Convs reading a compact tensor: True runs them as PerforatedConv with an
+    # all-ones mask and X_index (implicit interpolation); False keeps NNInterpolate + ORT Conv. ORT's
+    # dense Conv measured faster than our kernel at full density on SqueezeNet shapes (docs/compact.md).
+    implicit_unperforated_spatial: bool = False
+
+
+class CompactPass:
+    def __init__(self, surgeon, shapes: dict, original: onnx.ModelProto, report, options: CompactOptions):
+        self.s = surgeon
+        self.graph = surgeon.graph
+        self.shapes = shapes
+        self.report = report
+        self.options = options
+        self.protos = {n.output[0]: n for n in original.graph.node if n.output}
+        self.layers = {layer.node: layer for layer in report.layers}
+        self.state: dict[str, tuple[gs.Variable, Compact]] = {}  # full tensor name -> (tensor, compact)
+        self.indices: dict[bytes, gs.Constant] = {}  # one initializer per distinct index
+        self.views: dict[str, gs.Variable] = {}  # compact tensor name -> its [N, C, 1, K] view
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+
+    def canonical_index(self, index: gs.Constant) -> gs.Constant:
+        values = np.asarray(index.values)
+        key = values.tobytes() + repr(values.shape).encode()
+        return self.indices.setdefault(key, index)
+
+    def seed(self, layer, interpolate: gs.Node, mask: np.ndarray) -> None:
+        """Register an NNInterpolate written by ``_Surgeon.perforate``: its output has a compact form."""
+        compact, index = interpolate.inputs
+        full = interpolate.outputs[0]
+        self.state[full.name] = (full, Compact(compact, self.canonical_index(index), mask, layer, layer.node))
+
+    def compact_of(self, tensor) -> Compact | None:
+        entry = self.state.get(tensor.name)
+        return entry[1] if entry is not None and entry[0] is tensor else None
+
+    def full_dims(self, name: str):
+        dims = self.shapes.get(name, (0, None))[1]
+        return list(dims) if dims is not None and len(dims) == 4 else None
+
+    def new_compact(self, full: gs.Variable, channels, like: Compact, producer: str) -> gs.Variable:
+        dims = self.full_dims(full.name)
+        batch = dims[0] if dims else like.tensor.shape[0] if like.tensor.shape else None
+        channels = channels if channels is not None else (dims[1] if dims else None)
+        tensor = gs.Variable(self.s.unique(f"{full.name}.compact"), dtype=np.float32, shape=[batch, channels, like.k])
+        self.state[full.name] = (full, Compact(tensor, like.index, like.mask, like.layer, producer))
+        return tensor
+
+    def channels(self, compact: Compact):
+        shape = compact.tensor.shape
+        return shape[1] if shape else None
+
+    def refuse(self, node: gs.Node, inputs: list[Compact], why: str) -> None:
+        for compact in {id(c.layer): c for c in inputs}.values():
+            compact.layer.interpolated_for[_name(node)] = why
+
+    def stayed(self, name: str, compact: Compact, how: str = "") -> None:
+        compact.layer.compact.append(name + (f" ({how})" if how else ""))
+
+    # -- the walk ----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.graph.toposort()
+        for node in list(self.graph.nodes):
+            inputs = [c for c in (self.compact_of(t) for t in node.inputs) if c is not None]
+            if not inputs:
+                continue  # not reading a compact tensor (or detached by an earlier fusion)
+            why = self.visit(node, inputs)
+            if why:
+                self.refuse(node, inputs, why)
+        self.materialise()
+
+    def visit(self, node: gs.Node, inputs: list[Compact]) -> str:
+        """Move ``node`` onto compact tensors; return '' when done, else why it needs the full tensor."""
+        op = node.op
+        if node.domain == DOMAIN:
+            if op == "PerforatedConv":
+                return self.perforated_conv(node, inputs[0])
+            return f"{op} needs the full tensor"
+        if node.domain not in ("", "ai.onnx", None):
+            return f"unknown op {node.domain}.{op}"
+        if op in UNARY:
+            if self.compact_of(node.inputs[0]) is None:
+                return f"{op}: the compact tensor is not its data input"
+            return self.elementwise(node, inputs)
+        if op in ELEMENTWISE or op == "BatchNormalization":
+            return self.elementwise(node, inputs)
+        if op == "Dropout":
+            return self.dropout(node, inputs[0])
+        if op == "Concat":
+            return self.concat(node, inputs)
+        if op == "Conv":
+            return self.conv(node, inputs[0])
+        if op in SPATIAL_REDUCTIONS:
+            return self.reduction(node, inputs[0])
+        return f"{op} needs the full tensor"
+
+    # -- element-wise ------------------------------------------------------------------------------
+
+    def elementwise(self, node: gs.Node, inputs: list[Compact]) -> str:
+        from .rewrite import _constant, _per_channel_reason
+
+        name = _name(node)
+        first = inputs[0]
+        if any(not np.array_equal(c.index.values, first.index.values) for c in inputs[1:]):
+            return "its compact operands have different masks"
+        if len(node.outputs) != 1 and any(t.outputs or t in self.graph.outputs for t in node.outputs[1:]):
+            return f"{node.op} uses its extra outputs"
+        channels = self.channels(first)
+        if node.op == "BatchNormalization":
+            why = self.s._batchnorm_unusable(node)
+            if why:
+                return why
+            if self.compact_of(node.inputs[0]) is None:
+                return "the compact tensor is a BatchNormalization parameter"
+        replacements = {}
+        data_inputs = range(1) if node.op in UNARY or node.op == "BatchNormalization" else range(len(node.inputs))
+        for i in data_inputs:
+            tensor = node.inputs[i]
+            if self.compact_of(tensor) is not None or not tensor.name:
+                continue
+            value = _constant(tensor)
+            if value is None:
+                return f"operand {tensor.name!r} is a full (non-constant) tensor"
+            why = _per_channel_reason(value, tensor.name, channels)
+            if why:
+                return why
+            size = value.size if value.size > 1 else 1
+            replacements[i] = self.s.constant(f"{name}.compact_param", value.reshape(size, 1) if size > 1 else value)
+        for i, tensor in enumerate(list(node.inputs)):
+            compact = self.compact_of(tensor)
+            if compact is not None:
+                node.inputs[i] = compact.tensor
+            elif i in replacements:
+                node.inputs[i] = replacements[i]
+        full = node.outputs[0]
+        while len(node.outputs) > 1:  # unused extra outputs (checked above)
+            node.outputs.pop()
+        node.outputs[0] = self.new_compact(full, channels, first, name)
+        self.stayed(name, first)
+        return ""
+
+    def dropout(self, node: gs.Node, compact: Compact) -> str:
+        from .rewrite import _constant
+
+        if len(node.inputs) > 2 and node.inputs[2].name:
+            training = _constant(node.inputs[2])
+            if training is None or bool(training.reshape(-1)[0]):
+                return "Dropout may be in training mode"
+        if any(t.outputs or t in self.graph.outputs for t in node.outputs[1:]):
+            return "Dropout's mask output is used"
+        if node.attrs.get("is_test", 1) == 0 and self.s.opset < 7:
+            return "Dropout has is_test=0 (training)"
+        # Inference Dropout is the identity: drop it and let its output stand for the same compact tensor.
+        full, name = node.outputs[0], _name(node)
+        self.s.detach(node)
+        self.state[full.name] = (full, compact)
+        self.stayed(name, compact, "removed: identity at inference")
+        return ""
+
+    def concat(self, node: gs.Node, inputs: list[Compact]) -> str:
+        dims = self.full_dims(node.outputs[0].name)
+        name = _name(node)
+        axis = int(node.attrs.get("axis", 1))
+        if axis not in (1, -3):
+            return f"Concat along axis {axis}, not channels"
+        compacts = [self.compact_of(t) for t in node.inputs]
+        if any(c is None for c in compacts):
+            return "some of its inputs are full tensors"
+        if any(not np.array_equal(c.index.values, compacts[0].index.values) for c in compacts[1:]):
+            return "its inputs have different masks"
+        for i, c in enumerate(compacts):
+            node.inputs[i] = c.tensor
+        node.attrs["axis"] = 1
+        node.outputs[0] = self.new_compact(node.outputs[0], dims[1] if dims else None, compacts[0], name)
+        self.stayed(name, compacts[0])
+        return ""
+
+    # -- convolutions ------------------------------------------------------------------------------
+
+    def view(self, compact: Compact, consumer: str) -> gs.Variable:
+        """The compact tensor as [N, C, 1, K] (a Reshape: no copy in ORT), one per compact tensor."""
+        cached = self.views.get(compact.tensor.name)
+        if cached is not None:
+            return cached
+        k = compact.k
+        shape = compact.tensor.shape or [None, None, k]
+        view = gs.Variable(self.s.unique(f"{compact.tensor.name}.view"), dtype=np.float32, shape=[shape[0], shape[1], 1, k])
+        target = self.s.constant(f"{compact.tensor.name}.view_shape", np.array([0, 0, 1, k], dtype=np.int64))
+        self.graph.nodes.append(gs.Node("Reshape", name=self.s.unique(f"{consumer}/view"), inputs=[compact.tensor, target],
+                                        outputs=[view]))
+        self.views[compact.tensor.name] = view
+        return view
+
+    def perforated_conv(self, node: gs.Node, compact: Compact) -> str:
+        if self.compact_of(node.inputs[0]) is not compact:
+            return "the compact tensor is not PerforatedConv's input X"
+        if len(node.inputs) > 4:
+            return "PerforatedConv already reads a compact input"
+        attrs = node.attrs
+        own_mask = np.asarray(node.inputs[3].values) if isinstance(node.inputs[3], gs.Constant) else None
+        if (list(attrs.get("kernel_shape", [])) == [1, 1] and list(attrs.get("strides", [1, 1])) == [1, 1]
+                and not any(attrs.get("pads", [0, 0, 0, 0])) and own_mask is not None
+                and own_mask.shape == compact.mask.shape and np.array_equal(own_mask.astype(bool), compact.mask)):
+            # A 1x1 conv perforated with its input's mask computes exactly the input's positions: a
+            # GEMM on the compact tensor, no gather (the X_index path gathers, which costs more here).
+            k = compact.k
+            node.inputs[0] = self.view(compact, _name(node))
+            node.inputs[3] = self.s.constant(f"{_name(node)}.compact_mask", np.ones((1, k), dtype=bool))
+            self.stayed(_name(node), compact, "1x1 GEMM on the compact input, same mask")
+            layer = self.layers.get(node.name)
+            if layer is not None:
+                layer.implicit_input = compact.layer.node
+            return ""
+        node.inputs[0] = compact.tensor
+        node.inputs.append(compact.index)
+        self.stayed(_name(node), compact, "reads it through X_index")
+        layer = self.layers.get(node.name)
+        if layer is not None:
+            layer.implicit_input = compact.layer.node
+        return ""
+
+    def conv(self, node: gs.Node, compact: Compact) -> str:
+        proto = self.protos.get(node.outputs[0].name)
+        if proto is None or self.compact_of(node.inputs[0]) is not compact:
+            return "the compact tensor is not the Conv's input X"
+        try:
+            geometry = conv_geometry(proto, self.shapes)
+        except PerforateError as exc:
+            return str(exc)
+        attrs = geometry.attributes
+        pointwise = tuple(attrs.kernel_shape) == (1, 1) and tuple(attrs.strides) == (1, 1) and not any(attrs.pads)
+        if pointwise:
+            return self.pointwise_conv(node, compact, geometry)
+        if not self.options.implicit_unperforated_spatial:
+            return "unperforated spatial Conv: NNInterpolate + ONNX Conv is faster than implicit interpolation"
+        return self.implicit_conv(node, compact, geometry)
+
+    def pointwise_conv(self, node: gs.Node, compact: Compact, geometry) -> str:
+        """1x1 Conv on [N, C, K]: PerforatedConv on the [N, C, 1, K] view with an all-ones [1, K] mask
+        (a plain GEMM with fused bias and activation; as fast as MatMul + Add here, docs/compact.md)."""
+        k = compact.k
+        name = _name(node)
+        view = self.view(compact, name)
+        attrs = geometry.attributes
+        full = node.outputs[0]
+        fused = types.SimpleNamespace(skipped={}, fused_activation=None)
+        if self.s.passes.fuse_activation:
+            full = self.s.fuse_activation(attrs, full, fused)
+        mask = self.s.constant(f"{name}.compact_mask", np.ones((1, k), dtype=bool))
+        inputs = [view, node.inputs[1], node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else gs.Variable.empty(), mask]
+        out = self.new_compact(full, geometry.weight_shape[0], compact, name)
+        self.s.detach(node)
+        self.graph.nodes.append(gs.Node("PerforatedConv", name=name, domain=DOMAIN, attrs=attrs.to_onnx(),
+                                        inputs=inputs, outputs=[out]))
+        hw = geometry.out_hw[0] * geometry.out_hw[1]
+        self.report.compact_saved_macs += geometry.macs - geometry.macs * k // hw
+        self.stayed(name, compact, "1x1 GEMM" + (f" + {fused.fused_activation}" if fused.fused_activation else ""))
+        return ""
+
+    def implicit_conv(self, node: gs.Node, compact: Compact, geometry) -> str:
+        """An unperforated spatial Conv as PerforatedConv(all-ones mask, X_index); its dense output is
+        [N, M, Ho*Wo] and a Reshape (no copy) restores [N, M, Ho, Wo] under the original name."""
+        name = _name(node)
+        attrs = geometry.attributes
+        full = node.outputs[0]
+        fused = types.SimpleNamespace(skipped={}, fused_activation=None)
+        if self.s.passes.fuse_activation:
+            full = self.s.fuse_activation(attrs, full, fused)
+        ho, wo = geometry.out_hw
+        dense = gs.Variable(self.s.unique(f"{full.name}.dense"), dtype=np.float32,
+                            shape=[geometry.output_shape[0], geometry.weight_shape[0], ho * wo])
+        mask = self.s.constant(f"{name}.compact_mask", np.ones((ho, wo), dtype=bool))
+        inputs = [compact.tensor, node.inputs[1],
+                  node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else gs.Variable.empty(), mask, compact.index]
+        self.s.detach(node)
+        self.graph.nodes.append(gs.Node("PerforatedConv", name=name, domain=DOMAIN, attrs=attrs.to_onnx(),
+                                        inputs=inputs, outputs=[dense]))
+        shape = self.s.constant(f"{name}.shape", np.array([0, 0, ho, wo], dtype=np.int64))
+        self.graph.nodes.append(gs.Node("Reshape", name=self.s.unique(f"{name}/reshape"), inputs=[dense, shape],
+                                        outputs=[full]))
+        self.stayed(name, compact, "implicit interpolation, all-ones mask")
+        return ""
+
+    # -- reductions over space ---------------------------------------------------------------------
+
+    def reduction(self, node: gs.Node, compact: Compact) -> str:
+        from .rewrite import _constant
+
+        op = node.op
+        if self.compact_of(node.inputs[0]) is not compact:
+            return f"the compact tensor is not {op}'s data input"
+        keepdims = True
+        if op.startswith("Reduce"):
+            keepdims = bool(node.attrs.get("keepdims", 1))
+            axes = node.attrs.get("axes")
+            if len(node.inputs) > 1 and node.inputs[1].name:
+                axes = _constant(node.inputs[1])
+                if axes is None:
+                    return f"{op} has non-constant axes"
+            if axes is None or sorted(int(a) % 4 for a in np.asarray(axes).reshape(-1)) != [2, 3]:
+                return f"{op} does not reduce over exactly the two spatial axes"
+        full = node.outputs[0]
+        name = _name(node)
+        index = np.asarray(compact.index.values)
+        batch, channels = compact.tensor.shape[0], compact.tensor.shape[1]
+        reduced = gs.Variable(self.s.unique(f"{full.name}.compact"), dtype=np.float32, shape=[batch, channels, 1])
+        if op in ("GlobalMaxPool", "ReduceMax"):
+            # Interpolation only repeats computed values, so the max over the grid is the max over K.
+            if self.s.opset >= 18:
+                axes_input = self.s.constant(f"{name}.axes", np.array([2], dtype=np.int64))
+                reducer = gs.Node("ReduceMax", name=self.s.unique(f"{name}/compact"), attrs={"keepdims": 1},
+                                  inputs=[compact.tensor, axes_input], outputs=[reduced])
+            else:
+                reducer = gs.Node("ReduceMax", name=self.s.unique(f"{name}/compact"), attrs={"axes": [2], "keepdims": 1},
+                                  inputs=[compact.tensor], outputs=[reduced])
+        else:
+            # Mean over the grid = sum_k x_k * (number of grid positions showing k) / (H * W).
+            counts = np.bincount(index.reshape(-1), minlength=compact.k).astype(np.float64)
+            if op != "ReduceSum":
+                counts /= index.size
+            weights = self.s.constant(f"{name}.compact_weights", counts.astype(np.float32).reshape(-1, 1))
+            reducer = gs.Node("MatMul", name=self.s.unique(f"{name}/compact"), inputs=[compact.tensor, weights],
+                              outputs=[reduced])
+        target = [0, 0, 1, 1] if keepdims else [0, 0]
+        shape = self.s.constant(f"{name}.shape", np.array(target, dtype=np.int64))
+        self.s.detach(node)
+        self.graph.nodes.append(reducer)
+        self.graph.nodes.append(gs.Node("Reshape", name=name, inputs=[reduced, shape], outputs=[full]))
+        self.stayed(name, compact, "max over K" if "Max" in op else "weighted MatMul")
+        return ""
+
+    # -- interpolation where needed ----------------------------------------------------------------
+
+    def materialise(self) -> None:
+        """One NNInterpolate per compact tensor whose full name is still read (or is a graph output)."""
+        for full, compact in self.state.values():
+            if not (full.outputs or full in self.graph.outputs):
+                continue  # nothing reads the full tensor: no interpolation
+            if full in self.graph.outputs:
+                compact.layer.interpolated_for[f"graph output {full.name!r}"] = "graph outputs keep their full shape"
+            for node in full.outputs:
+                compact.layer.interpolated_for.setdefault(_name(node), f"{node.op} needs the full tensor")
+            if full.inputs:
+                continue  # still written by its seed NNInterpolate
+            dims = self.full_dims(full.name)
+            full.dtype = np.float32
+            if dims is not None:
+                full.shape = dims
+            self.graph.nodes.append(gs.Node("NNInterpolate", name=self.s.unique(f"{compact.producer}/interpolate"),
+                                            domain=DOMAIN, inputs=[compact.tensor, compact.index], outputs=[full]))
+
+
+def _name(node) -> str:
+    return node.name or node.outputs[0].name
+
+
+def propagate(surgeon, shapes, original, report, seeds, options: CompactOptions | None = None) -> None:
+    """Run the compact pass on ``surgeon.graph``; ``seeds`` = [(LayerReport, NNInterpolate node, mask)]."""
+    cp = CompactPass(surgeon, shapes, original, report, options or CompactOptions())
+    for layer, interpolate, mask in seeds:
+        cp.seed(layer, interpolate, mask)
+    cp.run()
+
+
+__all__ = ["CompactOptions", "propagate"]
