@@ -364,8 +364,9 @@ def test_library_does_not_link_onnxruntime():
 # Implicit interpolation: a compact X read through X_index equals NNInterpolate followed by the conv.
 
 
-@pytest.mark.parametrize("x_shape, w_shape, attrs", LARGE_CASES[:4] + [
+@pytest.mark.parametrize("x_shape, w_shape, attrs", LARGE_CASES + [
     ((2, 6, 7, 9), (4, 6, 3, 3), ops.ConvAttributes((3, 3), strides=(2, 2), pads=(0, 1, 1, 2), dilations=(1, 2))),
+    ((3, 40, 8, 10), (24, 40, 1, 1), ops.ConvAttributes((1, 1), strides=(2, 1))),  # reads the compact plane
 ])
 @pytest.mark.parametrize("producer_rate", [0.0, 0.6])
 def test_compact_input_equals_explicit_interpolation(x_shape, w_shape, attrs, producer_rate):

@@ -138,7 +138,7 @@ struct PerforatedConvKernel {
       plan->input_index = input_index;
       plan->positions = ComputeMaskPositions(m.values.data(), m.shape, s.out_h, s.out_w);
       plan->table = BuildGatherTable(s, attrs_, plan->positions, input_index.get());
-      plan->padded = BuildPaddedGather(s, attrs_, plan->positions, input_index != nullptr);
+      plan->padded = BuildPaddedGather(s, attrs_, plan->positions, input_index.get());
       return plan;
     };
     const bool index_constant = !input_index || constant_input_index_;

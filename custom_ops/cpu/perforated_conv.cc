@@ -161,16 +161,20 @@ void PadInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g
 }  // namespace
 
 PaddedGather BuildPaddedGather(const ConvShape& s, const ConvAttributes& a, const MaskPositions& mask,
-                               bool compact_input) {
+                               const InputIndex* index) {
   PaddedGather g;
+  const bool padding = a.pad_top || a.pad_left || a.pad_bottom || a.pad_right;
+  const bool direct = index && s.taps() == 1 && !padding;  // a 1x1 conv reads the compact plane itself
   g.padded_h = s.in_h + a.pad_top + a.pad_bottom;
   g.padded_w = s.in_w + a.pad_left + a.pad_right;
-  g.copy_needed = compact_input || a.pad_top || a.pad_left || a.pad_bottom || a.pad_right;
+  g.plane = direct ? index->compact_size : g.padded_h * g.padded_w;
+  g.copy_needed = !direct && (index || padding);
   if (g.padded_h * g.padded_w >= (int64_t{1} << 31)) throw OpError("padded input planes of 2^31 pixels or more");
   g.positions.assign(static_cast<size_t>(mask.count() + 16), 0);
   for (int64_t k = 0; k < mask.count(); ++k) {
     const int64_t oy = mask.positions[k] / mask.out_w, ox = mask.positions[k] % mask.out_w;
-    g.positions[k] = static_cast<int32_t>(oy * a.stride_h * g.padded_w + ox * a.stride_w);
+    const int64_t pixel = oy * a.stride_h * g.padded_w + ox * a.stride_w;
+    g.positions[k] = direct ? index->values[pixel] : static_cast<int32_t>(pixel);
   }
   for (int64_t i = 0; i < s.kernel_h; ++i)
     for (int64_t j = 0; j < s.kernel_w; ++j)
@@ -218,10 +222,11 @@ void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, con
     const GemmIsa& isa = BestGemmIsa();
     const int64_t nr = isa.nr, mr = packed->mr, mpad = packed->panels * mr;
     const GemmIsa::Kernel kernel = packed->vectors == 2 ? isa.kernel_2v : isa.kernel_1v;
-    const int64_t padded_plane = padded.padded_h * padded.padded_w;
+    const int64_t padded_plane = padded.plane;
     const float* input = x;
     if (padded.copy_needed) {
-      float* buffer = Scratch(tls_padded, static_cast<size_t>(s.batch * s.in_channels * padded_plane));
+      float* buffer = Scratch(tls_padded, static_cast<size_t>(s.batch * s.in_channels * padded.padded_h *
+                                                              padded.padded_w));
       PadInput(s, a, padded, input_index, x, buffer, parallel);
       input = buffer;
     }

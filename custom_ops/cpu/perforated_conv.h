@@ -17,13 +17,16 @@ using ParallelRunner = std::function<void(size_t total, const std::function<void
 // and each kernel tap's offset from it.
 struct PaddedGather {
   int64_t padded_h = 0, padded_w = 0;
+  int64_t plane = 0;                 // floats between channel planes of what the kernel reads
   bool copy_needed = false;          // padding or a compact X: the kernel writes X into a padded buffer
   std::vector<int32_t> positions;    // [K + 16], 0 past K (read by tail tiles, never stored)
   std::vector<int32_t> tap_offsets;  // [kH * kW]
 };
 
+// A compact input (`index`) is interpolated into the padded buffer, except for an unpadded 1x1
+// convolution, which reads the compact plane directly: position k reads index[its pixel].
 PaddedGather BuildPaddedGather(const ConvShape& shape, const ConvAttributes& attrs, const MaskPositions& mask,
-                               bool compact_input = false);
+                               const InputIndex* index = nullptr);
 
 struct PerforatedConvCpu {
   // x [N, C, H, W], w [M, C/group, kH, kW], bias [M] or nullptr -> yc [N, M, K] (K = table.count).
