@@ -20,7 +20,7 @@ void NNInterpolateCpu::Compute(int64_t planes, int64_t count, const int32_t* ind
   // About 64 KiB of output per task: small enough to balance, large enough to amortise the dispatch.
   const int64_t per_task = std::max<int64_t>(1, (16 * 1024) / positions);
   const int64_t tasks = (planes + per_task - 1) / per_task;
-  parallel(static_cast<size_t>(tasks), [&](size_t t) {
+  RunMaybeSerially(parallel, planes * positions, static_cast<size_t>(tasks), [&](size_t t) {
     const int64_t first = static_cast<int64_t>(t) * per_task, last = std::min(planes, first + per_task);
     for (int64_t p = first; p < last; ++p) GatherPlane(yc + p * count, index, positions, y + p * positions);
   });

@@ -108,11 +108,18 @@ void StoreTile(const float* tile, int64_t mpad, int64_t mg, int64_t kn, const fl
 // Columns (computed positions) per task, a multiple of `unit`. One block per core keeps every core
 // busy when N * group is small; more blocks than that only cost bandwidth, since every block streams
 // all the weights through the cache again. The bounds keep a task's buffers in L2.
-int64_t ColumnBlock(int64_t count, int64_t outer_tasks, int64_t unit, int64_t min_block, int64_t max_block) {
+int64_t Cores() {
   static const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t wanted = std::max<int64_t>(1, (cores + outer_tasks - 1) / outer_tasks);
-  int64_t block = (count + wanted - 1) / wanted;
-  block = std::min(std::max(block, min_block), max_block);
+  return cores;
+}
+
+int64_t ColumnBlock(int64_t count, int64_t outer_tasks, int64_t unit, int64_t min_block, int64_t max_block) {
+  // As many blocks as needed to respect max_block, and a multiple of the cores so they end together.
+  const int64_t cores = Cores();
+  int64_t blocks = std::max<int64_t>((count + max_block - 1) / max_block, (cores + outer_tasks - 1) / outer_tasks);
+  blocks = (blocks * outer_tasks + cores - 1) / cores * cores / outer_tasks;
+  int64_t block = (count + std::max<int64_t>(blocks, 1) - 1) / std::max<int64_t>(blocks, 1);
+  block = std::max(block, min_block);
   block = (block + unit - 1) / unit * unit;
   return std::min(block, (count + unit - 1) / unit * unit);
 }
@@ -139,7 +146,8 @@ constexpr int64_t kKc = 256;
 void PadInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g, const InputIndex* index,
               const float* x, float* out, const ParallelRunner& parallel) {
   const int64_t hp = g.padded_h, wp = g.padded_w;
-  parallel(static_cast<size_t>(s.batch * s.in_channels), [&](size_t plane) {
+  RunMaybeSerially(parallel, s.batch * s.in_channels * hp * wp, static_cast<size_t>(s.batch * s.in_channels),
+                   [&](size_t plane) {
     const float* src = x + plane * s.in_plane;
     float* dst = out + plane * hp * wp;
     std::fill(dst, dst + a.pad_top * wp, 0.0f);
@@ -220,7 +228,7 @@ void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, con
 
   if (packed) {
     const GemmIsa& isa = BestGemmIsa();
-    const int64_t nr = isa.nr, mr = packed->mr, mpad = packed->panels * mr;
+    const int64_t nr = isa.nr, mr = packed->mr;
     const GemmIsa::Kernel kernel = packed->vectors == 2 ? isa.kernel_2v : isa.kernel_1v;
     const int64_t padded_plane = padded.plane;
     const float* input = x;
@@ -249,28 +257,36 @@ void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, con
       float* batch_output = yc + n0 * s.out_channels * count;
       const int64_t block = ColumnBlock(columns, s.group, nr, 2 * nr, 16 * nr);
       const int64_t blocks = (columns + block - 1) / block;
-      parallel(static_cast<size_t>(s.group * blocks), [&](size_t t) {
-        const int64_t b = t % blocks, g = t / blocks;
+      // Too few column blocks for the cores (small perforated layers): split the output channels too,
+      // so each core streams only its share of the weights.
+      const int64_t splits = std::min(packed->panels, std::max<int64_t>(1, (Cores() + s.group * blocks - 1) /
+                                                                             (s.group * blocks)));
+      const int64_t panels_per_split = (packed->panels + splits - 1) / splits;
+      parallel(static_cast<size_t>(s.group * blocks * splits), [&](size_t t) {
+        const int64_t split = t % splits, b = (t / splits) % blocks, g = t / splits / blocks;
+        const int64_t i0 = split * panels_per_split, i1 = std::min(packed->panels, i0 + panels_per_split);
+        const int64_t m0 = i0 * mr, m1 = std::min(mg, i1 * mr), width = (i1 - i0) * mr;
+        if (m0 >= m1) return;
         const int64_t k0 = b * block, kn = std::min(block, columns - k0), tiles = (kn + nr - 1) / nr;
         // rows[p]: where row p = (channel, tap) of the im2col matrix starts in the padded input.
         const float* x_group = batch_input + g * cg * padded_plane;
         const float** rows = Scratch(tls_rows, static_cast<size_t>(patch));
         for (int64_t p = 0; p < patch; ++p) rows[p] = x_group + (p / taps) * padded_plane + padded.tap_offsets[p % taps];
-        // tile[k * mpad + m]: the block's outputs, position-major, accumulated across KC passes.
-        float* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * mpad));
+        // tile[k * width + m]: the block's outputs, position-major, accumulated across KC passes.
+        float* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * width));
         for (int64_t pc = 0; pc < patch; pc += kKc) {
           const int64_t kc = std::min(kKc, patch - pc);
           for (int64_t j = 0; j < tiles; ++j)
-            for (int64_t i = 0; i < packed->panels; ++i)
+            for (int64_t i = i0; i < i1; ++i)
               kernel(kc, packed->Panel(g, i) + pc * mr, rows + pc, positions + k0 + j * nr,
-                     tile + j * nr * mpad + i * mr, mpad, pc == 0);
+                     tile + j * nr * width + (i - i0) * mr, width, pc == 0);
         }
         // The block may span images: store each image's part into its own rows of Yc.
         for (int64_t k = k0; k < k0 + kn;) {
           const int64_t n = k / count, end = std::min(k0 + kn, (n + 1) * count);
-          StoreTile(tile + (k - k0) * mpad, mpad, mg, end - k, bias ? bias + g * mg : nullptr,
-                    batch_output + (n * s.out_channels + g * mg) * count + (k - n * count), count, a.activation,
-                    a.alpha, a.clip_min, a.clip_max);
+          StoreTile(tile + (k - k0) * width, width, m1 - m0, end - k, bias ? bias + g * mg + m0 : nullptr,
+                    batch_output + (n * s.out_channels + g * mg + m0) * count + (k - n * count), count,
+                    a.activation, a.alpha, a.clip_min, a.clip_max);
           k = end;
         }
       });

@@ -12,6 +12,19 @@ namespace onnx_perforate {
 // Runs fn(i) for every i in [0, total) on the caller's thread pool (ORT's intra-op pool in the glue).
 using ParallelRunner = std::function<void(size_t total, const std::function<void(size_t)>& fn)>;
 
+// Memory-bound passes touching fewer floats than this run on the calling thread: waking the pool
+// (tens of microseconds when its threads do not spin) would cost more than the copy.
+constexpr int64_t kSerialFloats = 1 << 17;
+
+inline void RunMaybeSerially(const ParallelRunner& parallel, int64_t floats, size_t total,
+                             const std::function<void(size_t)>& fn) {
+  if (floats < kSerialFloats) {
+    for (size_t i = 0; i < total; ++i) fn(i);
+  } else {
+    parallel(total, fn);
+  }
+}
+
 // What the implicit-GEMM path reads: the input with the convolution's padding materialised (so no
 // position needs a bounds check), each computed position's top-left input pixel in that padded plane,
 // and each kernel tap's offset from it.
