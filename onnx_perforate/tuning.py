@@ -263,7 +263,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
         log.info("resumed from %s at step %d", checkpoint, len(steps) - 1)
 
     stopped = "every layer reached the top of its ladder"
-    bar = _progress(progress, target_speedup)
+    bar = _progress(progress, target_speedup, total=len(convs) * (len(ladder) - 1))
     try:
         while True:
             latest = steps[-1]
@@ -273,9 +273,11 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             if mask_kind == "impact" and (len(steps) - 1) % refresh_every == 0:
                 ladder_masks.refresh(current)
             best = None
-            for name in convs:
+            for number, name in enumerate(convs, 1):
                 if rungs[name] + 1 >= len(ladder):
                     continue
+                if bar is not None:
+                    bar.set_postfix_str(f"trying {name} ({number}/{len(convs)})")
                 rate = ladder[rungs[name] + 1]
                 trial = dict(current, **{name: ladder_masks.mask(name, rate, current[name])})
                 measured = meter.measure(_perforate(original, trial))
@@ -297,7 +299,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             current = trial
             rates = {k: ladder[v] for k, v in rungs.items() if v}
             steps.append(_step(len(steps), name, rates, measured, base, cost, started))
-            if bar:
+            if bar is not None:
                 bar.update(1)
                 bar.set_postfix(speedup=f"{steps[-1].speedup:.2f}x", loss=f"{measured['loss']:.3f}")
             if checkpoint:
@@ -305,7 +307,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     except KeyboardInterrupt:
         stopped = "interrupted; the result holds the steps found so far"
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
 
     final_masks = {
@@ -336,12 +338,13 @@ def _step(index, layer, rates, measured, base, cost, started) -> TuneStep:
                     elapsed_s=round(time.perf_counter() - started, 2))
 
 
-def _progress(enabled, target):
+def _progress(enabled, target, total):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(desc="tune" + (f" to {target:g}x" if target else ""), unit="step", leave=True)
+    # total: every rung of every ladder, the most steps the search can take
+    return tqdm(desc="tune" + (f" to {target:g}x" if target else ""), unit="step", total=total, leave=True)
 
 
 def _save_checkpoint(path, rungs, current, steps) -> None:
