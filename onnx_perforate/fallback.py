@@ -24,6 +24,7 @@ from .graph import infer_shapes, load_model
 log = logging.getLogger(__name__)
 
 ATTRIBUTE = "attributes"  # the JSON-packed attribute of the Python-op model
+COMPACT_INPUT_OP = "PerforatedConvCompactInput"  # PerforatedConv with its optional X_index input
 _registered = False
 
 
@@ -62,7 +63,9 @@ def to_python_op_model(model) -> onnx.ModelProto:
             node.input.extend(inputs)
         packed = {a.name: _jsonable(helper.get_attribute_value(a)) for a in node.attribute}
         del node.attribute[:]
-        if node.op_type == "PerforatedConv":
+        if node.op_type == "PerforatedConv" and len(node.input) > 4 and node.input[4]:
+            node.op_type = COMPACT_INPUT_OP  # Python ops have a fixed input count
+        if node.op_type in ("PerforatedConv", COMPACT_INPUT_OP):
             node.attribute.append(helper.make_attribute(ATTRIBUTE, json.dumps(packed, sort_keys=True)))
         node.domain = domain
     imports = [o for o in model.opset_import if o.domain not in (DOMAIN, domain)]
@@ -92,6 +95,12 @@ def register_python_ops() -> None:
     def perforated_conv(x, w, b, mask, **kwargs):
         attributes = json.loads(kwargs.get(ATTRIBUTE) or "{}")
         return ops.perforated_conv_reference(x, w, b, mask, **attributes)
+
+    @ext.onnx_op(op_type=COMPACT_INPUT_OP, inputs=[dt.dt_float, dt.dt_float, dt.dt_float, dt.dt_bool, dt.dt_int64],
+                 outputs=[dt.dt_float], attrs={ATTRIBUTE: dt.dt_string})
+    def perforated_conv_compact_input(x, w, b, mask, x_index, **kwargs):
+        attributes = json.loads(kwargs.get(ATTRIBUTE) or "{}")
+        return ops.perforated_conv_reference(x, w, b, mask, x_index=x_index, **attributes)
 
     @ext.onnx_op(op_type="NNInterpolate", inputs=[dt.dt_float, dt.dt_int64], outputs=[dt.dt_float])
     def nn_interpolate(yc, index):

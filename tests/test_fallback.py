@@ -40,3 +40,22 @@ def test_fallback_warns(caplog):
     with caplog.at_level("WARNING"):
         fallback.fallback_session(out)
     assert "slow Python ops" in caplog.text
+
+
+def test_compact_models_run_in_the_fallback():
+    """A perforated conv reading a compact input (X_index) runs as its own fixed-arity Python op."""
+    from test_compact import G, grid
+
+    g = G()
+    a = g.conv("a", "x", 4, 6)
+    b = g.conv("b", a, 6, 5, stride=2)
+    model = g.model([b])
+    chosen = grid(model, ["a"])
+    chosen["b"] = masks.grid((5, 5), 0.4)
+    out = rewrite(model, chosen)
+    converted = fallback.to_python_op_model(out)
+    assert fallback.COMPACT_INPUT_OP in {n.op_type for n in converted.graph.node}
+    x = np.random.default_rng(0).uniform(0.1, 1.0, (2, 4, 10, 10)).astype(np.float32)
+    want = ops.reference_evaluator(out).run(None, {"x": x})[0]
+    got = fallback.fallback_session(out).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
