@@ -321,14 +321,14 @@ def cmd_tune(args) -> int:
     result = tune(
         model, dataset, target_speedup=args.target_speedup, max_accuracy_drop=args.max_accuracy_drop,
         ladder=args.ladder, layers=args.layers, mask_kind=args.mask_kind, subset_size=args.subset_size,
-        threads=args.threads, repeats=args.repeats, include_1x1=args.include_1x1, checkpoint=args.checkpoint,
-        progress=not args.no_progress,
+        threads=args.threads, repeats=args.repeats, timing_batch=args.batch, include_1x1=args.include_1x1,
+        checkpoint=args.checkpoint, progress=not args.no_progress,
     )
     paths = result.save(args.output)
     print(result.table())
-    final = result.final
-    print(f"\n{result.stopped}: {final.speedup:.2f}x in ORT after {len(result.steps) - 1} steps "
-          f"({result.settings['elapsed_s']:.0f} s); model, report and plots in {args.output}")
+    print()
+    print(result.summary())
+    print(f"model, report and plots in {args.output}")
     for kind, path in paths.items():
         log.info("%s: %s", kind, path)
     return 0
@@ -475,13 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-speedup", type=float, help="stop once the network is this much faster in ORT")
     p.add_argument("--max-accuracy-drop", type=float,
                    help="stop before top-1 (agreement with the original without labels) drops more than this")
-    p.add_argument("--subset-size", type=int, default=256, help="calibration images (default: 256)")
+    p.add_argument("--subset-size", type=int, default=256,
+                   help="calibration images, evenly spaced; the rest are held out for the final evaluation "
+                   "(default: 256)")
     p.add_argument("--ladder", type=_floats, default=(0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8),
                    help="rates each layer climbs through (default: 0,0.2,0.35,0.5,0.6,0.7,0.8)")
     p.add_argument("--mask-kind", choices=["impact", "uniform", "grid"], default="impact")
     p.add_argument("--layers", nargs="+", help="tune only these Conv nodes (default: every spatial Conv)")
     p.add_argument("--include-1x1", action="store_true", help="also perforate 1x1 convolutions")
     p.add_argument("--threads", type=int, help="intra-op threads for timing")
+    p.add_argument("--batch", type=int, default=1, help="batch size latency is measured at (default: 1)")
     p.add_argument("--repeats", type=int, default=15, help="timed runs per candidate (median)")
     p.add_argument("--checkpoint", help="JSON file written after every step; resumes from it if it exists")
     p.set_defaults(func=cmd_tune)

@@ -65,6 +65,7 @@ class TuneResult:
     steps: list  # TuneStep, the first one the original network
     stopped: str
     settings: dict = field(default_factory=dict)
+    holdout: dict = field(default_factory=dict)  # the original and the result on images not calibrated on
 
     @property
     def final(self) -> TuneStep:
@@ -74,9 +75,24 @@ class TuneResult:
         return {
             "stopped": self.stopped,
             "settings": self.settings,
+            "holdout": self.holdout,
             "steps": [asdict(s) for s in self.steps],
             "masks": {name: m.to_dict() for name, m in self.masks.items()},
         }
+
+    def summary(self) -> str:
+        """Where it stopped, and the result on held-out images."""
+        lines = [f"{self.stopped}: {self.final.speedup:.2f}x in ONNX Runtime after {len(self.steps) - 1} steps "
+                 f"({self.settings.get('elapsed_s', 0):.0f} s)"]
+        h = self.holdout
+        if h:
+            if h.get("original_top1") is not None:
+                lines.append(f"held-out {h['images']} images: top-1 {h['original_top1']:.3f} -> {h['tuned_top1']:.3f}, "
+                             f"top-5 {h['original_top5']:.3f} -> {h['tuned_top5']:.3f}, "
+                             f"agreement with the original {h['tuned_agreement']:.3f}")
+            else:
+                lines.append(f"held-out {h['images']} images: agreement with the original {h['tuned_agreement']:.3f}")
+        return "\n".join(lines)
 
     def table(self) -> str:
         """The trade-off curve as a Markdown table."""
@@ -222,17 +238,19 @@ class MaskLadder:
 def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop: float | None = None,
          ladder=DEFAULT_LADDER, layers=None, mask_kind: str = "impact", loss: str | None = None,
          subset_size: int | None = 256, batch_size: int = 16, threads: int | None = None, repeats: int = 15,
-         refresh_every: int = 4, include_1x1: bool = False, checkpoint=None, progress: bool = True) -> TuneResult:
+         timing_batch: int = 1, refresh_every: int = 4, include_1x1: bool = False, checkpoint=None,
+         progress: bool = True) -> TuneResult:
     """Greedy perforation schedule; see the module docstring.
 
-    ``data``: calibration data (see :mod:`onnx_perforate.calibration`); its first ``subset_size``
-    images are used. ``max_accuracy_drop`` is in top-1 accuracy on labelled data, else in top-1
+    ``data``: calibration data (see :mod:`onnx_perforate.calibration`): ``subset_size`` evenly spaced
+    images calibrate, the rest (if any) are held out and the final model is evaluated on them.
+    ``timing_batch``: the batch size latency is measured at (a fixed batch in the model wins). ``max_accuracy_drop`` is in top-1 accuracy on labelled data, else in top-1
     agreement with the original network. ``checkpoint``: a JSON path written after every step; if it
     exists, the tuner resumes from it. Ctrl-C stops the search and returns what was found so far.
     """
     started = time.perf_counter()
     original = load_model(model)
-    calibration = calibration_set(original, data, subset_size=subset_size)
+    calibration, holdout = calibration_set(original, data).split(subset_size)
     ladder = tuple(sorted(set(float(r) for r in ladder) | {0.0}))
     convs = spatial_convs(original)
     if include_1x1:
@@ -245,7 +263,8 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     if not convs:
         raise PerforateError("the model has no perforable Conv with a spatial kernel")
 
-    meter = NetworkMeter(original, calibration, threads=threads, batch_size=batch_size, repeats=repeats)
+    meter = NetworkMeter(original, calibration, threads=threads, batch_size=batch_size, repeats=repeats,
+                         timing_batch=timing_batch)
     ladder_masks = MaskLadder(original, calibration, convs, mask_kind, loss=loss, batch_size=batch_size,
                               threads=threads)
     base = meter.measure(original)
@@ -256,6 +275,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     current = {name: np.ones(ladder_masks.shapes[name], bool) for name in convs}
     settings = dict(target_speedup=target_speedup, max_accuracy_drop=max_accuracy_drop, ladder=list(ladder),
                     mask_kind=mask_kind, calibration_images=len(meter.calibration), threads=threads,
+                    timing_batch=meter.timing_batch,
                     repeats=repeats, refresh_every=refresh_every, layers=sorted(convs),
                     loss="nll" if calibration.labels is not None else "kl")
     if checkpoint and Path(checkpoint).exists():
@@ -314,9 +334,24 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
         name: Mask(current[name], kind=mask_kind, rate=ladder[rungs[name]])
         for name in convs if rungs[name] > 0
     }
+    final_model = _perforate(original, final_masks)
     settings["elapsed_s"] = round(time.perf_counter() - started, 1)
-    return TuneResult(model=_perforate(original, final_masks), masks=final_masks, steps=steps, stopped=stopped,
-                      settings=settings)
+    return TuneResult(model=final_model, masks=final_masks, steps=steps, stopped=stopped, settings=settings,
+                      holdout=_evaluate_holdout(original, final_model, holdout, threads, batch_size))
+
+
+def _evaluate_holdout(original, final, holdout: CalibrationSet | None, threads, batch_size) -> dict:
+    """Accuracy of the original and the tuned model on the images the tuner never saw."""
+    if holdout is None or len(holdout) == 0:
+        return {}
+    try:
+        meter = NetworkMeter(original, holdout, threads=threads, batch_size=batch_size, repeats=1)
+    except PerforateError:  # fewer held-out images than a fixed batch
+        return {}
+    before, after = meter.measure(original), meter.measure(final)
+    return {"images": len(meter.calibration),
+            **{f"original_{k}": before[k] for k in ("top1", "top5", "loss")},
+            **{f"tuned_{k}": after[k] for k in ("top1", "top5", "loss", "agreement")}}
 
 
 def _output_of(model, key):
