@@ -66,6 +66,11 @@ class TuneResult:
     stopped: str
     settings: dict = field(default_factory=dict)
     holdout: dict = field(default_factory=dict)  # the original and the result on images not calibrated on
+    step_masks: list = field(default_factory=list)  # {layer: bool mask} after each step (in memory only)
+
+    def model_at(self, original, step: int) -> onnx.ModelProto:
+        """The perforated model after ``step`` (0: the original), to evaluate points of the curve."""
+        return _perforate(load_model(original), self.step_masks[step])
 
     @property
     def final(self) -> TuneStep:
@@ -271,6 +276,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     base["time"] = min(base["time"], meter.time(meter._session(original), repeats * 2))
     accuracy0 = base["top1"] if base["top1"] is not None else base["agreement"]
     steps = [_step(0, None, {}, base, base, None, started)]
+    step_masks = [{}]
     rungs = {name: 0 for name in convs}
     current = {name: np.ones(ladder_masks.shapes[name], bool) for name in convs}
     settings = dict(target_speedup=target_speedup, max_accuracy_drop=max_accuracy_drop, ladder=list(ladder),
@@ -280,6 +286,8 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                     loss="nll" if calibration.labels is not None else "kl")
     if checkpoint and Path(checkpoint).exists():
         rungs, current, steps = _resume(checkpoint, ladder, convs, steps)
+        # Only the latest masks are in the checkpoint: earlier points of the curve cannot be rebuilt.
+        step_masks = [{}] + [None] * (len(steps) - 2) + [{k: v for k, v in current.items() if not v.all()}]
         log.info("resumed from %s at step %d", checkpoint, len(steps) - 1)
 
     stopped = "every layer reached the top of its ladder"
@@ -319,6 +327,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             current = trial
             rates = {k: ladder[v] for k, v in rungs.items() if v}
             steps.append(_step(len(steps), name, rates, measured, base, cost, started))
+            step_masks.append({k: v for k, v in current.items() if not v.all()})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(speedup=f"{steps[-1].speedup:.2f}x", loss=f"{measured['loss']:.3f}")
@@ -337,7 +346,8 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     final_model = _perforate(original, final_masks)
     settings["elapsed_s"] = round(time.perf_counter() - started, 1)
     return TuneResult(model=final_model, masks=final_masks, steps=steps, stopped=stopped, settings=settings,
-                      holdout=_evaluate_holdout(original, final_model, holdout, threads, batch_size))
+                      holdout=_evaluate_holdout(original, final_model, holdout, threads, batch_size),
+                      step_masks=step_masks)
 
 
 def _evaluate_holdout(original, final, holdout: CalibrationSet | None, threads, batch_size) -> dict:

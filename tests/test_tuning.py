@@ -73,3 +73,12 @@ def test_unlabelled_data_uses_agreement(tmp_path):
                                  progress=False)
     assert result.steps[0].top1 is None and result.steps[0].agreement == 1.0
     assert result.settings["loss"] == "kl"
+
+
+def test_model_at_rebuilds_every_point_of_the_curve():
+    model = synthetic_cnn()
+    result = onnx_perforate.tune(model, calibration(), ladder=(0.0, 0.5), repeats=3, progress=False)
+    assert len(result.step_masks) == len(result.steps)
+    assert result.model_at(model, 0) is not None
+    last = result.model_at(model, len(result.steps) - 1)
+    assert {n.name for n in last.graph.node if n.op_type == "PerforatedConv"} >= set(result.masks)
