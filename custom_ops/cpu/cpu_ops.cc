@@ -24,20 +24,6 @@ ParallelRunner MakeParallelRunner(const Ort::KernelContext& ctx) {
   };
 }
 
-// A constant input read once at kernel creation (initializers), or nothing.
-template <typename Read>
-auto ReadConstantInput(const OrtKernelInfo* info, size_t index, Read&& read) -> decltype(read(Ort::ConstValue{})) {
-  int is_constant = 0;
-  Ort::ConstValue value = Ort::ConstKernelInfo(info).GetTensorConstantInput(index, &is_constant);
-  if (!is_constant || !value) return {};
-  return read(value);
-}
-
-struct MaskInput {
-  std::vector<uint8_t> values;
-  std::vector<int64_t> shape;
-};
-
 struct RawIndex {
   std::vector<int64_t> shape;
   std::vector<int64_t> values;
@@ -64,10 +50,9 @@ struct PerforatedConvKernel {
     KernelAttributes attrs(api, info);
     node_ = attrs.NodeName();
     attrs_ = ReadConvAttributes(attrs);
-    auto mask = ReadConstantInput(info, 3, [](const Ort::ConstValue& v) {
-      return std::make_shared<MaskInput>(MaskInput{ReadMask(v), ShapeOf(v)});
+    constant_mask_ = ReadConstantInput(info, 3, [](const Ort::ConstValue& v) {
+      return std::make_shared<const MaskInput>(ReadMaskInput(v));
     });
-    constant_mask_ = mask;
     if (Ort::ConstKernelInfo(info).GetInputCount() > 4) {
       constant_input_index_ = ReadConstantInput(info, 4, [](const Ort::ConstValue& v) {
         return std::make_shared<RawIndex>(RawIndex{ShapeOf(v), ReadInt64(v)});
@@ -142,7 +127,7 @@ struct PerforatedConvKernel {
       return plan;
     };
     const bool index_constant = !input_index || constant_input_index_;
-    if (!constant_mask_ || !index_constant) return build(MaskInput{ReadMask(mask), ShapeOf(mask)});
+    if (!constant_mask_ || !index_constant) return build(ReadMaskInput(mask));
     std::lock_guard<std::mutex> lock(mutex_);
     if (!plan_ || plan_->in_h != s.in_h || plan_->in_w != s.in_w || plan_->in_plane != s.in_plane ||
         plan_->kernel_h != s.kernel_h || plan_->kernel_w != s.kernel_w || plan_->input_index != input_index)
@@ -163,34 +148,10 @@ struct PerforatedConvKernel {
   std::shared_ptr<const PackedWeights> packed_;
 };
 
-struct InterpolationIndex {
-  std::vector<int32_t> values;
-  std::vector<int64_t> shape;
-  int64_t min = 0, max = 0;
-};
-
-std::shared_ptr<const InterpolationIndex> ReadIndex(const Ort::ConstValue& v) {
-  const auto shape = ShapeOf(v);
-  if (shape.size() != 2) throw OpError("input index has shape " + ShapeToString(shape) + ", expected 2-D [Ho, Wo]");
-  const auto* data = v.GetTensorData<int64_t>();
-  auto index = std::make_shared<InterpolationIndex>();
-  index->shape = shape;
-  const size_t n = static_cast<size_t>(shape[0] * shape[1]);
-  index->values.resize(n);
-  index->min = n ? data[0] : 0;
-  index->max = n ? data[0] : 0;
-  for (size_t i = 0; i < n; ++i) {
-    index->min = std::min(index->min, data[i]);
-    index->max = std::max(index->max, data[i]);
-    index->values[i] = static_cast<int32_t>(std::max<int64_t>(std::min<int64_t>(data[i], INT32_MAX), INT32_MIN));
-  }
-  return index;
-}
-
 struct NNInterpolateKernel {
   NNInterpolateKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
     node_ = KernelAttributes(api, info).NodeName();
-    constant_index_ = ReadConstantInput(info, 1, ReadIndex);
+    constant_index_ = ReadConstantInput(info, 1, ReadInterpolationIndex);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -204,13 +165,9 @@ struct NNInterpolateKernel {
     const auto yc_shape = ShapeOf(yc);
     if (yc_shape.size() != 3)
       throw OpError("input Yc has shape " + ShapeToString(yc_shape) + ", expected 3-D [N, M, K]");
-    const auto index = constant_index_ ? constant_index_ : ReadIndex(index_value);
-    const int64_t count = yc_shape[2], positions = index->shape[0] * index->shape[1];
-    if (positions > 0 && (index->min < 0 || index->max >= count)) {
-      const int64_t bad = index->min < 0 ? index->min : index->max;
-      throw OpError("input index has value " + std::to_string(bad) + ", expected values in [0, K) with K = " +
-                    std::to_string(count) + " (the last dimension of Yc " + ShapeToString(yc_shape) + ")");
-    }
+    const auto index = constant_index_ ? constant_index_ : ReadInterpolationIndex(index_value);
+    index->CheckRange(yc_shape);
+    const int64_t count = yc_shape[2], positions = index->positions();
     auto y = ctx.GetOutput(0, {yc_shape[0], yc_shape[1], index->shape[0], index->shape[1]});
     NNInterpolateCpu::Compute(yc_shape[0] * yc_shape[1], count, index->values.data(), positions,
                               yc.GetTensorData<float>(), y.GetTensorMutableData<float>(), MakeParallelRunner(ctx));
@@ -221,42 +178,10 @@ struct NNInterpolateKernel {
   std::shared_ptr<const InterpolationIndex> constant_index_;
 };
 
-template <typename Kernel>
-OrtStatusPtr NewKernel(const OrtApi& api, const OrtKernelInfo* info, void** kernel, const char* op) {
-  std::string node = "?";
-  return Guarded(api, op, node, [&] { *kernel = new Kernel(api, info); });
-}
-
-struct PerforatedConvOp : Ort::CustomOpBase<PerforatedConvOp, PerforatedConvKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    return NewKernel<PerforatedConvKernel>(api, info, kernel, GetName());
-  }
-  const char* GetName() const { return "PerforatedConv"; }
-  size_t GetInputTypeCount() const { return 5; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    // The mask may be bool or uint8: checked in the kernel.
-    if (i == 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-    return i == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == 2 || i == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-};
-
-struct NNInterpolateOp : Ort::CustomOpBase<NNInterpolateOp, NNInterpolateKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    return NewKernel<NNInterpolateKernel>(api, info, kernel, GetName());
-  }
-  const char* GetName() const { return "NNInterpolate"; }
-  size_t GetInputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-};
+// CPU ops run everything in CPU memory; PerforatedConv takes the optional X_index (implicit
+// interpolation) as a fifth input.
+struct PerforatedConvOp : PerforatedConvOpBase<PerforatedConvOp, PerforatedConvKernel, 5> {};
+struct NNInterpolateOp : NNInterpolateOpBase<NNInterpolateOp, NNInterpolateKernel> {};
 
 }  // namespace
 

@@ -70,20 +70,6 @@ class DeviceBuffer {
   void* ptr_ = nullptr;
 };
 
-// A constant input read once at kernel creation (initializers), or nothing.
-template <typename Read>
-auto ReadConstantInput(const OrtKernelInfo* info, size_t index, Read&& read) -> decltype(read(Ort::ConstValue{})) {
-  int is_constant = 0;
-  Ort::ConstValue value = Ort::ConstKernelInfo(info).GetTensorConstantInput(index, &is_constant);
-  if (!is_constant || !value) return {};
-  return read(value);
-}
-
-struct MaskInput {
-  std::vector<uint8_t> values;
-  std::vector<int64_t> shape;
-};
-
 // What PerforatedConv derives from the mask and the input size, with the gather table on the device.
 struct CudaConvPlan {
   int64_t in_h = 0, in_w = 0, kernel_h = 0, kernel_w = 0;
@@ -100,7 +86,7 @@ struct PerforatedConvKernel {
     node_ = attrs.NodeName();
     attrs_ = ReadConvAttributes(attrs);
     constant_mask_ = ReadConstantInput(info, 3, [](const Ort::ConstValue& v) {
-      return std::make_shared<const MaskInput>(MaskInput{ReadMask(v), ShapeOf(v)});
+      return std::make_shared<const MaskInput>(ReadMaskInput(v));
     });
   }
 
@@ -134,7 +120,7 @@ struct PerforatedConvKernel {
     // A mask that is not an initializer is compared with the cached one (a few KiB of host memory:
     // the input lives on the CPU) so that an unchanged mask costs no upload.
     std::shared_ptr<const MaskInput> mask = constant_mask_;
-    if (!mask) mask = std::make_shared<const MaskInput>(MaskInput{ReadMask(mask_value), ShapeOf(mask_value)});
+    if (!mask) mask = std::make_shared<const MaskInput>(ReadMaskInput(mask_value));
     std::lock_guard<std::mutex> lock(mutex_);
     if (plan_ && plan_->in_h == s.in_h && plan_->in_w == s.in_w && plan_->kernel_h == s.kernel_h &&
         plan_->kernel_w == s.kernel_w && plan_->device == device &&
@@ -161,34 +147,8 @@ struct PerforatedConvKernel {
   std::shared_ptr<const CudaConvPlan> plan_;
 };
 
-struct HostIndex {
-  std::vector<int64_t> raw;  // as given, for comparing a non-constant index with the cached one
-  std::vector<int32_t> values;
-  std::vector<int64_t> shape;
-  int64_t min = 0, max = 0;
-};
-
-std::shared_ptr<const HostIndex> ReadIndex(const Ort::ConstValue& v) {
-  const auto shape = ShapeOf(v);
-  if (shape.size() != 2) throw OpError("input index has shape " + ShapeToString(shape) + ", expected 2-D [Ho, Wo]");
-  const auto* data = v.GetTensorData<int64_t>();
-  auto index = std::make_shared<HostIndex>();
-  index->shape = shape;
-  const size_t n = static_cast<size_t>(shape[0] * shape[1]);
-  index->raw.assign(data, data + n);
-  index->values.resize(n);
-  index->min = n ? data[0] : 0;
-  index->max = n ? data[0] : 0;
-  for (size_t i = 0; i < n; ++i) {
-    index->min = std::min(index->min, data[i]);
-    index->max = std::max(index->max, data[i]);
-    index->values[i] = static_cast<int32_t>(std::max<int64_t>(std::min<int64_t>(data[i], INT32_MAX), INT32_MIN));
-  }
-  return index;
-}
-
 struct CudaIndexPlan {
-  std::shared_ptr<const HostIndex> index;
+  std::shared_ptr<const InterpolationIndex> index;
   int device = -1;
   DeviceBuffer values;
 };
@@ -196,7 +156,7 @@ struct CudaIndexPlan {
 struct NNInterpolateKernel {
   NNInterpolateKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
     node_ = KernelAttributes(api, info).NodeName();
-    constant_index_ = ReadConstantInput(info, 1, ReadIndex);
+    constant_index_ = ReadConstantInput(info, 1, ReadInterpolationIndex);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -212,13 +172,9 @@ struct NNInterpolateKernel {
       throw OpError("input Yc has shape " + ShapeToString(yc_shape) + ", expected 3-D [N, M, K]");
     const cudaStream_t stream = ComputeStream(ctx);
     const auto plan = Plan(index_value, stream);
-    const HostIndex& index = *plan->index;
-    const int64_t count = yc_shape[2], positions = index.shape[0] * index.shape[1];
-    if (positions > 0 && (index.min < 0 || index.max >= count)) {
-      const int64_t bad = index.min < 0 ? index.min : index.max;
-      throw OpError("input index has value " + std::to_string(bad) + ", expected values in [0, K) with K = " +
-                    std::to_string(count) + " (the last dimension of Yc " + ShapeToString(yc_shape) + ")");
-    }
+    const InterpolationIndex& index = *plan->index;
+    index.CheckRange(yc_shape);
+    const int64_t count = yc_shape[2], positions = index.positions();
     auto y = ctx.GetOutput(0, {yc_shape[0], yc_shape[1], index.shape[0], index.shape[1]});
     const int64_t planes = yc_shape[0] * yc_shape[1];
     if (planes == 0 || positions == 0) return;
@@ -230,7 +186,7 @@ struct NNInterpolateKernel {
 
   std::shared_ptr<const CudaIndexPlan> Plan(const Ort::ConstValue& index_value, cudaStream_t stream) {
     const int device = CurrentDevice();
-    std::shared_ptr<const HostIndex> index = constant_index_;
+    std::shared_ptr<const InterpolationIndex> index = constant_index_;
     std::lock_guard<std::mutex> lock(mutex_);
     if (!index) {
       // Not an initializer: reuse the cached upload while the values are unchanged.
@@ -239,7 +195,7 @@ struct NNInterpolateKernel {
           std::memcmp(plan_->index->raw.data(), index_value.GetTensorData<int64_t>(),
                       plan_->index->raw.size() * sizeof(int64_t)) == 0)
         return plan_;
-      index = ReadIndex(index_value);
+      index = ReadInterpolationIndex(index_value);
     } else if (plan_ && plan_->device == device) {
       return plan_;
     }
@@ -253,49 +209,20 @@ struct NNInterpolateKernel {
 
   const OrtApi& api_;
   std::string node_;
-  std::shared_ptr<const HostIndex> constant_index_;
+  std::shared_ptr<const InterpolationIndex> constant_index_;
   std::mutex mutex_;
   std::shared_ptr<const CudaIndexPlan> plan_;
 };
 
-template <typename Kernel>
-OrtStatusPtr NewKernel(const OrtApi& api, const OrtKernelInfo* info, void** kernel, const char* op) {
-  std::string node = "?";
-  return Guarded(api, op, node, [&] { *kernel = new Kernel(api, info); });
-}
-
-struct PerforatedConvCudaOp : Ort::CustomOpBase<PerforatedConvCudaOp, PerforatedConvKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    return NewKernel<PerforatedConvKernel>(api, info, kernel, GetName());
-  }
-  const char* GetName() const { return "PerforatedConv"; }
+// The data path stays on the GPU; the mask and the index are read in CPU memory to build the tables.
+struct PerforatedConvCudaOp : PerforatedConvOpBase<PerforatedConvCudaOp, PerforatedConvKernel, 4> {
   const char* GetExecutionProviderType() const { return kProvider; }
-  size_t GetInputTypeCount() const { return 4; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    // The mask may be bool or uint8: checked in the kernel.
-    return i == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
   OrtMemType GetInputMemoryType(size_t i) const { return i == 3 ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
-struct NNInterpolateCudaOp : Ort::CustomOpBase<NNInterpolateCudaOp, NNInterpolateKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    return NewKernel<NNInterpolateKernel>(api, info, kernel, GetName());
-  }
-  const char* GetName() const { return "NNInterpolate"; }
+struct NNInterpolateCudaOp : NNInterpolateOpBase<NNInterpolateCudaOp, NNInterpolateKernel> {
   const char* GetExecutionProviderType() const { return kProvider; }
-  size_t GetInputTypeCount() const { return 2; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
   OrtMemType GetInputMemoryType(size_t i) const { return i == 1 ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
 }  // namespace

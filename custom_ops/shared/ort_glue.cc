@@ -1,5 +1,8 @@
 #include "ort_glue.h"
 
+#include <algorithm>
+#include <climits>
+
 namespace onnx_perforate {
 
 int64_t KernelAttributes::Int(const char* name, int64_t fallback) const {
@@ -129,6 +132,37 @@ std::vector<uint8_t> ReadMask(const Ort::ConstValue& mask) {
   std::vector<uint8_t> result(count);
   for (size_t i = 0; i < count; ++i) result[i] = bytes[i] != 0;
   return result;
+}
+
+MaskInput ReadMaskInput(const Ort::ConstValue& mask) { return MaskInput{ReadMask(mask), ShapeOf(mask)}; }
+
+std::shared_ptr<const InterpolationIndex> ReadInterpolationIndex(const Ort::ConstValue& v) {
+  const auto shape = ShapeOf(v);
+  if (shape.size() != 2) throw OpError("input index has shape " + ShapeToString(shape) + ", expected 2-D [Ho, Wo]");
+  const auto* data = v.GetTensorData<int64_t>();
+  auto index = std::make_shared<InterpolationIndex>();
+  index->shape = shape;
+  const size_t n = static_cast<size_t>(shape[0] * shape[1]);
+  index->raw.assign(data, data + n);
+  index->values.resize(n);
+  index->min = n ? data[0] : 0;
+  index->max = n ? data[0] : 0;
+  for (size_t i = 0; i < n; ++i) {
+    index->min = std::min(index->min, data[i]);
+    index->max = std::max(index->max, data[i]);
+    // Clamped only so the conversion is defined: out-of-range values fail CheckRange before any use.
+    index->values[i] = static_cast<int32_t>(std::max<int64_t>(std::min<int64_t>(data[i], INT32_MAX), INT32_MIN));
+  }
+  return index;
+}
+
+void InterpolationIndex::CheckRange(const std::vector<int64_t>& yc_shape) const {
+  const int64_t count = yc_shape[2];
+  if (positions() > 0 && (min < 0 || max >= count)) {
+    const int64_t bad = min < 0 ? min : max;
+    throw OpError("input index has value " + std::to_string(bad) + ", expected values in [0, K) with K = " +
+                  std::to_string(count) + " (the last dimension of Yc " + ShapeToString(yc_shape) + ")");
+  }
 }
 
 OrtStatusPtr MakeError(const OrtApi& api, const char* op, const std::string& node, const std::string& message) {

@@ -11,6 +11,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -44,6 +45,34 @@ std::vector<int64_t> ShapeOf(const Ort::ConstValue& value);
 // The mask input (bool or uint8) as 0/1 bytes.
 std::vector<uint8_t> ReadMask(const Ort::ConstValue& mask);
 
+// The mask input (bool or uint8) as 0/1 bytes with its shape.
+struct MaskInput {
+  std::vector<uint8_t> values;
+  std::vector<int64_t> shape;
+};
+MaskInput ReadMaskInput(const Ort::ConstValue& mask);
+
+// NNInterpolate's index input, converted once to the kernels' int32 and summarised for the range check.
+struct InterpolationIndex {
+  std::vector<int64_t> raw;  // as given, to compare a non-constant index with a cached one
+  std::vector<int32_t> values;
+  std::vector<int64_t> shape;
+  int64_t min = 0, max = 0;
+  int64_t positions() const { return shape[0] * shape[1]; }
+  // Throws unless every value lies in [0, K), K = yc_shape[2].
+  void CheckRange(const std::vector<int64_t>& yc_shape) const;
+};
+std::shared_ptr<const InterpolationIndex> ReadInterpolationIndex(const Ort::ConstValue& index);
+
+// A constant input (an initializer) read once at kernel creation, or an empty result.
+template <typename Read>
+auto ReadConstantInput(const OrtKernelInfo* info, size_t index, Read&& read) -> decltype(read(Ort::ConstValue{})) {
+  int is_constant = 0;
+  Ort::ConstValue value = Ort::ConstKernelInfo(info).GetTensorConstantInput(index, &is_constant);
+  if (!is_constant || !value) return {};
+  return read(value);
+}
+
 // Builds the status ORT reports for a failed kernel: "<Op> node '<name>': <message>".
 OrtStatusPtr MakeError(const OrtApi& api, const char* op, const std::string& node, const std::string& message);
 
@@ -59,5 +88,45 @@ OrtStatusPtr Guarded(const OrtApi& api, const char* op, const std::string& node,
     return MakeError(api, op, node, "unknown error");
   }
 }
+
+// CreateKernelV2 of every op: a failing constructor becomes an error status naming the op.
+template <typename Kernel>
+OrtStatusPtr NewKernel(const OrtApi& api, const OrtKernelInfo* info, void** kernel, const char* op) {
+  return Guarded(api, op, "?", [&] { *kernel = new Kernel(api, info); });
+}
+
+// The op descriptors' shared part, per op: names, types and optional inputs. The CPU and CUDA
+// descriptors derive from these and add their execution provider and input memory types.
+template <typename Op, typename Kernel, size_t kInputs>
+struct PerforatedConvOpBase : Ort::CustomOpBase<Op, Kernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return NewKernel<Kernel>(api, info, kernel, "PerforatedConv");
+  }
+  const char* GetName() const { return "PerforatedConv"; }
+  size_t GetInputTypeCount() const { return kInputs; }  // X, W, B, mask[, X_index]
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (i == 3) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;  // bool or uint8, checked in the kernel
+    return i == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 2 || i == 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+template <typename Op, typename Kernel>
+struct NNInterpolateOpBase : Ort::CustomOpBase<Op, Kernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return NewKernel<Kernel>(api, info, kernel, "NNInterpolate");
+  }
+  const char* GetName() const { return "NNInterpolate"; }
+  size_t GetInputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
 
 }  // namespace onnx_perforate
