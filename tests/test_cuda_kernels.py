@@ -540,3 +540,28 @@ def test_nearest_index_ties_to_smallest():
     index = nearest_index(mask)
     assert index[0, 1] == 0 and index[2, 1] == 0  # equidistant: the first computed position
     assert index[2, 2] == 1
+
+
+@pytest.mark.gpu
+def test_ort_cuda_provider_runs_compact_models():
+    """A rewritten model with the compact pass (PerforatedConv reading a compact input through
+    X_index, compact 1x1 convs) runs on the CUDA EP and matches the CPU kernels."""
+    ort, onnx_perforate = _ort_cuda()
+    from onnx_perforate import masks
+    from test_compact import G, grid
+
+    g = G()
+    a = g.conv("a", "x", 4, 6)
+    b = g.conv("b", a, 6, 5, stride=2)
+    c = g.conv("c", b, 5, 7, k=1)
+    model = g.model([c])
+    chosen = grid(model, ["a"])
+    chosen["b"] = masks.grid((5, 5), 0.4)
+    rewritten = onnx_perforate.rewrite(model, chosen).SerializeToString()
+    x = np.random.default_rng(0).uniform(0.1, 1.0, (2, 4, 10, 10)).astype(np.float32)
+    cpu = ort.InferenceSession(rewritten, onnx_perforate.session_options(), providers=["CPUExecutionProvider"])
+    gpu_options = onnx_perforate.session_options(cuda=True)
+    gpu_options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    gpu = ort.InferenceSession(rewritten, gpu_options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    want, got = cpu.run(None, {"x": x})[0], gpu.run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max()))

@@ -72,7 +72,8 @@ class DeviceBuffer {
 
 // What PerforatedConv derives from the mask and the input size, with the gather table on the device.
 struct CudaConvPlan {
-  int64_t in_h = 0, in_w = 0, kernel_h = 0, kernel_w = 0;
+  int64_t in_h = 0, in_w = 0, in_plane = 0, kernel_h = 0, kernel_w = 0;
+  std::shared_ptr<const InputIndex> input_index;  // set when X is compact
   int device = -1;
   std::shared_ptr<const MaskInput> mask;
   int64_t count = 0;
@@ -96,44 +97,61 @@ struct PerforatedConvKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    if (ctx.GetInputCount() != 4) throw OpError("expected 4 inputs (X, W, B or empty, mask)");
+    const size_t inputs = ctx.GetInputCount();
+    if (inputs != 4 && inputs != 5) throw OpError("expected 4 or 5 inputs (X, W, B or empty, mask, X_index)");
     const auto x = ctx.GetInput(0), w = ctx.GetInput(1), b = ctx.GetInput(2), mask = ctx.GetInput(3);
+    const auto x_index = inputs == 5 ? ctx.GetInput(4) : Ort::ConstValue{nullptr};
     if (!x || !w || !mask) throw OpError("inputs X, W and mask are required");
     const auto b_shape = b ? ShapeOf(b) : std::vector<int64_t>{};
-    const ConvShape s = ComputeConvShape(ShapeOf(x), ShapeOf(w), b ? &b_shape : nullptr, attrs_);
+    const auto x_shape = ShapeOf(x);
+    // A compact X (X_index given) is read through gather offsets into its K_in-long planes: the
+    // kernels only use H * W as the plane stride, so they get H = 1, W = K_in.
+    std::shared_ptr<const InputIndex> input_index;
+    if (x_index) {
+      const auto raw = x_index.GetTensorData<int64_t>();
+      input_index = std::make_shared<const InputIndex>(ReadInputIndex(raw, ShapeOf(x_index), x_shape));
+    }
+    ConvShape s = ComputeConvShape(LogicalInputShape(x_shape, input_index.get()), ShapeOf(w), b ? &b_shape : nullptr,
+                                   attrs_);
+    if (input_index) s.in_plane = input_index->compact_size;
     const cudaStream_t stream = ComputeStream(ctx);
-    const std::shared_ptr<const CudaConvPlan> plan = Plan(s, mask, stream);
+    const std::shared_ptr<const CudaConvPlan> plan = Plan(s, mask, input_index, stream);
     auto y = ctx.GetOutput(0, {s.batch, s.out_channels, plan->count});
     if (s.batch == 0 || s.out_channels == 0) return;
     Check(onnx_perforate_cuda_perforated_conv(
               x.GetTensorData<float>(), w.GetTensorData<float>(), b ? b.GetTensorData<float>() : nullptr,
-              plan->offsets.get<int32_t>(), ToInt(s.batch, "N"), ToInt(s.in_channels, "C"), ToInt(s.in_h, "H"),
-              ToInt(s.in_w, "W"), ToInt(s.out_channels, "M"), ToInt(s.group, "group"), ToInt(s.kernel_h, "kH"),
+              plan->offsets.get<int32_t>(), ToInt(s.batch, "N"), ToInt(s.in_channels, "C"),
+              ToInt(input_index ? 1 : s.in_h, "H"), ToInt(input_index ? s.in_plane : s.in_w, "W"), ToInt(s.out_channels, "M"), ToInt(s.group, "group"), ToInt(s.kernel_h, "kH"),
               ToInt(s.kernel_w, "kW"), ToInt(plan->count, "K"), static_cast<int>(attrs_.activation), attrs_.alpha,
               attrs_.clip_min, attrs_.clip_max, y.GetTensorMutableData<float>(), stream),
           "PerforatedConv CUDA launch");
   }
 
   std::shared_ptr<const CudaConvPlan> Plan(const ConvShape& s, const Ort::ConstValue& mask_value,
-                                           cudaStream_t stream) {
+                                           const std::shared_ptr<const InputIndex>& input_index, cudaStream_t stream) {
     const int device = CurrentDevice();
     // A mask that is not an initializer is compared with the cached one (a few KiB of host memory:
     // the input lives on the CPU) so that an unchanged mask costs no upload.
     std::shared_ptr<const MaskInput> mask = constant_mask_;
     if (!mask) mask = std::make_shared<const MaskInput>(ReadMaskInput(mask_value));
     std::lock_guard<std::mutex> lock(mutex_);
-    if (plan_ && plan_->in_h == s.in_h && plan_->in_w == s.in_w && plan_->kernel_h == s.kernel_h &&
-        plan_->kernel_w == s.kernel_w && plan_->device == device &&
+    const bool same_index = (!plan_ || !plan_->input_index) ? !input_index
+                            : input_index && plan_->input_index->compact_size == input_index->compact_size &&
+                                  plan_->input_index->values == input_index->values;
+    if (plan_ && same_index && plan_->in_h == s.in_h && plan_->in_w == s.in_w && plan_->in_plane == s.in_plane &&
+        plan_->kernel_h == s.kernel_h && plan_->kernel_w == s.kernel_w && plan_->device == device &&
         (plan_->mask == mask ||
          (plan_->mask->shape == mask->shape && plan_->mask->values == mask->values)))
       return plan_;
     auto plan = std::make_shared<CudaConvPlan>();
-    plan->in_h = s.in_h, plan->in_w = s.in_w, plan->kernel_h = s.kernel_h, plan->kernel_w = s.kernel_w;
+    plan->in_h = s.in_h, plan->in_w = s.in_w, plan->in_plane = s.in_plane;
+    plan->kernel_h = s.kernel_h, plan->kernel_w = s.kernel_w;
+    plan->input_index = input_index;
     plan->device = device;
     plan->mask = mask;
     const MaskPositions positions = ComputeMaskPositions(mask->values.data(), mask->shape, s.out_h, s.out_w);
     plan->count = positions.count();
-    plan->table = BuildGatherTable(s, attrs_, positions);
+    plan->table = BuildGatherTable(s, attrs_, positions, input_index.get());
     plan->offsets.Upload(plan->table.offsets.data(), plan->table.offsets.size() * sizeof(int32_t), stream);
     plan_ = std::move(plan);
     return plan_;
@@ -215,9 +233,9 @@ struct NNInterpolateKernel {
 };
 
 // The data path stays on the GPU; the mask and the index are read in CPU memory to build the tables.
-struct PerforatedConvCudaOp : PerforatedConvOpBase<PerforatedConvCudaOp, PerforatedConvKernel, 4> {
+struct PerforatedConvCudaOp : PerforatedConvOpBase<PerforatedConvCudaOp, PerforatedConvKernel, 5> {
   const char* GetExecutionProviderType() const { return kProvider; }
-  OrtMemType GetInputMemoryType(size_t i) const { return i == 3 ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
+  OrtMemType GetInputMemoryType(size_t i) const { return i >= 3 ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
 };
 
 struct NNInterpolateCudaOp : NNInterpolateOpBase<NNInterpolateCudaOp, NNInterpolateKernel> {
