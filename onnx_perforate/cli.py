@@ -322,6 +322,7 @@ def cmd_tune(args) -> int:
         model, dataset, target_speedup=args.target_speedup, max_accuracy_drop=args.max_accuracy_drop,
         ladder=args.ladder, layers=args.layers, mask_kind=args.mask_kind, subset_size=args.subset_size,
         threads=args.threads, repeats=args.repeats, timing_batch=args.batch, include_1x1=args.include_1x1,
+        tie=args.tie,
         checkpoint=args.checkpoint, progress=not args.no_progress,
     )
     paths = result.save(args.output)
@@ -483,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-kind", choices=["impact", "uniform", "grid"], default="impact")
     p.add_argument("--layers", nargs="+", help="tune only these Conv nodes (default: every spatial Conv)")
     p.add_argument("--include-1x1", action="store_true", help="also perforate 1x1 convolutions")
+    p.add_argument("--tie", choices=["none", "regions"], default="none",
+                   help="regions: Convs that can run compact end to end (e.g. a SqueezeNet Fire module, "
+                   "1x1 convs included) share one mask and climb one ladder (default: none)")
     p.add_argument("--threads", type=int, help="intra-op threads for timing")
     p.add_argument("--batch", type=int, default=1, help="batch size latency is measured at (default: 1)")
     p.add_argument("--repeats", type=int, default=15, help="timed runs per candidate (median)")

@@ -206,35 +206,98 @@ class NetworkMeter:
 
 
 class MaskLadder:
-    """The mask of every (layer, rate). Impact masks are nested: a rung keeps a subset of the rung below."""
+    """The mask of every (unit, rate); a unit is a group of Convs that share one mask (one Conv unless
+    the tuner ties compact regions). Impact masks are nested: a rung keeps a subset of the rung below.
+    A unit's impact is the sum of its members' impact maps, each normalised by its mean."""
 
-    def __init__(self, model, calibration, convs: Mapping[str, str], kind: str, *, loss, batch_size, threads,
-                 seed: int = 0):
+    def __init__(self, model, calibration, convs: Mapping[str, str], units: Mapping[str, list], kind: str, *,
+                 loss, batch_size, threads, seed: int = 0):
         if kind not in MASK_KINDS:
             raise ValueError(f"mask kind must be one of {MASK_KINDS}, got {kind!r}")
         self.kind = kind
         self.seed = seed
-        self.shapes = {r.name: tuple(r.output_shape[2:]) for r in inspect(model) if r.name in convs}
+        self.units = dict(units)
+        conv_shapes = {r.name: tuple(r.output_shape[2:]) for r in inspect(model) if r.name in convs}
+        self.shapes = {unit: conv_shapes[members[0]] for unit, members in self.units.items()}
         self.estimator = (ImpactEstimator(model, calibration, convs, loss=loss, batch_size=batch_size,
                                           threads=threads) if kind == "impact" else None)
         self.impact = None
 
     def refresh(self, current: Mapping[str, np.ndarray]) -> None:
-        """Recompute impact on the network perforated by ``current``."""
-        if self.estimator is not None:
-            self.impact = self.estimator.impact({k: v for k, v in current.items() if not v.all()})
+        """Recompute impact on the network perforated by ``current`` ({unit: mask})."""
+        if self.estimator is None:
+            return
+        maps = self.estimator.impact({k: v for k, v in self.expand(current).items() if not v.all()})
+        self.impact = {unit: sum(maps[m] / max(float(maps[m].mean()), 1e-30) for m in members)
+                       for unit, members in self.units.items()}
 
-    def mask(self, layer: str, rate: float, current: np.ndarray) -> np.ndarray:
-        shape = self.shapes[layer]
+    def expand(self, masks: Mapping[str, np.ndarray]) -> dict:
+        """{unit: mask} -> {Conv: mask}."""
+        return {member: mask for unit, mask in masks.items() for member in self.units[unit]}
+
+    def mask(self, unit: str, rate: float, current: np.ndarray) -> np.ndarray:
+        shape = self.shapes[unit]
         if rate <= 0:
             return np.ones(shape, bool)
         if self.kind == "impact":
             if self.impact is None:
                 self.refresh({})
-            return top_positions(self.impact[layer], computed_count(shape, rate), allowed=current)
+            return top_positions(self.impact[unit], computed_count(shape, rate), allowed=current)
         if self.kind == "grid":
             return np.asarray(mask_kinds.grid(shape, rate))
         return np.asarray(mask_kinds.uniform(shape, rate, seed=self.seed))
+
+
+# Ops through which a tensor keeps its grid position by position: a Conv reading the result through
+# them, with the same output grid, can run on the same mask without any interpolation in between.
+_POSITION_WISE = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "BatchNormalization", "Dropout", "Identity",
+                  "Add", "Mul", "Sub", "Div", "Concat"}
+
+
+def compact_regions(model: onnx.ModelProto, convs) -> dict[str, list]:
+    """Groups of ``convs`` that can share one mask and then run compact end to end: Conv B joins
+    Conv A's group when B reads A's output through position-wise ops only (elementwise, channel
+    Concat, residual Add) and B keeps A's grid (same input and output size). In SqueezeNet that is
+    every Fire module between two max-pools, the classifier conv included."""
+    from .graph import node_key
+
+    convs = list(convs)
+    records = {r.name: r for r in inspect(model)}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    parent = {c: c for c in convs}
+
+    def find(c):
+        while parent[c] != c:
+            parent[c] = parent[parent[c]]
+            c = parent[c]
+        return c
+
+    by_key = {node_key(n): n for n in model.graph.node if n.op_type == "Conv"}
+    for a in convs:
+        grid = tuple(records[a].output_shape[2:])
+        stack, seen = [by_key[a].output[0]], set()
+        while stack:
+            tensor = stack.pop()
+            for node in consumers.get(tensor, []):
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                key = node_key(node) if node.op_type == "Conv" else None
+                if key in parent:
+                    r = records[key]
+                    if tuple(r.input_shape[2:]) == grid and tuple(r.output_shape[2:]) == grid:
+                        parent[find(key)] = find(a)
+                elif node.op_type in _POSITION_WISE and not (
+                        node.op_type == "Concat" and any(at.name == "axis" and at.i not in (1, -3) for at in node.attribute)):
+                    stack.extend(node.output)
+    groups: dict[str, list] = {}
+    for c in convs:
+        groups.setdefault(find(c), []).append(c)
+    return {(members[0] if len(members) == 1 else f"{members[0]} (+{len(members) - 1})"): members
+            for members in groups.values()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,13 +306,15 @@ class MaskLadder:
 def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop: float | None = None,
          ladder=DEFAULT_LADDER, layers=None, mask_kind: str = "impact", loss: str | None = None,
          subset_size: int | None = 256, batch_size: int = 16, threads: int | None = None, repeats: int = 15,
-         timing_batch: int = 1, refresh_every: int = 4, include_1x1: bool = False, checkpoint=None,
-         progress: bool = True) -> TuneResult:
+         timing_batch: int = 1, refresh_every: int = 4, include_1x1: bool = False, tie: str = "none",
+         checkpoint=None, progress: bool = True) -> TuneResult:
     """Greedy perforation schedule; see the module docstring.
 
     ``data``: calibration data (see :mod:`onnx_perforate.calibration`): ``subset_size`` evenly spaced
     images calibrate, the rest (if any) are held out and the final model is evaluated on them.
-    ``timing_batch``: the batch size latency is measured at (a fixed batch in the model wins). ``max_accuracy_drop`` is in top-1 accuracy on labelled data, else in top-1
+    ``timing_batch``: the batch size latency is measured at (a fixed batch in the model wins).
+    ``tie="regions"`` makes every :func:`compact_regions` group (1x1 Convs included) one candidate
+    with one shared mask, so that whole regions run compact; ``"none"`` tunes each Conv alone. ``max_accuracy_drop`` is in top-1 accuracy on labelled data, else in top-1
     agreement with the original network. ``checkpoint``: a JSON path written after every step; if it
     exists, the tuner resumes from it. Ctrl-C stops the search and returns what was found so far.
     """
@@ -258,7 +323,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     calibration, holdout = calibration_set(original, data).split(subset_size)
     ladder = tuple(sorted(set(float(r) for r in ladder) | {0.0}))
     convs = spatial_convs(original)
-    if include_1x1:
+    if include_1x1 or tie == "regions":
         convs = {r.name: _output_of(original, r.name) for r in inspect(original) if r.perforable}
     if layers:
         missing = sorted(set(layers) - set(convs))
@@ -267,31 +332,36 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
         convs = {k: v for k, v in convs.items() if k in layers}
     if not convs:
         raise PerforateError("the model has no perforable Conv with a spatial kernel")
+    if tie not in ("none", "regions"):
+        raise ValueError(f"tie must be 'none' or 'regions', got {tie!r}")
+    units = compact_regions(original, convs) if tie == "regions" else {name: [name] for name in convs}
 
     meter = NetworkMeter(original, calibration, threads=threads, batch_size=batch_size, repeats=repeats,
                          timing_batch=timing_batch)
-    ladder_masks = MaskLadder(original, calibration, convs, mask_kind, loss=loss, batch_size=batch_size,
+    ladder_masks = MaskLadder(original, calibration, convs, units, mask_kind, loss=loss, batch_size=batch_size,
                               threads=threads)
     base = meter.measure(original)
     base["time"] = min(base["time"], meter.time(meter._session(original), repeats * 2))
     accuracy0 = base["top1"] if base["top1"] is not None else base["agreement"]
     steps = [_step(0, None, {}, base, base, None, started)]
     step_masks = [{}]
-    rungs = {name: 0 for name in convs}
-    current = {name: np.ones(ladder_masks.shapes[name], bool) for name in convs}
+    rungs = {unit: 0 for unit in units}
+    current = {unit: np.ones(ladder_masks.shapes[unit], bool) for unit in units}
     settings = dict(target_speedup=target_speedup, max_accuracy_drop=max_accuracy_drop, ladder=list(ladder),
                     mask_kind=mask_kind, calibration_images=len(meter.calibration), threads=threads,
                     timing_batch=meter.timing_batch,
-                    repeats=repeats, refresh_every=refresh_every, layers=sorted(convs),
+                    repeats=repeats, refresh_every=refresh_every, layers=sorted(convs), tie=tie,
+                    units={u: m for u, m in units.items() if len(m) > 1},
                     loss="nll" if calibration.labels is not None else "kl")
     if checkpoint and Path(checkpoint).exists():
-        rungs, current, steps = _resume(checkpoint, ladder, convs, steps)
+        rungs, current, steps = _resume(checkpoint, ladder, units, steps)
         # Only the latest masks are in the checkpoint: earlier points of the curve cannot be rebuilt.
-        step_masks = [{}] + [None] * (len(steps) - 2) + [{k: v for k, v in current.items() if not v.all()}]
+        step_masks = [{}] + [None] * (len(steps) - 2) + [
+            {k: v for k, v in ladder_masks.expand(current).items() if not v.all()}]
         log.info("resumed from %s at step %d", checkpoint, len(steps) - 1)
 
     stopped = "every layer reached the top of its ladder"
-    bar = _progress(progress, target_speedup, total=len(convs) * (len(ladder) - 1))
+    bar = _progress(progress, target_speedup, total=len(units) * (len(ladder) - 1))
     try:
         while True:
             latest = steps[-1]
@@ -301,14 +371,14 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             if mask_kind == "impact" and (len(steps) - 1) % refresh_every == 0:
                 ladder_masks.refresh(current)
             best = None
-            for number, name in enumerate(convs, 1):
+            for number, name in enumerate(units, 1):
                 if rungs[name] + 1 >= len(ladder):
                     continue
                 if bar is not None:
-                    bar.set_postfix_str(f"trying {name} ({number}/{len(convs)})")
+                    bar.set_postfix_str(f"trying {name} ({number}/{len(units)})")
                 rate = ladder[rungs[name] + 1]
                 trial = dict(current, **{name: ladder_masks.mask(name, rate, current[name])})
-                measured = meter.measure(_perforate(original, trial))
+                measured = meter.measure(_perforate(original, ladder_masks.expand(trial)))
                 gain = base["time"] - measured["time"]
                 cost = (measured["loss"] - base["loss"]) / gain if gain > 0 else math.inf
                 log.debug("candidate %s -> %.2f: loss %.4f, %.2f ms, cost %.4g", name, rate, measured["loss"],
@@ -327,7 +397,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             current = trial
             rates = {k: ladder[v] for k, v in rungs.items() if v}
             steps.append(_step(len(steps), name, rates, measured, base, cost, started))
-            step_masks.append({k: v for k, v in current.items() if not v.all()})
+            step_masks.append({k: v for k, v in ladder_masks.expand(current).items() if not v.all()})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(speedup=f"{steps[-1].speedup:.2f}x", loss=f"{measured['loss']:.3f}")
@@ -340,8 +410,8 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             bar.close()
 
     final_masks = {
-        name: Mask(current[name], kind=mask_kind, rate=ladder[rungs[name]])
-        for name in convs if rungs[name] > 0
+        member: Mask(current[unit], kind=mask_kind, rate=ladder[rungs[unit]])
+        for unit, members in units.items() if rungs[unit] > 0 for member in members
     }
     final_model = _perforate(original, final_masks)
     settings["elapsed_s"] = round(time.perf_counter() - started, 1)
@@ -402,10 +472,10 @@ def _save_checkpoint(path, rungs, current, steps) -> None:
     write_json(state, path)
 
 
-def _resume(path, ladder, convs, steps):
+def _resume(path, ladder, units, steps):
     state = json.loads(Path(path).read_text())
-    if set(state["rungs"]) != set(convs):
-        raise PerforateError(f"checkpoint {path} is for layers {sorted(state['rungs'])}, not {sorted(convs)}")
+    if set(state["rungs"]) != set(units):
+        raise PerforateError(f"checkpoint {path} is for layers {sorted(state['rungs'])}, not {sorted(units)}")
     current = {}
     for name, packed in state["masks"].items():
         shape = tuple(state["shapes"][name])

@@ -82,3 +82,35 @@ def test_model_at_rebuilds_every_point_of_the_curve():
     assert result.model_at(model, 0) is not None
     last = result.model_at(model, len(result.steps) - 1)
     assert {n.name for n in last.graph.node if n.op_type == "PerforatedConv"} >= set(result.masks)
+
+
+def test_compact_regions_group_fire_modules():
+    from onnx_perforate.tuning import compact_regions
+    from test_compact import G, fire
+
+    g = G(channels=4, hw=10)
+    f2 = fire(g, "x", 4, "fire2")
+    f3 = fire(g, f2, 8, "fire3")
+    pooled = g.op("MaxPool", [f3], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    f4 = fire(g, pooled, 8, "fire4")
+    model = g.model([f4])
+    convs = [r.name for r in onnx_perforate.inspect(model)]
+    regions = compact_regions(model, convs)
+    sizes = sorted(len(m) for m in regions.values())
+    assert sizes == [3, 6]  # fire2 + fire3 share a grid; the max-pool starts a new region
+    assert all(all(m.startswith("fire4") for m in members) or not any(m.startswith("fire4") for m in members)
+               for members in regions.values())
+
+
+def test_tied_regions_share_one_mask():
+    from test_compact import G, fire
+
+    g = G(channels=4, hw=10)
+    f2 = fire(g, "x", 4, "fire2")
+    out = g.op("GlobalAveragePool", [f2], "gap")
+    model = g.model([out])
+    x = np.random.default_rng(0).uniform(0.1, 1.0, (16, 4, 10, 10)).astype(np.float32)
+    result = onnx_perforate.tune(model, [{"x": x}], ladder=(0.0, 0.5), tie="regions", repeats=3, progress=False)
+    assert len(result.steps) == 2 and set(result.masks) == {"fire2_sq", "fire2_e1", "fire2_e3"}
+    arrays = [np.asarray(m) for m in result.masks.values()]
+    assert all((a == arrays[0]).all() for a in arrays)
