@@ -452,3 +452,27 @@ def test_squeezenet():
     worst = check_fd(runner.gradient_model(1), {"data_0": x}, None, results, taps,
                      np.random.default_rng(6), n_largest=2, n_random=1)
     assert worst < RTOL
+
+
+# --------------------------------------------------------------------------- bundled sample model
+
+SAMPLE_MODEL = Path(__file__).resolve().parents[1] / "sample_models" / "fashion_cnn.onnx"
+SAMPLE_DATA = SAMPLE_MODEL.parent / "fashion_mnist_subset.npz"
+
+
+def test_sample_model_finite_differences():
+    """The bundled Fashion-MNIST CNN (Conv -> BatchNormalization -> Relu, opset 17): dL/dV of its
+    first and last conv against float64 central differences, within RTOL (relative) plus
+    ATOL_FRACTION of the largest gradient."""
+    if not SAMPLE_MODEL.exists():
+        pytest.skip("the bundled sample model is missing")
+    model = onnx.load(SAMPLE_MODEL)
+    with np.load(SAMPLE_DATA) as data:
+        x = data["images"][::250][:2].astype(np.float32)  # two images of different classes
+        labels = data["labels"][::250][:2].astype(np.int64)
+    convs = [n.output[0] for n in prepare_model(model).graph.node if n.op_type == "Conv"]
+    runner = GradientRunner(model, [convs[0], convs[-1]], loss="nll")
+    gm = runner.gradient_model(2)
+    results = runner.run({gm.inputs[0]: x}, labels)
+    worst = check_fd(gm, {gm.inputs[0]: x}, labels, results, [convs[0], convs[-1]], np.random.default_rng(5))
+    assert worst < RTOL
