@@ -6,7 +6,7 @@ namespace onnx_perforate {
 
 namespace {
 
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// A plain scalar loop: hardware gathers (AVX2/AVX-512) measured 5-15% slower on this Zen 4 class CPU.
 void GatherPlane(const float* __restrict src, const int32_t* __restrict index, int64_t n,
                  float* __restrict dst) {
   for (int64_t p = 0; p < n; ++p) dst[p] = src[index[p]];
