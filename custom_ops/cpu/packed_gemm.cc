@@ -72,6 +72,22 @@ PERFORATE_AVX512 void KernelAvx512x2(int64_t kc, const float* a, const float* co
                                      float* c, int64_t ldc, bool first) {
   MicroKernel<Vec16, 2, 12>(kc, a, rows, positions, c, ldc, first);
 }
+PERFORATE_AVX512 void HalfAvx512x1(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
+                                   float* c, int64_t ldc, bool first) {
+  MicroKernel<Vec16, 1, 6>(kc, a, rows, positions, c, ldc, first);
+}
+PERFORATE_AVX512 void HalfAvx512x2(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
+                                   float* c, int64_t ldc, bool first) {
+  MicroKernel<Vec16, 2, 6>(kc, a, rows, positions, c, ldc, first);
+}
+PERFORATE_AVX2 void HalfAvx2x1(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
+                               float* c, int64_t ldc, bool first) {
+  MicroKernel<Vec8, 1, 3>(kc, a, rows, positions, c, ldc, first);
+}
+PERFORATE_AVX2 void HalfAvx2x2(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
+                               float* c, int64_t ldc, bool first) {
+  MicroKernel<Vec8, 2, 3>(kc, a, rows, positions, c, ldc, first);
+}
 PERFORATE_AVX2 void KernelAvx2x1(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
                                      float* c, int64_t ldc, bool first) {
   MicroKernel<Vec8, 1, 6>(kc, a, rows, positions, c, ldc, first);
@@ -82,14 +98,14 @@ PERFORATE_AVX2 void KernelAvx2x2(int64_t kc, const float* a, const float* const*
 }
 
 GemmIsa Detect() {
-  const char* forced = std::getenv("ONNX_PERFORATE_GEMM");
-  if (forced && std::string(forced) == "openblas") return {};
+  const std::string forced = std::getenv("ONNX_PERFORATE_GEMM") ? std::getenv("ONNX_PERFORATE_GEMM") : "";
+  if (forced == "openblas") return {};
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+  if (forced != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
-    return {"avx512", 16, 12, KernelAvx512x1, KernelAvx512x2};
+    return {"avx512", 16, 12, KernelAvx512x1, KernelAvx512x2, HalfAvx512x1, HalfAvx512x2};
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {"avx2", 8, 6, KernelAvx2x1, KernelAvx2x2};
+    return {"avx2", 8, 6, KernelAvx2x1, KernelAvx2x2, HalfAvx2x1, HalfAvx2x2};
   return {};
 }
 

@@ -23,10 +23,16 @@ struct GemmIsa {
   using Kernel = void (*)(int64_t, const float*, const float* const*, const int32_t*, float*, int64_t, bool);
   Kernel kernel_1v = nullptr;  // MR = width
   Kernel kernel_2v = nullptr;  // MR = 2 * width
+  // The same for NR / 2 positions: a last tile of at most NR / 2 positions wastes no work.
+  Kernel half_1v = nullptr;
+  Kernel half_2v = nullptr;
+  Kernel Get(int vectors, bool half) const {
+    return vectors == 2 ? (half ? half_2v : kernel_2v) : (half ? half_1v : kernel_1v);
+  }
 };
 
 // The best micro-kernel this CPU runs, or a GemmIsa with width 0 (then the caller uses OpenBLAS).
-// ONNX_PERFORATE_GEMM=openblas forces the BLAS path (for comparisons).
+// ONNX_PERFORATE_GEMM=openblas forces the BLAS path, =avx2 the AVX2 kernels (for comparisons and tests).
 const GemmIsa& BestGemmIsa();
 
 // W of one convolution, per group, in MR-row panels: data[((g * panels + i) * patch + p) * mr + r].

@@ -229,7 +229,7 @@ void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, con
   if (packed) {
     const GemmIsa& isa = BestGemmIsa();
     const int64_t nr = isa.nr, mr = packed->mr;
-    const GemmIsa::Kernel kernel = packed->vectors == 2 ? isa.kernel_2v : isa.kernel_1v;
+    const GemmIsa::Kernel kernel = isa.Get(packed->vectors, false), half = isa.Get(packed->vectors, true);
     const int64_t padded_plane = padded.plane;
     const float* input = x;
     if (padded.copy_needed) {
@@ -276,10 +276,12 @@ void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, con
         float* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * width));
         for (int64_t pc = 0; pc < patch; pc += kKc) {
           const int64_t kc = std::min(kKc, patch - pc);
-          for (int64_t j = 0; j < tiles; ++j)
+          for (int64_t j = 0; j < tiles; ++j) {
+            const GemmIsa::Kernel tile_kernel = kn - j * nr <= nr / 2 ? half : kernel;
             for (int64_t i = i0; i < i1; ++i)
-              kernel(kc, packed->Panel(g, i) + pc * mr, rows + pc, positions + k0 + j * nr,
-                     tile + j * nr * width + (i - i0) * mr, width, pc == 0);
+              tile_kernel(kc, packed->Panel(g, i) + pc * mr, rows + pc, positions + k0 + j * nr,
+                          tile + j * nr * width + (i - i0) * mr, width, pc == 0);
+          }
         }
         // The block may span images: store each image's part into its own rows of Yc.
         for (int64_t k = k0; k < k0 + kn;) {
