@@ -383,11 +383,14 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 cost = (measured["loss"] - base["loss"]) / gain if gain > 0 else math.inf
                 log.debug("candidate %s -> %.2f: loss %.4f, %.2f ms, cost %.4g", name, rate, measured["loss"],
                           measured["time"] * 1e3, cost)
-                if best is None or (cost, measured["loss"]) < (best[0], best[3]["loss"]):
-                    best = (cost, name, trial, measured)
+                # No candidate faster than the original yet (low rates can cost more than they save):
+                # take the fastest one, so the search moves towards the rates that do pay.
+                rank = (cost, measured["loss"]) if math.isfinite(cost) else (math.inf, measured["time"])
+                if best is None or rank < best[0]:
+                    best = (rank, name, trial, measured)
             if best is None:
                 break
-            cost, name, trial, measured = best
+            (cost, _), name, trial, measured = best
             accuracy = measured["top1"] if measured["top1"] is not None else measured["agreement"]
             if max_accuracy_drop is not None and accuracy0 - accuracy > max_accuracy_drop:
                 stopped = (f"the next step ({name} -> {ladder[rungs[name] + 1]:g}) would drop accuracy by "
