@@ -207,13 +207,22 @@ def test_reduce_mean_opset18_axes_input():
     assert count(compact, "NNInterpolate") == 0
 
 
-def test_perforated_conv_reads_compact_input_through_x_index():
+def chained_perforated_convs(with_1x1=False):
+    """conv a (3x3) -> conv b (3x3, stride 2) [-> conv c (1x1)], a and b perforated: b reads a's
+    compact output through X_index. Returns the model and its masks."""
     g = G()
     a = g.conv("a", "x", 4, 6)
-    b = g.conv("b", a, 6, 5, stride=2)
-    model = g.model([b])
+    out = g.conv("b", a, 6, 5, stride=2)
+    if with_1x1:
+        out = g.conv("c", out, 5, 7, k=1)
+    model = g.model([out])
     chosen = grid(model, ["a"])
     chosen["b"] = masks.grid((5, 5), 0.4)
+    return model, chosen
+
+
+def test_perforated_conv_reads_compact_input_through_x_index():
+    model, chosen = chained_perforated_convs()
     compact, report = check_agreement(model, chosen)
     conv_b = next(n for n in compact.graph.node if n.name == "b")
     assert len(conv_b.input) == 5 and conv_b.input[4] == "a.nn_index"

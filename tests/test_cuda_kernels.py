@@ -547,17 +547,9 @@ def test_ort_cuda_provider_runs_compact_models():
     """A rewritten model with the compact pass (PerforatedConv reading a compact input through
     X_index, compact 1x1 convs) runs on the CUDA EP and matches the CPU kernels."""
     ort, onnx_perforate = _ort_cuda()
-    from onnx_perforate import masks
-    from test_compact import G, grid
+    from test_compact import chained_perforated_convs
 
-    g = G()
-    a = g.conv("a", "x", 4, 6)
-    b = g.conv("b", a, 6, 5, stride=2)
-    c = g.conv("c", b, 5, 7, k=1)
-    model = g.model([c])
-    chosen = grid(model, ["a"])
-    chosen["b"] = masks.grid((5, 5), 0.4)
-    rewritten = onnx_perforate.rewrite(model, chosen).SerializeToString()
+    rewritten = onnx_perforate.rewrite(*chained_perforated_convs(with_1x1=True)).SerializeToString()
     x = np.random.default_rng(0).uniform(0.1, 1.0, (2, 4, 10, 10)).astype(np.float32)
     cpu = ort.InferenceSession(rewritten, onnx_perforate.session_options(), providers=["CPUExecutionProvider"])
     gpu_options = onnx_perforate.session_options(cuda=True)

@@ -44,15 +44,9 @@ def test_fallback_warns(caplog):
 
 def test_compact_models_run_in_the_fallback():
     """A perforated conv reading a compact input (X_index) runs as its own fixed-arity Python op."""
-    from test_compact import G, grid
+    from test_compact import chained_perforated_convs
 
-    g = G()
-    a = g.conv("a", "x", 4, 6)
-    b = g.conv("b", a, 6, 5, stride=2)
-    model = g.model([b])
-    chosen = grid(model, ["a"])
-    chosen["b"] = masks.grid((5, 5), 0.4)
-    out = rewrite(model, chosen)
+    out = rewrite(*chained_perforated_convs())
     converted = fallback.to_python_op_model(out)
     assert fallback.COMPACT_INPUT_OP in {n.op_type for n in converted.graph.node}
     x = np.random.default_rng(0).uniform(0.1, 1.0, (2, 4, 10, 10)).astype(np.float32)

@@ -61,41 +61,24 @@ __attribute__((always_inline)) inline void MicroKernel(int64_t kc, const float* 
     for (int v = 0; v < kVectors; ++v) Store<V>(c + j * ldc + v * kWidth, acc[j][v]);
 }
 
-#define PERFORATE_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma,avx2")))
-#define PERFORATE_AVX2 __attribute__((target("avx2,fma")))
+#define PERFORATE_AVX512 "avx512f,avx512vl,avx512dq,avx512bw,fma,avx2"
+#define PERFORATE_AVX2 "avx2,fma"
 
-PERFORATE_AVX512 void KernelAvx512x1(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
-                                     float* c, int64_t ldc, bool first) {
-  MicroKernel<Vec16, 1, 12>(kc, a, rows, positions, c, ldc, first);
-}
-PERFORATE_AVX512 void KernelAvx512x2(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
-                                     float* c, int64_t ldc, bool first) {
-  MicroKernel<Vec16, 2, 12>(kc, a, rows, positions, c, ldc, first);
-}
-PERFORATE_AVX512 void HalfAvx512x1(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
-                                   float* c, int64_t ldc, bool first) {
-  MicroKernel<Vec16, 1, 6>(kc, a, rows, positions, c, ldc, first);
-}
-PERFORATE_AVX512 void HalfAvx512x2(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
-                                   float* c, int64_t ldc, bool first) {
-  MicroKernel<Vec16, 2, 6>(kc, a, rows, positions, c, ldc, first);
-}
-PERFORATE_AVX2 void HalfAvx2x1(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
-                               float* c, int64_t ldc, bool first) {
-  MicroKernel<Vec8, 1, 3>(kc, a, rows, positions, c, ldc, first);
-}
-PERFORATE_AVX2 void HalfAvx2x2(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
-                               float* c, int64_t ldc, bool first) {
-  MicroKernel<Vec8, 2, 3>(kc, a, rows, positions, c, ldc, first);
-}
-PERFORATE_AVX2 void KernelAvx2x1(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
-                                     float* c, int64_t ldc, bool first) {
-  MicroKernel<Vec8, 1, 6>(kc, a, rows, positions, c, ldc, first);
-}
-PERFORATE_AVX2 void KernelAvx2x2(int64_t kc, const float* a, const float* const* rows, const int32_t* positions,
-                                     float* c, int64_t ldc, bool first) {
-  MicroKernel<Vec8, 2, 6>(kc, a, rows, positions, c, ldc, first);
-}
+// One instantiation of the micro-kernel per ISA, vector count and tile width, each compiled for its ISA.
+#define PERFORATE_KERNEL(name, isa, V, vectors, nr)                                                         \
+  __attribute__((target(isa))) void name(int64_t kc, const float* a, const float* const* rows,              \
+                                         const int32_t* positions, float* c, int64_t ldc, bool first) {     \
+    MicroKernel<V, vectors, nr>(kc, a, rows, positions, c, ldc, first);                                     \
+  }
+
+PERFORATE_KERNEL(KernelAvx512x1, PERFORATE_AVX512, Vec16, 1, 12)
+PERFORATE_KERNEL(KernelAvx512x2, PERFORATE_AVX512, Vec16, 2, 12)
+PERFORATE_KERNEL(HalfAvx512x1, PERFORATE_AVX512, Vec16, 1, 6)
+PERFORATE_KERNEL(HalfAvx512x2, PERFORATE_AVX512, Vec16, 2, 6)
+PERFORATE_KERNEL(KernelAvx2x1, PERFORATE_AVX2, Vec8, 1, 6)
+PERFORATE_KERNEL(KernelAvx2x2, PERFORATE_AVX2, Vec8, 2, 6)
+PERFORATE_KERNEL(HalfAvx2x1, PERFORATE_AVX2, Vec8, 1, 3)
+PERFORATE_KERNEL(HalfAvx2x2, PERFORATE_AVX2, Vec8, 2, 3)
 
 GemmIsa Detect() {
   const std::string forced = std::getenv("ONNX_PERFORATE_GEMM") ? std::getenv("ONNX_PERFORATE_GEMM") : "";
