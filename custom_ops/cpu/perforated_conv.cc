@@ -255,7 +255,12 @@ void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, con
       }
       const float* batch_input = input + n0 * image;
       float* batch_output = yc + n0 * s.out_channels * count;
-      const int64_t block = ColumnBlock(columns, s.group, nr, 2 * nr, 16 * nr);
+      // Layers whose positions fit in one block per core split their output channels across the
+      // cores instead (below): each core then streams only its share of the weights from L3.
+      const int64_t max_block = 16 * nr;
+      const bool split_channels = columns <= max_block * Cores() / 2 && packed->panels >= Cores();
+      const int64_t block = split_channels ? (columns + nr - 1) / nr * nr
+                                           : ColumnBlock(columns, s.group, nr, 2 * nr, max_block);
       const int64_t blocks = (columns + block - 1) / block;
       // Too few column blocks for the cores (small perforated layers): split the output channels too,
       // so each core streams only its share of the weights.
