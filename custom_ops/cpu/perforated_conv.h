@@ -1,4 +1,5 @@
-// CPU math of PerforatedConv: im2col restricted to the computed positions, then a GEMM.
+// CPU math of PerforatedConv: an implicit GEMM over the computed positions (packed_gemm.h); depthwise
+// convolutions accumulate directly, CPUs without AVX2 build im2col rows for OpenBLAS.
 #pragma once
 
 #include <cstddef>
