@@ -298,6 +298,10 @@ void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, con
         }
       });
     }
+    // The padded copy is kept for the next call, unless it is large (big batches): then its memory
+    // goes back rather than staying pinned to this thread.
+    constexpr size_t kKeptFloats = size_t{16} << 20;  // 64 MiB
+    if (tls_padded.size() > kKeptFloats) std::vector<float>().swap(tls_padded);
     return;
   }
 
