@@ -165,17 +165,17 @@ class NetworkMeter:
         self.reference = self._probabilities(original)
         self.reference_top1 = self.reference.argmax(axis=1)
 
-    def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
+    def session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         options = session_options(self.threads, allow_spinning=False)
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def _probabilities(self, model, session=None) -> np.ndarray:
-        session = session or self._session(model)
+        session = session or self.session(model)
         outputs = [session.run(None, feeds)[0] for feeds, _ in self.calibration.batches(self.batch_size)]
         return _as_probabilities(np.concatenate(outputs))
 
     def measure(self, model: onnx.ModelProto) -> dict:
-        session = self._session(model)
+        session = self.session(model)
         probs = self._probabilities(model, session)
         labels = self.calibration.labels
         if labels is not None:
@@ -341,7 +341,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     ladder_masks = MaskLadder(original, calibration, convs, units, mask_kind, loss=loss, batch_size=batch_size,
                               threads=threads)
     base = meter.measure(original)
-    base["time"] = min(base["time"], meter.time(meter._session(original), repeats * 2))
+    base["time"] = min(base["time"], meter.time(meter.session(original), repeats * 2))
     accuracy0 = base["top1"] if base["top1"] is not None else base["agreement"]
     steps = [_step(0, None, {}, base, base, None, started)]
     step_masks = [{}]
@@ -393,7 +393,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             (cost, _), name, trial, measured = best
             # The winner is the candidate that happened to time fastest: re-time it with twice the
             # runs so the recorded curve is not biased by that selection.
-            chosen = meter._session(_perforate(original, ladder_masks.expand(trial)))
+            chosen = meter.session(_perforate(original, ladder_masks.expand(trial)))
             measured = dict(measured, time=meter.time(chosen, 2 * repeats))
             accuracy = measured["top1"] if measured["top1"] is not None else measured["agreement"]
             if max_accuracy_drop is not None and accuracy0 - accuracy > max_accuracy_drop:
