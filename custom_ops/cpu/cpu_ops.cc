@@ -24,18 +24,6 @@ ParallelRunner MakeParallelRunner(const Ort::KernelContext& ctx) {
   };
 }
 
-struct RawIndex {
-  std::vector<int64_t> shape;
-  std::vector<int64_t> values;
-};
-
-std::vector<int64_t> ReadInt64(const Ort::ConstValue& v) {
-  const auto info = v.GetTensorTypeAndShapeInfo();
-  if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64) throw OpError("input X_index must be int64");
-  const int64_t* data = v.GetTensorData<int64_t>();
-  return std::vector<int64_t>(data, data + info.GetElementCount());
-}
-
 // What PerforatedConv derives from the mask and the input size.
 struct ConvPlan {
   int64_t in_h, in_w, in_plane, kernel_h, kernel_w;
@@ -53,11 +41,8 @@ struct PerforatedConvKernel {
     constant_mask_ = ReadConstantInput(info, 3, [](const Ort::ConstValue& v) {
       return std::make_shared<const MaskInput>(ReadMaskInput(v));
     });
-    if (Ort::ConstKernelInfo(info).GetInputCount() > 4) {
-      constant_input_index_ = ReadConstantInput(info, 4, [](const Ort::ConstValue& v) {
-        return std::make_shared<RawIndex>(RawIndex{ShapeOf(v), ReadInt64(v)});
-      });
-    }
+    constant_input_index_ = Ort::ConstKernelInfo(info).GetInputCount() > 4 &&
+                            ReadConstantInput(info, 4, [](const Ort::ConstValue& v) { return v; });
     int is_constant = 0;
     Ort::ConstKernelInfo(info).GetTensorConstantInput(1, &is_constant);
     constant_weights_ = is_constant != 0;
@@ -69,37 +54,27 @@ struct PerforatedConvKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const size_t inputs = ctx.GetInputCount();
-    if (inputs != 4 && inputs != 5) throw OpError("expected 4 or 5 inputs (X, W, B or empty, mask, X_index)");
-    const auto x = ctx.GetInput(0), w = ctx.GetInput(1), b = ctx.GetInput(2), mask = ctx.GetInput(3);
-    const auto x_index = inputs == 5 ? ctx.GetInput(4) : Ort::ConstValue{nullptr};
-    if (!x || !w || !mask) throw OpError("inputs X, W and mask are required");
-    const auto b_shape = b ? ShapeOf(b) : std::vector<int64_t>{};
-    const auto x_shape = ShapeOf(x);
-    const auto input_index = x_index ? IndexFor(x_shape, x_index) : nullptr;
-    ConvShape shape = ComputeConvShape(LogicalInputShape(x_shape, input_index.get()), ShapeOf(w),
-                                       b ? &b_shape : nullptr, attrs_);
-    if (input_index) shape.in_plane = input_index->compact_size;
-    const std::shared_ptr<const ConvPlan> plan = Plan(shape, mask, input_index);
+    const PerforatedConvInputs in = GetPerforatedConvInputs(ctx);
+    const auto input_index = in.x_index ? IndexFor(in.x_shape, in.x_index) : nullptr;
+    const ConvShape shape = ComputeConvShape(in.x_shape, in.w_shape, in.b ? &in.b_shape : nullptr, attrs_,
+                                             input_index.get());
+    const std::shared_ptr<const ConvPlan> plan = Plan(shape, in.mask, input_index);
     const int64_t count = plan->positions.count();
     auto y = ctx.GetOutput(0, {shape.batch, shape.out_channels, count});
-    const float* weights = w.GetTensorData<float>();
+    const float* weights = in.w.GetTensorData<float>();
     const auto packed = Packed(shape, weights);
     PerforatedConvCpu::Compute(shape, attrs_, plan->table, plan->padded, plan->input_index.get(),
-                               x.GetTensorData<float>(), weights, packed.get(),
-                               b ? b.GetTensorData<float>() : nullptr, y.GetTensorMutableData<float>(),
+                               in.x.GetTensorData<float>(), weights, packed.get(),
+                               in.b ? in.b.GetTensorData<float>() : nullptr, y.GetTensorMutableData<float>(),
                                MakeParallelRunner(ctx));
   }
 
   // A constant X_index is validated once per compact input size; others on every call.
   std::shared_ptr<const InputIndex> IndexFor(const std::vector<int64_t>& x_shape, const Ort::ConstValue& x_index) {
-    auto read = [&](const RawIndex& raw) {
-      return std::make_shared<const InputIndex>(ReadInputIndex(raw.values.data(), raw.shape, x_shape));
-    };
-    if (!constant_input_index_) return read(RawIndex{ShapeOf(x_index), ReadInt64(x_index)});
+    if (!constant_input_index_) return ReadInputIndexInput(x_index, x_shape);
     std::lock_guard<std::mutex> lock(mutex_);
     if (!input_index_ || x_shape.size() != 3 || input_index_->compact_size != x_shape[2])
-      input_index_ = read(*constant_input_index_);
+      input_index_ = ReadInputIndexInput(x_index, x_shape);
     return input_index_;
   }
 
@@ -139,7 +114,7 @@ struct PerforatedConvKernel {
   std::string node_;
   ConvAttributes attrs_;
   std::shared_ptr<const MaskInput> constant_mask_;
-  std::shared_ptr<const RawIndex> constant_input_index_;
+  bool constant_input_index_ = false;
   std::shared_ptr<const InputIndex> input_index_;
   std::mutex mutex_;
   std::shared_ptr<const ConvPlan> plan_;
@@ -160,12 +135,9 @@ struct NNInterpolateKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const auto yc = ctx.GetInput(0), index_value = ctx.GetInput(1);
-    if (!yc || !index_value) throw OpError("inputs Yc and index are required");
-    const auto yc_shape = ShapeOf(yc);
-    if (yc_shape.size() != 3)
-      throw OpError("input Yc has shape " + ShapeToString(yc_shape) + ", expected 3-D [N, M, K]");
-    const auto index = constant_index_ ? constant_index_ : ReadInterpolationIndex(index_value);
+    const auto yc_shape = GetCompactShape(ctx);
+    const auto yc = ctx.GetInput(0);
+    const auto index = constant_index_ ? constant_index_ : ReadInterpolationIndex(ctx.GetInput(1));
     index->CheckRange(yc_shape);
     const int64_t count = yc_shape[2], positions = index->positions();
     auto y = ctx.GetOutput(0, {yc_shape[0], yc_shape[1], index->shape[0], index->shape[1]});

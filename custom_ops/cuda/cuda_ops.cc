@@ -97,29 +97,18 @@ struct PerforatedConvKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const size_t inputs = ctx.GetInputCount();
-    if (inputs != 4 && inputs != 5) throw OpError("expected 4 or 5 inputs (X, W, B or empty, mask, X_index)");
-    const auto x = ctx.GetInput(0), w = ctx.GetInput(1), b = ctx.GetInput(2), mask = ctx.GetInput(3);
-    const auto x_index = inputs == 5 ? ctx.GetInput(4) : Ort::ConstValue{nullptr};
-    if (!x || !w || !mask) throw OpError("inputs X, W and mask are required");
-    const auto b_shape = b ? ShapeOf(b) : std::vector<int64_t>{};
-    const auto x_shape = ShapeOf(x);
+    const PerforatedConvInputs in = GetPerforatedConvInputs(ctx);
     // A compact X (X_index given) is read through gather offsets into its K_in-long planes: the
     // kernels only use H * W as the plane stride, so they get H = 1, W = K_in.
-    std::shared_ptr<const InputIndex> input_index;
-    if (x_index) {
-      const auto raw = x_index.GetTensorData<int64_t>();
-      input_index = std::make_shared<const InputIndex>(ReadInputIndex(raw, ShapeOf(x_index), x_shape));
-    }
-    ConvShape s = ComputeConvShape(LogicalInputShape(x_shape, input_index.get()), ShapeOf(w), b ? &b_shape : nullptr,
-                                   attrs_);
-    if (input_index) s.in_plane = input_index->compact_size;
+    const auto input_index = in.x_index ? ReadInputIndexInput(in.x_index, in.x_shape) : nullptr;
+    const ConvShape s = ComputeConvShape(in.x_shape, in.w_shape, in.b ? &in.b_shape : nullptr, attrs_,
+                                         input_index.get());
     const cudaStream_t stream = ComputeStream(ctx);
-    const std::shared_ptr<const CudaConvPlan> plan = Plan(s, mask, input_index, stream);
+    const std::shared_ptr<const CudaConvPlan> plan = Plan(s, in.mask, input_index, stream);
     auto y = ctx.GetOutput(0, {s.batch, s.out_channels, plan->count});
     if (s.batch == 0 || s.out_channels == 0) return;
     Check(onnx_perforate_cuda_perforated_conv(
-              x.GetTensorData<float>(), w.GetTensorData<float>(), b ? b.GetTensorData<float>() : nullptr,
+              in.x.GetTensorData<float>(), in.w.GetTensorData<float>(), in.b ? in.b.GetTensorData<float>() : nullptr,
               plan->offsets.get<int32_t>(), ToInt(s.batch, "N"), ToInt(s.in_channels, "C"),
               ToInt(input_index ? 1 : s.in_h, "H"), ToInt(input_index ? s.in_plane : s.in_w, "W"), ToInt(s.out_channels, "M"), ToInt(s.group, "group"), ToInt(s.kernel_h, "kH"),
               ToInt(s.kernel_w, "kW"), ToInt(plan->count, "K"), static_cast<int>(attrs_.activation), attrs_.alpha,
@@ -183,13 +172,10 @@ struct NNInterpolateKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const auto yc = ctx.GetInput(0), index_value = ctx.GetInput(1);
-    if (!yc || !index_value) throw OpError("inputs Yc and index are required");
-    const auto yc_shape = ShapeOf(yc);
-    if (yc_shape.size() != 3)
-      throw OpError("input Yc has shape " + ShapeToString(yc_shape) + ", expected 3-D [N, M, K]");
+    const auto yc_shape = GetCompactShape(ctx);
+    const auto yc = ctx.GetInput(0);
     const cudaStream_t stream = ComputeStream(ctx);
-    const auto plan = Plan(index_value, stream);
+    const auto plan = Plan(ctx.GetInput(1), stream);
     const InterpolationIndex& index = *plan->index;
     index.CheckRange(yc_shape);
     const int64_t count = yc_shape[2], positions = index.positions();

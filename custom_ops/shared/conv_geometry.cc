@@ -22,8 +22,11 @@ Activation ParseActivation(const std::string& name) {
                 "', expected one of \"\", \"Relu\", \"LeakyRelu\", \"Clip\"");
 }
 
-ConvShape ComputeConvShape(const std::vector<int64_t>& x_shape, const std::vector<int64_t>& w_shape,
-                           const std::vector<int64_t>* b_shape, const ConvAttributes& a) {
+ConvShape ComputeConvShape(const std::vector<int64_t>& compact_or_x_shape, const std::vector<int64_t>& w_shape,
+                           const std::vector<int64_t>* b_shape, const ConvAttributes& a, const InputIndex* index) {
+  const std::vector<int64_t> x_shape =
+      index ? std::vector<int64_t>{compact_or_x_shape[0], compact_or_x_shape[1], index->in_h, index->in_w}
+            : compact_or_x_shape;
   if (x_shape.size() != 4)
     throw OpError("input X has shape " + ShapeToString(x_shape) + ", expected 4-D [N, C, H, W]");
   if (w_shape.size() != 4)
@@ -37,7 +40,7 @@ ConvShape ComputeConvShape(const std::vector<int64_t>& x_shape, const std::vecto
   s.kernel_h = w_shape[2];
   s.kernel_w = w_shape[3];
   s.group = a.group;
-  s.in_plane = s.in_h * s.in_w;
+  s.in_plane = index ? index->compact_size : s.in_h * s.in_w;
   if (a.group < 1) throw OpError("attribute 'group' is " + std::to_string(a.group) + ", expected >= 1");
   if (s.in_channels % a.group != 0 || s.out_channels % a.group != 0)
     throw OpError("group " + std::to_string(a.group) + " does not divide X's channels (" +
@@ -108,11 +111,6 @@ InputIndex ReadInputIndex(const int64_t* index, const std::vector<int64_t>& inde
     result.values[p] = static_cast<int32_t>(index[p]);
   }
   return result;
-}
-
-std::vector<int64_t> LogicalInputShape(const std::vector<int64_t>& x_shape, const InputIndex* index) {
-  if (!index) return x_shape;
-  return {x_shape[0], x_shape[1], index->in_h, index->in_w};
 }
 
 GatherTable BuildGatherTable(const ConvShape& s, const ConvAttributes& a, const MaskPositions& m,

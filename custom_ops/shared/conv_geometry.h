@@ -49,11 +49,6 @@ struct ConvShape {
   int64_t patch_size() const { return in_channels_per_group() * taps(); }
 };
 
-// Validates X [N, C, H, W] and W [M, C/group, kH, kW] against the attributes; throws OpError naming the
-// offending tensor and what was expected.
-ConvShape ComputeConvShape(const std::vector<int64_t>& x_shape, const std::vector<int64_t>& w_shape,
-                           const std::vector<int64_t>* b_shape, const ConvAttributes& attrs);
-
 // PerforatedConv's optional input X_index: X is then compact, [N, C, K_in], and the input pixel at grid
 // position (y, x) is X[n, c, index[y * in_w + x]] (the producer's NNInterpolate index). The kernel reads
 // through it instead of materialising the interpolated input (implicit interpolation).
@@ -66,8 +61,12 @@ struct InputIndex {
 InputIndex ReadInputIndex(const int64_t* index, const std::vector<int64_t>& index_shape,
                           const std::vector<int64_t>& x_shape);
 
-// The 4-D shape X stands for: X itself, or [N, C, H, W] for a compact X read through `index`.
-std::vector<int64_t> LogicalInputShape(const std::vector<int64_t>& x_shape, const InputIndex* index);
+// Validates X [N, C, H, W] and W [M, C/group, kH, kW] against the attributes; throws OpError naming the
+// offending tensor and what was expected. With `index`, X is compact [N, C, K_in] (validated by
+// ReadInputIndex) and stands for [N, C, H, W]; in_plane is then K_in.
+ConvShape ComputeConvShape(const std::vector<int64_t>& x_shape, const std::vector<int64_t>& w_shape,
+                           const std::vector<int64_t>* b_shape, const ConvAttributes& attrs,
+                           const InputIndex* index = nullptr);
 
 // The computed positions of a mask, in row-major order: position k of the compact output is
 // (positions[k] / out_w, positions[k] % out_w).

@@ -134,6 +134,33 @@ std::vector<uint8_t> ReadMask(const Ort::ConstValue& mask) {
   return result;
 }
 
+PerforatedConvInputs GetPerforatedConvInputs(const Ort::KernelContext& ctx) {
+  const size_t inputs = ctx.GetInputCount();
+  if (inputs != 4 && inputs != 5) throw OpError("expected 4 or 5 inputs (X, W, B or empty, mask, X_index)");
+  PerforatedConvInputs in;
+  in.x = ctx.GetInput(0), in.w = ctx.GetInput(1), in.b = ctx.GetInput(2), in.mask = ctx.GetInput(3);
+  if (inputs == 5) in.x_index = ctx.GetInput(4);
+  if (!in.x || !in.w || !in.mask) throw OpError("inputs X, W and mask are required");
+  in.x_shape = ShapeOf(in.x);
+  in.w_shape = ShapeOf(in.w);
+  if (in.b) in.b_shape = ShapeOf(in.b);
+  return in;
+}
+
+std::shared_ptr<const InputIndex> ReadInputIndexInput(const Ort::ConstValue& x_index,
+                                                      const std::vector<int64_t>& x_shape) {
+  return std::make_shared<const InputIndex>(
+      ReadInputIndex(x_index.GetTensorData<int64_t>(), ShapeOf(x_index), x_shape));
+}
+
+std::vector<int64_t> GetCompactShape(const Ort::KernelContext& ctx) {
+  const auto yc = ctx.GetInput(0), index = ctx.GetInput(1);
+  if (!yc || !index) throw OpError("inputs Yc and index are required");
+  const auto shape = ShapeOf(yc);
+  if (shape.size() != 3) throw OpError("input Yc has shape " + ShapeToString(shape) + ", expected 3-D [N, M, K]");
+  return shape;
+}
+
 MaskInput ReadMaskInput(const Ort::ConstValue& mask) { return MaskInput{ReadMask(mask), ShapeOf(mask)}; }
 
 std::shared_ptr<const InterpolationIndex> ReadInterpolationIndex(const Ort::ConstValue& v) {

@@ -45,6 +45,21 @@ std::vector<int64_t> ShapeOf(const Ort::ConstValue& value);
 // The mask input (bool or uint8) as 0/1 bytes.
 std::vector<uint8_t> ReadMask(const Ort::ConstValue& mask);
 
+// PerforatedConv's inputs, present where required: X, W, B (empty when absent), mask, X_index (empty
+// when absent).
+struct PerforatedConvInputs {
+  Ort::ConstValue x, w, b, mask, x_index;
+  std::vector<int64_t> x_shape, w_shape, b_shape;
+};
+PerforatedConvInputs GetPerforatedConvInputs(const Ort::KernelContext& ctx);
+
+// X_index read and validated against the compact X (see conv_geometry.h).
+std::shared_ptr<const InputIndex> ReadInputIndexInput(const Ort::ConstValue& x_index,
+                                                      const std::vector<int64_t>& x_shape);
+
+// NNInterpolate's Yc input, checked to be 3-D [N, M, K]; with the index input, present.
+std::vector<int64_t> GetCompactShape(const Ort::KernelContext& ctx);
+
 // The mask input (bool or uint8) as 0/1 bytes with its shape.
 struct MaskInput {
   std::vector<uint8_t> values;
