@@ -11,94 +11,24 @@ the smallest row-major index). Times are CUDA-event times on one stream after wa
 repeats; "ours" is the perforated convolution plus the interpolation back to the full output, i.e. the
 drop-in replacement of the convolution. "of ideal" is the speedup divided by 1 / (1 - r).
 
-The kernels library is found through ONNX_PERFORATE_CUDA_KERNELS, next to
-onnx_perforate.cuda_library_path(), or in onnx_perforate/lib or build/*/cuda of this checkout.
+The kernels library is onnx_perforate.cuda_kernels_library_path() (ONNX_PERFORATE_CUDA_KERNELS, the
+package's lib folder, or next to the CUDA ops library) unless --library names one.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import os
 import statistics
 import sys
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-KERNELS_NAME = "libonnx_perforate_cuda_kernels.so"
+from onnx_perforate import cuda_kernels, cuda_kernels_library_path, masks
+from onnx_perforate.ops import nearest_index
 
 # (C, H=W, M): 3x3 convolutions, stride 1, pad 1.
 LAYERS = [(128, 56, 192), (256, 28, 256), (192, 13, 384)]
 RATES = [0.0, 0.5, 0.75]
-
-
-def find_library(explicit: str | None) -> Path:
-    candidates = []
-    if explicit:
-        candidates.append(Path(explicit))
-    if os.environ.get("ONNX_PERFORATE_CUDA_KERNELS"):
-        candidates.append(Path(os.environ["ONNX_PERFORATE_CUDA_KERNELS"]))
-    try:
-        sys.path.insert(0, str(ROOT))
-        import onnx_perforate
-
-        path = onnx_perforate.cuda_library_path()
-        if path:
-            candidates.append(Path(path).parent / KERNELS_NAME)
-        candidates.append(Path(onnx_perforate.__file__).resolve().parent / "lib" / KERNELS_NAME)
-    except Exception:  # noqa: BLE001 - the package is optional here
-        pass
-    candidates += [ROOT / "onnx_perforate" / "lib" / KERNELS_NAME] + sorted(ROOT.glob(f"build/*/cuda/{KERNELS_NAME}"))
-    for path in candidates:
-        if path.is_file():
-            return path
-    sys.exit(f"{KERNELS_NAME} not found: build with ONNX_PERFORATE_CUDA=ON pip install . "
-             "or set ONNX_PERFORATE_CUDA_KERNELS")
-
-
-def load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    i32, i64, f32, vp = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    lib.onnx_perforate_cuda_perforated_conv.argtypes = [vp, vp, vp, vp] + [i32] * 10 + [f32, f32, f32, vp, vp]
-    lib.onnx_perforate_cuda_perforated_conv.restype = i32
-    lib.onnx_perforate_cuda_nn_interpolate.argtypes = [vp, vp, i64, i32, i32, vp, vp]
-    lib.onnx_perforate_cuda_nn_interpolate.restype = i32
-    lib.onnx_perforate_cuda_error_string.argtypes = [i32]
-    lib.onnx_perforate_cuda_error_string.restype = ctypes.c_char_p
-    lib.onnx_perforate_build_gather_table.argtypes = (
-        [i64] * 12 + [vp, i64, i64, vp, ctypes.POINTER(i64), ctypes.c_char_p, ctypes.c_size_t])
-    lib.onnx_perforate_build_gather_table.restype = i32
-    return lib
-
-
-def uniform_mask(h: int, w: int, rate: float, seed: int) -> np.ndarray:
-    keep = max(1, int(round((1.0 - rate) * h * w)))
-    mask = np.zeros(h * w, np.uint8)
-    mask[np.random.default_rng(seed).choice(h * w, keep, replace=False)] = 1
-    return mask.reshape(h, w)
-
-
-def nearest_index(mask: np.ndarray) -> np.ndarray:
-    ho, wo = mask.shape
-    ys, xs = np.nonzero(mask)
-    gy, gx = np.mgrid[0:ho, 0:wo]
-    d = (gy.reshape(-1, 1) - ys.reshape(1, -1)) ** 2 + (gx.reshape(-1, 1) - xs.reshape(1, -1)) ** 2
-    return np.argmin(d, axis=1).reshape(ho, wo)  # first minimum: smallest row-major index on ties
-
-
-def gather_table(lib, h, w, mask) -> np.ndarray:
-    """3x3, stride 1, pad 1 table from the library's shared geometry code."""
-    mask = np.ascontiguousarray(mask, np.uint8)
-    offsets = np.empty(9 * mask.size, np.int32)
-    count = ctypes.c_int64(0)
-    error = ctypes.create_string_buffer(512)
-    if lib.onnx_perforate_build_gather_table(h, w, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, mask.ctypes.data, mask.shape[0],
-                                             mask.shape[1], offsets.ctypes.data, ctypes.byref(count), error,
-                                             len(error)):
-        sys.exit(error.value.decode())
-    return offsets[: 9 * count.value].reshape(9, count.value)
 
 
 def time_ms(torch, fn, warmup: int, repeats: int, inner: int) -> float:
@@ -121,7 +51,7 @@ def time_ms(torch, fn, warmup: int, repeats: int, inner: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="batch 1 and 8 only, fewer repeats")
-    parser.add_argument("--library", help=f"path of {KERNELS_NAME}")
+    parser.add_argument("--library", help="path of libonnx_perforate_cuda_kernels.so")
     parser.add_argument("--batches", type=int, nargs="+", help="override the batch sizes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -134,7 +64,8 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = False  # FP32 against FP32
     torch.backends.cuda.matmul.allow_tf32 = False
-    lib = load(find_library(args.library))
+    library = args.library or cuda_kernels_library_path()
+    lib = cuda_kernels.load(library)
     batches = args.batches or ([1, 8] if args.quick else [1, 8, 64])
     warmup, repeats = (5, 7) if args.quick else (20, 25)
 
@@ -143,7 +74,7 @@ def main() -> None:
             raise RuntimeError(f"{what}: {lib.onnx_perforate_cuda_error_string(status).decode()}")
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
-          f"library: {find_library(args.library)}")
+          f"library: {library}")
     print()
     print("| layer (C, HxW -> M) | batch | r | cuDNN ms | ours ms | speedup | ideal 1/(1-r) | of ideal | max abs err (r=0) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -157,8 +88,9 @@ def main() -> None:
             reference = F.conv2d(x, weight, bias, padding=1)
             t_cudnn = time_ms(torch, lambda: F.conv2d(x, weight, bias, padding=1), warmup, repeats, inner)
             for rate in RATES:
-                mask = uniform_mask(hw, hw, rate, args.seed)
-                table = torch.from_numpy(gather_table(lib, hw, hw, mask)).cuda()
+                mask = np.asarray(masks.uniform((hw, hw), rate, seed=args.seed))
+                table = torch.from_numpy(
+                    cuda_kernels.gather_table(lib, hw, hw, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), mask)).cuda()
                 index = torch.from_numpy(nearest_index(mask).astype(np.int32)).cuda()
                 count = table.shape[1]
                 yc = torch.empty((n, m, count), device="cuda")

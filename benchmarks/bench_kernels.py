@@ -23,7 +23,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_perforate
-from onnx_perforate import ops
+from onnx_perforate import masks, ops
 
 # (name, C, H=W, M): AlexNet- and VGG-like 3x3 layers, padding 1.
 LAYERS = [
@@ -66,13 +66,6 @@ def perforated_model(c, hw, m, batch, w, b, mask):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
 
 
-def uniform_mask(hw, rate, rng):
-    keep = max(1, round((1 - rate) * hw * hw))
-    flat = np.zeros(hw * hw, dtype=bool)
-    flat[rng.permutation(hw * hw)[:keep]] = True
-    return flat.reshape(hw, hw)
-
-
 def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
     options = onnx_perforate.session_options(threads, allow_spinning=False)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -113,7 +106,7 @@ def main(argv=None):
         for threads in args.threads:
             base_session = session(base, threads)
             for rate in args.rates:
-                mask = uniform_mask(hw, rate, rng)
+                mask = np.asarray(masks.uniform((hw, hw), rate, seed=int(rng.integers(2**31))))
                 perforated = session(perforated_model(c, hw, m, args.batch, w, b, mask), threads)
                 t_base, t_perf = time_interleaved([base_session, perforated], {"x": x}, repeats)
                 achieved_rate = 1 - mask.mean()

@@ -14,6 +14,7 @@ DOMAIN = "onnx_perforate"
 OPSET_VERSION = 1
 _LIBRARY_NAME = "libonnx_perforate_ops.so"
 _CUDA_LIBRARY_NAME = "libonnx_perforate_ops_cuda.so"
+_CUDA_KERNELS_NAME = "libonnx_perforate_cuda_kernels.so"
 
 
 class LibraryNotFoundError(FileNotFoundError):
@@ -45,6 +46,16 @@ def library_path() -> str:
 def cuda_library_path() -> str | None:
     """Path of the library with CPU and CUDA kernels, or None when it was not built."""
     path = _find(_CUDA_LIBRARY_NAME, "ONNX_PERFORATE_CUDA_LIBRARY")
+    return str(path) if path else None
+
+
+def cuda_kernels_library_path() -> str | None:
+    """Path of the CUDA kernels' C entry points (no ORT; for tests and benchmarks through ctypes):
+    ``ONNX_PERFORATE_CUDA_KERNELS``, else the package's ``lib``, else next to the CUDA ops library."""
+    path = _find(_CUDA_KERNELS_NAME, "ONNX_PERFORATE_CUDA_KERNELS")
+    if path is None and cuda_library_path():
+        beside = Path(cuda_library_path()).parent / _CUDA_KERNELS_NAME
+        path = beside if beside.is_file() else None
     return str(path) if path else None
 
 

@@ -151,9 +151,8 @@ def rewrite(
     passes on or off together; ``fold_batchnorm``, ``fuse_activation`` and ``interpolate_late``
     override it one by one. ``compact`` (default) keeps perforated tensors compact through every
     position-wise consumer and lets perforated convolutions read compact inputs through ``X_index``
-    (docs/compact.md); ``compact=False`` gives the explicit form (one NNInterpolate per perforated Conv),
-    which is also what the CUDA kernels support. Use :func:`rewrite_with_report` to learn what each
-    pass did.
+    (docs/compact.md); ``compact=False`` gives the explicit form (one NNInterpolate per perforated Conv).
+    Use :func:`rewrite_with_report` to learn what each pass did.
     """
     return rewrite_with_report(
         model,

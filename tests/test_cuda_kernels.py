@@ -9,13 +9,12 @@
   entry points, keep the CPU library free of CUDA, and the host helpers (gather table, argument checks)
   behave.
 
-The kernels library is found through ``ONNX_PERFORATE_CUDA_KERNELS`` (a file), else next to
-``onnx_perforate.cuda_library_path()``, else in the package's ``lib`` directory or a local build tree.
+The kernels library is ``onnx_perforate.cuda_kernels_library_path()``: ``ONNX_PERFORATE_CUDA_KERNELS``
+(a file), else the package's ``lib`` directory, else next to ``onnx_perforate.cuda_library_path()``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import subprocess
@@ -25,11 +24,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from onnx_perforate import LibraryNotFoundError, cuda_kernels, cuda_kernels_library_path
+from onnx_perforate.cuda_kernels import ACTIVATIONS, gather_table
+from onnx_perforate.ops import conv_output_size, nearest_index
+
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS_NAME = "libonnx_perforate_cuda_kernels.so"
 OPS_CUDA_NAME = "libonnx_perforate_ops_cuda.so"
 OPS_CPU_NAME = "libonnx_perforate_ops.so"
-ACTIVATIONS = {"": 0, "Relu": 1, "LeakyRelu": 2, "Clip": 3}
 CUDA_ERROR_INVALID_VALUE = 1
 
 
@@ -56,74 +58,23 @@ def _candidate_dirs() -> list[Path]:
     return dirs
 
 
-def find_kernels_library() -> Path | None:
-    override = os.environ.get("ONNX_PERFORATE_CUDA_KERNELS")
-    if override:
-        return Path(override) if Path(override).is_file() else None
-    for d in _candidate_dirs():
-        if (d / KERNELS_NAME).is_file():
-            return d / KERNELS_NAME
-    return None
-
-
-def load_kernels(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    i32, i64, f32, vp = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    lib.onnx_perforate_cuda_perforated_conv.argtypes = [vp, vp, vp, vp] + [i32] * 10 + [f32, f32, f32, vp, vp]
-    lib.onnx_perforate_cuda_perforated_conv.restype = i32
-    lib.onnx_perforate_cuda_nn_interpolate.argtypes = [vp, vp, i64, i32, i32, vp, vp]
-    lib.onnx_perforate_cuda_nn_interpolate.restype = i32
-    lib.onnx_perforate_cuda_error_string.argtypes = [i32]
-    lib.onnx_perforate_cuda_error_string.restype = ctypes.c_char_p
-    lib.onnx_perforate_build_gather_table.argtypes = [i64] * 12 + [vp, i64, i64, vp, ctypes.POINTER(i64), ctypes.c_char_p, ctypes.c_size_t]
-    lib.onnx_perforate_build_gather_table.restype = i32
-    return lib
-
-
-def conv_output_size(h, w, kh, kw, stride, pads, dilation):
-    top, left, bottom, right = pads
-    ho = (h + top + bottom - ((kh - 1) * dilation[0] + 1)) // stride[0] + 1
-    wo = (w + left + right - ((kw - 1) * dilation[1] + 1)) // stride[1] + 1
-    return ho, wo
-
-
-def gather_table(lib, h, w, kh, kw, stride, pads, dilation, mask: np.ndarray) -> np.ndarray:
-    """The [kh*kw, K] int32 table, built by the library's shared geometry code."""
-    mask = np.ascontiguousarray(mask, dtype=np.uint8)
-    offsets = np.empty(kh * kw * mask.size, dtype=np.int32)
-    count = ctypes.c_int64(0)
-    error = ctypes.create_string_buffer(512)
-    status = lib.onnx_perforate_build_gather_table(
-        h, w, kh, kw, stride[0], stride[1], *pads, dilation[0], dilation[1], mask.ctypes.data, mask.shape[0],
-        mask.shape[1], offsets.ctypes.data, ctypes.byref(count), error, len(error))
-    if status:
-        raise ValueError(error.value.decode())
-    return offsets[: kh * kw * count.value].reshape(kh * kw, count.value)
-
-
-def nearest_index(mask: np.ndarray) -> np.ndarray:
-    """Index of the nearest computed position (Euclidean), ties to the smallest row-major index."""
-    ho, wo = mask.shape
-    ys, xs = np.nonzero(mask)  # row-major order = compact order
-    gy, gx = np.mgrid[0:ho, 0:wo]
-    d = (gy.reshape(-1, 1) - ys.reshape(1, -1)) ** 2 + (gx.reshape(-1, 1) - xs.reshape(1, -1)) ** 2
-    return np.argmin(d, axis=1).reshape(ho, wo).astype(np.int64)  # argmin: first minimum
-
-
 # --- fixtures ----------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def kernels_path() -> Path:
-    path = find_kernels_library()
+    try:
+        path = cuda_kernels_library_path()
+    except LibraryNotFoundError as error:  # ONNX_PERFORATE_CUDA_KERNELS names no file
+        pytest.skip(str(error))
     if path is None:
         pytest.skip(f"{KERNELS_NAME} not built (build with ONNX_PERFORATE_CUDA=ON, or set ONNX_PERFORATE_CUDA_KERNELS)")
-    return path
+    return Path(path)
 
 
 @pytest.fixture(scope="module")
 def kernels(kernels_path):
-    return load_kernels(kernels_path)
+    return cuda_kernels.load(str(kernels_path))
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +213,7 @@ def test_perforated_conv_matches_torch(runner, torch_cuda, case):
     weight = torch.randn((m, c // group, kh, kw), device="cuda", generator=gen) / np.sqrt(c // group * kh * kw)
     bias = torch.randn((m,), device="cuda", generator=gen) if with_bias else None
     alpha, clip_min, clip_max = 0.2, -0.5, 0.75
-    mask = make_mask(mask_kind, conv_output_size(h, w, kh, kw, stride, pads, dilation), rng)
+    mask = make_mask(mask_kind, conv_output_size((h, w), (kh, kw), stride, pads, dilation), rng)
     table = torch.from_numpy(gather_table(runner.lib, h, w, kh, kw, stride, pads, dilation, mask)).cuda()
 
     yc = runner.perforated_conv(x, weight, bias, table, group, activation, alpha, clip_min, clip_max)
@@ -350,7 +301,6 @@ def _ort_cuda():
 
 
 def _two_node_model(c, m, h, w, kernel, stride, pads, dilation, group, activation, mask, seed):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -396,7 +346,7 @@ def test_ort_cuda_provider_matches_cpu(case):
     ort, onnx_perforate = _ort_cuda()
     c, m, h, w, kernel, stride, pads, dilation, group, activation, mask_kind = case
     rng = np.random.default_rng(7)
-    ho, wo = conv_output_size(h, w, kernel, kernel, stride, pads, dilation)
+    ho, wo = conv_output_size((h, w), (kernel, kernel), stride, pads, dilation)
     mask = make_mask(mask_kind, (ho, wo), rng)
     model = _two_node_model(c, m, h, w, kernel, stride, pads, dilation, group, activation, mask, seed=3)
 
@@ -519,7 +469,7 @@ def _numpy_gather_table(h, w, kh, kw, stride, pads, dilation, mask):
 ])
 def test_gather_table_helper(kernels, geometry):
     h, w, kh, kw, stride, pads, dilation = geometry
-    ho, wo = conv_output_size(h, w, kh, kw, stride, pads, dilation)
+    ho, wo = conv_output_size((h, w), (kh, kw), stride, pads, dilation)
     rng = np.random.default_rng(0)
     for kind in ("ones", "single", "r=0.5", "grid"):
         mask = make_mask(kind, (ho, wo), rng)

@@ -1,0 +1,51 @@
+"""ctypes binding of the CUDA kernels' C entry points (``custom_ops/cuda/kernels.h``).
+
+For the GPU tests and benchmark, which drive the kernels on PyTorch CUDA tensors without ONNX Runtime
+(a GPU machine may have only the CPU build of onnxruntime). Device pointers and the stream are passed
+as integers (``tensor.data_ptr()``, ``torch.cuda.current_stream().cuda_stream``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from ._library import LibraryNotFoundError, cuda_kernels_library_path
+
+ACTIVATIONS = {"": 0, "Relu": 1, "LeakyRelu": 2, "Clip": 3}  # custom_ops/shared/conv_geometry.h order
+
+
+def load(path: str | None = None) -> ctypes.CDLL:
+    """The kernels library (``cuda_kernels_library_path()`` unless ``path``) with its signatures declared."""
+    path = path or cuda_kernels_library_path()
+    if path is None:
+        raise LibraryNotFoundError("libonnx_perforate_cuda_kernels.so is not built (build with ONNX_PERFORATE_CUDA=ON, "
+                                   "or set ONNX_PERFORATE_CUDA_KERNELS)")
+    lib = ctypes.CDLL(str(path))
+    i32, i64, f32, vp = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+    lib.onnx_perforate_cuda_perforated_conv.argtypes = [vp, vp, vp, vp] + [i32] * 10 + [f32, f32, f32, vp, vp]
+    lib.onnx_perforate_cuda_perforated_conv.restype = i32
+    lib.onnx_perforate_cuda_nn_interpolate.argtypes = [vp, vp, i64, i32, i32, vp, vp]
+    lib.onnx_perforate_cuda_nn_interpolate.restype = i32
+    lib.onnx_perforate_cuda_error_string.argtypes = [i32]
+    lib.onnx_perforate_cuda_error_string.restype = ctypes.c_char_p
+    lib.onnx_perforate_build_gather_table.argtypes = (
+        [i64] * 12 + [vp, i64, i64, vp, ctypes.POINTER(i64), ctypes.c_char_p, ctypes.c_size_t])
+    lib.onnx_perforate_build_gather_table.restype = i32
+    return lib
+
+
+def gather_table(lib: ctypes.CDLL, h, w, kh, kw, stride, pads, dilation, mask: np.ndarray) -> np.ndarray:
+    """The [kh*kw, K] int32 gather table, built by the library's shared geometry code; raises
+    ValueError with the library's message for bad geometry."""
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    offsets = np.empty(kh * kw * mask.size, dtype=np.int32)
+    count = ctypes.c_int64(0)
+    error = ctypes.create_string_buffer(512)
+    status = lib.onnx_perforate_build_gather_table(
+        h, w, kh, kw, stride[0], stride[1], *pads, dilation[0], dilation[1], mask.ctypes.data, mask.shape[0],
+        mask.shape[1], offsets.ctypes.data, ctypes.byref(count), error, len(error))
+    if status:
+        raise ValueError(error.value.decode())
+    return offsets[: kh * kw * count.value].reshape(kh * kw, count.value)
