@@ -378,7 +378,8 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                     bar.set_postfix_str(f"trying {name} ({number}/{len(units)})")
                 rate = ladder[rungs[name] + 1]
                 trial = dict(current, **{name: ladder_masks.mask(name, rate, current[name])})
-                measured = meter.measure(_perforate(original, ladder_masks.expand(trial)))
+                candidate = _perforate(original, ladder_masks.expand(trial))
+                measured = meter.measure(candidate)
                 gain = base["time"] - measured["time"]
                 cost = (measured["loss"] - base["loss"]) / gain if gain > 0 else math.inf
                 log.debug("candidate %s -> %.2f: loss %.4f, %.2f ms, cost %.4g", name, rate, measured["loss"],
@@ -387,14 +388,13 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 # take the fastest one, so the search moves towards the rates that do pay.
                 rank = (cost, measured["loss"]) if math.isfinite(cost) else (math.inf, measured["time"])
                 if best is None or rank < best[0]:
-                    best = (rank, name, trial, measured)
+                    best = (rank, name, trial, candidate, measured)
             if best is None:
                 break
-            (cost, _), name, trial, measured = best
+            (cost, _), name, trial, candidate, measured = best
             # The winner is the candidate that happened to time fastest: re-time it with twice the
             # runs so the recorded curve is not biased by that selection.
-            chosen = meter.session(_perforate(original, ladder_masks.expand(trial)))
-            measured = dict(measured, time=meter.time(chosen, 2 * repeats))
+            measured = dict(measured, time=meter.time(meter.session(candidate), 2 * repeats))
             accuracy = measured["top1"] if measured["top1"] is not None else measured["agreement"]
             if max_accuracy_drop is not None and accuracy0 - accuracy > max_accuracy_drop:
                 stopped = (f"the next step ({name} -> {ladder[rungs[name] + 1]:g}) would drop accuracy by "
