@@ -335,6 +335,26 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .finetune import finetune
+    from .graph import load_model, save_model, write_json
+
+    original = load_model(args.original)
+    dataset = _load_dataset(args, original)
+    result = finetune(
+        args.perforated, original, dataset, method=args.method, parameters=args.parameters, epochs=args.epochs,
+        batch_size=args.batch, learning_rate=args.lr, label_weight=args.label_weight, holdout=args.holdout,
+        patience=args.patience, augment=args.augment, seed=args.seed, threads=args.threads,
+        checkpoint=args.checkpoint, progress=not args.no_progress, time_budget_s=args.time_budget,
+    )
+    save_model(result.model, args.output)
+    report = args.report or str(Path(args.output).with_suffix(".json"))
+    write_json(result.to_dict(), report)
+    print(result.summary())
+    print(f"model in {args.output}, history in {report}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Parser and entry point
 
@@ -492,6 +512,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=15, help="timed runs per candidate (median)")
     p.add_argument("--checkpoint", help="JSON file written after every step; resumes from it if it exists")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("finetune", parents=[common], epilog=EPILOG,
+                       help="recover the accuracy a perforated model lost (distillation, bias correction, BN)",
+                       description="Train the perforated model to reproduce the original model's outputs on the "
+                       "data (labels mixed in when given), with gradients from an onnx-ad derivative graph run in "
+                       "ONNX Runtime, or apply a training-free correction. Every fifth image (interleaved) is held "
+                       "out for early stopping; the result is never worse on it than the input.")
+    p.add_argument("perforated", help="the perforated model (from perforate or tune)")
+    p.add_argument("--original", required=True, help="the model it was made from")
+    _add_data_arguments(p)
+    p.add_argument("-o", "--output", required=True, help="where to write the recovered model")
+    p.add_argument("--report", help="JSON history (default: OUTPUT with .json)")
+    p.add_argument("--method", choices=["distill", "bias_correction", "bn_reestimation"], default="distill")
+    p.add_argument("--parameters", choices=["all", "perforated", "biases"], default="all",
+                   help="what trains (distill): every layer, the perforated layers and their consumers, or "
+                   "biases and BatchNorm only (default: all)")
+    p.add_argument("--epochs", type=int, default=12, help="most epochs (default: 12; early stopping may end sooner)")
+    p.add_argument("--batch", type=int, default=32, help="training batch size (default: 32)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak Adam learning rate, cosine decay (default: 1e-4)")
+    p.add_argument("--label-weight", type=float,
+                   help="share of the labels in the target distribution (default: 0.5 with labels, else 0)")
+    p.add_argument("--holdout", type=float, default=0.2, help="fraction of images held out (default: 0.2)")
+    p.add_argument("--patience", type=int, default=3, help="epochs without held-out improvement before stopping")
+    p.add_argument("--augment", choices=["auto", "none", "flip", "crop", "flip+crop"], default="auto",
+                   help="image augmentation (default auto: flips and crops for 4-D image inputs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="intra-op threads")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after the epoch that passes this")
+    p.add_argument("--checkpoint", help=".npz written after every epoch; resumes from it if it exists")
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 

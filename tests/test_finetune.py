@@ -1,0 +1,254 @@
+"""Tests for onnx_perforate.finetune: weight gradients of the perforated network, distillation and the
+training-free recoveries on the bundled Fashion-MNIST CNN, determinism, resume and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import SAMPLE_MODELS
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from onnx_perforate import PerforateError, rewrite
+from onnx_perforate.cli import main
+from onnx_perforate.finetune import PerforatedTrainer, finetune, perforation_masks, trainable_parameters
+from onnx_perforate.inspection import inspect
+from onnx_perforate.masks import grid
+
+MODEL = SAMPLE_MODELS / "fashion_cnn.onnx"
+DATA = SAMPLE_MODELS / "fashion_mnist_subset.npz"
+
+
+@pytest.fixture(scope="module")
+def sample():
+    original = onnx.load(MODEL)
+    masks = {r.name: np.asarray(grid(tuple(r.output_shape[2:]), 0.5)) for r in inspect(original) if r.perforable}
+    with np.load(DATA) as data:
+        images, labels = data["images"].astype(np.float32), data["labels"].astype(np.int64)
+    return original, rewrite(original, masks), masks, images, labels
+
+
+def _data(images, labels=None, count=200):
+    # every fifth image: all ten classes (the subset is sorted by class)
+    idx = np.arange(0, 1000, 1000 // count)[:count]
+    return [({"image": images[idx]}, None if labels is None else labels[idx])]
+
+
+# ------------------------------------------------------------------------------------------------ gradients
+
+
+def _to_double(model):
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    for i, tensor in enumerate(graph.initializer):
+        array = numpy_helper.to_array(tensor)
+        if array.dtype == np.float32:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(array.astype(np.float64), tensor.name))
+    for value in list(graph.input) + list(graph.output):
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    graph.ClearField("value_info")
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+            if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
+                a.i = TensorProto.DOUBLE
+    return result
+
+
+def test_weight_gradients_match_float64_central_differences(sample):
+    """dL/dW of the perforated network (first conv, a BatchNorm shift, the classifier) from the ORT
+    derivative graph against central differences of the same forward graph evaluated in float64 by the
+    ONNX reference evaluator: |g - fd| <= 1e-3 |fd| + 1e-5 max|g| (see tests/test_gradients.py)."""
+    original, _, masks, images, labels = sample
+    params = ["conv1.weight", "bn3.bias", "fc.weight"]
+    trainer = PerforatedTrainer(original, masks, params, batch_size=2, threads=1)
+    x = images[::500][:2]
+    target = np.full((2, 10), 0.02, np.float32)
+    target[np.arange(2), labels[::500][:2]] = 0.82
+    _, grads = trainer.loss_and_gradients(x, target)
+
+    double = ReferenceEvaluator(_to_double(trainer.forward_model))
+    gm = trainer.gradient_model
+    feeds = {trainer.input_name: x.astype(np.float64), gm.target: target.astype(np.float64)}
+    feeds.update({k: v.astype(np.float64) for k, v in trainer.zero_taps.items()})
+    rng = np.random.default_rng(3)
+    for name in params:
+        g = grads[name]
+        flat = np.abs(g).ravel()
+        picks = list(np.argsort(flat)[-2:]) + list(rng.choice(flat.size, 1))
+        for p in picks:
+            index = np.unravel_index(p, g.shape)
+            losses = []
+            for sign in (1, -1):
+                values = {k: v.astype(np.float64) for k, v in trainer.values.items()}
+                values[name][index] += sign * 1e-4
+                run = dict(feeds, **{trainer.forward_feeds[k]: v for k, v in values.items()})
+                losses.append(float(double.run([gm.loss], run)[0]))
+            fd = (losses[0] - losses[1]) / 2e-4
+            assert abs(g[index] - fd) <= 1e-3 * abs(fd) + 1e-5 * flat.max(), (name, index, g[index], fd)
+
+
+def test_trainable_parameter_choices(sample):
+    original, _, masks, _, _ = sample
+    every = trainable_parameters(original, "all", masks)
+    assert "conv1.weight" in every and "fc.weight" in every and "bn1.running_mean" not in every
+    biases = trainable_parameters(original, "biases", masks)
+    assert "conv1.weight" not in biases and "bn1.bias" in biases and "fc.bias" in biases
+    only = trainable_parameters(original, "perforated", {"conv5": masks["conv5"]})
+    # conv5, the BatchNorm after it and the classifier it feeds; not the layers before
+    assert "conv5.weight" in only and "bn5.weight" in only and "fc.weight" in only
+    assert "conv4.weight" not in only
+
+
+# ------------------------------------------------------------------------------------------------ recovery
+
+
+def _deployed_agreement(model, original, x):
+    from onnx_perforate.fallback import session
+
+    a = session(model, 1).run(None, {"image": x})[0].argmax(1)
+    b = session(original, 1).run(None, {"image": x})[0].argmax(1)
+    return float((a == b).mean())
+
+
+def test_distillation_lowers_heldout_loss_in_the_deployed_model(sample, require_library):
+    original, perforated, masks, images, labels = sample
+    result = finetune(perforated, original, _data(images, labels), epochs=2, progress=False, threads=1)
+    assert result.improved
+    assert result.after["loss"] < result.before["loss"]
+    assert result.after["agreement"] > result.before["agreement"]
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    # the trained values went into the perforated model itself: same graph, new initializers
+    assert [n.op_type for n in result.model.graph.node] == [n.op_type for n in perforated.graph.node]
+    before = {t.name: numpy_helper.to_array(t) for t in perforated.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert before.keys() == after.keys()
+    folded = "conv1.weight_2"  # conv1 with bn1 folded in (the original's "conv1.weight" is gone)
+    assert folded in after and not np.array_equal(before[folded], after[folded])
+    # and the deployed model agrees with what training measured on the held-out images
+    held = np.setdiff1d(np.arange(200), np.unique(np.linspace(0, 199, 160).round().astype(int)))
+    x = _data(images)[0][0]["image"][held]
+    assert _deployed_agreement(result.model, original, x) == pytest.approx(result.after["agreement"])
+
+
+def test_never_returns_a_worse_model(sample):
+    original, perforated, _, images, labels = sample
+    result = finetune(perforated, original, _data(images, labels, 100), epochs=1, learning_rate=5.0,
+                      progress=False, threads=1)
+    assert not result.improved
+    assert result.model.SerializeToString() == perforated.SerializeToString()
+    assert result.after == result.before
+
+
+@pytest.mark.parametrize("method", ["bias_correction", "bn_reestimation"])
+def test_training_free_methods(sample, method):
+    original, perforated, _, images, _ = sample
+    result = finetune(perforated, original, _data(images), method=method, progress=False, threads=1)
+    assert result.improved and result.after["loss"] < result.before["loss"]
+    names = {t.name for t in perforated.graph.initializer}
+    assert {t.name for t in result.model.graph.initializer} == names
+
+
+def test_seeded_runs_are_identical(sample):
+    original, perforated, _, images, labels = sample
+    runs = [finetune(perforated, original, _data(images, labels, 100), epochs=1, seed=seed, progress=False,
+                     threads=1) for seed in (4, 4, 5)]
+    weights = [{t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer} for r in runs]
+    assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert any(not np.array_equal(weights[0][k], weights[2][k]) for k in weights[0])
+    assert runs[0].history == [dict(h, elapsed_s=runs[0].history[i]["elapsed_s"])
+                               for i, h in enumerate(runs[1].history)]
+
+
+def test_resume_continues_after_the_saved_epoch(sample, tmp_path):
+    original, perforated, _, images, labels = sample
+    data = _data(images, labels, 100)
+    checkpoint = tmp_path / "finetune.npz"
+    common = dict(epochs=2, patience=5, seed=1, progress=False, threads=1)
+    first = finetune(perforated, original, data, checkpoint=checkpoint, time_budget_s=1e-9, **common)
+    assert [h["epoch"] for h in first.history] == [0, 1] and checkpoint.exists()
+    resumed = finetune(perforated, original, data, checkpoint=checkpoint, **common)
+    assert resumed.settings["resumed_epochs"] == 1
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    straight = finetune(perforated, original, data, **common)
+    a = {t.name: numpy_helper.to_array(t) for t in resumed.model.graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in straight.model.graph.initializer}
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(PerforateError, match="other settings"):
+        finetune(perforated, original, data, checkpoint=checkpoint, **dict(common, seed=2))
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_perforated_model_must_match_the_original(sample):
+    original, perforated, masks, images, _ = sample
+    changed = onnx.ModelProto()
+    changed.CopyFrom(perforated)
+    weight = next(t for t in changed.graph.initializer if t.name.startswith("conv2.weight"))
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.5, weight.name))
+    with pytest.raises(PerforateError, match="does not match the original"):
+        finetune(changed, original, _data(images, count=20), progress=False)
+    squeeze = onnx.load(SAMPLE_MODELS / "fashion_squeeze.onnx")
+    with pytest.raises(PerforateError, match="has no Conv of that name"):
+        shape = next(tuple(r.output_shape[2:]) for r in inspect(squeeze) if r.name == "fire2/expand3x3")
+        perforation_masks(rewrite(squeeze, {"fire2/expand3x3": np.asarray(grid(shape, 0.5))}), original)
+    with pytest.raises(PerforateError, match="no PerforatedConv"):
+        finetune(original, original, _data(images, count=20), progress=False)
+
+
+def test_labels_of_the_wrong_shape(sample):
+    original, perforated, _, images, labels = sample
+    x = images[:20]
+    with pytest.raises(PerforateError, match="40 labels for 20 images"):
+        finetune(perforated, original, [({"image": x}, np.stack([labels[:20]] * 2, 1))], progress=False)
+    with pytest.raises(PerforateError, match="class indices in"):
+        finetune(perforated, original, [({"image": x}, labels[:20] + 10)], progress=False)
+
+
+def test_model_that_cannot_be_differentiated():
+    """MaxRoiPool has no reverse rule in onnx-ad: the error names it."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((0.3 * rng.standard_normal((4, 3, 3, 3))).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([[0, 0, 0, 7, 7]], np.float32), "rois"),
+             numpy_helper.from_array((0.3 * rng.standard_normal((16, 5))).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("MaxRoiPool", ["c", "rois"], ["roi"], pooled_shape=[2, 2], name="roi"),
+             helper.make_node("Flatten", ["roi"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "fc"], ["logits"])]
+    graph = helper.make_graph(nodes, "roi", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    perforated = rewrite(model, {"conv": np.asarray(grid((8, 8), 0.5))})
+    data = [{"x": rng.uniform(0, 1, (1, 3, 8, 8)).astype(np.float32)} for _ in range(6)]
+    with pytest.raises(PerforateError, match="MaxRoiPool 'roi'"):
+        finetune(perforated, model, data, batch_size=1, progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_finetune(sample, tmp_path, capsys):
+    original, perforated, _, images, labels = sample
+    onnx.save(perforated, tmp_path / "perforated.onnx")
+    idx = np.arange(0, 1000, 10)
+    np.savez(tmp_path / "data.npz", images=images[idx], labels=labels[idx])
+    out = tmp_path / "recovered.onnx"
+    code = main(["finetune", str(tmp_path / "perforated.onnx"), "--original", str(MODEL), "--data",
+                 str(tmp_path / "data.npz"), "-o", str(out), "--method", "bn_reestimation", "--no-progress",
+                 "--threads", "1"])
+    assert code == 0 and out.exists()
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["method"] == "bn_reestimation" and report["after"]["loss"] <= report["before"]["loss"]
+    assert "held-out 20 images" in capsys.readouterr().out
+    code = main(["finetune", str(out), "--original", str(SAMPLE_MODELS / "fashion_squeeze.onnx"), "--data",
+                 str(tmp_path / "data.npz"), "-o", str(tmp_path / "x.onnx"), "--no-progress"])
+    assert code == 1 and "does not match the original" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
