@@ -45,6 +45,8 @@ _EXPORTS = {
     "TuneResult": ("tuning", "TuneResult"),
     "TuneStep": ("tuning", "TuneStep"),
     "tune": ("tuning", "tune"),
+    "FinetuneResult": ("finetune", "FinetuneResult"),
+    "finetune": ("finetune", "finetune"),
 }
 
 __all__ = list(_EXPORTS)
@@ -113,4 +115,5 @@ if TYPE_CHECKING:  # static tools see the eager imports; runtime stays lazy
     from .inspection import ConvRecord, format_table, inspect
     from .rewrite import LayerReport, RewriteReport, rewrite, rewrite_with_report
     from .rewrite import save as rewrite_save
+    from .finetune import FinetuneResult, finetune
     from .tuning import TuneResult, TuneStep, tune
