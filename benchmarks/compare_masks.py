@@ -43,8 +43,8 @@ import onnx_perforate  # noqa: E402
 from onnx_perforate import masks as mask_kinds  # noqa: E402
 from onnx_perforate.calibration import CalibrationSet  # noqa: E402
 from onnx_perforate.data import PRESETS, load_folder  # noqa: E402
-from onnx_perforate.impact import spatial_convs  # noqa: E402
-from onnx_perforate.tuning import _as_probabilities  # noqa: E402  (the tuner's own loss, for comparable numbers)
+from onnx_perforate.impact import impact as impact_masks, spatial_convs  # noqa: E402
+from onnx_perforate.tuning import as_probabilities  # noqa: E402  (the tuner's own loss, for comparable numbers)
 
 from bench_models import latency, session  # noqa: E402
 
@@ -105,7 +105,7 @@ SETUPS = {"squeezenet": squeezenet, "cifar": cifar}
 def evaluate(model: onnx.ModelProto, data: CalibrationSet, batch: int, threads: int = 2) -> dict:
     """NLL of the labels, top-1 and top-5 of ``model`` on ``data``."""
     sess = session(model, threads)
-    probs = _as_probabilities(np.concatenate([sess.run(None, feeds)[0] for feeds, _ in data.batches(batch)]))
+    probs = as_probabilities(np.concatenate([sess.run(None, feeds)[0] for feeds, _ in data.batches(batch)]))
     labels = data.labels
     ranks = np.argsort(-probs, axis=1)
     return {
@@ -137,7 +137,7 @@ def build_masks(setup: Setup, kind: str, rate: float, *, impact_batch: int, thre
         return masks, ([f"pooling: {len(fallbacks)}/{len(masks)} layers have no pooling after them and use "
                         f"uniform masks ({', '.join(fallbacks)})"] if fallbacks else [])
     steps = 3 if kind == "iterative impact" else 1
-    return mask_kinds.impact(setup.model, setup.calibration, rate, steps=steps, batch_size=impact_batch,
+    return impact_masks(setup.model, setup.calibration, rate, steps=steps, batch_size=impact_batch,
                              threads=threads), []
 
 

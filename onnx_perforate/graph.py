@@ -126,7 +126,17 @@ def node_key(node) -> str:
     return node.name or node.output[0]
 
 
-def _light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def unique_name(base: str, taken: set) -> str:
+    """``base``, else ``base_2``, ``base_3``...: the first name not in ``taken``, which is added to it."""
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model without large initializer payloads: those become typed graph inputs."""
     light = onnx.ModelProto()
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
@@ -171,7 +181,7 @@ def _collect(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
     """``{tensor name: (elem_type, dims)}`` after ONNX shape inference; a dim is an int, a symbolic
     name or None. Old opsets whose Conv shapes stay unknown are converted (a copy, for the shapes only)."""
-    light = _light_copy(model)
+    light = light_copy(model)
     inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
     shapes = _collect(inferred)
     if default_opset(model) < 11 and not _conv_shapes_known(model, shapes):
@@ -192,17 +202,6 @@ def _conv_shapes_known(model, shapes) -> bool:
         if node.op_type == "Conv" and shapes.get(node.output[0], (0, None))[1] is None:
             return False
     return True
-
-
-def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Values of initializers and ``Constant`` node outputs, by tensor name."""
-    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            value = constant_node_value(node.attribute)
-            if value is not None:
-                values[node.output[0]] = value
-    return values
 
 
 def constant_node_value(attributes) -> np.ndarray | None:
@@ -265,7 +264,8 @@ def find_node(model: onnx.ModelProto, key: str) -> onnx.NodeProto | None:
     return None
 
 
-def _attrs(node) -> dict:
+def node_attributes(node) -> dict:
+    """A NodeProto's attributes as {name: Python value}."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -280,7 +280,7 @@ def conv_geometry(node: onnx.NodeProto, shapes: dict) -> ConvGeometry:
         )
     if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
         raise UnsupportedNodeError(f"node {key!r} is a {node.op_type}, expected an ONNX Conv")
-    attrs = _attrs(node)
+    attrs = node_attributes(node)
     x_type, x_shape = shapes.get(node.input[0], (0, None))
     w_shape = shapes.get(node.input[1], (0, None))[1]
     y_shape = shapes.get(node.output[0], (0, None))[1]

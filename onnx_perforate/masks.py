@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import EmptyMaskError, MaskError, PerforateError
+from .errors import EmptyMaskError, MaskError, PerforateError, UnknownNodeError
+from .graph import conv_geometry, consumers, find_node, infer_shapes, load_model, node_attributes
+from .passes.op_table import keeps_grid
 
 log = logging.getLogger(__name__)
-
-KINDS = ("uniform", "grid", "pooling", "impact", "iterative_impact", "custom")
-
 
 @dataclass(frozen=True)
 class Mask:
@@ -138,26 +137,16 @@ def grid(shape, rate: float) -> Mask:
     return mask
 
 
-# Ops through which a tensor keeps its spatial layout position for position.
-_SPATIAL_PASSTHROUGH = {
-    "Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "BatchNormalization", "Add", "Mul", "Sub", "Div",
-    "Dropout", "Identity", "Concat", "PRelu", "Elu", "Selu", "HardSigmoid", "HardSwish", "Softplus",
-}
-
-
 def pooling_weights(model, conv: str) -> tuple[np.ndarray, dict]:
     """For each output position of ``conv``, how many windows of the next MaxPool/AveragePool read it.
 
-    Follows the Conv's output through position-wise ops (activations, BN, Add/Mul, Concat, Dropout)
-    to the first pooling node. Raises :class:`PerforateError` when no such pooling follows.
+    Follows the Conv's output through the ops that keep its grid (``passes.op_table.keeps_grid``:
+    activations, BN, Add/Mul, channel Concat, Dropout...) to the first pooling node. Raises
+    :class:`PerforateError` when no such pooling follows.
     """
-    from .graph import conv_geometry, consumers, find_node, infer_shapes, load_model, _attrs
-
     model = load_model(model)
     node = find_node(model, conv)
     if node is None:
-        from .errors import UnknownNodeError
-
         raise UnknownNodeError(f"no node named {conv!r} (nor producing a tensor of that name)")
     geometry = conv_geometry(node, infer_shapes(model))
     ho, wo = geometry.out_hw
@@ -170,8 +159,8 @@ def pooling_weights(model, conv: str) -> tuple[np.ndarray, dict]:
                 continue
             seen.add(id(user))
             if user.op_type in ("MaxPool", "AveragePool"):
-                return _window_counts((ho, wo), _attrs(user)), {"pool": user.name or user.output[0]}
-            if user.op_type in _SPATIAL_PASSTHROUGH:
+                return _window_counts((ho, wo), node_attributes(user)), {"pool": user.name or user.output[0]}
+            if keeps_grid(user):
                 frontier.extend(o for o in user.output[:1])
     raise PerforateError(
         f"Conv {geometry.key!r}: no MaxPool/AveragePool follows it through position-wise ops, "
@@ -223,8 +212,6 @@ def pooling_structure(model, conv: str, rate: float, *, seed: int = 0, fallback:
     except PerforateError as exc:
         if not fallback or "pooling-structure" not in str(exc):
             raise
-        from .graph import conv_geometry, find_node, infer_shapes, load_model
-
         loaded = load_model(model)
         shape = conv_geometry(find_node(loaded, conv), infer_shapes(loaded)).out_hw
         log.warning("%s; using a uniform mask instead", exc)
@@ -258,11 +245,3 @@ def make(kind: str, shape, rate: float, *, seed: int = 0, model=None, conv: str 
             raise MaskError("a pooling-structure mask needs the model and the Conv's name")
         return pooling_structure(model, conv, rate, seed=seed)
     raise MaskError(f"unknown mask kind {kind!r}; expected uniform, grid or pooling")
-
-
-def impact(model, data, rates, **options) -> dict:
-    """Impact masks from calibration data, {Conv name: Mask}; see :func:`onnx_perforate.impact.impact`
-    (``steps`` > 1 for the iterative variant, recomputed on the perforated network)."""
-    from .impact import impact as impact_masks
-
-    return impact_masks(model, data, rates, **options)

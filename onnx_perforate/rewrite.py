@@ -22,23 +22,24 @@ from .errors import EmptyMaskError, MaskShapeError, PerforateError, UnknownNodeE
 from .graph import (
     QUANTIZED_CONVS,
     ConvGeometry,
-    _light_copy,
     conv_geometry,
     default_opset,
     find_node,
     infer_shapes,
+    light_copy,
     load_model,
     model_size,
     node_key,
+    save_model,
 )
 from .masks import Mask, as_mask
+from .passes.activation import fuse_activation
+from .passes.batchnorm import fold_batchnorm
+from .passes.compact import CompactOptions, propagate
+from .passes.interpolate_late import interpolate_late
+from .passes.surgery import Refusal, Surgeon
 
 log = logging.getLogger(__name__)
-
-# Unary ops applied value by value: they commute with gathering positions (NNInterpolate).
-_POSITIONWISE_UNARY = ("Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip")
-# Binary ops that commute with NNInterpolate when the other operand is constant per channel.
-_PER_CHANNEL_BINARY = ("Add", "Mul", "Sub", "Div")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,84 +134,80 @@ class RewriteReport:
 # Public API
 
 
-def rewrite(
-    model,
-    masks: dict,
-    *,
-    fuse: bool = True,
-    compact: bool = True,
-    fold_batchnorm: bool | None = None,
-    fuse_activation: bool | None = None,
-    interpolate_late: bool | None = None,
-    compact_options=None,
-) -> onnx.ModelProto:
+@dataclass(frozen=True)
+class RewriteOptions:
+    """Which passes :func:`rewrite` runs (docs/rewriter.md). All on by default."""
+
+    fold_batchnorm: bool = True
+    fuse_activation: bool = True
+    interpolate_late: bool = True
+    compact: bool = True
+    compact_options: CompactOptions = field(default_factory=CompactOptions)
+
+    @classmethod
+    def from_flags(cls, *, fuse: bool = True, compact: bool = True, fold_batchnorm: bool | None = None,
+                   fuse_activation: bool | None = None, interpolate_late: bool | None = None,
+                   compact_options: CompactOptions | None = None) -> "RewriteOptions":
+        """``fuse`` turns the three local passes on or off together; ``fold_batchnorm``,
+        ``fuse_activation`` and ``interpolate_late`` override it one by one."""
+        return cls(
+            fold_batchnorm=fuse if fold_batchnorm is None else fold_batchnorm,
+            fuse_activation=fuse if fuse_activation is None else fuse_activation,
+            interpolate_late=fuse if interpolate_late is None else interpolate_late,
+            compact=compact,
+            compact_options=compact_options or CompactOptions(),
+        )
+
+    @classmethod
+    def resolve(cls, options: "RewriteOptions | None", flags: dict) -> "RewriteOptions":
+        if options is not None and flags:
+            raise TypeError(f"give either options or the flags {sorted(flags)}, not both")
+        return options if options is not None else cls.from_flags(**flags)
+
+
+def rewrite(model, masks: dict, options: RewriteOptions | None = None, **flags) -> onnx.ModelProto:
     """Perforate the Conv nodes named in ``masks`` and return the new model (the input is untouched).
 
     ``masks`` maps a Conv's name (or, for an unnamed Conv, its output tensor's name) to a bool array
-    [Ho, Wo] (True = computed) or a :class:`~onnx_perforate.masks.Mask`. ``fuse`` turns the three graph
-    passes on or off together; ``fold_batchnorm``, ``fuse_activation`` and ``interpolate_late``
-    override it one by one. ``compact`` (default) keeps perforated tensors compact through every
-    position-wise consumer and lets perforated convolutions read compact inputs through ``X_index``
-    (docs/compact.md); ``compact=False`` gives the explicit form (one NNInterpolate per perforated Conv).
+    [Ho, Wo] (True = computed) or a :class:`~onnx_perforate.masks.Mask`. The passes are chosen by
+    ``options`` (a :class:`RewriteOptions`) or by the keyword flags of
+    :meth:`RewriteOptions.from_flags`: ``fuse`` turns the three local passes on or off together;
+    ``fold_batchnorm``, ``fuse_activation`` and ``interpolate_late`` override it one by one.
+    ``compact`` (default) keeps perforated tensors compact through every position-wise consumer and
+    lets perforated convolutions read compact inputs through ``X_index`` (docs/compact.md);
+    ``compact=False`` gives the explicit form (one NNInterpolate per perforated Conv).
     Use :func:`rewrite_with_report` to learn what each pass did.
     """
-    return rewrite_with_report(
-        model,
-        masks,
-        fuse=fuse,
-        compact=compact,
-        compact_options=compact_options,
-        fold_batchnorm=fold_batchnorm,
-        fuse_activation=fuse_activation,
-        interpolate_late=interpolate_late,
-    )[0]
+    return rewrite_with_report(model, masks, options, **flags)[0]
 
 
-def rewrite_with_report(
-    model,
-    masks: dict,
-    *,
-    fuse: bool = True,
-    compact: bool = True,
-    fold_batchnorm: bool | None = None,
-    fuse_activation: bool | None = None,
-    interpolate_late: bool | None = None,
-    compact_options=None,
-) -> tuple[onnx.ModelProto, RewriteReport]:
+def rewrite_with_report(model, masks: dict, options: RewriteOptions | None = None,
+                        **flags) -> tuple[onnx.ModelProto, RewriteReport]:
     """Like :func:`rewrite`, and also returns a :class:`RewriteReport`."""
-    passes = _Passes(
-        fold_batchnorm=fuse if fold_batchnorm is None else fold_batchnorm,
-        fuse_activation=fuse if fuse_activation is None else fuse_activation,
-        interpolate_late=fuse if interpolate_late is None else interpolate_late,
-    )
+    options = RewriteOptions.resolve(options, flags)
     original = load_model(model)
     shapes = infer_shapes(original)
     plan = _plan(original, shapes, masks)
     report = RewriteReport(total_conv_macs=_total_conv_macs(original, shapes))
 
     graph = gs.import_onnx(original)
-    surgeon = _Surgeon(graph, default_opset(original), passes)
+    surgeon = Surgeon(graph, default_opset(original))
     # Tensor names are unique (SSA), node names need not be: find the gs node by its output.
     by_output = {n.outputs[0].name: n for n in graph.nodes if n.outputs}
+    seeds = []
     for geometry, mask in plan:
-        report.layers.append(surgeon.perforate(by_output[geometry.node.output[0]], geometry, mask))
-    if compact:
-        from .compact import propagate
-
-        propagate(surgeon, shapes, original, report, surgeon.seeds, compact_options)
+        layer, interpolate = _perforate(surgeon, by_output[geometry.node.output[0]], geometry, mask, options)
+        report.layers.append(layer)
+        seeds.append((layer, interpolate, mask.array.astype(bool)))
+    if options.compact:
+        propagate(surgeon, shapes, original, report, seeds, options.compact_options,
+                  fuse_activations=options.fuse_activation)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     result = _export(graph, original, report)
     _validate(result)
     for line in report.format().splitlines():
         log.debug("%s", line)
     return result, report
-
-
-@dataclass
-class _Passes:
-    fold_batchnorm: bool
-    fuse_activation: bool
-    interpolate_late: bool
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,243 +263,64 @@ def _total_conv_macs(model, shapes) -> int:
 # Surgery
 
 
-def _constant(tensor) -> np.ndarray | None:
-    """The value of an initializer or of a Constant node's output, else None."""
-    if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
-    if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
-        from .graph import constant_node_value
+def _perforate(surgeon: Surgeon, conv: gs.Node, geometry: ConvGeometry, mask: Mask, options: RewriteOptions):
+    """Replace ``conv`` by PerforatedConv + NNInterpolate, running the local passes on the way;
+    returns its :class:`LayerReport` and the NNInterpolate node."""
+    key = geometry.key
+    name = conv.name or key
+    attrs = copy.deepcopy(geometry.attributes)
+    x, w = conv.inputs[0], conv.inputs[1]
+    b = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
+    out = conv.outputs[0]
+    conv_output = out.name
+    layer = LayerReport(key=key, node=name, output=out.name, mask=mask.to_dict(), macs=geometry.macs,
+                        perforated_macs=geometry.macs * mask.computed // mask.array.size)
+    surgeon.detach(conv)
 
-        node = tensor.inputs[0]
-        value = node.attrs.get("value")
-        if isinstance(value, gs.Constant):
-            return np.asarray(value.values)
-        attrs = [onnx.helper.make_attribute(k, v) for k, v in node.attrs.items() if k.startswith("value_")]
-        return constant_node_value(attrs)
-    return None
+    def refused(pass_name: str, outcome) -> bool:
+        if isinstance(outcome, Refusal):
+            layer.skipped[pass_name] = outcome.reason
+            return True
+        return False
 
+    if not options.fold_batchnorm:
+        layer.skipped["fold_batchnorm"] = "turned off"
+    else:
+        folded = fold_batchnorm(surgeon, name, w, b, out)
+        if not refused("fold_batchnorm", folded):
+            w, b, out, layer.folded_batchnorm = folded.weight, folded.bias, folded.output, folded.batchnorm
+    if not options.fuse_activation:
+        layer.skipped["fuse_activation"] = "turned off"
+    else:
+        fused = fuse_activation(surgeon, attrs, out)
+        if not refused("fuse_activation", fused):
+            out, layer.fused_activation = fused, attrs.activation
 
-def _describe(node) -> str:
-    return f"{node.op} {node.name or node.outputs[0].name!r}"
+    batch, channels = geometry.output_shape[0], geometry.weight_shape[0]
+    compact_shape = [batch, channels, mask.computed]
+    compact = gs.Variable(surgeon.unique(f"{conv_output}.compact"), dtype=np.float32, shape=compact_shape)
+    mask_tensor = surgeon.constant(f"{key}.mask", mask.array.astype(bool))
+    b_input = b if b is not None else gs.Variable.empty()
+    surgeon.names.add(name)
+    surgeon.graph.nodes.append(
+        gs.Node("PerforatedConv", name=name, domain=DOMAIN, attrs=attrs.to_onnx(),
+                inputs=[x, w, b_input, mask_tensor], outputs=[compact])
+    )
 
+    if not options.interpolate_late:
+        layer.skipped["interpolate_late"] = "turned off"
+    else:
+        late = interpolate_late(surgeon, compact, out, compact_shape)
+        compact, out, layer.interpolated_late = late.compact, late.output, late.moved
+        layer.skipped["interpolate_late"] = late.stopped.reason
 
-def _bool_attr(node, name, default) -> int:
-    return int(node.attrs.get(name, default))
-
-
-class _Surgeon:
-    def __init__(self, graph: gs.Graph, opset: int, passes: _Passes):
-        self.graph = graph
-        self.opset = opset
-        self.passes = passes
-        self.names = set(graph.tensors()) | {n.name for n in graph.nodes if n.name}
-        self.seeds: list = []  # (layer, its NNInterpolate, mask) for the compact pass
-
-    def unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
-        return name
-
-    def constant(self, base: str, value: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.unique(base), np.ascontiguousarray(value))
-
-    def detach(self, node: gs.Node) -> None:
-        node.inputs.clear()
-        node.outputs.clear()
-        self.graph.nodes.remove(node)
-
-    def sole_consumer(self, tensor) -> tuple[gs.Node | None, str]:
-        """The only node reading ``tensor``, or None and why there is none."""
-        if tensor in self.graph.outputs:
-            return None, f"{tensor.name!r} is a graph output"
-        users = list(tensor.outputs)
-        if len(users) != 1:
-            return None, f"{tensor.name!r} has {len(users)} consumers" if users else f"{tensor.name!r} is unused"
-        return users[0], ""
-
-    # -- the Conv ----------------------------------------------------------------------------------
-
-    def perforate(self, conv: gs.Node, geometry: ConvGeometry, mask: Mask) -> LayerReport:
-        key = geometry.key
-        name = conv.name or key
-        attrs = copy.deepcopy(geometry.attributes)
-        x, w = conv.inputs[0], conv.inputs[1]
-        b = conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else None
-        out = conv.outputs[0]
-        conv_output = out.name
-        layer = LayerReport(
-            key=key,
-            node=name,
-            output=out.name,
-            mask=mask.to_dict(),
-            macs=geometry.macs,
-            perforated_macs=geometry.macs * mask.computed // mask.array.size,
-        )
-        self.detach(conv)
-
-        if self.passes.fold_batchnorm:
-            w, b, out = self.fold_batchnorm(name, w, b, out, layer)
-        else:
-            layer.skipped["fold_batchnorm"] = "turned off"
-        if self.passes.fuse_activation:
-            out = self.fuse_activation(attrs, out, layer)
-        else:
-            layer.skipped["fuse_activation"] = "turned off"
-
-        batch, channels = geometry.output_shape[0], geometry.weight_shape[0]
-        compact_shape = [batch, channels, mask.computed]
-        compact = gs.Variable(self.unique(f"{conv_output}.compact"), dtype=np.float32, shape=compact_shape)
-        mask_tensor = self.constant(f"{key}.mask", mask.array.astype(bool))
-        b_input = b if b is not None else gs.Variable.empty()
-        self.names.add(name)
-        self.graph.nodes.append(
-            gs.Node("PerforatedConv", name=name, domain=DOMAIN, attrs=attrs.to_onnx(),
-                    inputs=[x, w, b_input, mask_tensor], outputs=[compact])
-        )
-
-        if self.passes.interpolate_late:
-            compact, out = self.interpolate_late(compact, out, compact_shape, layer)
-        else:
-            layer.skipped["interpolate_late"] = "turned off"
-
-        index = self.constant(f"{key}.nn_index", ops.nearest_index(mask.array))
-        out.dtype, out.shape = np.float32, [batch, channels, *geometry.out_hw]
-        interpolate = gs.Node("NNInterpolate", name=self.unique(f"{name}/interpolate"), domain=DOMAIN,
-                              inputs=[compact, index], outputs=[out])
-        self.graph.nodes.append(interpolate)
-        self.seeds.append((layer, interpolate, mask.array.astype(bool)))
-        layer.output = out.name
-        return layer
-
-    # -- BatchNormalization folding ----------------------------------------------------------------
-
-    def fold_batchnorm(self, name, w, b, out, layer):
-        bn, why = self.sole_consumer(out)
-        if bn is None or bn.op != "BatchNormalization":
-            layer.skipped["fold_batchnorm"] = why or f"next op is {_describe(bn)}, not BatchNormalization"
-            return w, b, out
-        why = self._batchnorm_unusable(bn)
-        params = [_constant(t) for t in bn.inputs[1:5]]
-        weight, bias = _constant(w), (None if b is None else _constant(b))
-        if not why and any(p is None for p in params):
-            why = f"BatchNormalization {bn.name!r} has non-constant parameters"
-        if not why and (weight is None or (b is not None and bias is None)):
-            why = "the Conv's weight or bias is not constant"
-        if why:
-            layer.skipped["fold_batchnorm"] = why
-            return w, b, out
-        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-        scale = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
-        new_w = (weight.astype(np.float64) * scale[:, None, None, None]).astype(np.float32)
-        base = np.zeros_like(mean) if bias is None else bias.astype(np.float64)
-        new_b = ((base - mean) * scale + beta).astype(np.float32)
-        result = bn.outputs[0]
-        self.detach(bn)
-        layer.folded_batchnorm = bn.name or result.name
-        return self.constant(f"{name}.weight", new_w), self.constant(f"{name}.bias", new_b), result
-
-    def _batchnorm_unusable(self, bn) -> str:
-        """Why ``bn`` is not an inference-mode, single-output BatchNormalization ('' if it is)."""
-        if _bool_attr(bn, "training_mode", 0):
-            return f"BatchNormalization {bn.name!r} is in training mode"
-        if self.opset < 7 and not _bool_attr(bn, "is_test", 0):
-            return f"BatchNormalization {bn.name!r} has is_test=0 (training)"
-        if 7 <= self.opset < 9 and not _bool_attr(bn, "spatial", 1):
-            return f"BatchNormalization {bn.name!r} has spatial=0 (per-position statistics)"
-        if any(t.outputs or t in self.graph.outputs for t in bn.outputs[1:]):
-            return f"BatchNormalization {bn.name!r} uses its running statistics outputs"
-        return ""
-
-    # -- activation fusion -------------------------------------------------------------------------
-
-    def fuse_activation(self, attrs: ops.ConvAttributes, out, layer):
-        act, why = self.sole_consumer(out)
-        if act is None or act.op not in ("Relu", "LeakyRelu", "Clip"):
-            layer.skipped["fuse_activation"] = why or f"next op is {_describe(act)}, not Relu/LeakyRelu/Clip"
-            return out
-        if act.op == "Clip":
-            bounds = self._clip_bounds(act)
-            if bounds is None:
-                layer.skipped["fuse_activation"] = f"Clip {act.name!r} has non-constant bounds"
-                return out
-            attrs.clip_min, attrs.clip_max = bounds
-        if act.op == "LeakyRelu":
-            attrs.alpha = float(act.attrs.get("alpha", 0.01))
-        attrs.activation = act.op
-        result = act.outputs[0]
-        self.detach(act)
-        layer.fused_activation = act.op
-        return result
-
-    def _clip_bounds(self, clip) -> tuple[float, float] | None:
-        if self.opset < 11:
-            return float(clip.attrs.get("min", -ops.FLOAT32_MAX)), float(clip.attrs.get("max", ops.FLOAT32_MAX))
-        bounds = []
-        for i, default in ((1, -ops.FLOAT32_MAX), (2, ops.FLOAT32_MAX)):
-            if len(clip.inputs) <= i or not clip.inputs[i].name:
-                bounds.append(default)
-                continue
-            value = _constant(clip.inputs[i])
-            if value is None or value.size != 1:
-                return None
-            bounds.append(float(value.reshape(())))
-        return bounds[0], bounds[1]
-
-    # -- interpolate late --------------------------------------------------------------------------
-
-    def interpolate_late(self, compact, out, compact_shape, layer):
-        """Move position-wise ops that follow ``out`` before the interpolation, one at a time."""
-        while True:
-            op, why = self.sole_consumer(out)
-            if op is None:
-                layer.skipped["interpolate_late"] = f"stopped: {why}"
-                return compact, out
-            why = self._commutes(op, out, compact_shape[1])
-            if why:
-                layer.skipped["interpolate_late"] = f"stopped at {_describe(op)}: {why}"
-                return compact, out
-            result = op.outputs[0]
-            moved = gs.Variable(self.unique(f"{result.name}.compact"), dtype=np.float32, shape=list(compact_shape))
-            for i, tensor in enumerate(list(op.inputs)):
-                if tensor is out:
-                    op.inputs[i] = compact
-                elif op.op in _PER_CHANNEL_BINARY:
-                    value = _constant(tensor)
-                    channels = value.size if value.size > 1 else 1
-                    op.inputs[i] = self.constant(f"{op.name or result.name}.compact_param", value.reshape(channels, 1))
-            op.outputs[0] = moved
-            layer.interpolated_late.append(op.name or result.name)
-            compact, out = moved, result
-
-    def _commutes(self, op, tensor, channels) -> str:
-        """'' when ``op`` applied to ``tensor`` [N, C, H, W] gives the same result on [N, C, K]."""
-        if op.op in _POSITIONWISE_UNARY:
-            return ""
-        if op.op == "BatchNormalization":
-            # BatchNormalization is defined for [N, C, D1, ...]: rank 3 is as valid as rank 4.
-            return self._batchnorm_unusable(op) or ""
-        if op.op in _PER_CHANNEL_BINARY:
-            if list(op.inputs).count(tensor) != 1:
-                return "both operands are the Conv's output"
-            other = next(t for t in op.inputs if t is not tensor)
-            value = _constant(other)
-            if value is None:
-                return f"operand {other.name!r} is not constant"
-            return _per_channel_reason(value, other.name, channels)
-        return "does not commute with nearest-neighbour interpolation"
-
-
-def _per_channel_reason(value: np.ndarray, name: str, channels) -> str:
-    """'' when a constant float32 operand broadcasts per channel (or is a scalar) against [N, C, H, W]."""
-    if value.dtype != np.float32:
-        return f"operand {name!r} is {value.dtype}, expected float32"
-    padded = (1,) * (4 - value.ndim) + value.shape if value.ndim <= 4 else None
-    if padded is None or padded[0] != 1 or padded[2:] != (1, 1) or padded[1] not in (1, channels):
-        return f"operand {name!r} of shape {list(value.shape)} is not per-channel"
-    return ""
+    index = surgeon.constant(f"{key}.nn_index", ops.nearest_index(mask.array))
+    out.dtype, out.shape = np.float32, [batch, channels, *geometry.out_hw]
+    interpolate = gs.Node("NNInterpolate", name=surgeon.unique(f"{name}/interpolate"), domain=DOMAIN,
+                          inputs=[compact, index], outputs=[out])
+    surgeon.graph.nodes.append(interpolate)
+    layer.output = out.name
+    return layer, interpolate
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -548,7 +366,7 @@ def _restore_inputs(model, original, initializers) -> None:
 
 def _validate(model: onnx.ModelProto) -> None:
     try:
-        checked = model if model_size(model) < 2**31 - (64 << 20) else _light_copy(model)
+        checked = model if model_size(model) < 2**31 - (64 << 20) else light_copy(model)
         onnx.checker.check_model(checked, full_check=True)
         onnx.shape_inference.infer_shapes(checked, check_type=True, strict_mode=False)
     except Exception as exc:
@@ -557,6 +375,4 @@ def _validate(model: onnx.ModelProto) -> None:
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, **kwargs) -> None:
     """Save atomically (see :func:`onnx_perforate.graph.save_model`)."""
-    from .graph import save_model
-
     save_model(model, path, **kwargs)

@@ -31,10 +31,11 @@ from . import masks as mask_kinds
 from ._library import session_options
 from .calibration import CalibrationSet, calibration_set
 from .errors import PerforateError
-from .graph import load_model, save_model, write_json
+from .graph import consumers, load_model, node_key, save_model, write_json
 from .impact import ImpactEstimator, spatial_convs, top_positions
 from .inspection import inspect
 from .masks import Mask, computed_count
+from .passes.op_table import keeps_grid
 from .rewrite import rewrite
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class TuneResult:
 # Measuring a network: loss and accuracy on the calibration set, time in ORT.
 
 
-def _as_probabilities(outputs: np.ndarray) -> np.ndarray:
+def as_probabilities(outputs: np.ndarray) -> np.ndarray:
     """[N, classes] probabilities from logits or probabilities (detected: rows of a simplex)."""
     x = outputs.reshape(outputs.shape[0], -1).astype(np.float64)
     if x.min() >= 0 and np.allclose(x.sum(axis=1), 1.0, atol=1e-3):
@@ -172,7 +173,7 @@ class NetworkMeter:
     def _probabilities(self, model, session=None) -> np.ndarray:
         session = session or self.session(model)
         outputs = [session.run(None, feeds)[0] for feeds, _ in self.calibration.batches(self.batch_size)]
-        return _as_probabilities(np.concatenate(outputs))
+        return as_probabilities(np.concatenate(outputs))
 
     def measure(self, model: onnx.ModelProto) -> dict:
         session = self.session(model)
@@ -248,25 +249,14 @@ class MaskLadder:
         return np.asarray(mask_kinds.uniform(shape, rate, seed=self.seed))
 
 
-# Ops through which a tensor keeps its grid position by position: a Conv reading the result through
-# them, with the same output grid, can run on the same mask without any interpolation in between.
-_POSITION_WISE = {"Relu", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "BatchNormalization", "Dropout", "Identity",
-                  "Add", "Mul", "Sub", "Div", "Concat"}
-
-
 def compact_regions(model: onnx.ModelProto, convs) -> dict[str, list]:
     """Groups of ``convs`` that can share one mask and then run compact end to end: Conv B joins
     Conv A's group when B reads A's output through position-wise ops only (elementwise, channel
     Concat, residual Add) and B keeps A's grid (same input and output size). In SqueezeNet that is
     every Fire module between two max-pools, the classifier conv included."""
-    from .graph import node_key
-
     convs = list(convs)
     records = {r.name: r for r in inspect(model)}
-    consumers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    uses = consumers(model)
     parent = {c: c for c in convs}
 
     def find(c):
@@ -281,7 +271,7 @@ def compact_regions(model: onnx.ModelProto, convs) -> dict[str, list]:
         stack, seen = [by_key[a].output[0]], set()
         while stack:
             tensor = stack.pop()
-            for node in consumers.get(tensor, []):
+            for node in uses.get(tensor, []):
                 if id(node) in seen:
                     continue
                 seen.add(id(node))
@@ -290,9 +280,8 @@ def compact_regions(model: onnx.ModelProto, convs) -> dict[str, list]:
                     r = records[key]
                     if tuple(r.input_shape[2:]) == grid and tuple(r.output_shape[2:]) == grid:
                         parent[find(key)] = find(a)
-                elif node.op_type in _POSITION_WISE and not (
-                        node.op_type == "Concat" and any(at.name == "axis" and at.i not in (1, -3) for at in node.attribute)):
-                    stack.extend(node.output)
+                elif keeps_grid(node):
+                    stack.extend(node.output[:1])
     groups: dict[str, list] = {}
     for c in convs:
         groups.setdefault(find(c), []).append(c)
@@ -442,8 +431,6 @@ def _evaluate_holdout(original, final, holdout: CalibrationSet | None, threads, 
 
 
 def _output_of(model, key):
-    from .graph import node_key
-
     return next(n.output[0] for n in model.graph.node if node_key(n) == key)
 
 

@@ -264,7 +264,7 @@ def test_dropout_and_batchnorm_stay_compact_and_implicit_option():
     chosen = grid(model, ["a"])
     compact, report = check_agreement(model, chosen)
     assert count(compact, "Dropout") == 0 and count(compact, "NNInterpolate") == 1
-    from onnx_perforate.compact import CompactOptions
+    from onnx_perforate.passes.compact import CompactOptions
 
     implicit = rewrite(model, chosen, compact_options=CompactOptions(implicit_unperforated_spatial=True))
     assert count(implicit, "NNInterpolate") == 0

@@ -44,7 +44,7 @@ def test_interpolation_index_is_flat_and_maps_computed_positions_to_themselves()
 
 def test_impact_masks_have_the_requested_rates_and_rewrite_accepts_them():
     model = synthetic_cnn()
-    result = masks.impact(model, calibration(), 0.5)
+    result = impact.impact(model, calibration(), 0.5)
     assert set(result) == {"conv1", "conv2"}
     for name, mask in result.items():
         assert mask.kind == "impact"
@@ -68,7 +68,7 @@ def test_iterative_masks_are_nested_and_recomputed_on_the_perforated_network():
         assert (again[name][~half[name]] == 0).all()
         # ...and the computed ones differ from the unperforated network's impact (it is recomputed).
         assert not np.allclose(again[name][half[name]], first[name][half[name]])
-    iterative = masks.impact(model, data, 0.6, steps=3)
+    iterative = impact.impact(model, data, 0.6, steps=3)
     for name, mask in iterative.items():
         assert mask.kind == "iterative_impact"
         assert mask.computed == masks.computed_count(mask.shape, 0.6)
@@ -76,10 +76,10 @@ def test_iterative_masks_are_nested_and_recomputed_on_the_perforated_network():
 
 def test_per_layer_rates_and_unknown_layer():
     model = synthetic_cnn()
-    result = masks.impact(model, calibration(8), {"conv2": 0.75})
+    result = impact.impact(model, calibration(8), {"conv2": 0.75})
     assert list(result) == ["conv2"]
     with pytest.raises(PerforateError, match="conv9"):
-        masks.impact(model, calibration(8), {"conv9": 0.5})
+        impact.impact(model, calibration(8), {"conv9": 0.5})
 
 
 def _cifar():
@@ -112,7 +112,7 @@ def test_impact_beats_uniform_and_grid_on_the_cifar_cnn():
     losses = {}
     for kind in ("uniform", "grid", "impact"):
         if kind == "impact":
-            chosen = masks.impact(model, calib, rate)
+            chosen = impact.impact(model, calib, rate)
         else:
             chosen = {r.name: masks.make(kind, tuple(r.output_shape[2:]), rate, seed=0)
                       for r in onnx_perforate.inspect(model) if r.name in convs}

@@ -23,27 +23,19 @@ explicit form computes, only on fewer positions.
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ._library import DOMAIN
-from .errors import PerforateError
-from .graph import conv_geometry
-
-# Element-wise ops of one tensor input (Clip's bounds are scalars, so only input 0 is a tensor).
-UNARY = (
-    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "Elu", "Selu", "HardSigmoid", "HardSwish", "Softplus",
-    "Softsign", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Gelu", "Mish", "ThresholdedRelu",
-    "Celu", "Floor", "Ceil", "Round", "Sign",
-)
-# Element-wise ops whose other operands may be compact tensors with the same index or per-channel
-# constants (numpy broadcasting: a [N, C, K] tensor against [C, 1] or a scalar).
-ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "PRelu", "Pow")
-SPATIAL_REDUCTIONS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceSum", "ReduceMax")
+from .._library import DOMAIN
+from ..errors import PerforateError
+from ..graph import conv_geometry
+from .activation import fuse_activation
+from .op_table import Semantics, is_channel_axis, ops_with
+from .position_wise import MOVABLE, operand_replacements
+from .surgery import Refusal, Surgeon, constant_value, extra_outputs_used, node_name
 
 
 @dataclass
@@ -71,8 +63,12 @@ class CompactOptions:
 
 
 class CompactPass:
-    def __init__(self, surgeon, shapes: dict, original: onnx.ModelProto, report, options: CompactOptions):
+    """The walk; ``visit`` dispatches each node reading a compact tensor through ``HANDLERS``."""
+
+    def __init__(self, surgeon: Surgeon, shapes: dict, original: onnx.ModelProto, report, options: CompactOptions,
+                 fuse_activations: bool = True):
         self.s = surgeon
+        self.fuse_activations = fuse_activations
         self.graph = surgeon.graph
         self.shapes = shapes
         self.report = report
@@ -116,9 +112,9 @@ class CompactPass:
         shape = compact.tensor.shape
         return shape[1] if shape else None
 
-    def refuse(self, node: gs.Node, inputs: list[Compact], why: str) -> None:
+    def refuse(self, node: gs.Node, inputs: list[Compact], refusal: Refusal) -> None:
         for compact in {id(c.layer): c for c in inputs}.values():
-            compact.layer.interpolated_for[_name(node)] = why
+            compact.layer.interpolated_for[node_name(node)] = refusal.reason
 
     def stayed(self, name: str, compact: Compact, how: str = "") -> None:
         compact.layer.compact.append(name + (f" ({how})" if how else ""))
@@ -131,68 +127,36 @@ class CompactPass:
             inputs = [c for c in (self.compact_of(t) for t in node.inputs) if c is not None]
             if not inputs:
                 continue  # not reading a compact tensor (or detached by an earlier fusion)
-            why = self.visit(node, inputs)
-            if why:
-                self.refuse(node, inputs, why)
+            refusal = self.visit(node, inputs)
+            if refusal:
+                self.refuse(node, inputs, refusal)
         self.materialise()
 
-    def visit(self, node: gs.Node, inputs: list[Compact]) -> str:
-        """Move ``node`` onto compact tensors; return '' when done, else why it needs the full tensor."""
-        op = node.op
+    def visit(self, node: gs.Node, inputs: list[Compact]) -> Refusal | None:
+        """Move ``node`` onto compact tensors; None when done, else why it needs the full tensor."""
         if node.domain == DOMAIN:
-            if op == "PerforatedConv":
-                return self.perforated_conv(node, inputs[0])
-            return f"{op} needs the full tensor"
-        if node.domain not in ("", "ai.onnx", None):
-            return f"unknown op {node.domain}.{op}"
-        if op in UNARY:
-            if self.compact_of(node.inputs[0]) is None:
-                return f"{op}: the compact tensor is not its data input"
-            return self.elementwise(node, inputs)
-        if op in ELEMENTWISE or op == "BatchNormalization":
-            return self.elementwise(node, inputs)
-        if op == "Dropout":
-            return self.dropout(node, inputs[0])
-        if op == "Concat":
-            return self.concat(node, inputs)
-        if op == "Conv":
-            return self.conv(node, inputs[0])
-        if op in SPATIAL_REDUCTIONS:
-            return self.reduction(node, inputs[0])
-        return f"{op} needs the full tensor"
+            handler = CUSTOM_HANDLERS.get(node.op)
+        elif node.domain not in ("", "ai.onnx", None):
+            return Refusal(f"unknown op {node.domain}.{node.op}", node.name)
+        else:
+            handler = HANDLERS.get(node.op)
+        if handler is None:
+            return Refusal(f"{node.op} needs the full tensor", node.name)
+        return handler(self, node, inputs)
 
     # -- element-wise ------------------------------------------------------------------------------
 
-    def elementwise(self, node: gs.Node, inputs: list[Compact]) -> str:
-        from .rewrite import _constant, _per_channel_reason
-
-        name = _name(node)
+    def position_wise(self, node: gs.Node, inputs: list[Compact]) -> Refusal | None:
+        name = node_name(node)
         first = inputs[0]
         if any(not np.array_equal(c.index.values, first.index.values) for c in inputs[1:]):
-            return "its compact operands have different masks"
-        if len(node.outputs) != 1 and any(t.outputs or t in self.graph.outputs for t in node.outputs[1:]):
-            return f"{node.op} uses its extra outputs"
+            return Refusal("its compact operands have different masks", node.name)
+        if extra_outputs_used(self.graph, node):
+            return Refusal(f"{node.op} uses its extra outputs", node.name)
         channels = self.channels(first)
-        if node.op == "BatchNormalization":
-            why = self.s._batchnorm_unusable(node)
-            if why:
-                return why
-            if self.compact_of(node.inputs[0]) is None:
-                return "the compact tensor is a BatchNormalization parameter"
-        replacements = {}
-        data_inputs = range(1) if node.op in UNARY or node.op == "BatchNormalization" else range(len(node.inputs))
-        for i in data_inputs:
-            tensor = node.inputs[i]
-            if self.compact_of(tensor) is not None or not tensor.name:
-                continue
-            value = _constant(tensor)
-            if value is None:
-                return f"operand {tensor.name!r} is a full (non-constant) tensor"
-            why = _per_channel_reason(value, tensor.name, channels)
-            if why:
-                return why
-            size = value.size if value.size > 1 else 1
-            replacements[i] = self.s.constant(f"{name}.compact_param", value.reshape(size, 1) if size > 1 else value)
+        replacements = operand_replacements(self.s, node, lambda t: self.compact_of(t) is not None, channels)
+        if isinstance(replacements, Refusal):
+            return replacements
         for i, tensor in enumerate(list(node.inputs)):
             compact = self.compact_of(tensor)
             if compact is not None:
@@ -204,43 +168,44 @@ class CompactPass:
             node.outputs.pop()
         node.outputs[0] = self.new_compact(full, channels, first, name)
         self.stayed(name, first)
-        return ""
+        return None
 
-    def dropout(self, node: gs.Node, compact: Compact) -> str:
-        from .rewrite import _constant
-
+    def dropout(self, node: gs.Node, inputs: list[Compact]) -> Refusal | None:
+        compact = inputs[0]
+        if self.compact_of(node.inputs[0]) is not compact:
+            return Refusal("the compact tensor is not Dropout's data input", node.name)
         if len(node.inputs) > 2 and node.inputs[2].name:
-            training = _constant(node.inputs[2])
+            training = constant_value(node.inputs[2])
             if training is None or bool(training.reshape(-1)[0]):
-                return "Dropout may be in training mode"
-        if any(t.outputs or t in self.graph.outputs for t in node.outputs[1:]):
-            return "Dropout's mask output is used"
+                return Refusal("Dropout may be in training mode", node.name)
+        if extra_outputs_used(self.graph, node):
+            return Refusal("Dropout's mask output is used", node.name)
         if node.attrs.get("is_test", 1) == 0 and self.s.opset < 7:
-            return "Dropout has is_test=0 (training)"
+            return Refusal("Dropout has is_test=0 (training)", node.name)
         # Inference Dropout is the identity: drop it and let its output stand for the same compact tensor.
-        full, name = node.outputs[0], _name(node)
+        full, name = node.outputs[0], node_name(node)
         self.s.detach(node)
         self.state[full.name] = (full, compact)
         self.stayed(name, compact, "removed: identity at inference")
-        return ""
+        return None
 
-    def concat(self, node: gs.Node, inputs: list[Compact]) -> str:
+    def concat(self, node: gs.Node, inputs: list[Compact]) -> Refusal | None:
         dims = self.full_dims(node.outputs[0].name)
-        name = _name(node)
+        name = node_name(node)
         axis = int(node.attrs.get("axis", 1))
-        if axis not in (1, -3):
-            return f"Concat along axis {axis}, not channels"
+        if not is_channel_axis(axis):
+            return Refusal(f"Concat along axis {axis}, not channels", node.name)
         compacts = [self.compact_of(t) for t in node.inputs]
         if any(c is None for c in compacts):
-            return "some of its inputs are full tensors"
+            return Refusal("some of its inputs are full tensors", node.name)
         if any(not np.array_equal(c.index.values, compacts[0].index.values) for c in compacts[1:]):
-            return "its inputs have different masks"
+            return Refusal("its inputs have different masks", node.name)
         for i, c in enumerate(compacts):
             node.inputs[i] = c.tensor
         node.attrs["axis"] = 1
         node.outputs[0] = self.new_compact(node.outputs[0], dims[1] if dims else None, compacts[0], name)
         self.stayed(name, compacts[0])
-        return ""
+        return None
 
     # -- convolutions ------------------------------------------------------------------------------
 
@@ -258,11 +223,12 @@ class CompactPass:
         self.views[compact.tensor.name] = view
         return view
 
-    def perforated_conv(self, node: gs.Node, compact: Compact) -> str:
+    def perforated_conv(self, node: gs.Node, inputs: list[Compact]) -> Refusal | None:
+        compact = inputs[0]
         if self.compact_of(node.inputs[0]) is not compact:
-            return "the compact tensor is not PerforatedConv's input X"
+            return Refusal("the compact tensor is not PerforatedConv's input X", node.name)
         if len(node.inputs) > 4:
-            return "PerforatedConv already reads a compact input"
+            return Refusal("PerforatedConv already reads a compact input", node.name)
         attrs = node.attrs
         own_mask = np.asarray(node.inputs[3].values) if isinstance(node.inputs[3], gs.Constant) else None
         if (list(attrs.get("kernel_shape", [])) == [1, 1] and list(attrs.get("strides", [1, 1])) == [1, 1]
@@ -271,74 +237,79 @@ class CompactPass:
             # A 1x1 conv perforated with its input's mask computes exactly the input's positions: a
             # GEMM on the compact tensor, no gather (the X_index path gathers, which costs more here).
             k = compact.k
-            node.inputs[0] = self.view(compact, _name(node))
-            node.inputs[3] = self.s.constant(f"{_name(node)}.compact_mask", np.ones((1, k), dtype=bool))
-            self.stayed(_name(node), compact, "1x1 GEMM on the compact input, same mask")
+            node.inputs[0] = self.view(compact, node_name(node))
+            node.inputs[3] = self.s.constant(f"{node_name(node)}.compact_mask", np.ones((1, k), dtype=bool))
+            self.stayed(node_name(node), compact, "1x1 GEMM on the compact input, same mask")
             layer = self.layers.get(node.name)
             if layer is not None:
                 layer.implicit_input = compact.layer.node
-            return ""
+            return None
         node.inputs[0] = compact.tensor
         node.inputs.append(compact.index)
-        self.stayed(_name(node), compact, "reads it through X_index")
+        self.stayed(node_name(node), compact, "reads it through X_index")
         layer = self.layers.get(node.name)
         if layer is not None:
             layer.implicit_input = compact.layer.node
-        return ""
+        return None
 
-    def conv(self, node: gs.Node, compact: Compact) -> str:
+    def conv(self, node: gs.Node, inputs: list[Compact]) -> Refusal | None:
+        compact = inputs[0]
         proto = self.protos.get(node.outputs[0].name)
         if proto is None or self.compact_of(node.inputs[0]) is not compact:
-            return "the compact tensor is not the Conv's input X"
+            return Refusal("the compact tensor is not the Conv's input X", node.name)
         try:
             geometry = conv_geometry(proto, self.shapes)
         except PerforateError as exc:
-            return str(exc)
+            return Refusal(str(exc), node.name)
         attrs = geometry.attributes
         pointwise = tuple(attrs.kernel_shape) == (1, 1) and tuple(attrs.strides) == (1, 1) and not any(attrs.pads)
         if pointwise:
             return self.pointwise_conv(node, compact, geometry)
         if not self.options.implicit_unperforated_spatial:
-            return "unperforated spatial Conv: NNInterpolate + ONNX Conv is faster than implicit interpolation"
+            return Refusal("unperforated spatial Conv: NNInterpolate + ONNX Conv is faster than implicit "
+                           "interpolation", node.name)
         return self.implicit_conv(node, compact, geometry)
 
-    def pointwise_conv(self, node: gs.Node, compact: Compact, geometry) -> str:
+    def fused_output(self, attrs, full):
+        """Fuse the activation that follows an unperforated Conv (when activations are fused at all)."""
+        if not self.fuse_activations:
+            return full
+        fused = fuse_activation(self.s, attrs, full)
+        return full if isinstance(fused, Refusal) else fused
+
+    def pointwise_conv(self, node: gs.Node, compact: Compact, geometry) -> None:
         """1x1 Conv on [N, C, K]: PerforatedConv on the [N, C, 1, K] view with an all-ones [1, K] mask
         (a plain GEMM with fused bias and activation; as fast as MatMul + Add here, docs/compact.md)."""
         k = compact.k
-        name = _name(node)
+        name = node_name(node)
         view = self.view(compact, name)
         attrs = geometry.attributes
         full = node.outputs[0]
-        fused = types.SimpleNamespace(skipped={}, fused_activation=None)
-        if self.s.passes.fuse_activation:
-            full = self.s.fuse_activation(attrs, full, fused)
+        full = self.fused_output(attrs, full)
         mask = self.s.constant(f"{name}.compact_mask", np.ones((1, k), dtype=bool))
-        inputs = [view, node.inputs[1], node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else gs.Variable.empty(), mask]
+        inputs = [view, node.inputs[1], _bias(node), mask]
         out = self.new_compact(full, geometry.weight_shape[0], compact, name)
         self.s.detach(node)
         self.graph.nodes.append(gs.Node("PerforatedConv", name=name, domain=DOMAIN, attrs=attrs.to_onnx(),
                                         inputs=inputs, outputs=[out]))
         hw = geometry.out_hw[0] * geometry.out_hw[1]
         self.report.compact_saved_macs += geometry.macs - geometry.macs * k // hw
-        self.stayed(name, compact, "1x1 GEMM" + (f" + {fused.fused_activation}" if fused.fused_activation else ""))
-        return ""
+        self.stayed(name, compact, "1x1 GEMM" + (f" + {attrs.activation}" if attrs.activation else ""))
+        return None
 
-    def implicit_conv(self, node: gs.Node, compact: Compact, geometry) -> str:
+    def implicit_conv(self, node: gs.Node, compact: Compact, geometry) -> None:
         """An unperforated spatial Conv as PerforatedConv(all-ones mask, X_index); its dense output is
         [N, M, Ho*Wo] and a Reshape (no copy) restores [N, M, Ho, Wo] under the original name."""
-        name = _name(node)
+        name = node_name(node)
         attrs = geometry.attributes
         full = node.outputs[0]
-        fused = types.SimpleNamespace(skipped={}, fused_activation=None)
-        if self.s.passes.fuse_activation:
-            full = self.s.fuse_activation(attrs, full, fused)
+        full = self.fused_output(attrs, full)
         ho, wo = geometry.out_hw
         dense = gs.Variable(self.s.unique(f"{full.name}.dense"), dtype=np.float32,
                             shape=[geometry.output_shape[0], geometry.weight_shape[0], ho * wo])
         mask = self.s.constant(f"{name}.compact_mask", np.ones((ho, wo), dtype=bool))
         inputs = [compact.tensor, node.inputs[1],
-                  node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else gs.Variable.empty(), mask, compact.index]
+                  _bias(node), mask, compact.index]
         self.s.detach(node)
         self.graph.nodes.append(gs.Node("PerforatedConv", name=name, domain=DOMAIN, attrs=attrs.to_onnx(),
                                         inputs=inputs, outputs=[dense]))
@@ -346,28 +317,27 @@ class CompactPass:
         self.graph.nodes.append(gs.Node("Reshape", name=self.s.unique(f"{name}/reshape"), inputs=[dense, shape],
                                         outputs=[full]))
         self.stayed(name, compact, "implicit interpolation, all-ones mask")
-        return ""
+        return None
 
     # -- reductions over space ---------------------------------------------------------------------
 
-    def reduction(self, node: gs.Node, compact: Compact) -> str:
-        from .rewrite import _constant
-
+    def reduction(self, node: gs.Node, inputs: list[Compact]) -> Refusal | None:
+        compact = inputs[0]
         op = node.op
         if self.compact_of(node.inputs[0]) is not compact:
-            return f"the compact tensor is not {op}'s data input"
+            return Refusal(f"the compact tensor is not {op}'s data input", node.name)
         keepdims = True
         if op.startswith("Reduce"):
             keepdims = bool(node.attrs.get("keepdims", 1))
             axes = node.attrs.get("axes")
             if len(node.inputs) > 1 and node.inputs[1].name:
-                axes = _constant(node.inputs[1])
+                axes = constant_value(node.inputs[1])
                 if axes is None:
-                    return f"{op} has non-constant axes"
+                    return Refusal(f"{op} has non-constant axes", node.name)
             if axes is None or sorted(int(a) % 4 for a in np.asarray(axes).reshape(-1)) != [2, 3]:
-                return f"{op} does not reduce over exactly the two spatial axes"
+                return Refusal(f"{op} does not reduce over exactly the two spatial axes", node.name)
         full = node.outputs[0]
-        name = _name(node)
+        name = node_name(node)
         index = np.asarray(compact.index.values)
         batch, channels = compact.tensor.shape[0], compact.tensor.shape[1]
         reduced = gs.Variable(self.s.unique(f"{full.name}.compact"), dtype=np.float32, shape=[batch, channels, 1])
@@ -394,7 +364,7 @@ class CompactPass:
         self.graph.nodes.append(reducer)
         self.graph.nodes.append(gs.Node("Reshape", name=name, inputs=[reduced, shape], outputs=[full]))
         self.stayed(name, compact, "max over K" if "Max" in op else "weighted MatMul")
-        return ""
+        return None
 
     # -- interpolation where needed ----------------------------------------------------------------
 
@@ -406,7 +376,7 @@ class CompactPass:
             if full in self.graph.outputs:
                 compact.layer.interpolated_for[f"graph output {full.name!r}"] = "graph outputs keep their full shape"
             for node in full.outputs:
-                compact.layer.interpolated_for.setdefault(_name(node), f"{node.op} needs the full tensor")
+                compact.layer.interpolated_for.setdefault(node_name(node), f"{node.op} needs the full tensor")
             if full.inputs:
                 continue  # still written by its seed NNInterpolate
             dims = self.full_dims(full.name)
@@ -417,16 +387,30 @@ class CompactPass:
                                             domain=DOMAIN, inputs=[compact.tensor, compact.index], outputs=[full]))
 
 
-def _name(node) -> str:
-    return node.name or node.outputs[0].name
+def _bias(conv: gs.Node):
+    return conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else gs.Variable.empty()
 
 
-def propagate(surgeon, shapes, original, report, seeds, options: CompactOptions | None = None) -> None:
+# {op_type: handler} for the standard ops that can run on compact tensors, from the op table.
+HANDLERS = {
+    **{op: CompactPass.position_wise for kind in MOVABLE for op in ops_with(kind)},
+    # Identity keeps the full tensor: removing it gains nothing, and it often names a graph output.
+    "Dropout": CompactPass.dropout,
+    **{op: CompactPass.concat for op in ops_with(Semantics.CHANNEL_CONCAT)},
+    **{op: CompactPass.reduction for op in ops_with(Semantics.SPATIAL_REDUCTION)},
+    "Conv": CompactPass.conv,
+}
+# The same for this package's own ops.
+CUSTOM_HANDLERS = {"PerforatedConv": CompactPass.perforated_conv}
+
+
+def propagate(surgeon: Surgeon, shapes: dict, original: onnx.ModelProto, report, seeds,
+              options: CompactOptions | None = None, *, fuse_activations: bool = True) -> None:
     """Run the compact pass on ``surgeon.graph``; ``seeds`` = [(LayerReport, NNInterpolate node, mask)]."""
-    cp = CompactPass(surgeon, shapes, original, report, options or CompactOptions())
+    cp = CompactPass(surgeon, shapes, original, report, options or CompactOptions(), fuse_activations)
     for layer, interpolate, mask in seeds:
         cp.seed(layer, interpolate, mask)
     cp.run()
 
 
-__all__ = ["CompactOptions", "propagate"]
+__all__ = ["CUSTOM_HANDLERS", "HANDLERS", "Compact", "CompactOptions", "CompactPass", "propagate"]
