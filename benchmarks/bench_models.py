@@ -255,23 +255,24 @@ def profile(models: dict, threads: int, batch: int, runs: int, workdir: Path) ->
         sess = session(model, threads, enable_profiling=True,
                        profile_file_prefix=str(workdir / f"profile_{key}"))
         name, x = random_input(model, batch)
-        for _ in range(3):
-            sess.run(None, {name: x})
-        events_before = None
-        for _ in range(runs):
+        warmup = 3
+        for _ in range(warmup + runs):
             sess.run(None, {name: x})
         trace = json.loads(Path(sess.end_profiling()).read_text())
-        per_node, counts = {}, {}
+        # Leave out the warm-up runs (the first packs weights and builds tables): node events that
+        # start before the first timed run.
+        starts = sorted(e["ts"] for e in trace if e.get("name") == "model_run")
+        timed_from = starts[warmup] if len(starts) > warmup else 0
+        per_node = {}
         for event in trace:
             if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
                 continue
+            if event["ts"] < timed_from:
+                continue
             node = event["name"][: -len("_kernel_time")]
             op = event.get("args", {}).get("op_name", "?")
-            total = per_node.get(node, (op, 0.0))[1] + event["dur"] / 1e3
-            per_node[node] = (op, total)
-            counts[node] = counts.get(node, 0) + 1
-        del events_before
-        total_runs = runs + 3
+            per_node[node] = (op, per_node.get(node, (op, 0.0))[1] + event["dur"] / 1e3)
+        total_runs = runs
         result[key] = {n: (op, t / total_runs) for n, (op, t) in per_node.items()}
     return result
 

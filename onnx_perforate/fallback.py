@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 ATTRIBUTE = "attributes"  # the JSON-packed attribute of the Python-op model
 COMPACT_INPUT_OP = "PerforatedConvCompactInput"  # PerforatedConv with its optional X_index input
+POOL_POSITIONS_OP = "CompactPoolPositions"  # CompactPool with its optional Y_positions input
 _registered = False
 
 
@@ -65,7 +66,11 @@ def to_python_op_model(model) -> onnx.ModelProto:
         del node.attribute[:]
         if node.op_type == "PerforatedConv" and len(node.input) > 4 and node.input[4]:
             node.op_type = COMPACT_INPUT_OP  # Python ops have a fixed input count
-        if node.op_type in ("PerforatedConv", COMPACT_INPUT_OP):
+        if node.op_type == "CompactPool" and len(node.input) > 2 and node.input[2]:
+            node.op_type = POOL_POSITIONS_OP
+        elif node.op_type == "CompactPool":
+            del node.input[2:]
+        if node.op_type in ("PerforatedConv", COMPACT_INPUT_OP, "CompactPool", POOL_POSITIONS_OP):
             node.attribute.append(helper.make_attribute(ATTRIBUTE, json.dumps(packed, sort_keys=True)))
         node.domain = domain
     imports = [o for o in model.opset_import if o.domain not in (DOMAIN, domain)]
@@ -83,7 +88,7 @@ def _jsonable(value):
 
 
 def register_python_ops() -> None:
-    """Register the two Python ops with onnxruntime-extensions (once per process)."""
+    """Register the Python ops with onnxruntime-extensions (once per process)."""
     global _registered
     if _registered:
         return
@@ -106,6 +111,16 @@ def register_python_ops() -> None:
     def nn_interpolate(yc, index):
         return ops.nn_interpolate_reference(yc, index)
 
+    @ext.onnx_op(op_type="CompactPool", inputs=[dt.dt_float, dt.dt_int64], outputs=[dt.dt_float],
+                 attrs={ATTRIBUTE: dt.dt_string})
+    def compact_pool(x, x_index, **kwargs):
+        return ops.compact_pool_reference(x, x_index, **json.loads(kwargs.get(ATTRIBUTE) or "{}"))
+
+    @ext.onnx_op(op_type=POOL_POSITIONS_OP, inputs=[dt.dt_float, dt.dt_int64, dt.dt_int64], outputs=[dt.dt_float],
+                 attrs={ATTRIBUTE: dt.dt_string})
+    def compact_pool_positions(x, x_index, y_positions, **kwargs):
+        return ops.compact_pool_reference(x, x_index, y_positions, **json.loads(kwargs.get(ATTRIBUTE) or "{}"))
+
     _registered = True
 
 
@@ -115,7 +130,7 @@ def fallback_session(model, options=None):
 
     ext = _extensions()
     log.warning(
-        "the onnx-perforate custom-op library is not available: running PerforatedConv/NNInterpolate "
+        "the onnx-perforate custom-op library is not available: running its custom ops "
         "as slow Python ops (onnxruntime-extensions); timings are meaningless"
     )
     register_python_ops()

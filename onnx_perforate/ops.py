@@ -1,4 +1,4 @@
-"""The two custom operators in code: node builders, the nearest-neighbour index, and the numpy
+"""The custom operators in code: node builders, the nearest-neighbour index, and the numpy
 reference implementations (the test oracle), also registered for ``onnx.reference``.
 
 docs/ops.md is the specification; keep the two in step.
@@ -113,6 +113,15 @@ def make_nn_interpolate_node(compact, index, output, name: str) -> onnx.NodeProt
     return helper.make_node("NNInterpolate", [compact, index], [output], name=name, domain=DOMAIN)
 
 
+POOL_MODES = {"MaxPool": "max", "AveragePool": "average"}
+
+
+def make_compact_pool_node(inputs, output, name: str, **attributes) -> onnx.NodeProto:
+    """inputs = [X, X_index] or [X, X_index, Y_positions]; attributes: mode, kernel_shape, strides,
+    pads, dilations, ceil_mode, count_include_pad (docs/ops.md)."""
+    return helper.make_node("CompactPool", list(inputs), [output], name=name, domain=DOMAIN, **attributes)
+
+
 def opset_import() -> onnx.OperatorSetIdProto:
     return helper.make_opsetid(DOMAIN, OPSET_VERSION)
 
@@ -200,6 +209,74 @@ def nn_interpolate_reference(yc: np.ndarray, index: np.ndarray) -> np.ndarray:
     return yc[:, :, index]
 
 
+def pool_output_size(in_size, kernel, stride, pad_begin, pad_end, dilation, ceil_mode) -> int:
+    """ONNX pooling output size along one axis; with ceil_mode a last window must start inside the
+    input or its leading padding."""
+    span = in_size + pad_begin + pad_end - ((kernel - 1) * dilation + 1)
+    if span < 0:
+        return 0
+    out = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (out - 1) * stride >= in_size + pad_begin:
+        out -= 1
+    return out
+
+
+def compact_pool_reference(
+    x: np.ndarray,
+    x_index: np.ndarray,
+    y_positions: np.ndarray | None = None,
+    *,
+    mode: str,
+    kernel_shape,
+    strides=(1, 1),
+    pads=(0, 0, 0, 0),
+    dilations=(1, 1),
+    ceil_mode: int = 0,
+    count_include_pad: int = 0,
+) -> np.ndarray:
+    """CompactPool in numpy: MaxPool / AveragePool of ``nn_interpolate_reference(x, x_index)``
+    ([N, C, Ho, Wo]); with ``y_positions``, only those row-major output positions ([N, C, K_out])."""
+    if isinstance(mode, bytes):
+        mode = mode.decode()
+    if mode not in ("max", "average"):
+        raise ValueError(f"mode {mode!r}: expected 'max' or 'average'")
+    full = nn_interpolate_reference(x, x_index).astype(np.float64)
+    n, c, h, w = full.shape
+    kh, kw = kernel_shape
+    sh, sw = strides
+    dh, dw = dilations
+    if mode == "average" and (dh, dw) != (1, 1):
+        raise ValueError("average pooling takes no dilations")
+    ho = pool_output_size(h, kh, sh, pads[0], pads[2], dh, ceil_mode)
+    wo = pool_output_size(w, kw, sw, pads[1], pads[3], dw, ceil_mode)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"the pooling window does not fit the input grid {(h, w)}")
+    out = np.empty((n, c, ho, wo), dtype=np.float64)
+    for i in range(ho):
+        y0 = i * sh - pads[0]
+        rows = [y0 + a * dh for a in range(kh) if 0 <= y0 + a * dh < h]
+        for j in range(wo):
+            x0 = j * sw - pads[1]
+            cols = [x0 + b * dw for b in range(kw) if 0 <= x0 + b * dw < w]
+            if not rows or not cols:
+                raise ValueError(f"the pooling window of output ({i}, {j}) covers only padding")
+            window = full[:, :, rows][:, :, :, cols]
+            if mode == "max":
+                out[:, :, i, j] = window.max(axis=(2, 3))
+            else:
+                if count_include_pad:
+                    divisor = (min(y0 + kh, h + pads[2]) - y0) * (min(x0 + kw, w + pads[3]) - x0)
+                else:
+                    divisor = len(rows) * len(cols)
+                out[:, :, i, j] = window.sum(axis=(2, 3)) / divisor
+    if y_positions is not None:
+        y_positions = np.asarray(y_positions).reshape(-1)
+        if y_positions.size and (y_positions.min() < 0 or y_positions.max() >= ho * wo):
+            raise ValueError(f"Y_positions values must lie in [0, {ho * wo})")
+        return out.reshape(n, c, ho * wo)[:, :, y_positions].astype(np.float32)
+    return out.astype(np.float32)
+
+
 class PerforatedConv(OpRun):
     """``onnx.reference`` implementation of onnx_perforate.PerforatedConv."""
 
@@ -253,11 +330,23 @@ class BatchNormalization(OpRun):
         return (y.astype(x.dtype),)
 
 
-REFERENCE_OPS = [PerforatedConv, NNInterpolate, BatchNormalization]
+class CompactPool(OpRun):
+    """``onnx.reference`` implementation of onnx_perforate.CompactPool."""
+
+    op_domain = DOMAIN
+
+    def _run(self, x, x_index, y_positions=None, **attributes):
+        attrs = {k: getattr(self, k, None) for k in POOL_ATTRIBUTES}
+        return (compact_pool_reference(x, x_index, y_positions, **{k: v for k, v in attrs.items() if v is not None}),)
+
+
+POOL_ATTRIBUTES = ("mode", "kernel_shape", "strides", "pads", "dilations", "ceil_mode", "count_include_pad")
+
+REFERENCE_OPS = [PerforatedConv, NNInterpolate, CompactPool, BatchNormalization]
 
 
 def reference_evaluator(model, **kwargs):
-    """An ``onnx.reference.ReferenceEvaluator`` that knows the two custom ops."""
+    """An ``onnx.reference.ReferenceEvaluator`` that knows the custom ops."""
     from onnx.reference import ReferenceEvaluator
 
     return ReferenceEvaluator(model, new_ops=REFERENCE_OPS, **kwargs)

@@ -233,12 +233,58 @@ def test_multiple_consumers_share_one_interpolation():
     g = G()
     a = g.conv("a", "x", 4, 6)
     b = g.conv("b", a, 6, 6, k=1)  # compact
-    p = g.op("MaxPool", [a], "pool", kernel_shape=[2, 2], strides=[2, 2])  # needs the full tensor
-    q = g.op("AveragePool", [a], "avg", kernel_shape=[2, 2], strides=[2, 2])  # needs it too
+    p = g.op("SpaceToDepth", [a], "s2d", blocksize=2)  # needs the full tensor
+    q = g.op("LpPool", [a], "lp", kernel_shape=[2, 2], strides=[2, 2])  # needs it too
     model = g.model([b, p, q])
     compact, report = check_agreement(model, grid(model, ["a"]))
-    assert count(compact, "NNInterpolate") == 2  # one for a_relu (pool, avg), one for the output b_relu
-    assert set(report.layers[0].interpolated_for) >= {"pool", "avg"}
+    assert count(compact, "NNInterpolate") == 2  # one for a_relu (s2d, lp), one for the output b_relu
+    assert set(report.layers[0].interpolated_for) >= {"s2d", "lp"}
+
+
+@pytest.mark.parametrize("kind", ["grid", "uniform"])
+def test_pooling_reads_the_compact_tensor(kind):
+    """MaxPool / AveragePool (ceil mode, pads, count_include_pad) become CompactPool: no NNInterpolate."""
+    g = G()
+    a = g.conv("a", "x", 4, 6)
+    p = g.op("MaxPool", [a], "pool", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)
+    q = g.op("AveragePool", [a], "avg", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1)
+    r = g.op("AveragePool", [a], "avg_nopad", kernel_shape=[2, 2], strides=[1, 1], pads=[0, 0, 1, 1])
+    model = g.model([p, q, r])
+    compact, report = check_agreement(model, grid(model, ["a"], kind=kind))
+    assert count(compact, "NNInterpolate") == 0 and count(compact, "CompactPool") == 3
+    assert count(compact, "MaxPool") == count(compact, "AveragePool") == 0
+    assert any(s.startswith("pool (CompactPool") for s in report.layers[0].compact)
+
+
+def test_pooling_feeding_perforated_1x1_pools_only_its_positions():
+    g = G()
+    a = g.conv("a", "x", 4, 6)
+    p = g.op("MaxPool", [a], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    b = g.conv("b", p, 6, 5, k=1)
+    model = g.model([b])
+    chosen = grid(model, ["a", "b"], rate=0.5)
+    compact, report = check_agreement(model, chosen)
+    pool = next(n for n in compact.graph.node if n.op_type == "CompactPool")
+    assert len(pool.input) == 3  # Y_positions: only b's computed positions
+    positions = next(i for i in compact.graph.initializer if i.name == pool.input[2])
+    assert numpy_helper.to_array(positions).tolist() == np.flatnonzero(chosen["b"].array).tolist()
+    assert count(compact, "NNInterpolate") == 1  # b's output, a graph output
+    assert report.layers[1].implicit_input == "a"
+
+
+def test_pooled_output_stays_compact_when_windows_repeat():
+    """A mask coarser than the pooling stride: many windows read the same entries, computed once."""
+    g = G()
+    a = g.conv("a", "x", 4, 6)
+    p = g.op("MaxPool", [a], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    t = g.op("Relu", [p], "t")
+    model = g.model([t])
+    mask = np.zeros((10, 10), bool)
+    mask[::5, ::5] = True  # rows 0-2 show row 0, rows 3-9 row 5: 3 distinct row windows of 5 (same for columns)
+    compact, report = check_agreement(model, {"a": masks.Mask(mask)})
+    pool = next(n for n in compact.graph.node if n.op_type == "CompactPool")
+    assert len(pool.input) == 3 and "9 distinct windows of 25" in " ".join(report.layers[0].compact)
+    assert count(compact, "NNInterpolate") == 1  # after the Relu, which ran on the compact pooled tensor
 
 
 def test_graph_output_that_could_stay_compact():
@@ -319,8 +365,9 @@ def test_squeezenet_compact_agrees_and_is_compact():
     chosen = {r.name: masks.grid(r.output_shape[2:], 0.5) for r in records}
     explicit = rewrite(model, chosen, compact=False)
     compact, report = rewrite_with_report(model, chosen)
-    # fire2-3 and fire4-5 end in MaxPool (needs the full tensor); fire6-9, conv10 and the pooling stay compact
-    assert count(explicit, "NNInterpolate") == 25 and count(compact, "NNInterpolate") == 2
+    # everything stays compact: the MaxPools after fire3 and fire5 read their compact inputs (CompactPool)
+    assert count(explicit, "NNInterpolate") == 25 and count(compact, "NNInterpolate") == 0
+    assert count(compact, "CompactPool") == 2
     assert count(compact, "GlobalAveragePool") == 0 and count(compact, "Dropout") == 0
     x = np.random.default_rng(0).normal(size=(1, 3, 224, 224)).astype(np.float32) * 50
     options = onnx_perforate.session_options(1)

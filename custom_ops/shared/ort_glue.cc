@@ -117,6 +117,38 @@ ConvAttributes ReadConvAttributes(const KernelAttributes& attrs) {
   return a;
 }
 
+PoolAttributes ReadPoolAttributes(const KernelAttributes& attrs) {
+  PoolAttributes a;
+  a.mode = ParsePoolMode(attrs.String("mode", ""));
+  const auto kernel = attrs.Ints("kernel_shape");
+  if (kernel.size() != 2)
+    throw OpError("attribute 'kernel_shape' has " + std::to_string(kernel.size()) +
+                  " values, expected 2 (only 2-D pooling is supported)");
+  a.kernel_h = kernel[0];
+  a.kernel_w = kernel[1];
+  const auto strides = PairOr(attrs.Ints("strides"), "strides", 1);
+  const auto dilations = PairOr(attrs.Ints("dilations"), "dilations", 1);
+  a.stride_h = strides[0], a.stride_w = strides[1];
+  a.dilation_h = dilations[0], a.dilation_w = dilations[1];
+  const auto pads = attrs.Ints("pads");
+  if (!pads.empty()) {
+    if (pads.size() != 4)
+      throw OpError("attribute 'pads' has " + std::to_string(pads.size()) +
+                    " values, expected 4 [top, left, bottom, right]");
+    a.pad_top = pads[0], a.pad_left = pads[1], a.pad_bottom = pads[2], a.pad_right = pads[3];
+  }
+  const std::string auto_pad = attrs.String("auto_pad", "NOTSET");
+  if (auto_pad != "NOTSET" && auto_pad != "")
+    throw OpError("attribute 'auto_pad' is '" + auto_pad + "', expected NOTSET with explicit 'pads'");
+  const int64_t ceil_mode = attrs.Int("ceil_mode", 0), include_pad = attrs.Int("count_include_pad", 0);
+  if ((ceil_mode != 0 && ceil_mode != 1) || (include_pad != 0 && include_pad != 1))
+    throw OpError("attributes 'ceil_mode' and 'count_include_pad' must be 0 or 1");
+  a.ceil_mode = ceil_mode == 1;
+  a.count_include_pad = include_pad == 1;
+  a.Validate();
+  return a;
+}
+
 std::vector<int64_t> ShapeOf(const Ort::ConstValue& value) {
   return value.GetTensorTypeAndShapeInfo().GetShape();
 }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "conv_geometry.h"
+#include "pool_geometry.h"
 
 namespace onnx_perforate {
 
@@ -39,6 +40,9 @@ class KernelAttributes {
 
 // Reads and validates PerforatedConv's Conv-style attributes.
 ConvAttributes ReadConvAttributes(const KernelAttributes& attrs);
+
+// Reads and validates CompactPool's attributes.
+PoolAttributes ReadPoolAttributes(const KernelAttributes& attrs);
 
 std::vector<int64_t> ShapeOf(const Ort::ConstValue& value);
 
@@ -104,10 +108,10 @@ OrtStatusPtr Guarded(const OrtApi& api, const char* op, const std::string& node,
   }
 }
 
-// CreateKernelV2 of every op: a failing constructor becomes an error status naming the op.
+// CreateKernelV2 of every op: a failing constructor becomes an error status naming the op and the node.
 template <typename Kernel>
 OrtStatusPtr NewKernel(const OrtApi& api, const OrtKernelInfo* info, void** kernel, const char* op) {
-  return Guarded(api, op, "?", [&] { *kernel = new Kernel(api, info); });
+  return Guarded(api, op, KernelAttributes(api, info).NodeName(), [&] { *kernel = new Kernel(api, info); });
 }
 
 // The op descriptors' shared part, per op: names, types and optional inputs. The CPU and CUDA
@@ -139,6 +143,24 @@ struct NNInterpolateOpBase : Ort::CustomOpBase<Op, Kernel, true> {
   size_t GetInputTypeCount() const { return 2; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+// CompactPool(X, X_index, Y_positions?) -> Y (docs/ops.md).
+template <typename Op, typename Kernel>
+struct CompactPoolOpBase : Ort::CustomOpBase<Op, Kernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return NewKernel<Kernel>(api, info, kernel, "CompactPool");
+  }
+  const char* GetName() const { return "CompactPool"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }

@@ -14,7 +14,10 @@ for that index onto the compact tensor:
 - perforated convolutions (PerforatedConv): they read the compact tensor through the producer's index
   (the ``X_index`` input), so the interpolated tensor never exists;
 - GlobalAveragePool / ReduceMean / ReduceSum over space: a MatMul with the positions' multiplicities
-  (how many grid positions each computed one fills); GlobalMaxPool / ReduceMax: a max over K.
+  (how many grid positions each computed one fills); GlobalMaxPool / ReduceMax: a max over K;
+- MaxPool / AveragePool: CompactPool, which reads the compact tensor through the index. Its output is
+  compact again when its readers are 1x1 PerforatedConvs sharing one mask (only their positions are
+  pooled) or when windows repeat (equal windows give equal outputs); else it is the full tensor.
 
 Whatever else reads a compact tensor's full name gets one shared NNInterpolate that produces it under
 its original name, so the rest of the graph is untouched. Every rewrite is exact: it computes what the
@@ -29,6 +32,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .. import ops
 from .._library import DOMAIN
 from ..errors import PerforateError
 from ..graph import conv_geometry
@@ -60,6 +64,12 @@ class CompactOptions:
     # all-ones mask and X_index (implicit interpolation); False keeps NNInterpolate + ORT Conv. ORT's
     # dense Conv measured faster than our kernel at full density on SqueezeNet shapes (docs/compact.md).
     implicit_unperforated_spatial: bool = False
+    # MaxPool / AveragePool reading a compact tensor run as CompactPool (no NNInterpolate); False keeps
+    # NNInterpolate + ONNX pooling.
+    compact_pooling: bool = True
+    # A pooled output stays compact by window deduplication only when it has at most this fraction of
+    # the grid's positions (above it, the saving does not pay for the interpolation it may need later).
+    pooled_compact_fraction: float = 0.75
 
 
 class CompactPass:
@@ -366,6 +376,89 @@ class CompactPass:
         self.stayed(name, compact, "max over K" if "Max" in op else "weighted MatMul")
         return None
 
+    # -- pooling -----------------------------------------------------------------------------------
+
+    def pool(self, node: gs.Node, inputs: list[Compact]) -> Refusal | None:
+        """MaxPool / AveragePool -> CompactPool reading the compact tensor through its index."""
+        compact = inputs[0]
+        op, name = node.op, node_name(node)
+        if not self.options.compact_pooling:
+            return Refusal(f"{op} needs the full tensor (compact pooling is off)", node.name)
+        if self.compact_of(node.inputs[0]) is not compact:
+            return Refusal(f"the compact tensor is not {op}'s input", node.name)
+        if extra_outputs_used(self.graph, node):
+            return Refusal("MaxPool's Indices output is used", node.name)
+        attrs = node.attrs
+        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID", b"NOTSET", b"VALID"):
+            return Refusal(f"{op} has auto_pad {attrs['auto_pad']!r}", node.name)
+        kernel = list(attrs.get("kernel_shape", []))
+        if len(kernel) != 2:
+            return Refusal(f"{op} is not 2-D", node.name)
+        pool_attrs = dict(mode=ops.POOL_MODES[op], kernel_shape=kernel,
+                          strides=list(attrs.get("strides", [1, 1])), pads=list(attrs.get("pads", [0, 0, 0, 0])),
+                          dilations=list(attrs.get("dilations", [1, 1])), ceil_mode=int(attrs.get("ceil_mode", 0)),
+                          count_include_pad=int(attrs.get("count_include_pad", 0)))
+        if pool_attrs["mode"] == "average" and pool_attrs["dilations"] != [1, 1]:
+            return Refusal("AveragePool with dilations", node.name)
+        try:
+            out_hw, windows = pool_windows(np.asarray(compact.index.values), pool_attrs)
+        except ValueError as exc:
+            return Refusal(str(exc), node.name)
+        full = node.outputs[0]
+        dims = self.full_dims(full.name)
+        if dims is not None and tuple(dims[2:]) != out_hw:
+            return Refusal(f"{op}'s output size {tuple(dims[2:])} is not the computed {out_hw}", node.name)
+        positions, new_index, new_mask, how = self.pooled_positions(full, out_hw, windows)
+        pool_inputs = [compact.tensor, compact.index]
+        self.s.detach(node)
+        if positions is None:
+            out = full  # the full pooled tensor, under its original name
+            how = "CompactPool, full output"
+        else:
+            pool_inputs.append(self.s.constant(f"{name}.y_positions", positions.astype(np.int64)))
+            index = self.canonical_index(self.s.constant(f"{name}.index", new_index))
+            out = gs.Variable(self.s.unique(f"{full.name}.compact"), dtype=np.float32,
+                              shape=[dims[0] if dims else None, self.channels(compact), len(positions)])
+            self.state[full.name] = (full, Compact(out, index, new_mask, compact.layer, name))
+        self.graph.nodes.append(gs.Node("CompactPool", name=name, domain=DOMAIN, attrs=pool_attrs, inputs=pool_inputs,
+                                        outputs=[out]))
+        self.stayed(name, compact, how)
+        return None
+
+    def pooled_positions(self, full: gs.Variable, out_hw, windows):
+        """Which pooled positions to compute: (positions, index, mask, how); positions None = all."""
+        readers = list(full.outputs)
+        masks = []
+        for reader in readers:
+            if not (reader.op == "PerforatedConv" and reader.domain == DOMAIN and reader.inputs[0] is full
+                    and len(reader.inputs) <= 4 and isinstance(reader.inputs[3], gs.Constant)
+                    and list(reader.attrs.get("kernel_shape", [])) == [1, 1]
+                    and list(reader.attrs.get("strides", [1, 1])) == [1, 1]
+                    and not any(reader.attrs.get("pads", [0, 0, 0, 0]))):
+                break
+            masks.append(np.asarray(reader.inputs[3].values).astype(bool))
+        else:
+            if readers and full not in self.graph.outputs and all(
+                    m.shape == tuple(out_hw) and np.array_equal(m, masks[0]) for m in masks):
+                # Perforated 1x1 convolutions read only their computed positions: pool just those.
+                mask = masks[0]
+                return (np.flatnonzero(mask), ops.nearest_index(mask), mask,
+                        "CompactPool at the positions its perforated 1x1 readers compute")
+        # Equal windows (same entries, same weights) give equal outputs: compute one of each.
+        groups, first = {}, []
+        group_of = np.empty(len(windows), dtype=np.int64)
+        for p, window in enumerate(windows):
+            g = groups.setdefault(window, len(groups))
+            if g == len(first):
+                first.append(p)
+            group_of[p] = g
+        if len(first) > self.options.pooled_compact_fraction * len(windows):
+            return None, None, None, ""
+        mask = np.zeros(len(windows), dtype=bool)
+        mask[first] = True
+        return (np.array(first), group_of.reshape(out_hw), mask.reshape(out_hw),
+                f"CompactPool, compact output: {len(first)} distinct windows of {len(windows)}")
+
     # -- interpolation where needed ----------------------------------------------------------------
 
     def materialise(self) -> None:
@@ -387,6 +480,40 @@ class CompactPass:
                                             domain=DOMAIN, inputs=[compact.tensor, compact.index], outputs=[full]))
 
 
+def pool_windows(index: np.ndarray, attrs: dict):
+    """((Ho, Wo), [one hashable key per output position]): positions with equal keys read the same
+    compact entries with the same weights, so they pool to the same value."""
+    h, w = index.shape
+    kh, kw = attrs["kernel_shape"]
+    sh, sw = attrs["strides"]
+    dh, dw = attrs["dilations"]
+    top, left, bottom, right = attrs["pads"]
+    ceil_mode = attrs["ceil_mode"]
+    ho = ops.pool_output_size(h, kh, sh, top, bottom, dh, ceil_mode)
+    wo = ops.pool_output_size(w, kw, sw, left, right, dw, ceil_mode)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"the pooling window does not fit the grid {(h, w)}")
+    average = attrs["mode"] == "average"
+    keys = []
+    for i in range(ho):
+        y0 = i * sh - top
+        rows = [y0 + a * dh for a in range(kh) if 0 <= y0 + a * dh < h]
+        for j in range(wo):
+            x0 = j * sw - left
+            cols = [x0 + b * dw for b in range(kw) if 0 <= x0 + b * dw < w]
+            entries = index[np.ix_(rows, cols)].ravel()
+            if not average:
+                keys.append(frozenset(entries.tolist()))
+                continue
+            if attrs["count_include_pad"]:
+                divisor = (min(y0 + kh, h + bottom) - y0) * (min(x0 + kw, w + right) - x0)
+            else:
+                divisor = entries.size
+            values, counts = np.unique(entries, return_counts=True)
+            keys.append((divisor, tuple(values.tolist()), tuple(counts.tolist())))
+    return (ho, wo), keys
+
+
 def _bias(conv: gs.Node):
     return conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else gs.Variable.empty()
 
@@ -399,6 +526,7 @@ HANDLERS = {
     **{op: CompactPass.concat for op in ops_with(Semantics.CHANNEL_CONCAT)},
     **{op: CompactPass.reduction for op in ops_with(Semantics.SPATIAL_REDUCTION)},
     "Conv": CompactPass.conv,
+    **{op: CompactPass.pool for op in ops.POOL_MODES},
 }
 # The same for this package's own ops.
 CUSTOM_HANDLERS = {"PerforatedConv": CompactPass.perforated_conv}

@@ -1,0 +1,169 @@
+"""CompactPool (MaxPool / AveragePool on a compact input read through its producer's index): the
+compiled CPU kernel in ORT against the explicit form (NNInterpolate + ONNX MaxPool/AveragePool in ORT)
+and against the numpy reference, on random inputs; the Python fallback and the reference evaluator;
+bad attributes and shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_perforate
+from onnx_perforate import masks, ops
+
+POOL_OPSET = 19  # AveragePool/MaxPool with ceil_mode fixes and dilations
+
+
+def compact_pool_model(k, index, attrs, y_positions=None, batch=2, channels=3):
+    inputs = ["x", "x_index"] + (["y_positions"] if y_positions is not None else [])
+    inits = [numpy_helper.from_array(index.astype(np.int64), "x_index")]
+    if y_positions is not None:
+        inits.append(numpy_helper.from_array(np.asarray(y_positions, np.int64), "y_positions"))
+    node = ops.make_compact_pool_node(inputs, "y", "pool", **attrs)
+    graph = helper.make_graph([node], "compact_pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", POOL_OPSET), ops.opset_import()])
+
+
+def explicit_model(k, index, attrs, y_positions=None, batch=2, channels=3):
+    """NNInterpolate, then ONNX's own pooling op (and a Gather of the requested positions)."""
+    op = "MaxPool" if attrs["mode"] == "max" else "AveragePool"
+    pool_attrs = {key: v for key, v in attrs.items() if key != "mode"}
+    if op == "MaxPool":
+        pool_attrs.pop("count_include_pad", None)
+    nodes = [ops.make_nn_interpolate_node("x", "x_index", "full", "interpolate"),
+             helper.make_node(op, ["full"], ["pooled"], name="pool", **pool_attrs)]
+    inits = [numpy_helper.from_array(index.astype(np.int64), "x_index")]
+    out = "pooled"
+    if y_positions is not None:
+        inits += [numpy_helper.from_array(np.array([0, 0, -1], np.int64), "flat"),
+                  numpy_helper.from_array(np.asarray(y_positions, np.int64), "y_positions")]
+        nodes += [helper.make_node("Reshape", ["pooled", "flat"], ["pooled_flat"]),
+                  helper.make_node("Gather", ["pooled_flat", "y_positions"], ["picked"], axis=2)]
+        out = "picked"
+    graph = helper.make_graph(nodes, "explicit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, k])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", POOL_OPSET), ops.opset_import()])
+
+
+def run(model, x, threads=2):
+    options = onnx_perforate.session_options(threads)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+CASES = {
+    # name: (grid, rate, attributes, batch)
+    "max 3x3 s2 (SqueezeNet pool1)": ((13, 13), 0.5, dict(mode="max", kernel_shape=[3, 3], strides=[2, 2]), 1),
+    "max ceil_mode": ((12, 11), 0.6, dict(mode="max", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1), 3),
+    "max pads, strides (1, 2)": ((9, 10), 0.4, dict(mode="max", kernel_shape=[3, 2], strides=[1, 2], pads=[1, 0, 1, 1]), 2),
+    "max dilations": ((11, 11), 0.5, dict(mode="max", kernel_shape=[2, 3], dilations=[2, 2], pads=[1, 1, 1, 1]), 2),
+    "average pads, count_include_pad": ((10, 9), 0.5, dict(mode="average", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1), 2),
+    "average pads, no count_include_pad": ((10, 9), 0.5, dict(mode="average", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=0), 2),
+    "average ceil_mode, pads": ((12, 12), 0.7, dict(mode="average", kernel_shape=[3, 3], strides=[2, 2], pads=[0, 1, 1, 0], ceil_mode=1, count_include_pad=1), 3),
+    "average 2x2 s2": ((8, 8), 0.3, dict(mode="average", kernel_shape=[2, 2], strides=[2, 2]), 2),
+}
+
+
+def compact_input(grid, rate, batch, channels, seed, ties):
+    mask = masks.uniform(grid, rate, seed=seed).array
+    index = ops.nearest_index(mask)
+    rng = np.random.default_rng(seed)
+    shape = (batch, channels, int(mask.sum()))
+    # Small integers give ties inside the windows (max pooling must not care which one it takes).
+    x = rng.integers(-3, 4, shape).astype(np.float32) if ties else rng.standard_normal(shape).astype(np.float32)
+    return mask, index, x
+
+
+@pytest.mark.usefixtures("require_library")
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_compact_pool_matches_explicit_form_and_reference(name, ties):
+    grid, rate, attrs, batch = CASES[name]
+    mask, index, x = compact_input(grid, rate, batch, 3, seed=len(name), ties=ties)
+    got = run(compact_pool_model(x.shape[2], index, attrs, batch=batch), x)
+    explicit = run(explicit_model(x.shape[2], index, attrs, batch=batch), x)
+    reference = ops.compact_pool_reference(x, index, **attrs)
+    assert got.shape == explicit.shape == reference.shape
+    np.testing.assert_allclose(got, explicit, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-6)
+    if attrs["mode"] == "max":
+        np.testing.assert_array_equal(got, explicit)  # max pooling is exact
+
+
+@pytest.mark.usefixtures("require_library")
+@pytest.mark.parametrize("name", ["max ceil_mode", "average pads, count_include_pad"])
+def test_y_positions_compute_only_those_outputs(name):
+    grid, rate, attrs, batch = CASES[name]
+    mask, index, x = compact_input(grid, rate, batch, 4, seed=7, ties=False)
+    full = ops.compact_pool_reference(x, index, **attrs)
+    positions = np.sort(np.random.default_rng(1).choice(full.shape[2] * full.shape[3], 9, replace=False))
+    got = run(compact_pool_model(x.shape[2], index, attrs, positions, batch=batch, channels=4), x, threads=1)
+    explicit = run(explicit_model(x.shape[2], index, attrs, positions, batch=batch, channels=4), x)
+    assert got.shape == (batch, 4, 9)
+    np.testing.assert_allclose(got, explicit, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, full.reshape(batch, 4, -1)[:, :, positions], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_reference_evaluator_runs_compact_pool(with_positions):
+    grid, rate, attrs, batch = CASES["average ceil_mode, pads"]
+    mask, index, x = compact_input(grid, rate, batch, 3, seed=3, ties=False)
+    positions = [0, 5, 17] if with_positions else None
+    model = compact_pool_model(x.shape[2], index, attrs, positions, batch=batch)
+    got = ops.reference_evaluator(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ops.compact_pool_reference(x, index, positions, **attrs), rtol=1e-6)
+    # The reference is independent of the explicit form's pooling, so check it against ONNX's own.
+    explicit = ops.reference_evaluator(explicit_model(x.shape[2], index, attrs, positions, batch=batch)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, explicit, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_python_fallback_runs_compact_pool(with_positions):
+    pytest.importorskip("onnxruntime_extensions", reason="onnxruntime-extensions (the fallback's dependency) is not installed")
+    from onnx_perforate import fallback
+
+    grid, rate, attrs, batch = CASES["max ceil_mode"]
+    mask, index, x = compact_input(grid, rate, batch, 3, seed=5, ties=True)
+    positions = [1, 2, 8] if with_positions else None
+    model = compact_pool_model(x.shape[2], index, attrs, positions, batch=batch)
+    got = fallback.fallback_session(model).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, ops.compact_pool_reference(x, index, positions, **attrs))
+
+
+BAD = [
+    ({"mode": "min", "kernel_shape": [2, 2]}, None, "attribute 'mode' is 'min'"),
+    ({"mode": "max"}, None, "attribute 'kernel_shape' has 0 values"),
+    ({"mode": "max", "kernel_shape": [2, 2], "pads": [2, 0, 0, 0]}, None, "'pads' must be smaller than the window"),
+    ({"mode": "average", "kernel_shape": [2, 2], "dilations": [2, 2]}, None, "'dilations' must be [1, 1]"),
+    ({"mode": "max", "kernel_shape": [2, 2], "auto_pad": "SAME_UPPER"}, None, "'auto_pad' is 'SAME_UPPER'"),
+    ({"mode": "max", "kernel_shape": [20, 2]}, None, "does not fit the input grid"),
+    ({"mode": "max", "kernel_shape": [2, 2]}, [0, 1000], "input Y_positions has value 1000"),
+]
+
+
+@pytest.mark.usefixtures("require_library")
+@pytest.mark.parametrize("attrs, positions, message", BAD, ids=[b[2] for b in BAD])
+def test_bad_attributes_name_the_node(attrs, positions, message):
+    mask, index, x = compact_input((8, 8), 0.5, 1, 2, seed=0, ties=False)
+    model = compact_pool_model(x.shape[2], index, attrs, positions, batch=1, channels=2)
+    with pytest.raises(Exception) as info:
+        run(model, x)
+    assert "CompactPool node 'pool'" in str(info.value) and message in str(info.value)
+
+
+@pytest.mark.usefixtures("require_library")
+def test_bad_shapes_name_the_node():
+    mask, index, x = compact_input((8, 8), 0.5, 1, 2, seed=0, ties=False)
+    attrs = dict(mode="max", kernel_shape=[2, 2])
+    bad_index = index.copy()
+    bad_index[0, 0] = x.shape[2]
+    with pytest.raises(Exception) as info:
+        run(compact_pool_model(x.shape[2], bad_index, attrs, batch=1, channels=2), x)
+    assert "CompactPool node 'pool'" in str(info.value) and "input X_index has value" in str(info.value)
+    four_d = compact_pool_model(x.shape[2], index, attrs, batch=1, channels=2)
+    four_d.graph.input[0].type.tensor_type.shape.dim.add().dim_value = 1
+    with pytest.raises(Exception) as info:
+        run(four_d, x[..., None])
+    assert "CompactPool node 'pool'" in str(info.value) and "expected 3-D [N, C, K_in]" in str(info.value)
