@@ -14,6 +14,8 @@ import numpy as np
 from ._library import LibraryNotFoundError, cuda_kernels_library_path
 
 ACTIVATIONS = {"": 0, "Relu": 1, "LeakyRelu": 2, "Clip": 3}  # custom_ops/shared/conv_geometry.h order
+# ONNX_PERFORATE_CUDA_CONV_* of kernels.h: the kernel a PerforatedConv launch uses.
+CONV_KERNELS = {0: "nothing", 1: "bias only", 2: "direct", 3: "small tiles", 4: "big tiles"}
 
 
 def load(path: str | None = None) -> ctypes.CDLL:
@@ -33,7 +35,32 @@ def load(path: str | None = None) -> ctypes.CDLL:
     lib.onnx_perforate_build_gather_table.argtypes = (
         [i64] * 12 + [vp, i64, i64, vp, ctypes.POINTER(i64), ctypes.c_char_p, ctypes.c_size_t])
     lib.onnx_perforate_build_gather_table.restype = i32
+    lib.onnx_perforate_cuda_conv_launch.argtypes = [i32] * 10 + [ctypes.POINTER(i32)]
+    lib.onnx_perforate_cuda_conv_launch.restype = i32
+    lib.onnx_perforate_cuda_device_conv_config.argtypes = [ctypes.POINTER(i32), ctypes.POINTER(i32)]
+    lib.onnx_perforate_cuda_device_conv_config.restype = i32
     return lib
+
+
+def conv_launch(lib: ctypes.CDLL, n, c, m, group, kh, kw, count, sms, big_blocks_per_sm,
+                deterministic=False) -> tuple[str, int]:
+    """(kernel, reduction splits) that a PerforatedConv launch picks on a device with `sms`
+    multiprocessors holding `big_blocks_per_sm` big-tile blocks each (host code: no GPU needed)."""
+    splits = ctypes.c_int(0)
+    kind = lib.onnx_perforate_cuda_conv_launch(n, c, m, group, kh, kw, count, sms, big_blocks_per_sm,
+                                               int(deterministic), ctypes.byref(splits))
+    if kind < 0:
+        raise ValueError(f"invalid convolution for a launch: N={n} C={c} M={m} group={group} kernel={kh}x{kw} K={count}")
+    return CONV_KERNELS[kind], splits.value
+
+
+def device_conv_config(lib: ctypes.CDLL) -> tuple[int, int]:
+    """(multiprocessors, big-tile blocks per multiprocessor) of the current CUDA device."""
+    sms, per_sm = ctypes.c_int(0), ctypes.c_int(0)
+    status = lib.onnx_perforate_cuda_device_conv_config(ctypes.byref(sms), ctypes.byref(per_sm))
+    if status:
+        raise RuntimeError(f"no usable CUDA device: {lib.onnx_perforate_cuda_error_string(status).decode()}")
+    return sms.value, per_sm.value
 
 
 def gather_table(lib: ctypes.CDLL, h, w, kh, kw, stride, pads, dilation, mask: np.ndarray) -> np.ndarray:

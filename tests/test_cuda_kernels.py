@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from onnx_perforate import LibraryNotFoundError, cuda_kernels, cuda_kernels_library_path
-from onnx_perforate.cuda_kernels import ACTIVATIONS, gather_table
+from onnx_perforate.cuda_kernels import ACTIVATIONS, conv_launch, device_conv_config, gather_table
 from onnx_perforate.ops import conv_output_size, nearest_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,21 +180,53 @@ CONV_CASES = [
     (1, 16, 32, 12, 12, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "Relu", True, "r=0.5"),
     (3, 64, 48, 9, 11, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, "", False, "r=0.75"),
     (2, 32, 64, 15, 15, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 2, "LeakyRelu", True, "grid"),
-    (4, 24, 24, 14, 14, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 24, "Relu", True, "r=0.5"),  # depthwise
-    (2, 8, 16, 10, 10, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 8, "", True, "ones"),  # channel multiplier 2
-    (2, 32, 16, 10, 10, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4, "Clip", True, "r=0.5"),  # few outputs per group
     (5, 12, 40, 13, 17, 3, 3, (1, 1), (0, 1, 2, 1), (2, 2), 1, "", True, "r=0.5"),  # dilation, asymmetric pads
     (1, 20, 36, 16, 16, 5, 5, (2, 1), (2, 1, 2, 0), (1, 1), 1, "Clip", False, "single"),
     (2, 3, 32, 30, 30, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1), 1, "Relu", True, "r=0.5"),  # stem-like, 49 taps
     (1, 8, 32, 20, 20, 9, 9, (1, 1), (4, 4, 4, 4), (1, 1), 1, "", True, "r=0.75"),  # 81 taps: global offsets
-    (4, 16, 64, 72, 72, 7, 7, (1, 1), (3, 3, 3, 3), (1, 1), 1, "", True, "ones"),  # big tiles, global offsets
-    (5, 64, 128, 56, 56, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "Relu", True, "ones"),  # big tiles, K % 4 == 0
-    (3, 64, 128, 33, 33, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "", True, "ones"),  # big tiles, K odd
-    (1, 256, 64, 7, 7, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "Relu", True, "ones"),  # split reduction
-    (1, 384, 96, 13, 13, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "Clip", True, "r=0.75"),  # split, perforated
+    (3, 64, 128, 33, 33, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "", True, "ones"),  # K odd (small tiles)
     (2, 64, 64, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "LeakyRelu", True, "last"),
     (3, 256, 256, 28, 28, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "", True, "r=0.5"),
 ]
+
+# Cases meant to exercise one kernel, with the kernel each must select on an H200 (132 SMs, 2 big-tile
+# blocks per SM): checked on the CPU by test_cases_select_the_kernel_they_are_meant_for, and on a GPU
+# with the device's own numbers (big tiles) before they run.
+H200 = (132, 2)
+KERNEL_CASES = {
+    "direct": [
+        (4, 24, 24, 14, 14, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 24, "Relu", True, "r=0.5"),  # depthwise
+        (2, 8, 16, 10, 10, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 8, "", True, "ones"),  # channel multiplier 2
+        (2, 32, 16, 10, 10, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4, "Clip", True, "r=0.5"),  # few outputs per group
+    ],
+    "small tiles": [
+        # few outputs per group but many inputs: a GEMM, not the direct kernel
+        (2, 128, 16, 10, 10, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 2, "Relu", True, "r=0.5"),
+    ],
+    "big tiles": [
+        (8, 16, 64, 72, 72, 7, 7, (1, 1), (3, 3, 3, 3), (1, 1), 1, "", True, "ones"),  # global offsets
+        (6, 64, 128, 56, 56, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "Relu", True, "ones"),  # K % 4 == 0
+        # K odd and a partial M tile (96 = 64 + 32; 80 = 64 + 16 per group)
+        (16, 32, 96, 47, 47, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "LeakyRelu", True, "ones"),
+        (12, 64, 160, 45, 45, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 2, "Clip", False, "r=0.4"),
+    ],
+    "split": [
+        (1, 256, 64, 7, 7, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "Relu", True, "ones"),
+        (1, 384, 96, 13, 13, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "Clip", True, "r=0.75"),  # perforated
+    ],
+}
+CONV_CASES += [case for cases in KERNEL_CASES.values() for case in cases]
+
+
+def _mask_for(case, rng) -> np.ndarray:
+    n, c, m, h, w, kh, kw, stride, pads, dilation, group, activation, with_bias, mask_kind = case
+    return make_mask(mask_kind, conv_output_size((h, w), (kh, kw), stride, pads, dilation), rng)
+
+
+def _kernel_choice(lib, case, sms, big_blocks_per_sm) -> tuple[str, int]:
+    n, c, m, h, w, kh, kw, stride, pads, dilation, group, activation, with_bias, mask_kind = case
+    count = int(_mask_for(case, np.random.default_rng(0)).sum())  # every mask kind fixes its count
+    return conv_launch(lib, n, c, m, group, kh, kw, count, sms, big_blocks_per_sm)
 
 
 def _case_id(case):
@@ -213,7 +245,9 @@ def test_perforated_conv_matches_torch(runner, torch_cuda, case):
     weight = torch.randn((m, c // group, kh, kw), device="cuda", generator=gen) / np.sqrt(c // group * kh * kw)
     bias = torch.randn((m,), device="cuda", generator=gen) if with_bias else None
     alpha, clip_min, clip_max = 0.2, -0.5, 0.75
-    mask = make_mask(mask_kind, conv_output_size((h, w), (kh, kw), stride, pads, dilation), rng)
+    mask = _mask_for(case, rng)
+    if case in KERNEL_CASES["big tiles"]:  # the case must test what it says on this GPU too
+        assert _kernel_choice(runner.lib, case, *device_conv_config(runner.lib))[0] == "big tiles"
     table = torch.from_numpy(gather_table(runner.lib, h, w, kh, kw, stride, pads, dilation, mask)).cuda()
 
     yc = runner.perforated_conv(x, weight, bias, table, group, activation, alpha, clip_min, clip_max)
@@ -278,7 +312,53 @@ def test_kernels_use_the_given_stream(runner, torch_cuda):
     assert_close(torch, yc, expected)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["", "Relu", "Clip"])
+@pytest.mark.parametrize("empty", ["C=0", "H=0"])
+def test_empty_input_gives_activation_of_bias(runner, torch_cuda, empty, activation):
+    """ONNX Runtime passes NULL for zero-element tensors: no input channels (X and W empty) or an input
+    plane with no pixels (X empty, every tap reads padding) both give activation(bias)."""
+    torch = torch_cuda
+    n, m, c = 2, 8, (0 if empty == "C=0" else 4)
+    h, w = (5, 6) if empty == "C=0" else (0, 3)
+    pads = (2, 2, 2, 2)
+    mask = make_mask("r=0.5", conv_output_size((h, w), (3, 3), (1, 1), pads, (1, 1)), np.random.default_rng(1))
+    table = torch.from_numpy(gather_table(runner.lib, h, w, 3, 3, (1, 1), pads, (1, 1), mask)).cuda()
+    count = table.shape[1]
+    weight = torch.randn((m, c, 3, 3), device="cuda")
+    bias = torch.randn((m,), device="cuda")
+    yc = torch.full((n, m, count), float("nan"), device="cuda")
+    status = runner.lib.onnx_perforate_cuda_perforated_conv(
+        None, weight.data_ptr() if c else None, bias.data_ptr(), table.data_ptr(), n, c, h, w, m, 1, 3, 3, count,
+        ACTIVATIONS[activation], 0.0, -0.25, 0.25, yc.data_ptr(), runner.stream())
+    assert status == 0, runner.lib.onnx_perforate_cuda_error_string(status).decode()
+    expected = bias.reshape(1, m, 1).expand(n, m, count)
+    if activation == "Relu":
+        expected = torch.relu(expected)
+    elif activation == "Clip":
+        expected = expected.clamp(-0.25, 0.25)
+    torch.cuda.synchronize()
+    assert torch.equal(yc, expected)
+
+
 # --- ONNX Runtime CUDA execution provider ------------------------------------------------------------
+
+
+def _session_providers(ort) -> list[str]:
+    """The providers a one-node session really got when asked for CUDA first."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    try:
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001  an EP that fails to load can also raise
+        return []
+    return session.get_providers()
 
 
 def _ort_cuda():
@@ -289,6 +369,11 @@ def _ort_cuda():
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu); "
                     f"providers: {ort.get_available_providers()}")
+    # get_available_providers() lists what the build contains, not what loads: a CUDA EP whose CUDA or
+    # cuDNN libraries are missing falls back to the CPU with a warning. Ask a tiny session instead.
+    if "CUDAExecutionProvider" not in _session_providers(ort):
+        pytest.skip(f"onnxruntime {ort.__version__} lists CUDAExecutionProvider but it does not load here (its CUDA "
+                    f"or cuDNN libraries are missing?); a session got: {_session_providers(ort)}")
     try:
         import onnx_perforate
     except Exception as e:  # noqa: BLE001
@@ -449,6 +534,54 @@ def test_invalid_arguments_are_rejected_before_any_launch(kernels):
     assert interp(None, None, -1, 4, 9, None, None) == CUDA_ERROR_INVALID_VALUE
 
 
+def test_empty_tensors_pass_the_argument_checks(kernels):
+    """NULL X and W of zero-element tensors (as ONNX Runtime passes them) are accepted where nothing is read:
+    the call gets past the argument checks to the launch, which fails here only for lack of a GPU."""
+    conv = kernels.onnx_perforate_cuda_perforated_conv
+    table, out, weights = 1024, 2048, 4096  # fake device addresses: never dereferenced before the launch
+
+    def call(x, w, c, h):
+        return conv(x, w, None, table, 2, c, h, 3, 4, 1, 3, 3, 5, 1, 0.0, 0.0, 0.0, out, None)
+
+    assert call(None, None, 0, 4) != CUDA_ERROR_INVALID_VALUE  # C = 0: X and W both empty
+    assert call(None, weights, 4, 0) != CUDA_ERROR_INVALID_VALUE  # H = 0: X empty, all taps in padding
+    assert call(None, weights, 4, 4) == CUDA_ERROR_INVALID_VALUE  # X has data: NULL is an error
+    assert call(None, None, 4, 0) == CUDA_ERROR_INVALID_VALUE  # W has data
+    assert conv(None, None, None, None, 2, 0, 4, 3, 4, 1, 3, 3, 5, 1, 0.0, 0.0, 0.0, out, None) == CUDA_ERROR_INVALID_VALUE
+
+
+@pytest.mark.parametrize("kind", list(KERNEL_CASES))
+def test_cases_select_the_kernel_they_are_meant_for(kernels, kind):
+    for case in KERNEL_CASES[kind]:
+        kernel, splits = _kernel_choice(kernels, case, *H200)
+        assert kernel == ("small tiles" if kind == "split" else kind), _case_id(case)
+        assert splits > 1 if kind == "split" else kind == "small tiles" or splits == 1, _case_id(case)
+    if kind == "big tiles":  # a partial M tile with K odd, as the review asked
+        assert any(case[2] // case[10] % 64 and int(_mask_for(case, np.random.default_rng(0)).sum()) % 2
+                   for case in KERNEL_CASES[kind])
+
+
+def test_launch_choice_rules(kernels):
+    sms, per_sm = H200
+    # Big tiles need one full wave of resident blocks: 2 per SM, not 1.
+    one_wave = 132 * 128  # columns (N * K) giving 132 big-tile blocks for 64 outputs
+    assert conv_launch(kernels, 1, 64, 64, 1, 3, 3, one_wave, sms, per_sm)[0] == "small tiles"
+    assert conv_launch(kernels, 1, 64, 64, 1, 3, 3, one_wave, sms, 1)[0] == "big tiles"
+    assert conv_launch(kernels, 2, 64, 64, 1, 3, 3, one_wave, sms, per_sm)[0] == "big tiles"
+    # The direct kernel: depthwise, or few outputs and few inputs per group; many inputs go to a GEMM.
+    assert conv_launch(kernels, 1, 512, 512, 512, 3, 3, 100, sms, per_sm)[0] == "direct"
+    assert conv_launch(kernels, 1, 64, 32, 4, 3, 3, 100, sms, per_sm)[0] == "direct"
+    assert conv_launch(kernels, 1, 256, 8, 1, 3, 3, 100, sms, per_sm)[0] == "small tiles"
+    # Empty problems, and C = 0 (activation(bias) only).
+    assert conv_launch(kernels, 0, 8, 8, 1, 3, 3, 100, sms, per_sm)[0] == "nothing"
+    assert conv_launch(kernels, 1, 0, 8, 1, 3, 3, 100, sms, per_sm)[0] == "bias only"
+    # Deterministic mode never splits the reduction.
+    assert conv_launch(kernels, 1, 256, 64, 1, 3, 3, 49, sms, per_sm)[1] > 1
+    assert conv_launch(kernels, 1, 256, 64, 1, 3, 3, 49, sms, per_sm, deterministic=True)[1] == 1
+    with pytest.raises(ValueError, match="invalid convolution"):
+        conv_launch(kernels, 1, 6, 8, 4, 3, 3, 100, sms, per_sm)
+
+
 def _numpy_gather_table(h, w, kh, kw, stride, pads, dilation, mask):
     ys, xs = np.nonzero(mask)
     rows = []
@@ -497,6 +630,7 @@ def test_ort_cuda_provider_runs_compact_models():
     """A rewritten model with the compact pass (PerforatedConv reading a compact input through
     X_index, compact 1x1 convs) runs on the CUDA EP and matches the CPU kernels."""
     ort, onnx_perforate = _ort_cuda()
+    pytest.importorskip("onnx_graphsurgeon", reason="the rewriter (onnx_perforate.rewrite) needs onnx-graphsurgeon")
     from test_compact import chained_perforated_convs
 
     rewritten = onnx_perforate.rewrite(*chained_perforated_convs(with_1x1=True)).SerializeToString()

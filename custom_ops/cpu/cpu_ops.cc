@@ -35,15 +35,13 @@ struct ConvPlan {
 };
 
 struct PerforatedConvKernel {
-  PerforatedConvKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
+  PerforatedConvKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api), input_index_(info, 4) {
     KernelAttributes attrs(api, info);
     node_ = attrs.NodeName();
     attrs_ = ReadConvAttributes(attrs);
     constant_mask_ = ReadConstantInput(info, 3, [](const Ort::ConstValue& v) {
       return std::make_shared<const MaskInput>(ReadMaskInput(v));
     });
-    constant_input_index_ = Ort::ConstKernelInfo(info).GetInputCount() > 4 &&
-                            ReadConstantInput(info, 4, [](const Ort::ConstValue& v) { return v; });
     int is_constant = 0;
     Ort::ConstKernelInfo(info).GetTensorConstantInput(1, &is_constant);
     constant_weights_ = is_constant != 0;
@@ -56,7 +54,7 @@ struct PerforatedConvKernel {
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const PerforatedConvInputs in = GetPerforatedConvInputs(ctx);
-    const auto input_index = in.x_index ? IndexFor(in.x_shape, in.x_index) : nullptr;
+    const auto input_index = in.x_index ? input_index_.Read(in.x_index, in.x_shape) : nullptr;
     const ConvShape shape = ComputeConvShape(in.x_shape, in.w_shape, in.b ? &in.b_shape : nullptr, attrs_,
                                              input_index.get());
     const std::shared_ptr<const ConvPlan> plan = Plan(shape, in.mask, input_index);
@@ -68,15 +66,6 @@ struct PerforatedConvKernel {
                                in.x.GetTensorData<float>(), weights, packed.get(),
                                in.b ? in.b.GetTensorData<float>() : nullptr, y.GetTensorMutableData<float>(),
                                MakeParallelRunner(ctx));
-  }
-
-  // A constant X_index is validated once per compact input size; others on every call.
-  std::shared_ptr<const InputIndex> IndexFor(const std::vector<int64_t>& x_shape, const Ort::ConstValue& x_index) {
-    if (!constant_input_index_) return ReadInputIndexInput(x_index, x_shape);
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!input_index_ || x_shape.size() != 3 || input_index_->compact_size != x_shape[2])
-      input_index_ = ReadInputIndexInput(x_index, x_shape);
-    return input_index_;
   }
 
   // Weights that are initializers are packed once; others on every call.
@@ -102,7 +91,7 @@ struct PerforatedConvKernel {
       plan->padded = BuildPaddedGather(s, attrs_, plan->positions, input_index.get());
       return plan;
     };
-    const bool index_constant = !input_index || constant_input_index_;
+    const bool index_constant = !input_index || input_index_.constant();
     if (!constant_mask_ || !index_constant) return build(ReadMaskInput(mask));
     std::lock_guard<std::mutex> lock(mutex_);
     if (!plan_ || plan_->in_h != s.in_h || plan_->in_w != s.in_w || plan_->in_plane != s.in_plane ||
@@ -115,8 +104,7 @@ struct PerforatedConvKernel {
   std::string node_;
   ConvAttributes attrs_;
   std::shared_ptr<const MaskInput> constant_mask_;
-  bool constant_input_index_ = false;
-  std::shared_ptr<const InputIndex> input_index_;
+  InputIndexReader input_index_;
   std::mutex mutex_;
   std::shared_ptr<const ConvPlan> plan_;
   bool constant_weights_ = false;

@@ -6,7 +6,9 @@
 // with the shared geometry code and uploaded once; their device copies are cached per kernel (no
 // cudaMalloc in the steady state, only when the input size, mask, index or device changes); every
 // launch and copy goes to KernelContext::GetGPUComputeStream(), never the default stream; nothing
-// synchronises the device in the hot path.
+// synchronises the device in the hot path. Building a plan synchronises its stream once, so that a
+// concurrent Run() on another stream that finds the cached plan never launches before the upload
+// has landed.
 #include "cuda_ops.h"
 
 #include <cuda_runtime_api.h>
@@ -47,6 +49,9 @@ int ToInt(int64_t value, const char* what) {
 
 // Device memory owned by a cached plan. The plan outlives every launch that reads it on its stream
 // except across a plan change, where cudaFree's implicit synchronisation covers the pending work.
+// Upload returns once the data is on the device: the copy is queued on the kernel's stream (ordered
+// after that stream's earlier work) and the stream is synchronised. This happens only when a plan is
+// built; other streams may read the buffer as soon as the plan is published.
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
@@ -55,11 +60,10 @@ class DeviceBuffer {
   ~DeviceBuffer() {
     if (ptr_) cudaFree(ptr_);  // errors ignored: may run while the process tears the runtime down
   }
-  // Uploads bytes from host memory on `stream` (the host copy must stay alive until the copy ran;
-  // the plans keep it).
   void Upload(const void* host, size_t bytes, cudaStream_t stream) {
     Check(cudaMalloc(&ptr_, bytes ? bytes : 1), "cudaMalloc");
     Check(cudaMemcpyAsync(ptr_, host, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+    Check(cudaStreamSynchronize(stream), "cudaStreamSynchronize after the table upload");
   }
   template <typename T>
   const T* get() const {
@@ -77,12 +81,11 @@ struct CudaConvPlan {
   int device = -1;
   std::shared_ptr<const MaskInput> mask;
   int64_t count = 0;
-  GatherTable table;  // host copy, kept for the asynchronous upload
   DeviceBuffer offsets;
 };
 
 struct PerforatedConvKernel {
-  PerforatedConvKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
+  PerforatedConvKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api), input_index_(info, 4) {
     KernelAttributes attrs(api, info);
     node_ = attrs.NodeName();
     attrs_ = ReadConvAttributes(attrs);
@@ -100,7 +103,7 @@ struct PerforatedConvKernel {
     const PerforatedConvInputs in = GetPerforatedConvInputs(ctx);
     // A compact X (X_index given) is read through gather offsets into its K_in-long planes: the
     // kernels only use H * W as the plane stride, so they get H = 1, W = K_in.
-    const auto input_index = in.x_index ? ReadInputIndexInput(in.x_index, in.x_shape) : nullptr;
+    const auto input_index = in.x_index ? input_index_.Read(in.x_index, in.x_shape) : nullptr;
     const ConvShape s = ComputeConvShape(in.x_shape, in.w_shape, in.b ? &in.b_shape : nullptr, attrs_,
                                          input_index.get());
     const cudaStream_t stream = ComputeStream(ctx);
@@ -124,9 +127,11 @@ struct PerforatedConvKernel {
     std::shared_ptr<const MaskInput> mask = constant_mask_;
     if (!mask) mask = std::make_shared<const MaskInput>(ReadMaskInput(mask_value));
     std::lock_guard<std::mutex> lock(mutex_);
+    // A constant X_index is the reader's cached object: equal by pointer, never compared by value.
     const bool same_index = (!plan_ || !plan_->input_index) ? !input_index
-                            : input_index && plan_->input_index->compact_size == input_index->compact_size &&
-                                  plan_->input_index->values == input_index->values;
+                            : input_index && (plan_->input_index == input_index ||
+                                              (plan_->input_index->compact_size == input_index->compact_size &&
+                                               plan_->input_index->values == input_index->values));
     if (plan_ && same_index && plan_->in_h == s.in_h && plan_->in_w == s.in_w && plan_->in_plane == s.in_plane &&
         plan_->kernel_h == s.kernel_h && plan_->kernel_w == s.kernel_w && plan_->device == device &&
         (plan_->mask == mask ||
@@ -140,8 +145,8 @@ struct PerforatedConvKernel {
     plan->mask = mask;
     const MaskPositions positions = ComputeMaskPositions(mask->values.data(), mask->shape, s.out_h, s.out_w);
     plan->count = positions.count();
-    plan->table = BuildGatherTable(s, attrs_, positions, input_index.get());
-    plan->offsets.Upload(plan->table.offsets.data(), plan->table.offsets.size() * sizeof(int32_t), stream);
+    const GatherTable table = BuildGatherTable(s, attrs_, positions, input_index.get());
+    plan->offsets.Upload(table.offsets.data(), table.offsets.size() * sizeof(int32_t), stream);
     plan_ = std::move(plan);
     return plan_;
   }
@@ -150,6 +155,7 @@ struct PerforatedConvKernel {
   std::string node_;
   ConvAttributes attrs_;
   std::shared_ptr<const MaskInput> constant_mask_;
+  InputIndexReader input_index_;
   std::mutex mutex_;
   std::shared_ptr<const CudaConvPlan> plan_;
 };

@@ -54,6 +54,25 @@ ONNX_PERFORATE_CUDA_API cudaError_t onnx_perforate_cuda_nn_interpolate(const flo
                                                                      int64_t planes, int K, int positions,
                                                                      float* y, cudaStream_t stream);
 
+// Which kernel onnx_perforate_cuda_perforated_conv launches (host code only: no GPU needed), for a
+// device with `sms` multiprocessors that holds `big_blocks_per_sm` big-tile blocks each at once.
+// Returns one of ONNX_PERFORATE_CUDA_CONV_* (or -1 for arguments the launch would reject) and sets
+// *splits (may be NULL) to the number of reduction splits (1: none).
+enum {
+  ONNX_PERFORATE_CUDA_CONV_NOTHING = 0,     // an empty output
+  ONNX_PERFORATE_CUDA_CONV_BIAS_ONLY = 1,   // C == 0: activation(bias)
+  ONNX_PERFORATE_CUDA_CONV_DIRECT = 2,      // one thread per computed position
+  ONNX_PERFORATE_CUDA_CONV_SMALL_TILES = 3, // 32 x 64 GEMM tiles (maybe with split reduction)
+  ONNX_PERFORATE_CUDA_CONV_BIG_TILES = 4,   // 64 x 128 GEMM tiles
+};
+ONNX_PERFORATE_CUDA_API int onnx_perforate_cuda_conv_launch(int N, int C, int M, int group, int kh, int kw, int K,
+                                                           int sms, int big_blocks_per_sm, int deterministic,
+                                                           int* splits);
+
+// The current device's values for the launch choice above: multiprocessors and big-tile blocks per
+// multiprocessor (occupancy). Returns the CUDA error when there is no usable device.
+ONNX_PERFORATE_CUDA_API cudaError_t onnx_perforate_cuda_device_conv_config(int* sms, int* big_blocks_per_sm);
+
 // Host helpers for harnesses that do not link cudart themselves (only in
 // libonnx_perforate_cuda_kernels.so). Upload is an ordinary blocking cudaMemcpy.
 ONNX_PERFORATE_CUDA_API cudaError_t onnx_perforate_cuda_malloc(void** device_ptr, size_t bytes);

@@ -9,6 +9,7 @@
 
 #include "../shared/conv_geometry.h"
 #include "kernels.h"
+#include "launch_plan.h"
 
 extern "C" {
 
@@ -24,6 +25,17 @@ ONNX_PERFORATE_CUDA_API cudaError_t onnx_perforate_cuda_upload(void* device_dst,
 
 ONNX_PERFORATE_CUDA_API const char* onnx_perforate_cuda_error_string(int error) {
   return cudaGetErrorString(static_cast<cudaError_t>(error));
+}
+
+ONNX_PERFORATE_CUDA_API int onnx_perforate_cuda_conv_launch(int N, int C, int M, int group, int kh, int kw, int K,
+                                                           int sms, int big_blocks_per_sm, int deterministic,
+                                                           int* splits) {
+  if (N < 0 || C < 0 || M < 0 || K < 0 || kh < 1 || kw < 1 || group < 1 || C % group || M % group || sms < 1)
+    return -1;
+  const onnx_perforate::ConvLaunch launch = onnx_perforate::ChooseConvLaunch(
+      N, C, M, group, static_cast<long long>(kh) * kw, K, sms, big_blocks_per_sm, deterministic != 0);
+  if (splits) *splits = launch.splits;
+  return static_cast<int>(launch.kernel);
 }
 
 ONNX_PERFORATE_CUDA_API int onnx_perforate_build_gather_table(

@@ -10,8 +10,9 @@
 // Register blocking TM x TN per thread, double-buffered shared tiles with register prefetch: one
 // __syncthreads per reduction step. Arithmetic is plain FP32 FMA (no TF32, no tensor cores).
 //
-// Depthwise and few-channels-per-group convolutions, where a GEMM tile would be mostly empty, use a
-// direct kernel instead: one thread per computed position and CPT output channels.
+// Depthwise convolutions, and groups with few outputs and few inputs, where a GEMM tile would be mostly
+// empty, use a direct kernel instead: one thread per computed position and CPT output channels. Which
+// kernel and tiles run is decided on the host by ChooseConvLaunch (launch_plan.h).
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -19,6 +20,7 @@
 #include <cstdlib>
 
 #include "kernels.h"
+#include "launch_plan.h"
 
 namespace {
 
@@ -301,16 +303,49 @@ __global__ void __launch_bounds__(kDirectThreads) PerforatedConvDirect(const Con
   }
 }
 
-int SmCount() {
-  static std::atomic<int> cache[64];
+// Per-device values read once (devices are numbered densely; more than 64 fall back to a guess).
+template <typename Query>
+int CachedPerDevice(std::atomic<int> (&cache)[64], int fallback, Query&& query) {
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 108;
-  if (device < 0 || device >= 64) return 108;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return fallback;
   int v = cache[device].load(std::memory_order_relaxed);
   if (v > 0) return v;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || v <= 0) v = 108;
+  v = query(device);
+  if (v <= 0) v = fallback;
   cache[device].store(v, std::memory_order_relaxed);
   return v;
+}
+
+int SmCount() {
+  static std::atomic<int> cache[64];
+  return CachedPerDevice(cache, 108, [](int device) {
+    int v = 0;
+    return cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) == cudaSuccess ? v : 0;
+  });
+}
+
+using onnx_perforate::ChooseConvLaunch;
+using onnx_perforate::ConvKernel;
+using onnx_perforate::ConvLaunch;
+using onnx_perforate::kBigTileK;
+using onnx_perforate::kBigTileM;
+using onnx_perforate::kBigTileN;
+using onnx_perforate::kBigTileThreads;
+using onnx_perforate::kSmallTileK;
+using onnx_perforate::kSmallTileM;
+using onnx_perforate::kSmallTileN;
+using onnx_perforate::kSmallTileThreads;
+
+constexpr auto BigTileKernel = PerforatedConvGemm<kBigTileM, kBigTileN, kBigTileK, 4, 8>;
+constexpr auto SmallTileKernel = PerforatedConvGemm<kSmallTileM, kSmallTileN, kSmallTileK, 4, 4>;
+
+// Big-tile blocks resident per SM at once (registers and shared memory decide; 2 on sm_90).
+int BigBlocksPerSm() {
+  static std::atomic<int> cache[64];
+  return CachedPerDevice(cache, 2, [](int) {
+    int v = 0;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&v, BigTileKernel, kBigTileThreads, 0) == cudaSuccess ? v : 0;
+  });
 }
 
 bool Deterministic() {
@@ -321,13 +356,19 @@ bool Deterministic() {
   return value;
 }
 
-// The two GEMM tile configurations (each compiled once per target architecture).
-constexpr int kBigM = 64, kBigN = 128, kBigK = 16, kBigThreads = (64 / 4) * (128 / 8);
-constexpr int kSmallM = 32, kSmallN = 64, kSmallK = 16, kSmallThreads = (32 / 4) * (64 / 4);
-
 long long CeilDiv(long long a, long long b) { return (a + b - 1) / b; }
 
 }  // namespace
+
+extern "C" cudaError_t onnx_perforate_cuda_device_conv_config(int* sms, int* big_blocks_per_sm) {
+  if (!sms || !big_blocks_per_sm) return cudaErrorInvalidValue;
+  int device = 0;
+  const cudaError_t e = cudaGetDevice(&device);  // fails without a usable device, rather than guessing
+  if (e != cudaSuccess) return e;
+  *sms = SmCount();
+  *big_blocks_per_sm = BigBlocksPerSm();
+  return cudaSuccess;
+}
 
 extern "C" cudaError_t onnx_perforate_cuda_perforated_conv(const float* x, const float* w, const float* b,
                                                          const int32_t* gather_offsets, int N, int C, int H,
@@ -338,7 +379,10 @@ extern "C" cudaError_t onnx_perforate_cuda_perforated_conv(const float* x, const
       M % group || activation < 0 || activation > ONNX_PERFORATE_ACTIVATION_CLIP)
     return cudaErrorInvalidValue;
   if (N == 0 || M == 0 || K == 0) return cudaSuccess;
-  if (!x || !w || !gather_offsets || !yc) return cudaErrorInvalidValue;
+  // ONNX Runtime passes NULL data for zero-element tensors: X is empty when C == 0 or H * W == 0 (all
+  // taps then read padding), W when C == 0. Those pointers are never dereferenced.
+  const bool x_empty = C == 0 || static_cast<long long>(H) * W == 0;
+  if ((!x && !x_empty) || (!w && C != 0) || !gather_offsets || !yc) return cudaErrorInvalidValue;
 
   ConvParams p{};
   p.x = x;
@@ -363,16 +407,18 @@ extern "C" cudaError_t onnx_perforate_cuda_perforated_conv(const float* x, const
   p.splits = 1;
   p.vector_store = K % 4 == 0 && (reinterpret_cast<uintptr_t>(yc) & 15) == 0;
 
-  if (p.cg == 0) {  // C == 0: the sums are empty, the output is activation(bias)
-    const long long total = p.cols * M;
-    if (cudaMemsetAsync(yc, 0, total * sizeof(float), stream) != cudaSuccess) return cudaGetLastError();
+  const int sms = SmCount();
+  const ConvLaunch launch = ChooseConvLaunch(N, C, M, group, p.taps, K, sms,
+                                             BigBlocksPerSm(), Deterministic());
+  const long long total = p.cols * M;
+  if (launch.kernel == ConvKernel::kBiasOnly) {
+    const cudaError_t e = cudaMemsetAsync(yc, 0, total * sizeof(float), stream);
+    if (e != cudaSuccess) return e;
     BiasActivationKernel<<<static_cast<unsigned>(CeilDiv(total, 256) < 4096 ? CeilDiv(total, 256) : 4096), 256, 0,
                            stream>>>(p, total);
     return cudaGetLastError();
   }
-
-  const int sms = SmCount();
-  if (p.cg == 1 || p.mg < 16) {
+  if (launch.kernel == ConvKernel::kDirect) {
     const dim3 grid(static_cast<unsigned>(CeilDiv(K, kDirectThreads)),
                     static_cast<unsigned>(CeilDiv(M, kDirectChannels)), static_cast<unsigned>(N < 65535 ? N : 65535));
     if (grid.y > 65535) return cudaErrorInvalidConfiguration;
@@ -380,37 +426,23 @@ extern "C" cudaError_t onnx_perforate_cuda_perforated_conv(const float* x, const
     return cudaGetLastError();
   }
 
-  // Big tiles when they give at least one full wave; otherwise small tiles, and when even those leave
-  // SMs idle on a long reduction, split the reduction (split-K) over more blocks.
-  const long long big_blocks = CeilDiv(p.cols, kBigN) * CeilDiv(p.mg, kBigM) * group;
-  const bool big = big_blocks >= sms;
-  const int bm = big ? kBigM : kSmallM, bn = big ? kBigN : kSmallN, bk = big ? kBigK : kSmallK;
-  const long long blocks = CeilDiv(p.cols, bn) * CeilDiv(p.mg, bm) * group;
-  const int k_tiles = static_cast<int>(CeilDiv(p.R, bk));
-  p.k_tiles_per_split = k_tiles;
-  if (!big && !Deterministic() && blocks < sms && k_tiles >= 8) {
-    // Aim at ~2 blocks per SM, each split keeping >= 4 reduction tiles.
-    long long splits = CeilDiv(2LL * sms, blocks);
-    if (splits > k_tiles / 4) splits = k_tiles / 4;
-    if (splits > 1) {
-      p.k_tiles_per_split = static_cast<int>(CeilDiv(k_tiles, splits));
-      p.splits = static_cast<int>(CeilDiv(k_tiles, p.k_tiles_per_split));
-    }
-  }
+  const bool big = launch.kernel == ConvKernel::kBigTiles;
+  const int bm = big ? kBigTileM : kSmallTileM, bn = big ? kBigTileN : kSmallTileN;
+  p.k_tiles_per_split = launch.k_tiles_per_split;
+  p.splits = launch.splits;
   const dim3 grid(static_cast<unsigned>(CeilDiv(p.cols, bn)), static_cast<unsigned>(CeilDiv(p.mg, bm)),
                   static_cast<unsigned>(static_cast<long long>(group) * p.splits));
   if (CeilDiv(p.cols, bn) > 0x7fffffffLL || grid.y > 65535 || static_cast<long long>(group) * p.splits > 65535)
     return cudaErrorInvalidConfiguration;
 
-  const long long total = p.cols * M;
   if (p.splits > 1) {
     const cudaError_t e = cudaMemsetAsync(yc, 0, total * sizeof(float), stream);
     if (e != cudaSuccess) return e;
   }
   if (big)
-    PerforatedConvGemm<kBigM, kBigN, kBigK, 4, 8><<<grid, kBigThreads, 0, stream>>>(p);
+    BigTileKernel<<<grid, kBigTileThreads, 0, stream>>>(p);
   else
-    PerforatedConvGemm<kSmallM, kSmallN, kSmallK, 4, 4><<<grid, kSmallThreads, 0, stream>>>(p);
+    SmallTileKernel<<<grid, kSmallTileThreads, 0, stream>>>(p);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || p.splits == 1) return e;
   const long long epilogue_blocks = CeilDiv(total, 256) < 4 * sms ? CeilDiv(total, 256) : 4 * sms;

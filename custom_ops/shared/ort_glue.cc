@@ -185,6 +185,20 @@ std::shared_ptr<const InputIndex> ReadInputIndexInput(const Ort::ConstValue& x_i
       ReadInputIndex(x_index.GetTensorData<int64_t>(), ShapeOf(x_index), x_shape));
 }
 
+InputIndexReader::InputIndexReader(const OrtKernelInfo* info, size_t input) {
+  constant_ = Ort::ConstKernelInfo(info).GetInputCount() > input &&
+              ReadConstantInput(info, input, [](const Ort::ConstValue& v) { return static_cast<bool>(v); });
+}
+
+std::shared_ptr<const InputIndex> InputIndexReader::Read(const Ort::ConstValue& x_index,
+                                                         const std::vector<int64_t>& x_shape) {
+  if (!constant_) return ReadInputIndexInput(x_index, x_shape);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!cached_ || x_shape.size() != 3 || cached_->compact_size != x_shape[2])
+    cached_ = ReadInputIndexInput(x_index, x_shape);
+  return cached_;
+}
+
 std::vector<int64_t> GetCompactShape(const Ort::KernelContext& ctx) {
   const auto yc = ctx.GetInput(0), index = ctx.GetInput(1);
   if (!yc || !index) throw OpError("inputs Yc and index are required");

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -60,6 +61,20 @@ PerforatedConvInputs GetPerforatedConvInputs(const Ort::KernelContext& ctx);
 // X_index read and validated against the compact X (see conv_geometry.h).
 std::shared_ptr<const InputIndex> ReadInputIndexInput(const Ort::ConstValue& x_index,
                                                       const std::vector<int64_t>& x_shape);
+
+// A kernel's X_index input: when it is an initializer, read and validated once per compact input size
+// (the same object is returned, so plans can compare it by pointer); otherwise on every call.
+class InputIndexReader {
+ public:
+  InputIndexReader(const OrtKernelInfo* info, size_t input);
+  std::shared_ptr<const InputIndex> Read(const Ort::ConstValue& x_index, const std::vector<int64_t>& x_shape);
+  bool constant() const { return constant_; }
+
+ private:
+  bool constant_ = false;
+  std::mutex mutex_;
+  std::shared_ptr<const InputIndex> cached_;
+};
 
 // NNInterpolate's Yc input, checked to be 3-D [N, M, K]; with the index input, present.
 std::vector<int64_t> GetCompactShape(const Ort::KernelContext& ctx);
