@@ -509,7 +509,7 @@ def test_libraries_need_no_cuda_runtime(kernels_path):
 
 def test_kernels_library_exports_entry_points(kernels):
     for name in ("onnx_perforate_cuda_perforated_conv", "onnx_perforate_cuda_nn_interpolate",
-                 "onnx_perforate_build_gather_table", "onnx_perforate_cuda_upload"):
+                 "onnx_perforate_build_gather_table", "onnx_perforate_cuda_error_string"):
         assert hasattr(kernels, name)
     assert kernels.onnx_perforate_cuda_error_string(CUDA_ERROR_INVALID_VALUE)
 

@@ -414,3 +414,82 @@ def test_error_compact_index_out_of_range():
                        numpy_helper.from_array(x_index, "x_index")])
     expect_error(model, {"x": np.ones((1, 3, 4), np.float32)}, "conv9", "X_index", "value 5", "K_in = 4")
     expect_error(model, {"x": np.ones((1, 3, 2, 2), np.float32)}, "conv9", "3-D")
+
+
+# ------------------------------------------------------------------------------------------------
+# Attributes: the default only when an attribute is absent; a wrongly typed one is an error.
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("group", 1.0, "expected int"),
+    ("group", "1", "expected int"),
+    ("group", [1], "expected int"),
+    ("pads", [1.0, 1.0, 1.0, 1.0], "expected ints"),
+    ("pads", 1, "expected ints"),
+    ("activation", 1, "expected string"),
+    ("alpha", 1, "expected float"),
+    ("strides", numpy_helper.from_array(np.array([1, 1], np.int64)), "expected ints"),
+])
+def test_error_wrongly_typed_attribute(name, value, expected):
+    x, inputs, inits = conv_inputs()
+    node = conv_node()
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept + [helper.make_attribute(name, value)])
+    with pytest.raises(Exception) as info:  # when ORT creates the kernel, i.e. with the session
+        ort.InferenceSession(bad_model([node], inputs, inits).SerializeToString(), onnx_perforate.session_options(1),
+                             providers=["CPUExecutionProvider"])
+    message = str(info.value)
+    assert "PerforatedConv node 'conv7'" in message and f"attribute '{name}'" in message and expected in message, message
+
+
+def test_absent_attributes_take_their_defaults():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    mask = rng.random((4, 4)) < 0.6
+    mask[0, 0] = True
+    node = helper.make_node("PerforatedConv", ["x", "w", "", "mask"], ["y"], name="bare", domain=ops.DOMAIN)
+    model = bad_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                      [numpy_helper.from_array(w, "w"), numpy_helper.from_array(mask, "mask")])
+    assert_close_to_reference(run_ort(model, {"x": x}), x, w, None, mask, ops.ConvAttributes((3, 3)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Each kernel caches what it derives from the mask and the indices; inputs that are not initializers
+# may change between runs of one session, and the results must follow them.
+
+
+def test_non_constant_mask_and_index_follow_every_run():
+    rng = np.random.default_rng(12)
+    attrs = ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), activation="Relu")
+    w = rng.standard_normal((8, 6, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    nodes = [ops.make_perforated_conv_node(["x", "w", "b", "mask", "x_index"], "yc", attrs, "conv"),
+             ops.make_nn_interpolate_node("yc", "index", "y", "conv/interpolate")]
+    graph = helper.make_graph(
+        nodes, "dynamic",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("mask", TensorProto.BOOL, None),
+         helper.make_tensor_value_info("x_index", TensorProto.INT64, None),
+         helper.make_tensor_value_info("index", TensorProto.INT64, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+    session = ort.InferenceSession(model.SerializeToString(), onnx_perforate.session_options(2),
+                                   providers=["CPUExecutionProvider"])
+    # (mask seed, producer seed): equal seeds give equal values in fresh buffers (a cached plan is then
+    # reused); the mask and X_index change one at a time, so a cache ignoring either gives wrong results.
+    for mask_seed, producer_seed in [(0, 0), (0, 0), (1, 0), (1, 1), (1, 1), (0, 1)]:
+        producer = np.zeros((7, 7), bool)  # always 30 positions: K_in alone does not tell the indices apart
+        producer.flat[np.random.default_rng(200 + producer_seed).choice(49, 30, replace=False)] = True
+        mask = np.random.default_rng(100 + mask_seed).random((7, 7)) < 0.5
+        mask[0, 0] = True
+        x_index = ops.nearest_index(producer)
+        compact = rng.standard_normal((2, 6, int(producer.sum()))).astype(np.float32)
+        feeds = {"x": compact, "mask": mask.copy(), "x_index": x_index.copy(), "index": ops.nearest_index(mask)}
+        y = session.run(None, feeds)[0]
+        yc = ops.perforated_conv_reference(ops.nn_interpolate_reference(compact, x_index), w, b, mask,
+                                           kernel_shape=(3, 3), pads=(1, 1, 1, 1), activation="Relu")
+        expected = ops.nn_interpolate_reference(yc, ops.nearest_index(mask))
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "../shared/conv_geometry.h"
@@ -50,17 +51,14 @@ Blas Load() {
       continue;
     }
     Blas blas;
-    blas.path = path;
     blas.sgemm = reinterpret_cast<Blas::SgemmFn>(dlsym(handle, "scipy_cblas_sgemm"));
     auto set_threads = reinterpret_cast<void (*)(int)>(dlsym(handle, "scipy_openblas_set_num_threads"));
-    auto core_name = reinterpret_cast<char* (*)()>(dlsym(handle, "scipy_openblas_get_corename"));
     if (!blas.sgemm || !set_threads) {
       tried += "\n  " + path + ": no scipy_cblas_sgemm / scipy_openblas_set_num_threads symbols";
       continue;
     }
     // Each GEMM runs inside one task of ORT's thread pool; OpenBLAS's own threads would oversubscribe.
     set_threads(1);
-    if (core_name) blas.core_name = core_name();
     return blas;
   }
   throw OpError("cannot load OpenBLAS (pip package scipy-openblas32); set ONNX_PERFORATE_OPENBLAS to "

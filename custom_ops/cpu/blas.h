@@ -5,16 +5,12 @@
 //  - the custom-op library loads in any process and reports a clear error if OpenBLAS is missing.
 #pragma once
 
-#include <string>
-
 namespace onnx_perforate {
 
 struct Blas {
   // Row-major C = A * B (alpha 1, beta 0): A [m, k] lda, B [k, n] ldb, C [m, n] ldc. Single-threaded:
   // parallelism comes from ORT's intra-op thread pool around the calls.
   void Sgemm(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) const;
-  std::string path;       // the library that was loaded
-  std::string core_name;  // OpenBLAS's kernel family, e.g. "SkylakeX"
   using SgemmFn = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int, float,
                            float*, int);
   SgemmFn sgemm = nullptr;

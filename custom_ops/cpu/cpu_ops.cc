@@ -1,5 +1,5 @@
-// ORT side of the CPU kernels: reads inputs and attributes, caches what depends only on constant
-// inputs (the mask's positions, the gather table, the interpolation index) and calls the math in
+// ORT side of the CPU kernels: reads inputs and attributes, caches what depends only on the mask, the
+// index and the input size (the computed positions and gather table, see PlanKey) and calls the math in
 // perforated_conv.cc / nn_interpolate.cc.
 #include "cpu_ops.h"
 
@@ -25,15 +25,6 @@ ParallelRunner MakeParallelRunner(const Ort::KernelContext& ctx) {
   };
 }
 
-// What PerforatedConv derives from the mask and the input size.
-struct ConvPlan {
-  int64_t in_h, in_w, in_plane, kernel_h, kernel_w;
-  std::shared_ptr<const InputIndex> input_index;  // set when X is compact
-  MaskPositions positions;
-  GatherTable table;
-  PaddedGather padded;
-};
-
 struct PerforatedConvKernel {
   PerforatedConvKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api), input_index_(info, 4) {
     KernelAttributes attrs(api, info);
@@ -54,16 +45,19 @@ struct PerforatedConvKernel {
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const PerforatedConvInputs in = GetPerforatedConvInputs(ctx);
-    const auto input_index = in.x_index ? input_index_.Read(in.x_index, in.x_shape) : nullptr;
+    auto input_index = in.x_index ? input_index_.Read(in.x_index, in.x_shape) : nullptr;
     const ConvShape shape = ComputeConvShape(in.x_shape, in.w_shape, in.b ? &in.b_shape : nullptr, attrs_,
                                              input_index.get());
-    const std::shared_ptr<const ConvPlan> plan = Plan(shape, in.mask, input_index);
-    const int64_t count = plan->positions.count();
-    auto y = ctx.GetOutput(0, {shape.batch, shape.out_channels, count});
+    auto mask = constant_mask_ ? constant_mask_ : std::make_shared<const MaskInput>(ReadMaskInput(in.mask));
+    const auto plan = plans_.Get(MakePlanKey(shape, std::move(mask), std::move(input_index)), [&](const PlanKey& key) {
+      return BuildCpuConvPlan(shape, attrs_,
+                              ComputeMaskPositions(key.mask->values.data(), key.mask->shape, shape.out_h, shape.out_w),
+                              key.input_index);
+    });
+    auto y = ctx.GetOutput(0, {shape.batch, shape.out_channels, plan->positions.count()});
     const float* weights = in.w.GetTensorData<float>();
     const auto packed = Packed(shape, weights);
-    PerforatedConvCpu::Compute(shape, attrs_, plan->table, plan->padded, plan->input_index.get(),
-                               in.x.GetTensorData<float>(), weights, packed.get(),
+    PerforatedConvCpu::Compute(shape, attrs_, *plan, in.x.GetTensorData<float>(), weights, packed.get(),
                                in.b ? in.b.GetTensorData<float>() : nullptr, y.GetTensorMutableData<float>(),
                                MakeParallelRunner(ctx));
   }
@@ -79,64 +73,25 @@ struct PerforatedConvKernel {
     return packed_;
   }
 
-  std::shared_ptr<const ConvPlan> Plan(const ConvShape& s, const Ort::ConstValue& mask,
-                                       const std::shared_ptr<const InputIndex>& input_index) {
-    auto build = [&](const MaskInput& m) {
-      auto plan = std::make_shared<ConvPlan>();
-      plan->in_h = s.in_h, plan->in_w = s.in_w, plan->in_plane = s.in_plane;
-      plan->kernel_h = s.kernel_h, plan->kernel_w = s.kernel_w;
-      plan->input_index = input_index;
-      plan->positions = ComputeMaskPositions(m.values.data(), m.shape, s.out_h, s.out_w);
-      plan->table = BuildGatherTable(s, attrs_, plan->positions, input_index.get());
-      plan->padded = BuildPaddedGather(s, attrs_, plan->positions, input_index.get());
-      return plan;
-    };
-    const bool index_constant = !input_index || input_index_.constant();
-    if (!constant_mask_ || !index_constant) return build(ReadMaskInput(mask));
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!plan_ || plan_->in_h != s.in_h || plan_->in_w != s.in_w || plan_->in_plane != s.in_plane ||
-        plan_->kernel_h != s.kernel_h || plan_->kernel_w != s.kernel_w || plan_->input_index != input_index)
-      plan_ = build(*constant_mask_);
-    return plan_;
-  }
-
   const OrtApi& api_;
   std::string node_;
   ConvAttributes attrs_;
   std::shared_ptr<const MaskInput> constant_mask_;
   InputIndexReader input_index_;
   std::mutex mutex_;
-  std::shared_ptr<const ConvPlan> plan_;
+  PlanCache<CpuConvPlan> plans_;
   bool constant_weights_ = false;
   bool packed_ready_ = false;
   std::shared_ptr<const PackedWeights> packed_;
 };
 
-struct NNInterpolateKernel {
-  NNInterpolateKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
-    node_ = KernelAttributes(api, info).NodeName();
-    constant_index_ = ReadConstantInput(info, 1, ReadInterpolationIndex);
-  }
+struct NNInterpolateKernel : NNInterpolateKernelBase<NNInterpolateKernel> {
+  using NNInterpolateKernelBase::NNInterpolateKernelBase;
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return Guarded(api_, "NNInterpolate", node_, [&] { Compute(context); });
+  void Interpolate(const Ort::KernelContext& ctx, const std::shared_ptr<const InterpolationIndex>& index,
+                   const float* yc, float* y, int64_t planes, int64_t count) {
+    NNInterpolateCpu::Compute(planes, count, index->values.data(), index->positions(), yc, y, MakeParallelRunner(ctx));
   }
-
-  void Compute(OrtKernelContext* context) {
-    Ort::KernelContext ctx(context);
-    const auto yc_shape = GetCompactShape(ctx);
-    const auto yc = ctx.GetInput(0);
-    const auto index = constant_index_ ? constant_index_ : ReadInterpolationIndex(ctx.GetInput(1));
-    index->CheckRange(yc_shape);
-    const int64_t count = yc_shape[2], positions = index->positions();
-    auto y = ctx.GetOutput(0, {yc_shape[0], yc_shape[1], index->shape[0], index->shape[1]});
-    NNInterpolateCpu::Compute(yc_shape[0] * yc_shape[1], count, index->values.data(), positions,
-                              yc.GetTensorData<float>(), y.GetTensorMutableData<float>(), MakeParallelRunner(ctx));
-  }
-
-  const OrtApi& api_;
-  std::string node_;
-  std::shared_ptr<const InterpolationIndex> constant_index_;
 };
 
 struct CompactPoolKernel {

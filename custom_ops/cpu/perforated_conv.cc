@@ -190,139 +190,191 @@ PaddedGather BuildPaddedGather(const ConvShape& s, const ConvAttributes& a, cons
   return g;
 }
 
-std::shared_ptr<const PackedWeights> PerforatedConvCpu::PackWeightsFor(const ConvShape& s, const float* w) {
-  const GemmIsa& isa = BestGemmIsa();
-  if (!isa.width || s.in_channels_per_group() == 1) return nullptr;
-  return PackWeights(w, s.group, s.out_channels_per_group(), s.patch_size(), isa);
+CpuConvStrategy ChooseCpuConvStrategy(const ConvShape& s) {
+  if (s.in_channels_per_group() == 1) return CpuConvStrategy::kDepthwise;
+  return BestGemmIsa().width ? CpuConvStrategy::kPackedGemm : CpuConvStrategy::kBlasGemm;
 }
 
-void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, const GatherTable& table,
-                                const PaddedGather& padded, const InputIndex* input_index, const float* x,
-                                const float* w, const PackedWeights* packed, const float* bias, float* yc,
-                                const ParallelRunner& parallel) {
-  const int64_t count = table.count, taps = s.taps();
-  const int64_t cg = s.in_channels_per_group(), mg = s.out_channels_per_group();
-  const int64_t patch = s.patch_size(), plane = s.in_plane;
-  if (s.batch == 0 || s.out_channels == 0) return;
+std::shared_ptr<const CpuConvPlan> BuildCpuConvPlan(const ConvShape& s, const ConvAttributes& a,
+                                                    MaskPositions positions,
+                                                    std::shared_ptr<const InputIndex> input_index) {
+  auto plan = std::make_shared<CpuConvPlan>();
+  plan->strategy = ChooseCpuConvStrategy(s);
+  plan->positions = std::move(positions);
+  plan->input_index = std::move(input_index);
+  if (plan->strategy == CpuConvStrategy::kPackedGemm)
+    plan->padded = BuildPaddedGather(s, a, plan->positions, plan->input_index.get());
+  else
+    plan->gather = BuildGatherTable(s, a, plan->positions, plan->input_index.get());
+  return plan;
+}
 
-  auto finish = [&](float* out, int64_t m, int64_t n) {
+std::shared_ptr<const PackedWeights> PerforatedConvCpu::PackWeightsFor(const ConvShape& s, const float* w) {
+  if (ChooseCpuConvStrategy(s) != CpuConvStrategy::kPackedGemm) return nullptr;
+  return PackWeights(w, s.group, s.out_channels_per_group(), s.patch_size(), BestGemmIsa());
+}
+
+namespace {
+
+// The arguments every strategy takes.
+struct ConvCall {
+  const ConvShape& s;
+  const ConvAttributes& a;
+  const float* x;
+  const float* w;
+  const float* bias;
+  float* yc;
+  const ParallelRunner& parallel;
+
+  // Bias and activation over n outputs of output channel m.
+  void Finish(float* out, int64_t m, int64_t n) const {
     BiasActivation(out, n, bias ? bias[m] : 0.0f, a.activation, a.alpha, a.clip_min, a.clip_max);
-  };
-
-  if (cg == 1) {
-    // Depthwise (and channel-multiplier) convolutions: direct accumulation, one output channel per task.
-    const int64_t block = ColumnBlock(count, s.batch * s.out_channels, 16, 128, 1024);
-    const int64_t blocks = (count + block - 1) / block;
-    parallel(static_cast<size_t>(s.batch * s.out_channels * blocks), [&](size_t t) {
-      const int64_t b = t % blocks, nm = t / blocks, m = nm % s.out_channels, n = nm / s.out_channels;
-      const int64_t k0 = b * block, kn = std::min(block, count - k0);
-      const float* src = x + (n * s.in_channels + m / mg) * plane;
-      float* out = yc + (n * s.out_channels + m) * count + k0;
-      std::fill(out, out + kn, 0.0f);
-      for (int64_t tap = 0; tap < taps; ++tap)
-        GatherRowAxpy(src, table.offsets.data() + tap * count + k0, kn, w[m * taps + tap], out);
-      finish(out, m, kn);
-    });
-    return;
   }
+};
 
-  if (packed) {
-    const GemmIsa& isa = BestGemmIsa();
-    const int64_t nr = isa.nr, mr = packed->mr;
-    const GemmIsa::Kernel kernel = isa.Get(packed->vectors, false), half = isa.Get(packed->vectors, true);
-    const int64_t padded_plane = padded.plane;
-    const float* input = x;
-    if (padded.copy_needed) {
-      float* buffer = Scratch(tls_padded, static_cast<size_t>(s.batch * s.in_channels * padded.padded_h *
-                                                              padded.padded_w));
-      PadInput(s, a, padded, input_index, x, buffer, parallel);
-      input = buffer;
+// Depthwise (and channel-multiplier) convolutions: direct accumulation, one output channel per task.
+void DepthwiseConv(const ConvCall& c, const GatherTable& table) {
+  const ConvShape& s = c.s;
+  const int64_t count = table.count, taps = s.taps(), mg = s.out_channels_per_group();
+  const int64_t block = ColumnBlock(count, s.batch * s.out_channels, 16, 128, 1024);
+  const int64_t blocks = (count + block - 1) / block;
+  c.parallel(static_cast<size_t>(s.batch * s.out_channels * blocks), [&](size_t t) {
+    const int64_t b = t % blocks, nm = t / blocks, m = nm % s.out_channels, n = nm / s.out_channels;
+    const int64_t k0 = b * block, kn = std::min(block, count - k0);
+    const float* src = c.x + (n * s.in_channels + m / mg) * s.in_plane;
+    float* out = c.yc + (n * s.out_channels + m) * count + k0;
+    std::fill(out, out + kn, 0.0f);
+    for (int64_t tap = 0; tap < taps; ++tap)
+      GatherRowAxpy(src, table.offsets.data() + tap * count + k0, kn, c.w[m * taps + tap], out);
+    c.Finish(out, m, kn);
+  });
+}
+
+// Implicit GEMM with this CPU's micro-kernel (packed_gemm.h), reading the (padded) input in place.
+void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIndex* input_index,
+                    const PackedWeights& packed, int64_t count) {
+  const ConvShape& s = c.s;
+  const ConvAttributes& a = c.a;
+  const int64_t taps = s.taps(), cg = s.in_channels_per_group(), mg = s.out_channels_per_group();
+  const int64_t patch = s.patch_size();
+  const GemmIsa& isa = BestGemmIsa();
+  const int64_t nr = isa.nr, mr = packed.mr;
+  const GemmIsa::Kernel kernel = isa.Get(packed.vectors, false), half = isa.Get(packed.vectors, true);
+  const int64_t padded_plane = padded.plane;
+  const float* input = c.x;
+  if (padded.copy_needed) {
+    float* buffer = Scratch(tls_padded, static_cast<size_t>(s.batch * s.in_channels * padded.padded_h *
+                                                            padded.padded_w));
+    PadInput(s, a, padded, input_index, c.x, buffer, c.parallel);
+    input = buffer;
+  }
+  // Micro-batching: the images of a batch share one column space (image n's positions are offset by
+  // its input plane), so small perforated layers still fill whole tiles and blocks. Chunks of images
+  // keep the int32 offsets in range.
+  const int64_t image = s.in_channels * padded_plane;
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(s.batch, INT32_MAX / image - 1));
+  for (int64_t n0 = 0; n0 < s.batch; n0 += chunk) {
+    const int64_t images = std::min(chunk, s.batch - n0), columns = images * count;
+    const int32_t* positions = padded.positions.data();
+    if (images > 1) {
+      int32_t* stacked = Scratch(tls_positions, static_cast<size_t>(columns + 16));
+      for (int64_t n = 0; n < images; ++n)
+        for (int64_t k = 0; k < count; ++k) stacked[n * count + k] = static_cast<int32_t>(n * image) + positions[k];
+      std::fill(stacked + columns, stacked + columns + 16, 0);
+      positions = stacked;
     }
-    // Micro-batching: the images of a batch share one column space (image n's positions are offset by
-    // its input plane), so small perforated layers still fill whole tiles and blocks. Chunks of images
-    // keep the int32 offsets in range.
-    const int64_t image = s.in_channels * padded_plane;
-    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(s.batch, INT32_MAX / image - 1));
-    for (int64_t n0 = 0; n0 < s.batch; n0 += chunk) {
-      const int64_t images = std::min(chunk, s.batch - n0), columns = images * count;
-      const int32_t* positions = padded.positions.data();
-      if (images > 1) {
-        int32_t* stacked = Scratch(tls_positions, static_cast<size_t>(columns + 16));
-        for (int64_t n = 0; n < images; ++n)
-          for (int64_t k = 0; k < count; ++k) stacked[n * count + k] = static_cast<int32_t>(n * image) + positions[k];
-        std::fill(stacked + columns, stacked + columns + 16, 0);
-        positions = stacked;
+    const float* batch_input = input + n0 * image;
+    float* batch_output = c.yc + n0 * s.out_channels * count;
+    // Layers whose positions fit in one block per core split their output channels across the
+    // cores instead (below): each core then streams only its share of the weights from L3.
+    const int64_t max_block = 16 * nr;
+    const bool split_channels = columns <= max_block * Cores() / 2 && packed.panels >= Cores();
+    const int64_t block = split_channels ? (columns + nr - 1) / nr * nr
+                                         : ColumnBlock(columns, s.group, nr, 2 * nr, max_block);
+    const int64_t blocks = (columns + block - 1) / block;
+    // Too few column blocks for the cores (small perforated layers): split the output channels too,
+    // so each core streams only its share of the weights.
+    const int64_t splits = std::min(packed.panels, std::max<int64_t>(1, (Cores() + s.group * blocks - 1) /
+                                                                          (s.group * blocks)));
+    const int64_t panels_per_split = (packed.panels + splits - 1) / splits;
+    c.parallel(static_cast<size_t>(s.group * blocks * splits), [&](size_t t) {
+      const int64_t split = t % splits, b = (t / splits) % blocks, g = t / splits / blocks;
+      const int64_t i0 = split * panels_per_split, i1 = std::min(packed.panels, i0 + panels_per_split);
+      const int64_t m0 = i0 * mr, m1 = std::min(mg, i1 * mr), width = (i1 - i0) * mr;
+      if (m0 >= m1) return;
+      const int64_t k0 = b * block, kn = std::min(block, columns - k0), tiles = (kn + nr - 1) / nr;
+      // rows[p]: where row p = (channel, tap) of the im2col matrix starts in the padded input.
+      const float* x_group = batch_input + g * cg * padded_plane;
+      const float** rows = Scratch(tls_rows, static_cast<size_t>(patch));
+      for (int64_t p = 0; p < patch; ++p) rows[p] = x_group + (p / taps) * padded_plane + padded.tap_offsets[p % taps];
+      // tile[k * width + m]: the block's outputs, position-major, accumulated across KC passes.
+      float* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * width));
+      for (int64_t pc = 0; pc < patch; pc += kKc) {
+        const int64_t kc = std::min(kKc, patch - pc);
+        for (int64_t j = 0; j < tiles; ++j) {
+          const GemmIsa::Kernel tile_kernel = kn - j * nr <= nr / 2 ? half : kernel;
+          for (int64_t i = i0; i < i1; ++i)
+            tile_kernel(kc, packed.Panel(g, i) + pc * mr, rows + pc, positions + k0 + j * nr,
+                        tile + j * nr * width + (i - i0) * mr, width, pc == 0);
+        }
       }
-      const float* batch_input = input + n0 * image;
-      float* batch_output = yc + n0 * s.out_channels * count;
-      // Layers whose positions fit in one block per core split their output channels across the
-      // cores instead (below): each core then streams only its share of the weights from L3.
-      const int64_t max_block = 16 * nr;
-      const bool split_channels = columns <= max_block * Cores() / 2 && packed->panels >= Cores();
-      const int64_t block = split_channels ? (columns + nr - 1) / nr * nr
-                                           : ColumnBlock(columns, s.group, nr, 2 * nr, max_block);
-      const int64_t blocks = (columns + block - 1) / block;
-      // Too few column blocks for the cores (small perforated layers): split the output channels too,
-      // so each core streams only its share of the weights.
-      const int64_t splits = std::min(packed->panels, std::max<int64_t>(1, (Cores() + s.group * blocks - 1) /
-                                                                             (s.group * blocks)));
-      const int64_t panels_per_split = (packed->panels + splits - 1) / splits;
-      parallel(static_cast<size_t>(s.group * blocks * splits), [&](size_t t) {
-        const int64_t split = t % splits, b = (t / splits) % blocks, g = t / splits / blocks;
-        const int64_t i0 = split * panels_per_split, i1 = std::min(packed->panels, i0 + panels_per_split);
-        const int64_t m0 = i0 * mr, m1 = std::min(mg, i1 * mr), width = (i1 - i0) * mr;
-        if (m0 >= m1) return;
-        const int64_t k0 = b * block, kn = std::min(block, columns - k0), tiles = (kn + nr - 1) / nr;
-        // rows[p]: where row p = (channel, tap) of the im2col matrix starts in the padded input.
-        const float* x_group = batch_input + g * cg * padded_plane;
-        const float** rows = Scratch(tls_rows, static_cast<size_t>(patch));
-        for (int64_t p = 0; p < patch; ++p) rows[p] = x_group + (p / taps) * padded_plane + padded.tap_offsets[p % taps];
-        // tile[k * width + m]: the block's outputs, position-major, accumulated across KC passes.
-        float* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * width));
-        for (int64_t pc = 0; pc < patch; pc += kKc) {
-          const int64_t kc = std::min(kKc, patch - pc);
-          for (int64_t j = 0; j < tiles; ++j) {
-            const GemmIsa::Kernel tile_kernel = kn - j * nr <= nr / 2 ? half : kernel;
-            for (int64_t i = i0; i < i1; ++i)
-              tile_kernel(kc, packed->Panel(g, i) + pc * mr, rows + pc, positions + k0 + j * nr,
-                          tile + j * nr * width + (i - i0) * mr, width, pc == 0);
-          }
-        }
-        // The block may span images: store each image's part into its own rows of Yc.
-        for (int64_t k = k0; k < k0 + kn;) {
-          const int64_t n = k / count, end = std::min(k0 + kn, (n + 1) * count);
-          StoreTile(tile + (k - k0) * width, width, m1 - m0, end - k, bias ? bias + g * mg + m0 : nullptr,
-                    batch_output + (n * s.out_channels + g * mg + m0) * count + (k - n * count), count,
-                    a.activation, a.alpha, a.clip_min, a.clip_max);
-          k = end;
-        }
-      });
-    }
-    // The padded copy is kept for the next call, unless it is large (big batches): then its memory
-    // goes back rather than staying pinned to this thread.
-    constexpr size_t kKeptFloats = size_t{16} << 20;  // 64 MiB
-    if (tls_padded.size() > kKeptFloats) std::vector<float>().swap(tls_padded);
-    return;
+      // The block may span images: store each image's part into its own rows of Yc.
+      for (int64_t k = k0; k < k0 + kn;) {
+        const int64_t n = k / count, end = std::min(k0 + kn, (n + 1) * count);
+        StoreTile(tile + (k - k0) * width, width, m1 - m0, end - k, c.bias ? c.bias + g * mg + m0 : nullptr,
+                  batch_output + (n * s.out_channels + g * mg + m0) * count + (k - n * count), count,
+                  a.activation, a.alpha, a.clip_min, a.clip_max);
+        k = end;
+      }
+    });
   }
+  // The padded copy is kept for the next call, unless it is large (big batches): then its memory
+  // goes back rather than staying pinned to this thread.
+  constexpr size_t kKeptFloats = size_t{16} << 20;  // 64 MiB
+  if (tls_padded.size() > kKeptFloats) std::vector<float>().swap(tls_padded);
+}
 
+// im2col panels of a block of positions, multiplied by OpenBLAS.
+void BlasGemmConv(const ConvCall& c, const GatherTable& table) {
+  const ConvShape& s = c.s;
+  const int64_t count = table.count, taps = s.taps();
+  const int64_t cg = s.in_channels_per_group(), mg = s.out_channels_per_group(), patch = s.patch_size();
   const Blas& blas = GetBlas();
   const int64_t block = ColumnBlock(count, s.batch * s.group, 16, 128, 768);
   const int64_t blocks = (count + block - 1) / block;
-  parallel(static_cast<size_t>(s.batch * s.group * blocks), [&](size_t t) {
+  c.parallel(static_cast<size_t>(s.batch * s.group * blocks), [&](size_t t) {
     const int64_t b = t % blocks, ng = t / blocks, g = ng % s.group, n = ng / s.group;
     const int64_t k0 = b * block, kn = std::min(block, count - k0);
     float* panel = Scratch(tls_panel, static_cast<size_t>(patch * kn));
     // im2col panel [cg * taps, kn], restricted to this block of computed positions.
-    for (int64_t c = 0; c < cg; ++c) {
-      const float* src = x + (n * s.in_channels + g * cg + c) * plane;
+    for (int64_t ch = 0; ch < cg; ++ch) {
+      const float* src = c.x + (n * s.in_channels + g * cg + ch) * s.in_plane;
       for (int64_t tap = 0; tap < taps; ++tap)
-        GatherRow(src, table.offsets.data() + tap * count + k0, kn, panel + (c * taps + tap) * kn);
+        GatherRow(src, table.offsets.data() + tap * count + k0, kn, panel + (ch * taps + tap) * kn);
     }
-    float* out = yc + (n * s.out_channels + g * mg) * count + k0;
-    blas.Sgemm(static_cast<int>(mg), static_cast<int>(kn), static_cast<int>(patch), w + g * mg * patch,
+    float* out = c.yc + (n * s.out_channels + g * mg) * count + k0;
+    blas.Sgemm(static_cast<int>(mg), static_cast<int>(kn), static_cast<int>(patch), c.w + g * mg * patch,
                static_cast<int>(patch), panel, static_cast<int>(kn), out, static_cast<int>(count));
-    for (int64_t m = 0; m < mg; ++m) finish(out + m * count, g * mg + m, kn);
+    for (int64_t m = 0; m < mg; ++m) c.Finish(out + m * count, g * mg + m, kn);
   });
+}
+
+}  // namespace
+
+void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, const CpuConvPlan& plan, const float* x,
+                                const float* w, const PackedWeights* packed, const float* bias, float* yc,
+                                const ParallelRunner& parallel) {
+  if (s.batch == 0 || s.out_channels == 0) return;
+  const ConvCall call{s, a, x, w, bias, yc, parallel};
+  switch (plan.strategy) {
+    case CpuConvStrategy::kDepthwise:
+      return DepthwiseConv(call, plan.gather);
+    case CpuConvStrategy::kPackedGemm:
+      if (!packed) throw OpError("internal error: the packed-GEMM strategy was called without packed weights");
+      return PackedGemmConv(call, plan.padded, plan.input_index.get(), *packed, plan.positions.count());
+    case CpuConvStrategy::kBlasGemm:
+      return BlasGemmConv(call, plan.gather);
+  }
 }
 
 }  // namespace onnx_perforate

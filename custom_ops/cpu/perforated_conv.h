@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <functional>
+#include <memory>
 
 #include "../shared/conv_geometry.h"
 #include "packed_gemm.h"
@@ -42,17 +43,36 @@ struct PaddedGather {
 PaddedGather BuildPaddedGather(const ConvShape& shape, const ConvAttributes& attrs, const MaskPositions& mask,
                                const InputIndex* index = nullptr);
 
-struct PerforatedConvCpu {
-  // x [N, C, H, W], w [M, C/group, kH, kW], bias [M] or nullptr -> yc [N, M, K] (K = table.count).
-  // `packed` holds w packed for BestGemmIsa() (see PackWeightsFor); without it the GEMM is OpenBLAS's.
-  // `input_index` (nullable): X is compact and read through it (implicit interpolation); `table` must
-  // then have been built with the same index.
-  static void Compute(const ConvShape& shape, const ConvAttributes& attrs, const GatherTable& table,
-                      const PaddedGather& padded, const InputIndex* input_index, const float* x, const float* w,
-                      const PackedWeights* packed, const float* bias, float* yc, const ParallelRunner& parallel);
+// How the CPU computes one PerforatedConv; fixed by the shape and this CPU (see ChooseCpuConvStrategy).
+enum class CpuConvStrategy {
+  kDepthwise,   // one input channel per group: direct accumulation through the GatherTable
+  kPackedGemm,  // implicit GEMM with this CPU's micro-kernel on packed weights, through the PaddedGather
+  kBlasGemm,    // im2col rows through the GatherTable, then OpenBLAS (no AVX2, or ONNX_PERFORATE_GEMM=openblas)
+};
+CpuConvStrategy ChooseCpuConvStrategy(const ConvShape& shape);
 
-  // Packed weights for this CPU's micro-kernel, or nullptr where the OpenBLAS path is used (no AVX2,
-  // depthwise convolutions, or ONNX_PERFORATE_GEMM=openblas).
+// What Compute reads besides the tensors, derived from the mask and the input size: the computed
+// positions and the one table its strategy reads.
+struct CpuConvPlan {
+  CpuConvStrategy strategy = CpuConvStrategy::kBlasGemm;
+  MaskPositions positions;
+  std::shared_ptr<const InputIndex> input_index;  // set when X is compact
+  GatherTable gather;                             // kDepthwise, kBlasGemm
+  PaddedGather padded;                            // kPackedGemm
+};
+std::shared_ptr<const CpuConvPlan> BuildCpuConvPlan(const ConvShape& shape, const ConvAttributes& attrs,
+                                                    MaskPositions positions,
+                                                    std::shared_ptr<const InputIndex> input_index);
+
+struct PerforatedConvCpu {
+  // x [N, C, H, W] (or compact [N, C, K_in] when plan.input_index is set), w [M, C/group, kH, kW],
+  // bias [M] or nullptr -> yc [N, M, K]. `plan` must have been built for `shape`; `packed` holds w packed
+  // by PackWeightsFor, required by the kPackedGemm strategy.
+  static void Compute(const ConvShape& shape, const ConvAttributes& attrs, const CpuConvPlan& plan, const float* x,
+                      const float* w, const PackedWeights* packed, const float* bias, float* yc,
+                      const ParallelRunner& parallel);
+
+  // Packed weights for this CPU's micro-kernel, or nullptr where the strategy is not kPackedGemm.
   static std::shared_ptr<const PackedWeights> PackWeightsFor(const ConvShape& shape, const float* w);
 };
 

@@ -14,7 +14,6 @@
 #include <cuda_runtime_api.h>
 
 #include <climits>
-#include <cstring>
 #include <memory>
 #include <mutex>
 
@@ -76,10 +75,6 @@ class DeviceBuffer {
 
 // What PerforatedConv derives from the mask and the input size, with the gather table on the device.
 struct CudaConvPlan {
-  int64_t in_h = 0, in_w = 0, in_plane = 0, kernel_h = 0, kernel_w = 0;
-  std::shared_ptr<const InputIndex> input_index;  // set when X is compact
-  int device = -1;
-  std::shared_ptr<const MaskInput> mask;
   int64_t count = 0;
   DeviceBuffer offsets;
 };
@@ -103,52 +98,33 @@ struct PerforatedConvKernel {
     const PerforatedConvInputs in = GetPerforatedConvInputs(ctx);
     // A compact X (X_index given) is read through gather offsets into its K_in-long planes: the
     // kernels only use H * W as the plane stride, so they get H = 1, W = K_in.
-    const auto input_index = in.x_index ? input_index_.Read(in.x_index, in.x_shape) : nullptr;
+    auto input_index = in.x_index ? input_index_.Read(in.x_index, in.x_shape) : nullptr;
+    const bool compact = input_index != nullptr;
     const ConvShape s = ComputeConvShape(in.x_shape, in.w_shape, in.b ? &in.b_shape : nullptr, attrs_,
                                          input_index.get());
     const cudaStream_t stream = ComputeStream(ctx);
-    const std::shared_ptr<const CudaConvPlan> plan = Plan(s, in.mask, input_index, stream);
+    // A mask that is not an initializer is read each call (a few KiB in CPU memory) and compared with
+    // the cached plan's, so that an unchanged mask costs no upload.
+    auto mask = constant_mask_ ? constant_mask_ : std::make_shared<const MaskInput>(ReadMaskInput(in.mask));
+    const auto plan = plans_.Get(MakePlanKey(s, std::move(mask), std::move(input_index), CurrentDevice()),
+                                 [&](const PlanKey& key) {
+      auto plan = std::make_shared<CudaConvPlan>();
+      const MaskPositions positions = ComputeMaskPositions(key.mask->values.data(), key.mask->shape, s.out_h, s.out_w);
+      plan->count = positions.count();
+      const GatherTable table = BuildGatherTable(s, attrs_, positions, key.input_index.get());
+      plan->offsets.Upload(table.offsets.data(), table.offsets.size() * sizeof(int32_t), stream);
+      return plan;
+    });
     auto y = ctx.GetOutput(0, {s.batch, s.out_channels, plan->count});
     if (s.batch == 0 || s.out_channels == 0) return;
     Check(onnx_perforate_cuda_perforated_conv(
               in.x.GetTensorData<float>(), in.w.GetTensorData<float>(), in.b ? in.b.GetTensorData<float>() : nullptr,
               plan->offsets.get<int32_t>(), ToInt(s.batch, "N"), ToInt(s.in_channels, "C"),
-              ToInt(input_index ? 1 : s.in_h, "H"), ToInt(input_index ? s.in_plane : s.in_w, "W"), ToInt(s.out_channels, "M"), ToInt(s.group, "group"), ToInt(s.kernel_h, "kH"),
-              ToInt(s.kernel_w, "kW"), ToInt(plan->count, "K"), static_cast<int>(attrs_.activation), attrs_.alpha,
-              attrs_.clip_min, attrs_.clip_max, y.GetTensorMutableData<float>(), stream),
+              ToInt(compact ? 1 : s.in_h, "H"), ToInt(compact ? s.in_plane : s.in_w, "W"), ToInt(s.out_channels, "M"),
+              ToInt(s.group, "group"), ToInt(s.kernel_h, "kH"), ToInt(s.kernel_w, "kW"), ToInt(plan->count, "K"),
+              static_cast<int>(attrs_.activation), attrs_.alpha, attrs_.clip_min, attrs_.clip_max,
+              y.GetTensorMutableData<float>(), stream),
           "PerforatedConv CUDA launch");
-  }
-
-  std::shared_ptr<const CudaConvPlan> Plan(const ConvShape& s, const Ort::ConstValue& mask_value,
-                                           const std::shared_ptr<const InputIndex>& input_index, cudaStream_t stream) {
-    const int device = CurrentDevice();
-    // A mask that is not an initializer is compared with the cached one (a few KiB of host memory:
-    // the input lives on the CPU) so that an unchanged mask costs no upload.
-    std::shared_ptr<const MaskInput> mask = constant_mask_;
-    if (!mask) mask = std::make_shared<const MaskInput>(ReadMaskInput(mask_value));
-    std::lock_guard<std::mutex> lock(mutex_);
-    // A constant X_index is the reader's cached object: equal by pointer, never compared by value.
-    const bool same_index = (!plan_ || !plan_->input_index) ? !input_index
-                            : input_index && (plan_->input_index == input_index ||
-                                              (plan_->input_index->compact_size == input_index->compact_size &&
-                                               plan_->input_index->values == input_index->values));
-    if (plan_ && same_index && plan_->in_h == s.in_h && plan_->in_w == s.in_w && plan_->in_plane == s.in_plane &&
-        plan_->kernel_h == s.kernel_h && plan_->kernel_w == s.kernel_w && plan_->device == device &&
-        (plan_->mask == mask ||
-         (plan_->mask->shape == mask->shape && plan_->mask->values == mask->values)))
-      return plan_;
-    auto plan = std::make_shared<CudaConvPlan>();
-    plan->in_h = s.in_h, plan->in_w = s.in_w, plan->in_plane = s.in_plane;
-    plan->kernel_h = s.kernel_h, plan->kernel_w = s.kernel_w;
-    plan->input_index = input_index;
-    plan->device = device;
-    plan->mask = mask;
-    const MaskPositions positions = ComputeMaskPositions(mask->values.data(), mask->shape, s.out_h, s.out_w);
-    plan->count = positions.count();
-    const GatherTable table = BuildGatherTable(s, attrs_, positions, input_index.get());
-    plan->offsets.Upload(table.offsets.data(), table.offsets.size() * sizeof(int32_t), stream);
-    plan_ = std::move(plan);
-    return plan_;
   }
 
   const OrtApi& api_;
@@ -156,59 +132,35 @@ struct PerforatedConvKernel {
   ConvAttributes attrs_;
   std::shared_ptr<const MaskInput> constant_mask_;
   InputIndexReader input_index_;
-  std::mutex mutex_;
-  std::shared_ptr<const CudaConvPlan> plan_;
+  PlanCache<CudaConvPlan> plans_;
 };
 
+// The index's device copy, for one device.
 struct CudaIndexPlan {
   std::shared_ptr<const InterpolationIndex> index;
   int device = -1;
   DeviceBuffer values;
 };
 
-struct NNInterpolateKernel {
-  NNInterpolateKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
-    node_ = KernelAttributes(api, info).NodeName();
-    constant_index_ = ReadConstantInput(info, 1, ReadInterpolationIndex);
-  }
+struct NNInterpolateKernel : NNInterpolateKernelBase<NNInterpolateKernel> {
+  using NNInterpolateKernelBase::NNInterpolateKernelBase;
 
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return Guarded(api_, "NNInterpolate", node_, [&] { Compute(context); });
-  }
-
-  void Compute(OrtKernelContext* context) {
-    Ort::KernelContext ctx(context);
-    const auto yc_shape = GetCompactShape(ctx);
-    const auto yc = ctx.GetInput(0);
+  void Interpolate(const Ort::KernelContext& ctx, const std::shared_ptr<const InterpolationIndex>& index,
+                   const float* yc, float* y, int64_t planes, int64_t count) {
     const cudaStream_t stream = ComputeStream(ctx);
-    const auto plan = Plan(ctx.GetInput(1), stream);
-    const InterpolationIndex& index = *plan->index;
-    index.CheckRange(yc_shape);
-    const int64_t count = yc_shape[2], positions = index.positions();
-    auto y = ctx.GetOutput(0, {yc_shape[0], yc_shape[1], index.shape[0], index.shape[1]});
-    const int64_t planes = yc_shape[0] * yc_shape[1];
-    if (planes == 0 || positions == 0) return;
-    Check(onnx_perforate_cuda_nn_interpolate(yc.GetTensorData<float>(), plan->values.get<int32_t>(), planes,
-                                             ToInt(count, "K"), ToInt(positions, "Ho*Wo"),
-                                             y.GetTensorMutableData<float>(), stream),
+    const auto plan = DevicePlan(index, stream);
+    Check(onnx_perforate_cuda_nn_interpolate(yc, plan->values.get<int32_t>(), planes, ToInt(count, "K"),
+                                             ToInt(index->positions(), "Ho*Wo"), y, stream),
           "NNInterpolate CUDA launch");
   }
 
-  std::shared_ptr<const CudaIndexPlan> Plan(const Ort::ConstValue& index_value, cudaStream_t stream) {
+  // Uploaded once per index object and device: the base hands back the same object while the index
+  // values are unchanged (see NNInterpolateKernelBase), so the address identifies the values.
+  std::shared_ptr<const CudaIndexPlan> DevicePlan(const std::shared_ptr<const InterpolationIndex>& index,
+                                                  cudaStream_t stream) {
     const int device = CurrentDevice();
-    std::shared_ptr<const InterpolationIndex> index = constant_index_;
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!index) {
-      // Not an initializer: reuse the cached upload while the values are unchanged.
-      const auto shape = ShapeOf(index_value);
-      if (plan_ && plan_->device == device && plan_->index->shape == shape &&
-          std::memcmp(plan_->index->raw.data(), index_value.GetTensorData<int64_t>(),
-                      plan_->index->raw.size() * sizeof(int64_t)) == 0)
-        return plan_;
-      index = ReadInterpolationIndex(index_value);
-    } else if (plan_ && plan_->device == device) {
-      return plan_;
-    }
+    if (plan_ && plan_->index == index && plan_->device == device) return plan_;
     auto plan = std::make_shared<CudaIndexPlan>();
     plan->index = index;
     plan->device = device;
@@ -217,9 +169,6 @@ struct NNInterpolateKernel {
     return plan_;
   }
 
-  const OrtApi& api_;
-  std::string node_;
-  std::shared_ptr<const InterpolationIndex> constant_index_;
   std::mutex mutex_;
   std::shared_ptr<const CudaIndexPlan> plan_;
 };

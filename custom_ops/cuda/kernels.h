@@ -73,11 +73,8 @@ ONNX_PERFORATE_CUDA_API int onnx_perforate_cuda_conv_launch(int N, int C, int M,
 // multiprocessor (occupancy). Returns the CUDA error when there is no usable device.
 ONNX_PERFORATE_CUDA_API cudaError_t onnx_perforate_cuda_device_conv_config(int* sms, int* big_blocks_per_sm);
 
-// Host helpers for harnesses that do not link cudart themselves (only in
-// libonnx_perforate_cuda_kernels.so). Upload is an ordinary blocking cudaMemcpy.
-ONNX_PERFORATE_CUDA_API cudaError_t onnx_perforate_cuda_malloc(void** device_ptr, size_t bytes);
-ONNX_PERFORATE_CUDA_API cudaError_t onnx_perforate_cuda_free(void* device_ptr);
-ONNX_PERFORATE_CUDA_API cudaError_t onnx_perforate_cuda_upload(void* device_dst, const void* host_src, size_t bytes);
+// The message of a cudaError_t, for harnesses that do not link cudart themselves (only in
+// libonnx_perforate_cuda_kernels.so).
 ONNX_PERFORATE_CUDA_API const char* onnx_perforate_cuda_error_string(int error);
 
 // Builds the gather table on the host with the shared geometry code (BuildGatherTable), so that the

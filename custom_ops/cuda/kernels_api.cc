@@ -1,5 +1,5 @@
-// Host helpers of libonnx_perforate_cuda_kernels.so for harnesses that load it with ctypes: device
-// memory management and the gather table, built by the shared geometry code (not re-implemented).
+// Host helpers of libonnx_perforate_cuda_kernels.so for harnesses that load it with ctypes: CUDA error
+// messages and the gather table, built by the shared geometry code (not re-implemented).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -12,16 +12,6 @@
 #include "launch_plan.h"
 
 extern "C" {
-
-ONNX_PERFORATE_CUDA_API cudaError_t onnx_perforate_cuda_malloc(void** device_ptr, size_t bytes) {
-  return cudaMalloc(device_ptr, bytes);
-}
-
-ONNX_PERFORATE_CUDA_API cudaError_t onnx_perforate_cuda_free(void* device_ptr) { return cudaFree(device_ptr); }
-
-ONNX_PERFORATE_CUDA_API cudaError_t onnx_perforate_cuda_upload(void* device_dst, const void* host_src, size_t bytes) {
-  return cudaMemcpy(device_dst, host_src, bytes, cudaMemcpyHostToDevice);
-}
 
 ONNX_PERFORATE_CUDA_API const char* onnx_perforate_cuda_error_string(int error) {
   return cudaGetErrorString(static_cast<cudaError_t>(error));

@@ -116,8 +116,6 @@ InputIndex ReadInputIndex(const int64_t* index, const std::vector<int64_t>& inde
 GatherTable BuildGatherTable(const ConvShape& s, const ConvAttributes& a, const MaskPositions& m,
                              const InputIndex* index) {
   GatherTable t;
-  t.in_h = s.in_h;
-  t.in_w = s.in_w;
   t.taps = s.taps();
   t.count = m.count();
   t.offsets.resize(static_cast<size_t>(t.taps * t.count));
@@ -135,15 +133,6 @@ GatherTable BuildGatherTable(const ConvShape& s, const ConvAttributes& a, const 
     }
   }
   return t;
-}
-
-void ValidateInterpolationIndex(const int64_t* index, int64_t size, int64_t count) {
-  for (int64_t p = 0; p < size; ++p) {
-    if (index[p] < 0 || index[p] >= count)
-      throw OpError("input index has value " + std::to_string(index[p]) + " at flat position " +
-                    std::to_string(p) + ", expected a value in [0, K) with K = " + std::to_string(count) +
-                    " (the last dimension of Yc)");
-  }
 }
 
 }  // namespace onnx_perforate

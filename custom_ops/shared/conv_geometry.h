@@ -85,7 +85,6 @@ MaskPositions ComputeMaskPositions(const uint8_t* mask, const std::vector<int64_
 // offsets[tap * K + k] is the offset iy * in_w + ix inside one input plane of the input pixel read by
 // kernel tap `tap` (= i * kernel_w + j) for computed position k, or -1 where that pixel is padding.
 struct GatherTable {
-  int64_t in_h = 0, in_w = 0;
   int64_t taps = 0, count = 0;
   std::vector<int32_t> offsets;
 };
@@ -93,8 +92,5 @@ struct GatherTable {
 // With an input index, offsets point into the compact plane (K_in floats) instead.
 GatherTable BuildGatherTable(const ConvShape& shape, const ConvAttributes& attrs,
                              const MaskPositions& mask, const InputIndex* index = nullptr);
-
-// Validates an NNInterpolate index [Ho, Wo] against K: every value in [0, K).
-void ValidateInterpolationIndex(const int64_t* index, int64_t size, int64_t count);
 
 }  // namespace onnx_perforate

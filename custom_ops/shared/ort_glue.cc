@@ -2,54 +2,92 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstring>
 
 namespace onnx_perforate {
 
+namespace {
+
+// True for a successful call; a failure's status is released.
+bool Succeeded(const OrtApi& api, OrtStatus* status) {
+  if (!status) return true;
+  api.ReleaseStatus(status);
+  return false;
+}
+
+}  // namespace
+
+// ORT's C API fails alike for a missing attribute and for one of another type, so after a failed read
+// this asks the other getters: an attribute that one of them reads exists. The array getters succeed
+// for an attribute of any type (they copy its list field, empty for a scalar), so they come last and
+// count only when they return values.
+std::string KernelAttributes::TypeOf(const char* name) const {
+  int64_t i = 0;
+  float f = 0;
+  size_t size = 0;
+  if (Succeeded(api_, api_.KernelInfoGetAttribute_int64(info_, name, &i))) return "int";
+  if (Succeeded(api_, api_.KernelInfoGetAttribute_float(info_, name, &f))) return "float";
+  if (Succeeded(api_, api_.KernelInfoGetAttribute_string(info_, name, nullptr, &size))) return "string";
+  OrtAllocator* allocator = nullptr;
+  OrtValue* tensor = nullptr;
+  if (Succeeded(api_, api_.GetAllocatorWithDefaultOptions(&allocator)) &&
+      Succeeded(api_, api_.KernelInfoGetAttribute_tensor(info_, name, allocator, &tensor))) {
+    api_.ReleaseValue(tensor);
+    return "tensor";
+  }
+  size = 0;
+  if (Succeeded(api_, api_.KernelInfoGetAttributeArray_int64(info_, name, nullptr, &size)) && size > 0) return "ints";
+  size = 0;
+  if (Succeeded(api_, api_.KernelInfoGetAttributeArray_float(info_, name, nullptr, &size)) && size > 0)
+    return "floats";
+  return "";
+}
+
+void KernelAttributes::RequireAbsent(const char* name, const char* expected) const {
+  const std::string type = TypeOf(name);
+  if (!type.empty())
+    throw OpError(std::string("attribute '") + name + "' is of type " + type + ", expected " + expected);
+}
+
 int64_t KernelAttributes::Int(const char* name, int64_t fallback) const {
   int64_t value = 0;
-  if (OrtStatus* status = api_.KernelInfoGetAttribute_int64(info_, name, &value)) {
-    api_.ReleaseStatus(status);
-    return fallback;
-  }
-  return value;
+  if (Succeeded(api_, api_.KernelInfoGetAttribute_int64(info_, name, &value))) return value;
+  RequireAbsent(name, "int");
+  return fallback;
 }
 
 float KernelAttributes::Float(const char* name, float fallback) const {
   float value = 0;
-  if (OrtStatus* status = api_.KernelInfoGetAttribute_float(info_, name, &value)) {
-    api_.ReleaseStatus(status);
-    return fallback;
-  }
-  return value;
+  if (Succeeded(api_, api_.KernelInfoGetAttribute_float(info_, name, &value))) return value;
+  RequireAbsent(name, "float");
+  return fallback;
 }
 
 std::string KernelAttributes::String(const char* name, const std::string& fallback) const {
   size_t size = 0;
-  if (OrtStatus* status = api_.KernelInfoGetAttribute_string(info_, name, nullptr, &size)) {
-    api_.ReleaseStatus(status);
+  if (!Succeeded(api_, api_.KernelInfoGetAttribute_string(info_, name, nullptr, &size))) {
+    RequireAbsent(name, "string");
     return fallback;
   }
   std::string value(size, '\0');
-  if (OrtStatus* status = api_.KernelInfoGetAttribute_string(info_, name, value.data(), &size)) {
-    api_.ReleaseStatus(status);
-    return fallback;
-  }
+  if (!Succeeded(api_, api_.KernelInfoGetAttribute_string(info_, name, value.data(), &size)))
+    throw OpError(std::string("attribute '") + name + "' could not be read");
   value.resize(size > 0 ? size - 1 : 0);  // size counts the terminating NUL
   return value;
 }
 
 std::vector<int64_t> KernelAttributes::Ints(const char* name) const {
   size_t size = 0;
-  if (OrtStatus* status = api_.KernelInfoGetAttributeArray_int64(info_, name, nullptr, &size)) {
-    api_.ReleaseStatus(status);
+  if (!Succeeded(api_, api_.KernelInfoGetAttributeArray_int64(info_, name, nullptr, &size)) || size == 0) {
+    // Absent, or no list of ints (an empty list, or another type: see TypeOf).
+    const std::string type = TypeOf(name);
+    if (!type.empty() && type != "ints")
+      throw OpError(std::string("attribute '") + name + "' is of type " + type + ", expected ints");
     return {};
   }
   std::vector<int64_t> values(size);
-  if (size == 0) return values;
-  if (OrtStatus* status = api_.KernelInfoGetAttributeArray_int64(info_, name, values.data(), &size)) {
-    api_.ReleaseStatus(status);
-    return {};
-  }
+  if (!Succeeded(api_, api_.KernelInfoGetAttributeArray_int64(info_, name, values.data(), &size)))
+    throw OpError(std::string("attribute '") + name + "' could not be read");
   return values;
 }
 
@@ -227,6 +265,36 @@ std::shared_ptr<const InterpolationIndex> ReadInterpolationIndex(const Ort::Cons
     index->values[i] = static_cast<int32_t>(std::max<int64_t>(std::min<int64_t>(data[i], INT32_MAX), INT32_MIN));
   }
   return index;
+}
+
+bool InterpolationIndex::Matches(const Ort::ConstValue& value) const {
+  return ShapeOf(value) == shape &&
+         std::memcmp(raw.data(), value.GetTensorData<int64_t>(), raw.size() * sizeof(int64_t)) == 0;
+}
+
+bool PlanKey::operator==(const PlanKey& o) const {
+  const bool same_mask = mask == o.mask || (mask && o.mask && mask->shape == o.mask->shape &&
+                                            mask->values == o.mask->values);
+  const bool same_index = input_index == o.input_index ||
+                          (input_index && o.input_index && input_index->in_h == o.input_index->in_h &&
+                           input_index->in_w == o.input_index->in_w &&
+                           input_index->compact_size == o.input_index->compact_size &&
+                           input_index->values == o.input_index->values);
+  return in_h == o.in_h && in_w == o.in_w && in_plane == o.in_plane && kernel_h == o.kernel_h &&
+         kernel_w == o.kernel_w && in_channels_per_group == o.in_channels_per_group && device == o.device &&
+         same_mask && same_index;
+}
+
+PlanKey MakePlanKey(const ConvShape& s, std::shared_ptr<const MaskInput> mask,
+                    std::shared_ptr<const InputIndex> input_index, int device) {
+  PlanKey key;
+  key.in_h = s.in_h, key.in_w = s.in_w, key.in_plane = s.in_plane;
+  key.kernel_h = s.kernel_h, key.kernel_w = s.kernel_w;
+  key.in_channels_per_group = s.in_channels_per_group();
+  key.device = device;
+  key.mask = std::move(mask);
+  key.input_index = std::move(input_index);
+  return key;
 }
 
 void InterpolationIndex::CheckRange(const std::vector<int64_t>& yc_shape) const {

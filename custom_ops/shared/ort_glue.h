@@ -24,7 +24,8 @@ namespace onnx_perforate {
 constexpr const char* kDomain = "onnx_perforate";
 constexpr int kOrtApiVersion = 21;  // the headers' version; newer runtimes serve older API tables
 
-// Attribute access with defaults (ORT's C++ wrappers throw on a missing attribute).
+// Attribute access. Each reader returns `fallback` only when the node has no attribute of that name;
+// an attribute of another type throws OpError naming it, its type and the type expected.
 class KernelAttributes {
  public:
   KernelAttributes(const OrtApi& api, const OrtKernelInfo* info) : api_(api), info_(info) {}
@@ -35,6 +36,11 @@ class KernelAttributes {
   std::string NodeName() const;
 
  private:
+  // The attribute's type ("int", "float", "string", "ints", "floats", "tensor"), or "" when absent.
+  std::string TypeOf(const char* name) const;
+  // Throws unless the attribute is absent (the caller's read failed).
+  void RequireAbsent(const char* name, const char* expected) const;
+
   const OrtApi& api_;
   const OrtKernelInfo* info_;
 };
@@ -88,15 +94,53 @@ MaskInput ReadMaskInput(const Ort::ConstValue& mask);
 
 // NNInterpolate's index input, converted once to the kernels' int32 and summarised for the range check.
 struct InterpolationIndex {
-  std::vector<int64_t> raw;  // as given, to compare a non-constant index with a cached one
+  std::vector<int64_t> raw;  // as given, to compare a non-constant index with the previous one
   std::vector<int32_t> values;
   std::vector<int64_t> shape;
   int64_t min = 0, max = 0;
   int64_t positions() const { return shape[0] * shape[1]; }
   // Throws unless every value lies in [0, K), K = yc_shape[2].
   void CheckRange(const std::vector<int64_t>& yc_shape) const;
+  // Whether `value` holds the same shape and values.
+  bool Matches(const Ort::ConstValue& value) const;
 };
 std::shared_ptr<const InterpolationIndex> ReadInterpolationIndex(const Ort::ConstValue& index);
+
+// What a PerforatedConv kernel's cached plan (the computed positions and the gather tables) depends on
+// besides the node's attributes. CPU and CUDA compare keys alike, by value: a mask or X_index that is a
+// graph input can come back with the same values in a new buffer (the plan is then reused, and on CUDA
+// not uploaded again) or with new values in a reused buffer (it must not be), so buffer addresses cannot
+// decide. The values are a few KiB compared on the host, microseconds per call; the pointers below are
+// immutable host copies, so equal pointers skip the comparison (constant inputs are read once).
+struct PlanKey {
+  int64_t in_h = 0, in_w = 0, in_plane = 0, kernel_h = 0, kernel_w = 0, in_channels_per_group = 0;
+  int device = -1;  // the CUDA device holding the tables; -1 on the CPU
+  std::shared_ptr<const MaskInput> mask;
+  std::shared_ptr<const InputIndex> input_index;  // null when X is not compact
+  bool operator==(const PlanKey& other) const;
+};
+PlanKey MakePlanKey(const ConvShape& shape, std::shared_ptr<const MaskInput> mask,
+                    std::shared_ptr<const InputIndex> input_index, int device = -1);
+
+// A kernel's last plan, rebuilt when the key changes. Safe for concurrent Run calls of one session.
+template <typename Plan>
+class PlanCache {
+ public:
+  template <typename Build>
+  std::shared_ptr<const Plan> Get(PlanKey key, Build&& build) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!plan_ || !(key == key_)) {
+      plan_ = build(key);
+      key_ = std::move(key);
+    }
+    return plan_;
+  }
+
+ private:
+  std::mutex mutex_;
+  PlanKey key_;
+  std::shared_ptr<const Plan> plan_;
+};
 
 // A constant input (an initializer) read once at kernel creation, or an empty result.
 template <typename Read>
@@ -128,6 +172,46 @@ template <typename Kernel>
 OrtStatusPtr NewKernel(const OrtApi& api, const OrtKernelInfo* info, void** kernel, const char* op) {
   return Guarded(api, op, KernelAttributes(api, info).NodeName(), [&] { *kernel = new Kernel(api, info); });
 }
+
+// What the CPU and CUDA NNInterpolate kernels share: the node name, the index (read once when it is an
+// initializer, otherwise re-read only when its values change), the checks and the output. Derived
+// implements Interpolate(ctx, index, yc, y, planes, count), called with planes > 0 and positions > 0;
+// an unchanged non-constant index comes back as the same object, so Derived may cache by its address.
+template <typename Derived>
+class NNInterpolateKernelBase {
+ public:
+  NNInterpolateKernelBase(const OrtApi& api, const OrtKernelInfo* info)
+      : api_(api),
+        node_(KernelAttributes(api, info).NodeName()),
+        constant_index_(ReadConstantInput(info, 1, ReadInterpolationIndex)) {}
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guarded(api_, "NNInterpolate", node_, [&] {
+      Ort::KernelContext ctx(context);
+      const auto yc_shape = GetCompactShape(ctx);
+      const auto index = constant_index_ ? constant_index_ : LatestIndex(ctx.GetInput(1));
+      index->CheckRange(yc_shape);
+      auto y = ctx.GetOutput(0, {yc_shape[0], yc_shape[1], index->shape[0], index->shape[1]});
+      const int64_t planes = yc_shape[0] * yc_shape[1];
+      if (planes == 0 || index->positions() == 0) return;
+      static_cast<Derived*>(this)->Interpolate(ctx, index, ctx.GetInput(0).template GetTensorData<float>(),
+                                               y.template GetTensorMutableData<float>(), planes, yc_shape[2]);
+    });
+  }
+
+ private:
+  std::shared_ptr<const InterpolationIndex> LatestIndex(const Ort::ConstValue& value) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!latest_index_ || !latest_index_->Matches(value)) latest_index_ = ReadInterpolationIndex(value);
+    return latest_index_;
+  }
+
+  const OrtApi& api_;
+  const std::string node_;
+  const std::shared_ptr<const InterpolationIndex> constant_index_;
+  std::mutex mutex_;
+  std::shared_ptr<const InterpolationIndex> latest_index_;
+};
 
 // The op descriptors' shared part, per op: names, types and optional inputs. The CPU and CUDA
 // descriptors derive from these and add their execution provider and input memory types.
