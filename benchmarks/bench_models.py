@@ -1,19 +1,25 @@
-"""End-to-end comparison of a model, its explicit perforation and its compact perforation (same masks).
+"""End-to-end comparison of a model and its perforations (same masks): the compact rewrite (default),
+optionally the explicit one and the compact one with ORT's NCHWc transformer off.
 
     ONNX_PERFORATE_LIBRARY=... python3 benchmarks/bench_models.py ../shared/data/imagenet/squeezenet1.1.onnx \
-        --mask grid --rate 0.5 --layers all-but-first --threads 1 2 --batch 1 8 --accuracy
+        --mask grid --rate 0.5 --layers all --threads 1 2 --batch 1 32 --accuracy
 
 Prints Markdown tables:
 
 - latency: median ms over interleaved runs (all variants take turns, so load drifts hit them alike) for
-  every thread count and batch size; speed-up against the original;
+  every thread count and batch size; speed-up against the original; the Conv-MAC reduction R of the
+  rewrite and the *achieved fraction* speed-up / R (1 = the clock tracks the MACs), and the share of
+  the time the MACs save that shows up on the clock, (speed-up - 1) / (R - 1). With one thread the
+  median per-run CPU time of the process is printed too ("cpu"): on a shared machine it is far less
+  disturbed by other jobs than wall time;
 - memory, two ways (docs/compact.md):
   *measured*: a fresh subprocess per model loads the session (CPU arena off, memory pattern on, so ORT
   allocates exactly what it plans instead of arena chunks), runs once (weights are packed and gather
   tables built on the first run: constant memory, not activations), resets the kernel's peak-RSS
   counter (/proc/self/clear_refs), runs three more times and reports peak RSS minus RSS before them;
   *planned*: the peak of live activation bytes when the nodes run in graph order and every tensor is
-  freed after its last reader (Reshape/Flatten/Squeeze/Unsqueeze/Identity outputs alias their input),
+  freed after its last reader (Reshape/Flatten/Squeeze/Unsqueeze/Identity outputs alias their input, and
+  so does a Relu/LeakyRelu/Clip that ORT fuses into the Conv before it),
   and the bytes of all activations written (the paper's "activations to store");
 - accuracy (``--accuracy``): top-1/top-5 on SqueezeNet's val100, top-1 on every 10th CIFAR-10 test image,
   top-1 on the bundled Fashion-MNIST subset, chosen from the model's file name;
@@ -45,8 +51,12 @@ import onnx_perforate  # noqa: E402
 from onnx_perforate import masks as masks_module  # noqa: E402
 from onnx_perforate.inspection import inspect  # noqa: E402
 
-VARIANTS = ("original", "explicit", "compact")
+VARIANTS = ("original", "explicit", "compact", "compact-nonchwc")
+# ORT's NCHWc layout transformer: it blocks the channels of the Convs it knows and inserts reorders
+# around every other op (ours included); "compact-nonchwc" runs the compact rewrite without it.
+NCHWC_TRANSFORMER = "NchwcTransformer"
 ALIASING = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout")
+FUSED_ACTIVATIONS = ("Relu", "LeakyRelu", "Clip")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,16 +93,18 @@ def select(model, spec: str) -> list:
     return [r for r in records if any(fnmatch.fnmatchcase(r.name, p) for p in patterns)]
 
 
-def build_variants(path, mask_kind, rate, layers, seed=0):
+def build_variants(path, mask_kind, rate, layers, seed=0, variants=("original", "explicit", "compact")):
     """{variant: ModelProto}, the chosen masks and the compact rewrite's report."""
     original = dynamic_batch(onnx.load(str(path)))
     chosen = {
         r.name: masks_module.make(mask_kind, r.output_shape[2:], rate, seed=seed, model=original, conv=r.name)
         for r in select(original, layers)
     }
-    explicit = onnx_perforate.rewrite(original, chosen, compact=False)
     compact, report = onnx_perforate.rewrite_with_report(original, chosen, compact=True)
-    return {"original": original, "explicit": explicit, "compact": compact}, chosen, report
+    models = {"original": original, "compact": compact, "compact-nonchwc": compact}
+    if "explicit" in variants:
+        models["explicit"] = onnx_perforate.rewrite(original, chosen, compact=False)
+    return {k: models[k] for k in VARIANTS if k in variants or k == "original"}, chosen, report
 
 
 def input_of(model):
@@ -108,33 +120,48 @@ def random_input(model, batch, seed=0):
     return name, np.random.default_rng(seed).uniform(0, 255, size=shape).astype(np.float32)
 
 
-def session(model_or_path, threads, **settings):
+def session(model_or_path, threads, disabled_optimizers=(), **settings):
     import onnxruntime as ort
 
     options = onnx_perforate.session_options(threads, allow_spinning=False, **settings)
     options.log_severity_level = 3
     data = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else model_or_path.SerializeToString()
     return ort.InferenceSession(str(data) if isinstance(data, os.PathLike) else data, options,
-                                providers=["CPUExecutionProvider"])
+                                providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers))
+
+
+def variant_session(key, model_or_path, threads, **settings):
+    disabled = [NCHWC_TRANSFORMER] if key.endswith("-nonchwc") else []
+    return session(model_or_path, threads, disabled, **settings)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Latency
 
 
-def latency(models: dict, threads: int, batch: int, repeats: int, warmup: int = 5) -> dict:
-    sessions = {k: session(m, threads) for k, m in models.items()}
+def latency(models: dict, threads: int, batch: int, repeats: int, warmup: int = 3) -> tuple[dict, dict]:
+    """({variant: median wall ms}, {variant: median process CPU ms}) over interleaved runs."""
+    sessions = {k: variant_session(k, m, threads) for k, m in models.items()}
     name, x = random_input(models["original"], batch)
     for s in sessions.values():
         for _ in range(warmup):
             s.run(None, {name: x})
-    times = {k: [] for k in sessions}
+    wall = {k: [] for k in sessions}
+    cpu = {k: [] for k in sessions}
     for _ in range(repeats):
         for k, s in sessions.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             s.run(None, {name: x})
-            times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            wall[k].append(time.perf_counter() - start)
+            cpu[k].append(time.process_time() - start_cpu)
+    return ({k: statistics.median(v) * 1e3 for k, v in wall.items()},
+            {k: statistics.median(v) * 1e3 for k, v in cpu.items()})
+
+
+def fractions(speedup: float, reduction: float) -> str:
+    """'achieved fraction | share of the saved time' cells."""
+    share = (speedup - 1) / (reduction - 1) if reduction > 1.0001 else float("nan")
+    return f"{speedup / reduction:.2f} | {share:.2f}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,7 +179,7 @@ def _status(field: str) -> int:
 def memory_child(path: str, batch: int) -> None:
     """Runs in a subprocess: peak RSS growth while running (bytes), as JSON on stdout."""
     model = onnx.load(path)
-    sess = session(path, 1, enable_cpu_mem_arena=False)
+    sess = variant_session(Path(path).stem, path, 1, enable_cpu_mem_arena=False)
     name, x = random_input(model, batch)
     sess.run(None, {name: x})  # first run: kernels pack weights and build gather tables (not activations)
     before = _status("VmRSS")
@@ -168,6 +195,7 @@ def memory_child(path: str, batch: int) -> None:
 
 
 def measured_memory(path: Path, batch: int) -> dict:
+    """``path``'s stem ends with the variant name (see main), which picks the session settings."""
     out = subprocess.run([sys.executable, __file__, "--memory-child", str(path), str(batch)],
                          capture_output=True, text=True, check=True, env=dict(os.environ))
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -187,9 +215,19 @@ def planned_memory(model: onnx.ModelProto, batch: int) -> tuple[int, int]:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
         sizes[vi.name] = int(np.prod(dims)) * itemsize
     graph = inferred.graph
+    readers = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    producer = {out: node.op_type for node in graph.node for out in node.output}
     root = {}
     for node in graph.node:
-        if node.op_type in ALIASING and node.input and node.input[0] in (root.keys() | sizes.keys()):
+        aliasing = node.op_type in ALIASING
+        # ORT fuses an activation into the Conv before it when the Conv output has no other reader:
+        # the two share one buffer.
+        fused = (node.op_type in FUSED_ACTIVATIONS and node.input and producer.get(node.input[0]) == "Conv"
+                 and readers.get(node.input[0]) == 1)
+        if (aliasing or fused) and node.input and node.input[0] in (root.keys() | sizes.keys()):
             root[node.output[0]] = root.get(node.input[0], node.input[0])
     last_use = {}
     for step, node in enumerate(graph.node):
@@ -232,7 +270,7 @@ def accuracy(models: dict, path: Path, threads: int = 2) -> dict | None:
         return None
     result = {}
     for key, model in models.items():
-        sess = session(model, threads)
+        sess = variant_session(key, model, threads)
         name = input_of(model)[0]
         hits = {k: [] for k in topk}
         for x, y in data.batches(batch):
@@ -252,8 +290,8 @@ def profile(models: dict, threads: int, batch: int, runs: int, workdir: Path) ->
     """{variant: {node name: (op type, mean ms per run)}} from ORT's profiler."""
     result = {}
     for key, model in models.items():
-        sess = session(model, threads, enable_profiling=True,
-                       profile_file_prefix=str(workdir / f"profile_{key}"))
+        sess = variant_session(key, model, threads, enable_profiling=True,
+                               profile_file_prefix=str(workdir / f"profile_{key}"))
         name, x = random_input(model, batch)
         warmup = 3
         for _ in range(warmup + runs):
@@ -312,29 +350,32 @@ def main(argv=None) -> int:
     p.add_argument("model", type=Path)
     p.add_argument("--mask", default="grid", choices=["grid", "uniform", "pooling"])
     p.add_argument("--rate", type=float, nargs="+", default=[0.5])
-    p.add_argument("--layers", default="all-but-first",
-                   help="all | all-but-first | all-3x3 | all-1x1 | comma-separated globs (default: all-but-first)")
+    p.add_argument("--layers", default="all",
+                   help="all | all-but-first | all-3x3 | all-1x1 | comma-separated globs (default: all)")
+    p.add_argument("--variants", nargs="+", default=["compact"], choices=[v for v in VARIANTS if v != "original"],
+                   help="perforated variants timed against the original (default: compact)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--accuracy", action="store_true")
     p.add_argument("--profile", action="store_true", help="per-node time breakdown (1 thread, first batch size)")
     p.add_argument("--profile-top", type=int, default=25)
     p.add_argument("--report", action="store_true", help="print the compact rewrite's report")
-    p.add_argument("--save", type=Path, help="folder to keep the three models in")
+    p.add_argument("--save", type=Path, help="folder to keep the models in")
     args = p.parse_args(argv)
     if not onnx_perforate.has_library():
         print("needs the compiled custom-op library (ONNX_PERFORATE_LIBRARY)", file=sys.stderr)
         return 1
 
     for rate in args.rate:
-        models, chosen, report = build_variants(args.model, args.mask, rate, args.layers)
+        models, chosen, report = build_variants(args.model, args.mask, rate, args.layers, variants=args.variants)
+        perforated = [k for k in models if k != "original"]
+        reduction = report.mac_reduction
         interps = {k: sum(n.op_type == "NNInterpolate" for n in m.graph.node) for k, m in models.items()}
         print(f"\n## {args.model.name}: {args.mask} r={rate}, {len(chosen)} Conv perforated ({args.layers})\n")
-        print(f"conv MACs {report.mac_reduction:.2f}x fewer with the compact graph "
-              f"(perforated layers alone: {report.total_conv_macs / max(report.perforated_conv_macs + report.compact_saved_macs, 1):.2f}x); "
-              f"NNInterpolate nodes: explicit {interps['explicit']}, compact {interps['compact']}\n")
+        print(f"Conv-MAC reduction R = {reduction:.2f}x (compact graph); NNInterpolate nodes: "
+              + ", ".join(f"{k} {interps[k]}" for k in perforated) + "\n")
         if args.report:
             print("```\n" + report.format() + "\n```\n")
         with tempfile.TemporaryDirectory() as tmp:
@@ -342,27 +383,33 @@ def main(argv=None) -> int:
             folder.mkdir(parents=True, exist_ok=True)
             paths = {}
             for k, m in models.items():
-                paths[k] = folder / f"{args.model.stem}.{k}.r{rate}.onnx"
+                paths[k] = folder / f"{args.model.stem}.r{rate}.{k}.onnx"
                 onnx.save(m, paths[k])
-            print("| threads | batch | original ms | explicit ms | compact ms | explicit speed-up | compact speed-up |")
-            print("|---|---|---|---|---|---|---|")
+            print("| threads | batch | original ms | " + " | ".join(f"{k} ms | {k} speed-up | fraction of R | share of saved time"
+                                                          for k in perforated) + " | cpu speed-up (1 thread) |")
+            print("|---|---|---|" + "---|---|---|---|" * len(perforated) + "---|")
             for threads in args.threads:
                 for batch in args.batch:
-                    t = latency(models, threads, batch, args.repeats)
-                    print(f"| {threads} | {batch} | {t['original']:.3f} | {t['explicit']:.3f} | {t['compact']:.3f} | "
-                          f"{t['original'] / t['explicit']:.2f}x | {t['original'] / t['compact']:.2f}x |", flush=True)
+                    wall, cpu = latency(models, threads, batch, args.repeats)
+                    cells = []
+                    for k in perforated:
+                        speedup = wall["original"] / wall[k]
+                        cells.append(f"{wall[k]:.3f} | {speedup:.2f}x | {fractions(speedup, reduction)}")
+                    cpu_cell = (", ".join(f"{k} {cpu['original'] / cpu[k]:.2f}x ({fractions(cpu['original'] / cpu[k], reduction).split(' | ')[0]})"
+                                          for k in perforated) if threads == 1 else "")
+                    print(f"| {threads} | {batch} | {wall['original']:.3f} | " + " | ".join(cells) + f" | {cpu_cell} |", flush=True)
             if not args.no_memory:
                 print("\n| batch | variant | measured peak run RSS MiB | planned peak activations MiB | all activations MiB |")
                 print("|---|---|---|---|---|")
                 for batch in args.batch:
-                    for k in VARIANTS:
+                    for k in models:
                         measured = measured_memory(paths[k], batch)
                         planned, total = planned_memory(models[k], batch)
                         flag = "" if measured["resettable"] else " (peak not resettable: includes loading)"
                         print(f"| {batch} | {k} | {measured['run_peak_bytes'] / 2**20:.2f}{flag} | {planned / 2**20:.2f} | {total / 2**20:.2f} |",
                               flush=True)
             if args.accuracy:
-                acc = accuracy(models, args.model)
+                acc = accuracy({k: m for k, m in models.items() if k in ("original", "explicit", "compact")}, args.model)
                 if acc:
                     keys = list(next(iter(acc.values())))
                     print("\n| variant | " + " | ".join(keys) + " |")

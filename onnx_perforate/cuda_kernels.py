@@ -39,6 +39,7 @@ def load(path: str | None = None) -> ctypes.CDLL:
     lib.onnx_perforate_cuda_conv_launch.restype = i32
     lib.onnx_perforate_cuda_device_conv_config.argtypes = [ctypes.POINTER(i32), ctypes.POINTER(i32)]
     lib.onnx_perforate_cuda_device_conv_config.restype = i32
+    _declare_pool(lib)
     return lib
 
 
@@ -76,3 +77,51 @@ def gather_table(lib: ctypes.CDLL, h, w, kh, kw, stride, pads, dilation, mask: n
     if status:
         raise ValueError(error.value.decode())
     return offsets[: kh * kw * count.value].reshape(kh * kw, count.value)
+
+
+POOL_MODES = {"max": 0, "average": 1}  # custom_ops/cuda/pool_kernels.h
+
+
+def _declare_pool(lib: ctypes.CDLL) -> None:
+    i32, i64, vp = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p
+    lib.onnx_perforate_cuda_compact_pool.argtypes = [vp, vp, vp, vp, i32, i64, i32, i32, vp, vp]
+    lib.onnx_perforate_cuda_compact_pool.restype = i32
+    p64 = ctypes.POINTER(i64)
+    lib.onnx_perforate_build_pool_table.argtypes = (
+        [i32, i64, i64, i64, i64, vp, i64, i64, i32, i32, vp, i64, i64, i64, vp, i64, vp, vp, vp]
+        + [p64] * 4 + [ctypes.c_char_p, ctypes.c_size_t])
+    lib.onnx_perforate_build_pool_table.restype = i32
+
+
+def pool_table(lib: ctypes.CDLL, x_index: np.ndarray, k_in: int, attrs: dict, y_positions=None):
+    """CompactPool's window table (begin int32 [count + 1], entries int32, weights float32 or None,
+    (Ho, Wo)), built by the library's shared geometry code; ``attrs`` as CompactPool's attributes.
+    Raises ValueError with the library's message for bad geometry."""
+    index = np.ascontiguousarray(x_index, dtype=np.int64)
+    pads = np.asarray(attrs.get("pads", [0, 0, 0, 0]), dtype=np.int64)
+    positions = None if y_positions is None else np.ascontiguousarray(y_positions, dtype=np.int64)
+    kh, kw = attrs["kernel_shape"]
+    stride = attrs.get("strides", [1, 1])
+    dilation = attrs.get("dilations", [1, 1])
+    mode = POOL_MODES[attrs["mode"]]
+    sizes = [ctypes.c_int64(0) for _ in range(4)]
+    error = ctypes.create_string_buffer(512)
+
+    def call(begin=None, entries=None, weights=None):
+        status = lib.onnx_perforate_build_pool_table(
+            mode, kh, kw, stride[0], stride[1], pads.ctypes.data, dilation[0], dilation[1],
+            int(attrs.get("ceil_mode", 0)), int(attrs.get("count_include_pad", 0)), index.ctypes.data,
+            index.shape[0], index.shape[1], k_in, None if positions is None else positions.ctypes.data,
+            0 if positions is None else positions.size,
+            None if begin is None else begin.ctypes.data, None if entries is None else entries.ctypes.data,
+            None if weights is None else weights.ctypes.data, *[ctypes.byref(v) for v in sizes], error, len(error))
+        if status:
+            raise ValueError(error.value.decode())
+
+    call()
+    count, entry_count, out_h, out_w = (v.value for v in sizes)
+    begin = np.empty(count + 1, np.int32)
+    entries = np.empty(entry_count, np.int32)
+    weights = np.empty(entry_count, np.float32) if mode == POOL_MODES["average"] else None
+    call(begin, entries, weights)
+    return begin, entries, weights, (out_h, out_w)

@@ -167,3 +167,75 @@ def test_bad_shapes_name_the_node():
     with pytest.raises(Exception) as info:
         run(four_d, x[..., None])
     assert "CompactPool node 'pool'" in str(info.value) and "expected 3-D [N, C, K_in]" in str(info.value)
+
+
+# --- the CUDA kernel: its host-side table (no GPU needed) and, on a GPU, the kernel itself -------------
+
+
+@pytest.fixture(scope="module")
+def cuda_kernels_lib():
+    from onnx_perforate import cuda_kernels
+
+    try:
+        return cuda_kernels.load()
+    except onnx_perforate.LibraryNotFoundError as error:
+        pytest.skip(str(error))
+
+
+@pytest.mark.parametrize("name", ["max 3x3 s2 (SqueezeNet pool1)", "max dilations", "average pads, count_include_pad",
+                                  "average ceil_mode, pads", "average pads, no count_include_pad"])
+def test_cuda_pool_table_describes_each_window(cuda_kernels_lib, name):
+    """Pooling the compact input through the table (as the CUDA kernel does, here in numpy) gives the
+    reference; each output's entries are the distinct compact entries of its window."""
+    from onnx_perforate.cuda_kernels import pool_table
+
+    grid, rate, attrs, batch = CASES[name]
+    mask, index, x = compact_input(grid, rate, batch, 3, seed=11, ties=False)
+    begin, entries, weights, out_hw = pool_table(cuda_kernels_lib, index, x.shape[2], attrs)
+    want = ops.compact_pool_reference(x, index, **attrs)
+    assert out_hw == want.shape[2:] and len(begin) == out_hw[0] * out_hw[1] + 1
+    got = np.empty(want.shape[:2] + (len(begin) - 1,), np.float32)
+    for o in range(len(begin) - 1):
+        taken = x[:, :, entries[begin[o]:begin[o + 1]]]
+        assert len(set(entries[begin[o]:begin[o + 1]].tolist())) == begin[o + 1] - begin[o]
+        got[:, :, o] = taken.max(axis=2) if weights is None else (taken * weights[begin[o]:begin[o + 1]]).sum(axis=2)
+    np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_pool_table_errors(cuda_kernels_lib):
+    from onnx_perforate.cuda_kernels import pool_table
+
+    mask, index, x = compact_input((8, 8), 0.5, 1, 2, seed=0, ties=False)
+    with pytest.raises(ValueError, match="'pads' must be smaller"):
+        pool_table(cuda_kernels_lib, index, x.shape[2], dict(mode="max", kernel_shape=[2, 2], pads=[2, 0, 0, 0]))
+    with pytest.raises(ValueError, match="input X_index has value"):
+        pool_table(cuda_kernels_lib, index, 1, dict(mode="max", kernel_shape=[2, 2]))  # K_in = 1: index values >= 1
+    with pytest.raises(ValueError, match="input Y_positions has value 49"):
+        pool_table(cuda_kernels_lib, index, x.shape[2], dict(mode="max", kernel_shape=[2, 2]), [0, 49])
+    assert cuda_kernels_lib.onnx_perforate_cuda_compact_pool(None, None, None, None, 2, 1, 4, 4, None, None) != 0
+    assert cuda_kernels_lib.onnx_perforate_cuda_compact_pool(None, None, None, None, 0, 0, 4, 4, None, None) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_compact_pool_matches_reference(cuda_kernels_lib, name):
+    torch = pytest.importorskip("torch", reason="the GPU test drives the kernel on PyTorch CUDA tensors")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from onnx_perforate.cuda_kernels import POOL_MODES, pool_table
+
+    grid, rate, attrs, batch = CASES[name]
+    mask, index, x = compact_input(grid, rate, batch, 5, seed=2, ties=True)
+    positions = np.arange(0, 40, 3)
+    for y_positions in (None, positions):
+        begin, entries, weights, out_hw = pool_table(cuda_kernels_lib, index, x.shape[2], attrs, y_positions)
+        device = [torch.from_numpy(a).cuda() if a is not None else None for a in (x, begin, entries, weights)]
+        count = len(begin) - 1
+        y = torch.empty((batch, 5, count), device="cuda")
+        status = cuda_kernels_lib.onnx_perforate_cuda_compact_pool(
+            *[t.data_ptr() if t is not None else None for t in device], POOL_MODES[attrs["mode"]], batch * 5,
+            x.shape[2], count, y.data_ptr(), torch.cuda.current_stream().cuda_stream)
+        assert status == 0
+        torch.cuda.synchronize()
+        want = ops.compact_pool_reference(x, index, y_positions, **attrs).reshape(batch, 5, count)
+        np.testing.assert_allclose(y.cpu().numpy(), want, rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "../shared/conv_geometry.h"
+#include "host_errors.h"
 #include "kernels.h"
 #include "launch_plan.h"
 
@@ -57,12 +58,7 @@ ONNX_PERFORATE_CUDA_API int onnx_perforate_build_gather_table(
     }
     return 0;
   } catch (const std::exception& e) {
-    if (error && error_size) {
-      const size_t n = std::min(error_size - 1, std::strlen(e.what()));
-      std::memcpy(error, e.what(), n);
-      error[n] = '\0';
-    }
-    return 1;
+    return ReportHostError(e, error, error_size);
   }
 }
 
