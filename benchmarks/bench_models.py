@@ -139,8 +139,8 @@ def variant_session(key, model_or_path, threads, **settings):
 # Latency
 
 
-def latency(models: dict, threads: int, batch: int, repeats: int, warmup: int = 3) -> tuple[dict, dict]:
-    """({variant: median wall ms}, {variant: median process CPU ms}) over interleaved runs."""
+def latency(models: dict, threads: int, batch: int, repeats: int, warmup: int = 3, stat=statistics.median) -> tuple[dict, dict]:
+    """({variant: wall ms}, {variant: process CPU ms}), ``stat`` (median) of interleaved runs."""
     sessions = {k: variant_session(k, m, threads) for k, m in models.items()}
     name, x = random_input(models["original"], batch)
     for s in sessions.values():
@@ -154,8 +154,10 @@ def latency(models: dict, threads: int, batch: int, repeats: int, warmup: int = 
             s.run(None, {name: x})
             wall[k].append(time.perf_counter() - start)
             cpu[k].append(time.process_time() - start_cpu)
-    return ({k: statistics.median(v) * 1e3 for k, v in wall.items()},
-            {k: statistics.median(v) * 1e3 for k, v in cpu.items()})
+    return ({k: stat(v) * 1e3 for k, v in wall.items()}, {k: stat(v) * 1e3 for k, v in cpu.items()})
+
+
+STATISTICS = {"median": statistics.median, "min": min, "p10": lambda v: float(np.percentile(v, 10))}
 
 
 def fractions(speedup: float, reduction: float) -> str:
@@ -286,8 +288,8 @@ def accuracy(models: dict, path: Path, threads: int = 2) -> dict | None:
 # Per-node profile
 
 
-def profile(models: dict, threads: int, batch: int, runs: int, workdir: Path) -> dict:
-    """{variant: {node name: (op type, mean ms per run)}} from ORT's profiler."""
+def profile(models: dict, threads: int, batch: int, runs: int, workdir: Path, stat=statistics.median) -> dict:
+    """{variant: {node name: (op type, ``stat`` of its ms over the runs)}} from ORT's profiler."""
     result = {}
     for key, model in models.items():
         sess = variant_session(key, model, threads, enable_profiling=True,
@@ -309,9 +311,8 @@ def profile(models: dict, threads: int, batch: int, runs: int, workdir: Path) ->
                 continue
             node = event["name"][: -len("_kernel_time")]
             op = event.get("args", {}).get("op_name", "?")
-            per_node[node] = (op, per_node.get(node, (op, 0.0))[1] + event["dur"] / 1e3)
-        total_runs = runs
-        result[key] = {n: (op, t / total_runs) for n, (op, t) in per_node.items()}
+            per_node.setdefault(node, (op, []))[1].append(event["dur"] / 1e3)
+        result[key] = {n: (op, stat(times)) for n, (op, times) in per_node.items()}
     return result
 
 
@@ -357,6 +358,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--stat", choices=sorted(STATISTICS), default="median",
+                   help="statistic of the interleaved runs and of the per-node profile (p10 or min: the least "
+                        "disturbed runs, for a machine other jobs load)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--accuracy", action="store_true")
     p.add_argument("--profile", action="store_true", help="per-node time breakdown (1 thread, first batch size)")
@@ -385,12 +389,13 @@ def main(argv=None) -> int:
             for k, m in models.items():
                 paths[k] = folder / f"{args.model.stem}.r{rate}.{k}.onnx"
                 onnx.save(m, paths[k])
+            print(f"{args.stat} of {args.repeats} interleaved runs\n")
             print("| threads | batch | original ms | " + " | ".join(f"{k} ms | {k} speed-up | fraction of R | share of saved time"
                                                           for k in perforated) + " | cpu speed-up (1 thread) |")
             print("|---|---|---|" + "---|---|---|---|" * len(perforated) + "---|")
             for threads in args.threads:
                 for batch in args.batch:
-                    wall, cpu = latency(models, threads, batch, args.repeats)
+                    wall, cpu = latency(models, threads, batch, args.repeats, stat=STATISTICS[args.stat])
                     cells = []
                     for k in perforated:
                         speedup = wall["original"] / wall[k]
@@ -417,8 +422,9 @@ def main(argv=None) -> int:
                     for k, v in acc.items():
                         print(f"| {k} | " + " | ".join(f"{v[key]:.3f}" for key in keys) + " |")
             if args.profile:
-                print(f"\nper-node time, 1 thread, batch {args.batch[0]} (mean ms per run):\n")
-                print(format_profile(profile(models, 1, args.batch[0], args.repeats, folder), args.profile_top))
+                print(f"\nper-node time, 1 thread, batch {args.batch[0]} ({args.stat} ms over {args.repeats} runs):\n")
+                print(format_profile(profile(models, 1, args.batch[0], args.repeats, folder, STATISTICS[args.stat]),
+                                     args.profile_top))
     return 0
 
 
