@@ -248,12 +248,23 @@ def test_pooling_reads_the_compact_tensor(kind):
     a = g.conv("a", "x", 4, 6)
     p = g.op("MaxPool", [a], "pool", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)
     q = g.op("AveragePool", [a], "avg", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1)
-    r = g.op("AveragePool", [a], "avg_nopad", kernel_shape=[2, 2], strides=[1, 1], pads=[0, 0, 1, 1])
+    r = g.op("AveragePool", [a], "avg_nopad", kernel_shape=[2, 2], strides=[2, 2], pads=[0, 0, 1, 1])
     model = g.model([p, q, r])
-    compact, report = check_agreement(model, grid(model, ["a"], kind=kind))
+    compact, report = check_agreement(model, grid(model, ["a"], rate=0.8, kind=kind))
     assert count(compact, "NNInterpolate") == 0 and count(compact, "CompactPool") == 3
     assert count(compact, "MaxPool") == count(compact, "AveragePool") == 0
     assert any(s.startswith("pool (CompactPool") for s in report.layers[0].compact)
+
+
+def test_dense_compact_input_keeps_interpolation_before_pooling():
+    """Light perforation: the windows read more distinct entries than NNInterpolate + pooling costs."""
+    g = G()
+    a = g.conv("a", "x", 4, 6)
+    p = g.op("MaxPool", [a], "pool", kernel_shape=[3, 3], strides=[2, 2])
+    model = g.model([p])
+    compact, report = check_agreement(model, grid(model, ["a"], rate=0.2, kind="uniform"))
+    assert count(compact, "CompactPool") == 0 and count(compact, "NNInterpolate") == 1
+    assert "more than NNInterpolate + MaxPool cost" in report.layers[0].interpolated_for["pool"]
 
 
 def test_pooling_feeding_perforated_1x1_pools_only_its_positions():

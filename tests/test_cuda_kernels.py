@@ -641,3 +641,38 @@ def test_ort_cuda_provider_runs_compact_models():
     gpu = ort.InferenceSession(rewritten, gpu_options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     want, got = cpu.run(None, {"x": x})[0], gpu.run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, attrs", [
+    ("max", dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)),
+    ("average", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1)),
+])
+def test_ort_cuda_provider_runs_compact_pool(mode, attrs):
+    """CompactPool on the CUDA EP agrees with the CPU kernel, with and without Y_positions."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_perforate import ops
+
+    ort, onnx_perforate = _ort_cuda()
+    rng = np.random.default_rng(5)
+    mask = rng.random((15, 13)) < 0.4
+    mask[0, 0] = True
+    index = nearest_index(mask)
+    k = int(mask.sum())
+    for positions in (None, np.array([0, 3, 11, 20], np.int64)):
+        inputs = ["x", "x_index"] + (["y_positions"] if positions is not None else [])
+        inits = [numpy_helper.from_array(index, "x_index")]
+        if positions is not None:
+            inits.append(numpy_helper.from_array(positions, "y_positions"))
+        graph = helper.make_graph([ops.make_compact_pool_node(inputs, "y", "pool", mode=mode, **attrs)], "pool",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, k])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19), ops.opset_import()]).SerializeToString()
+        cpu = ort.InferenceSession(model, onnx_perforate.session_options(), providers=["CPUExecutionProvider"])
+        gpu_options = onnx_perforate.session_options(cuda=True)
+        gpu_options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        gpu = ort.InferenceSession(model, gpu_options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+        for batch in (1, 3):
+            x = rng.standard_normal((batch, 6, k)).astype(np.float32)
+            np.testing.assert_allclose(gpu.run(None, {"x": x})[0], cpu.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)

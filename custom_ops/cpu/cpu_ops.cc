@@ -94,58 +94,26 @@ struct NNInterpolateKernel : NNInterpolateKernelBase<NNInterpolateKernel> {
   }
 };
 
-struct CompactPoolKernel {
-  CompactPoolKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
-    KernelAttributes attrs(api, info);
-    node_ = attrs.NodeName();
-    attrs_ = ReadPoolAttributes(attrs);
-    const size_t inputs = Ort::ConstKernelInfo(info).GetInputCount();
-    constant_tables_ = ReadConstantInput(info, 1, [](const Ort::ConstValue& v) { return true; }) &&
-                       (inputs < 3 || ReadConstantInput(info, 2, [](const Ort::ConstValue& v) { return true; }));
-  }
-
-  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
-    return Guarded(api_, "CompactPool", node_, [&] { Compute(context); });
-  }
+struct CompactPoolKernel : CompactPoolKernelBase<CompactPoolKernel> {
+  using CompactPoolKernelBase::CompactPoolKernelBase;
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const size_t inputs = ctx.GetInputCount();
-    const auto x = ctx.GetInput(0), x_index = ctx.GetInput(1);
-    const Ort::ConstValue y_positions = inputs > 2 ? ctx.GetInput(2) : Ort::ConstValue{};
-    if (!x || !x_index) throw OpError("inputs X and X_index are required");
-    const auto x_shape = ShapeOf(x);
-    const auto table = Table(x_shape, x_index, y_positions);
-    const std::vector<int64_t> y_shape = y_positions ? std::vector<int64_t>{x_shape[0], x_shape[1], table->count}
-                                                     : std::vector<int64_t>{x_shape[0], x_shape[1], table->out_h, table->out_w};
-    auto y = ctx.GetOutput(0, y_shape);
-    CompactPoolCpu::Compute(attrs_.mode, *table, x_shape[0] * x_shape[1], x.GetTensorData<float>(),
+    const CompactPoolInputs in = GetCompactPoolInputs(ctx);
+    const auto table = Table(in);
+    auto y = ctx.GetOutput(0, CompactPoolOutputShape(*table, in));
+    CompactPoolCpu::Compute(attrs_.mode, *table, in.x_shape[0] * in.x_shape[1], in.x.GetTensorData<float>(),
                             y.GetTensorMutableData<float>(), MakeParallelRunner(ctx));
   }
 
   // Built once per compact input size when X_index and Y_positions are initializers; else per call.
-  std::shared_ptr<const PoolTable> Table(const std::vector<int64_t>& x_shape, const Ort::ConstValue& x_index,
-                                         const Ort::ConstValue& y_positions) {
-    auto build = [&] {
-      const InputIndex index = ReadInputIndex(x_index.GetTensorData<int64_t>(), ShapeOf(x_index), x_shape);
-      if (!y_positions) return std::make_shared<const PoolTable>(BuildPoolTable(attrs_, index, nullptr, 0));
-      const auto shape = ShapeOf(y_positions);
-      if (shape.size() != 1)
-        throw OpError("input Y_positions has shape " + ShapeToString(shape) + ", expected 1-D [K_out]");
-      return std::make_shared<const PoolTable>(
-          BuildPoolTable(attrs_, index, y_positions.GetTensorData<int64_t>(), shape[0]));
-    };
-    if (!constant_tables_) return build();
+  std::shared_ptr<const PoolTable> Table(const CompactPoolInputs& in) {
+    if (!constant_tables_) return ReadPoolTable(attrs_, in);
     std::lock_guard<std::mutex> lock(mutex_);
-    if (!table_ || x_shape.size() != 3 || table_->compact_size != x_shape[2]) table_ = build();
+    if (!table_ || in.x_shape.size() != 3 || table_->compact_size != in.x_shape[2]) table_ = ReadPoolTable(attrs_, in);
     return table_;
   }
 
-  const OrtApi& api_;
-  std::string node_;
-  PoolAttributes attrs_;
-  bool constant_tables_ = false;
-  std::mutex mutex_;
   std::shared_ptr<const PoolTable> table_;
 };
 

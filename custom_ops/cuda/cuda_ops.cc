@@ -18,6 +18,7 @@
 #include <mutex>
 
 #include "kernels.h"
+#include "pool_kernels.h"
 
 namespace onnx_perforate {
 
@@ -173,6 +174,54 @@ struct NNInterpolateKernel : NNInterpolateKernelBase<NNInterpolateKernel> {
   std::shared_ptr<const CudaIndexPlan> plan_;
 };
 
+// CompactPool's window table on the device (pool_geometry.h), for one compact input size.
+struct CudaPoolPlan {
+  std::shared_ptr<const PoolTable> table;
+  int device = -1;
+  DeviceBuffer begin, entries, weights;
+};
+
+struct CompactPoolKernel : CompactPoolKernelBase<CompactPoolKernel> {
+  using CompactPoolKernelBase::CompactPoolKernelBase;
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const CompactPoolInputs in = GetCompactPoolInputs(ctx);
+    const cudaStream_t stream = ComputeStream(ctx);
+    const auto plan = Plan(in, stream);
+    const PoolTable& t = *plan->table;
+    auto y = ctx.GetOutput(0, CompactPoolOutputShape(t, in));
+    const int64_t planes = in.x_shape[0] * in.x_shape[1];
+    if (planes == 0 || t.count == 0) return;
+    Check(onnx_perforate_cuda_compact_pool(in.x.GetTensorData<float>(), plan->begin.get<int32_t>(),
+                                           plan->entries.get<int32_t>(), plan->weights.get<float>(),
+                                           attrs_.mode == PoolMode::kMax ? ONNX_PERFORATE_POOL_MAX : ONNX_PERFORATE_POOL_AVERAGE,
+                                           planes, ToInt(t.compact_size, "K_in"), ToInt(t.count, "outputs"),
+                                           y.GetTensorMutableData<float>(), stream),
+          "CompactPool CUDA launch");
+  }
+
+  // Uploaded once per compact input size and device when X_index and Y_positions are initializers.
+  std::shared_ptr<const CudaPoolPlan> Plan(const CompactPoolInputs& in, cudaStream_t stream) {
+    const int device = CurrentDevice();
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (constant_tables_ && plan_ && plan_->device == device && in.x_shape.size() == 3 &&
+        plan_->table->compact_size == in.x_shape[2])
+      return plan_;
+    auto plan = std::make_shared<CudaPoolPlan>();
+    plan->table = ReadPoolTable(attrs_, in);
+    plan->device = device;
+    const PoolTable& t = *plan->table;
+    plan->begin.Upload(t.begin.data(), t.begin.size() * sizeof(int32_t), stream);
+    plan->entries.Upload(t.entries.data(), t.entries.size() * sizeof(int32_t), stream);
+    if (!t.weights.empty()) plan->weights.Upload(t.weights.data(), t.weights.size() * sizeof(float), stream);
+    plan_ = std::move(plan);
+    return plan_;
+  }
+
+  std::shared_ptr<const CudaPoolPlan> plan_;
+};
+
 // The data path stays on the GPU; the mask and the index are read in CPU memory to build the tables.
 struct PerforatedConvCudaOp : PerforatedConvOpBase<PerforatedConvCudaOp, PerforatedConvKernel, 5> {
   const char* GetExecutionProviderType() const { return kProvider; }
@@ -184,13 +233,20 @@ struct NNInterpolateCudaOp : NNInterpolateOpBase<NNInterpolateCudaOp, NNInterpol
   OrtMemType GetInputMemoryType(size_t i) const { return i == 1 ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
 };
 
+struct CompactPoolCudaOp : CompactPoolOpBase<CompactPoolCudaOp, CompactPoolKernel> {
+  const char* GetExecutionProviderType() const { return kProvider; }
+  OrtMemType GetInputMemoryType(size_t i) const { return i >= 1 ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
+};
+
 }  // namespace
 
 void AddCudaOps(Ort::CustomOpDomain& domain) {
   static PerforatedConvCudaOp perforated_conv;
   static NNInterpolateCudaOp nn_interpolate;
+  static CompactPoolCudaOp compact_pool;
   domain.Add(&perforated_conv);
   domain.Add(&nn_interpolate);
+  domain.Add(&compact_pool);
 }
 
 }  // namespace onnx_perforate

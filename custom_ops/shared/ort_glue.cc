@@ -187,6 +187,44 @@ PoolAttributes ReadPoolAttributes(const KernelAttributes& attrs) {
   return a;
 }
 
+CompactPoolInputs GetCompactPoolInputs(const Ort::KernelContext& ctx) {
+  const size_t inputs = ctx.GetInputCount();
+  if (inputs != 2 && inputs != 3) throw OpError("expected 2 or 3 inputs (X, X_index, Y_positions)");
+  CompactPoolInputs in;
+  in.x = ctx.GetInput(0), in.x_index = ctx.GetInput(1);
+  if (inputs == 3) in.y_positions = ctx.GetInput(2);
+  if (!in.x || !in.x_index) throw OpError("inputs X and X_index are required");
+  in.x_shape = ShapeOf(in.x);
+  return in;
+}
+
+bool CompactPoolTablesConstant(const OrtKernelInfo* info) {
+  const auto constant = [](const Ort::ConstValue&) { return true; };
+  return ReadConstantInput(info, 1, constant) &&
+         (Ort::ConstKernelInfo(info).GetInputCount() < 3 || ReadConstantInput(info, 2, constant));
+}
+
+std::shared_ptr<const PoolTable> ReadPoolTable(const PoolAttributes& attrs, const CompactPoolInputs& in) {
+  const InputIndex index = ReadInputIndex(in.x_index.GetTensorData<int64_t>(), ShapeOf(in.x_index), in.x_shape);
+  if (!in.y_positions) return std::make_shared<const PoolTable>(BuildPoolTable(attrs, index, nullptr, 0));
+  const auto shape = ShapeOf(in.y_positions);
+  if (shape.size() != 1) throw OpError("input Y_positions has shape " + ShapeToString(shape) + ", expected 1-D [K_out]");
+  return std::make_shared<const PoolTable>(
+      BuildPoolTable(attrs, index, in.y_positions.GetTensorData<int64_t>(), shape[0]));
+}
+
+std::vector<int64_t> CompactPoolOutputShape(const PoolTable& table, const CompactPoolInputs& in) {
+  if (in.y_positions) return {in.x_shape[0], in.x_shape[1], table.count};
+  return {in.x_shape[0], in.x_shape[1], table.out_h, table.out_w};
+}
+
+CompactPoolState::CompactPoolState(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
+  KernelAttributes attrs(api, info);
+  node_ = attrs.NodeName();
+  attrs_ = ReadPoolAttributes(attrs);
+  constant_tables_ = CompactPoolTablesConstant(info);
+}
+
 std::vector<int64_t> ShapeOf(const Ort::ConstValue& value) {
   return value.GetTensorTypeAndShapeInfo().GetShape();
 }

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -245,6 +246,42 @@ struct NNInterpolateOpBase : Ort::CustomOpBase<Op, Kernel, true> {
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+// CompactPool's inputs: X, X_index, Y_positions (empty when absent; X_index and Y_positions in CPU memory).
+struct CompactPoolInputs {
+  Ort::ConstValue x, x_index, y_positions;
+  std::vector<int64_t> x_shape;
+};
+CompactPoolInputs GetCompactPoolInputs(const Ort::KernelContext& ctx);
+
+// Whether X_index and Y_positions (when present) are initializers: the table is then built once per
+// compact input size.
+bool CompactPoolTablesConstant(const OrtKernelInfo* info);
+
+// The window table of one call, validated against X (pool_geometry.h).
+std::shared_ptr<const PoolTable> ReadPoolTable(const PoolAttributes& attrs, const CompactPoolInputs& in);
+
+// Y's shape: [N, C, Ho, Wo], or [N, C, K_out] with Y_positions.
+std::vector<int64_t> CompactPoolOutputShape(const PoolTable& table, const CompactPoolInputs& in);
+
+// What the CPU and CUDA kernels of CompactPool share: the node name, the attributes, whether the table
+// can be cached (X_index and Y_positions are initializers), and ORT's entry point (Kernel::Compute).
+struct CompactPoolState {
+  CompactPoolState(const OrtApi& api, const OrtKernelInfo* info);
+  const OrtApi& api_;
+  std::string node_;
+  PoolAttributes attrs_;
+  bool constant_tables_ = false;
+  std::mutex mutex_;
+};
+
+template <typename Kernel>
+struct CompactPoolKernelBase : CompactPoolState {
+  using CompactPoolState::CompactPoolState;
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return Guarded(api_, "CompactPool", node_, [&] { static_cast<Kernel*>(this)->Compute(context); });
+  }
 };
 
 // CompactPool(X, X_index, Y_positions?) -> Y (docs/ops.md).

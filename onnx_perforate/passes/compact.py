@@ -70,6 +70,12 @@ class CompactOptions:
     # A pooled output stays compact by window deduplication only when it has at most this fraction of
     # the grid's positions (above it, the saving does not pay for the interpolation it may need later).
     pooled_compact_fraction: float = 0.75
+    # Cost model of a full-output CompactPool, in units of one gathered float: CompactPool reads its
+    # windows' distinct entries (about one unit each); NNInterpolate + ORT's pooling gathers H*W floats
+    # and then reads every window element with SIMD (about 1/8 unit each). Measured on SqueezeNet's
+    # pool1 (docs/benchmarks.md): CompactPool 0.09 ms against 0.24 ms at grid r=0.75 (13530 entries
+    # per plane against a cost of 15724), 0.36 ms against 0.25 ms at grid r=0.5 (18150 against 15724).
+    pool_window_read_cost: float = 1 / 8
 
 
 class CompactPass:
@@ -409,6 +415,14 @@ class CompactPass:
         if dims is not None and tuple(dims[2:]) != out_hw:
             return Refusal(f"{op}'s output size {tuple(dims[2:])} is not the computed {out_hw}", node.name)
         positions, new_index, new_mask, how = self.pooled_positions(full, out_hw, windows)
+        if positions is None:
+            # A max window's key is its set of entries; an average window's is (divisor, entries, counts).
+            entries = sum(len(w) if pool_attrs["mode"] == "max" else len(w[1]) for w in windows)
+            window_reads = len(windows) * kernel[0] * kernel[1]
+            explicit = compact.index.values.size + self.options.pool_window_read_cost * window_reads
+            if entries > explicit:
+                return Refusal(f"{op}: CompactPool would read {entries} values per plane, more than NNInterpolate + "
+                               f"{op} cost ({explicit:.0f})", node.name)
         pool_inputs = [compact.tensor, compact.index]
         self.s.detach(node)
         if positions is None:
