@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+import struct
+import sys
 from pathlib import Path
 
 import onnxruntime as ort
+
+from .errors import InvalidLibraryError
+from .validation import integer
 
 log = logging.getLogger(__name__)
 
@@ -21,21 +27,85 @@ class LibraryNotFoundError(FileNotFoundError):
     """The compiled custom-op library is not installed (and ONNX_PERFORATE_LIBRARY is not set)."""
 
 
+# ELF e_machine of the CPUs Python reports in platform.machine().
+_ELF_MACHINES = {"x86_64": 62, "amd64": 62, "aarch64": 183, "arm64": 183, "ppc64le": 21, "s390x": 22, "riscv64": 243}
+# Byte offsets in the ELF header and program header, by class (1: 32-bit, 2: 64-bit).
+_ELF_LAYOUT = {
+    1: dict(word="I", header="<HHIIIIIHHHHHH", program="<IIIIIIII"),
+    2: dict(word="Q", header="<HHIQQQIHHHHHH", program="<IIQQQQQQ"),
+}
+
+
+def check_shared_library(path) -> None:
+    """Refuse ``path`` unless it is a complete ELF shared object for this machine: loading a truncated
+    copy (or another file) into the process kills it with SIGBUS or worse, so the header, the program
+    headers' file ranges and the section header table are checked against the file size first."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        ident = f.read(16)
+        if len(ident) < 16 or ident[:4] != b"\x7fELF":
+            raise InvalidLibraryError(f"{path} is not a shared library (no ELF header)")
+        elf_class, data = ident[4], ident[5]
+        if elf_class != (2 if sys.maxsize > 2**32 else 1) or data != (1 if sys.byteorder == "little" else 2):
+            raise InvalidLibraryError(f"{path} is a {32 if elf_class == 1 else 64}-bit "
+                                      f"{'little' if data == 1 else 'big'}-endian ELF file, not one for this machine")
+        layout = _ELF_LAYOUT[elf_class]
+        header = f.read(struct.calcsize(layout["header"]))
+        if len(header) < struct.calcsize(layout["header"]):
+            raise InvalidLibraryError(f"{path} is truncated (incomplete ELF header)")
+        (e_type, e_machine, _, _, e_phoff, e_shoff, _, _, e_phentsize, e_phnum, e_shentsize, e_shnum,
+         _) = struct.unpack(layout["header"], header)
+        if e_type != 3:  # ET_DYN
+            raise InvalidLibraryError(f"{path} is an ELF file but not a shared library (e_type {e_type})")
+        expected = _ELF_MACHINES.get(platform.machine().lower())
+        if expected is not None and e_machine != expected:
+            raise InvalidLibraryError(f"{path} is built for another CPU (ELF machine {e_machine}, this one is "
+                                      f"{platform.machine()}, machine {expected})")
+        if e_phoff + e_phnum * e_phentsize > size or (e_shoff and e_shoff + e_shnum * e_shentsize > size):
+            raise InvalidLibraryError(f"{path} is truncated: its ELF tables extend past the end of the file "
+                                      f"({size} bytes); reinstall or rebuild it")
+        for index in range(e_phnum):
+            f.seek(e_phoff + index * e_phentsize)
+            entry = struct.unpack(layout["program"], f.read(struct.calcsize(layout["program"])))
+            p_type, p_offset, p_filesz = (entry[0], entry[1], entry[4]) if elf_class == 1 else (entry[0], entry[2], entry[5])
+            if p_type == 1 and p_offset + p_filesz > size:  # PT_LOAD
+                raise InvalidLibraryError(f"{path} is truncated: a loadable segment ends at byte {p_offset + p_filesz}, "
+                                          f"past the end of the file ({size} bytes); reinstall or rebuild it")
+
+
 def _find(name: str, env: str) -> Path | None:
     override = os.environ.get(env)
     if override:
         path = Path(override)
         if not path.is_file():
             raise LibraryNotFoundError(f"{env}={override} does not name a file")
+        check_shared_library(path)
         return path
     path = Path(__file__).resolve().parent / "lib" / name
-    return path if path.is_file() else None
+    if not path.is_file():
+        return None
+    check_shared_library(path)
+    return path
+
+
+def _source_tree() -> Path | None:
+    """The source checkout this package is imported from, if it is one (it has no compiled library)."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "custom_ops").is_dir() else None
 
 
 def library_path() -> str:
     """Path of the CPU custom-op library (``ONNX_PERFORATE_LIBRARY`` overrides it)."""
     path = _find(_LIBRARY_NAME, "ONNX_PERFORATE_LIBRARY")
     if path is None:
+        tree = _source_tree()
+        if tree is not None:
+            raise LibraryNotFoundError(
+                f"onnx_perforate is imported from the source tree {tree} (the current directory or PYTHONPATH), "
+                f"which shadows the installed package and has no {_LIBRARY_NAME}; run from another directory, "
+                "or point ONNX_PERFORATE_LIBRARY at a built copy"
+            )
         raise LibraryNotFoundError(
             f"{_LIBRARY_NAME} is not installed next to the package; build it with `pip install .` "
             "or point ONNX_PERFORATE_LIBRARY at a built copy"
@@ -100,7 +170,7 @@ def session_options(
     options.graph_optimization_level = graph_optimization_level
     options.inter_op_num_threads = 1
     if intra_op_num_threads is not None:
-        options.intra_op_num_threads = int(intra_op_num_threads)
+        options.intra_op_num_threads = integer(intra_op_num_threads, "intra_op_num_threads")
     if allow_spinning is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     for key, value in settings.items():
@@ -109,5 +179,10 @@ def session_options(
     if cuda and path is None:
         raise LibraryNotFoundError(f"{_CUDA_LIBRARY_NAME} was not built (no nvcc at build time?)")
     _point_at_openblas()
-    options.register_custom_ops_library(path or library_path())
+    path = path or library_path()
+    try:
+        options.register_custom_ops_library(path)
+    except Exception as exc:  # a valid shared object that is not the custom-op library
+        raise InvalidLibraryError(f"ONNX Runtime cannot register {path} as the custom-op library: "
+                                  f"{' '.join(str(exc).split())}") from exc
     return options

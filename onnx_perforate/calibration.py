@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .data import Dataset, load_data
+from .data import Dataset, check_labels, load_data
 from .errors import DataError
 
 
@@ -73,12 +73,18 @@ def calibration_set(model: onnx.ModelProto, data, *, subset_size: int | None = N
 
     def add(x, y):
         nonlocal has_labels
-        x = np.asarray(x, dtype=np.float32)
+        try:
+            x = np.asarray(x, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"calibration input {name!r} is not numeric: {exc}") from exc
         inputs.append(x)
         if y is None:
             has_labels = False
         else:
-            labels.append(np.asarray(y).reshape(-1).astype(np.int64))
+            y = check_labels(y if np.ndim(y) else [y], "calibration labels")
+            if len(y) != len(x):
+                raise DataError(f"a calibration batch has {len(x)} inputs and {len(y)} labels")
+            labels.append(y)
 
     if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
         data = load_data(data, input_name=name, **load_options)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import validation
 from .errors import PerforateError
 
 log = logging.getLogger("onnx_perforate.cli")
@@ -46,8 +47,8 @@ def _parse_kernel(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected KxK (e.g. 3x3), got {text!r}") from None
     if len(parts) == 1:
         parts *= 2
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected KxK (e.g. 3x3), got {text!r}")
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected KxK with positive sizes (e.g. 3x3), got {text!r}")
     return parts[0], parts[1]
 
 
@@ -78,7 +79,7 @@ def select_layers(records, patterns=None, kernel=None) -> list:
 
 def cmd_perforate(args) -> int:
     from . import masks
-    from .graph import load_model, save_model, write_json
+    from .graph import load_model, save_model
     from .inspection import inspect
     from .rewrite import rewrite_with_report
 
@@ -95,7 +96,6 @@ def cmd_perforate(args) -> int:
     result, report = rewrite_with_report(model, chosen, **passes)
     for line in report.format().splitlines():
         log.info("%s", line)
-    save_model(result, args.output, external_data=True if args.external_data else None)
     summary = {
         "model": str(args.model),
         "output": str(args.output),
@@ -106,7 +106,8 @@ def cmd_perforate(args) -> int:
         **report.to_dict(),
     }
     summary_path = args.summary or Path(args.output).with_suffix(".json")
-    write_json(summary, summary_path)
+    save_model(result, args.output, external_data=True if args.external_data else None,
+               json_files={summary_path: summary})
     print(f"wrote {args.output} ({len(layers)} Conv perforated, conv MACs {report.mac_reduction:.2f}x fewer) "
           f"and {summary_path}")
     return 0
@@ -147,6 +148,14 @@ def cmd_bench(args) -> int:
     paths = [args.model] + ([args.perforated] if args.perforated else [])
     models = [load_model(p) for p in paths]
     name, x = _bench_input(models[0], args.batch)
+    if len(models) == 2:
+        other_name, other_dims = _input_of(models[1])
+        if other_name != name or not _shapes_agree(_input_of(models[0])[1], other_dims):
+            from .graph import format_shape
+
+            raise PerforateError(f"the models take different inputs: {paths[0]} takes {name!r} "
+                                 f"{format_shape(_input_of(models[0])[1])}, {paths[1]} takes {other_name!r} "
+                                 f"{format_shape(other_dims)}; bench compares a model with its perforated version")
     sessions = [
         ort.InferenceSession(m.SerializeToString(), session_options(args.threads, allow_spinning=False),
                              providers=["CPUExecutionProvider"])
@@ -260,8 +269,15 @@ def _load_dataset(args, model):
     return dataset
 
 
+def _shapes_agree(a, b) -> bool:
+    """Whether two input shapes (None: dynamic) can take the same tensors."""
+    return len(a) == len(b) and all(x is None or y is None or x == y for x, y in zip(a, b))
+
+
 def cmd_eval(args) -> int:
+    from .data import check_labels
     from .fallback import session
+    from .graph import format_shape
     from .graph import load_model
 
     model = load_model(args.model)
@@ -269,23 +285,30 @@ def cmd_eval(args) -> int:
     dataset = _load_dataset(args, model)
     batch = dims[0] if dims and dims[0] else args.batch  # a static batch size wins
     sessions = [session(model, args.threads)]
+    feed_names = [name]
     if args.compare:
         other = load_model(args.compare)
-        other_name = _input_of(other)[0]
+        other_name, other_dims = _input_of(other)
+        if not _shapes_agree(dims, other_dims):
+            raise PerforateError(f"--compare {args.compare}: its input {other_name!r} has shape "
+                                 f"{format_shape(other_dims)}, but {args.model}'s input {name!r} has shape "
+                                 f"{format_shape(dims)}; both models must take the same inputs")
         sessions.append(session(other, args.threads))
+        feed_names.append(other_name)
     predictions = [[] for _ in sessions]
     hits1 = [[] for _ in sessions]
     hits5 = [[] for _ in sessions]
     pending = _progress(dataset.batches(batch), "eval", args, total=-(-len(dataset) // batch))
     for x, labels in pending:
-        if dims[0] and len(x) < batch:  # pad the last batch of a static-batch model
-            x = np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
-        for i, sess in enumerate(sessions):
-            feed_name = name if i == 0 else other_name
+        count = len(x)  # the real rows: a static-batch model gets the last batch padded
+        if dims[0] and count < batch:
+            x = np.concatenate([x, np.repeat(x[-1:], batch - count, axis=0)])
+        for i, (sess, feed_name) in enumerate(zip(sessions, feed_names)):
             scores = sess.run(None, {feed_name: x})[0]
-            scores = scores.reshape(scores.shape[0], -1)[: len(labels) if labels is not None else None]
+            scores = scores.reshape(scores.shape[0], -1)[:count]
             predictions[i].append(scores.argmax(axis=1))
             if labels is not None:
+                check_labels(labels, f"the labels of {args.data}", classes=scores.shape[1])
                 hits1[i].append(_topk_hits(scores, labels, 1))
                 hits5[i].append(_topk_hits(scores, labels, min(5, scores.shape[1])))
     result = {"model": str(args.model), "data": str(args.data), "count": len(dataset)}
@@ -372,11 +395,37 @@ def _floats(text):
         raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
-def _rate(text):
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"the rate is the fraction of positions skipped, in [0, 1); got {value}")
-    return value
+def _option(check, **bounds):
+    """An argparse type from a check of onnx_perforate.validation: the same range, the same message."""
+    from .errors import SettingError
+
+    def parse(text):
+        try:
+            value = float(text) if check is not validation.integer else int(text, 10)
+        except ValueError:
+            value = text
+        try:
+            return check(value, "the value", **bounds)
+        except SettingError as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace("the value ", "", 1)) from None
+
+    return parse
+
+
+def _floats_option(check, **bounds):
+    def parse(text):
+        values = _floats(text)
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
+        return tuple(_option(check, **bounds)(v) for v in values)
+
+    return parse
+
+
+_rate = _option(validation.rate)
+_positive_int = _option(validation.integer, minimum=1)
+_nonnegative_int = _option(validation.integer, minimum=0)
+_positive_float = _option(validation.real, minimum=0.0, exclusive_minimum=True)
 
 
 def _add_data_arguments(p) -> None:
@@ -384,15 +433,15 @@ def _add_data_arguments(p) -> None:
                    help="image folder, or .npz (keys: the input name, images or x; labels or y) or .npy")
     p.add_argument("--labels", help="labels file for an image folder: lines `FILE CLASS_INDEX` "
                    "(default: DATA/labels.txt, else class subfolders)")
-    p.add_argument("--limit", type=int, help="use only the first N inputs")
+    p.add_argument("--limit", type=_positive_int, help="use only the first N inputs")
     g = p.add_argument_group("image preprocessing (image folders only)")
     g.add_argument("--preset", choices=["caffe", "torchvision", "raw"],
                    help="caffe: 256/224, BGR, mean 104,117,123; torchvision: 256/224, /255, ImageNet mean/std")
-    g.add_argument("--size", type=int, help="resize the shorter side to this")
-    g.add_argument("--crop", type=int, help="centre crop to this square size")
-    g.add_argument("--mean", type=_floats, help="per-channel mean, in the model's channel order, after --scale")
-    g.add_argument("--std", type=_floats, help="per-channel std, in the model's channel order")
-    g.add_argument("--scale", type=float, help="multiply pixel values (0..255) by this first, e.g. 0.00392157")
+    g.add_argument("--size", type=_positive_int, help="resize the shorter side to this")
+    g.add_argument("--crop", type=_positive_int, help="centre crop to this square size")
+    g.add_argument("--mean", type=_floats_option(validation.real), help="per-channel mean, in the model's channel order, after --scale")
+    g.add_argument("--std", type=_floats_option(validation.real, minimum=0.0, exclusive_minimum=True), help="per-channel std, in the model's channel order")
+    g.add_argument("--scale", type=_positive_float, help="multiply pixel values (0..255) by this first, e.g. 0.00392157")
     g.add_argument("--bgr", action="store_true", help="feed channels in BGR order")
     g.add_argument("--layout", choices=["auto", "NCHW", "NHWC"], default="auto",
                    help="input layout (default: from the model's input shape)")
@@ -439,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Conv names or glob patterns (default: every perforable Conv); see `inspect`")
     p.add_argument("--kernel", type=_parse_kernel, metavar="KxK",
                    help="only Conv nodes with this kernel size, e.g. 3x3")
-    p.add_argument("--seed", type=int, default=0, help="seed of uniform masks and pooling ties (default: 0)")
+    p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of uniform masks and pooling ties (default: 0)")
     p.add_argument("--summary", metavar="FILE", help="JSON summary path (default: OUTPUT with .json)")
     p.add_argument("--no-fuse", action="store_true", help="turn off all graph passes")
     p.add_argument("--no-fold-batchnorm", action="store_true", help="do not fold a following BatchNormalization")
@@ -461,10 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "median latency and the speed-up.")
     p.add_argument("model", help="the original ONNX model")
     p.add_argument("perforated", nargs="?", help="the perforated model (optional)")
-    p.add_argument("--threads", type=int, default=1, help="intra-op threads for both models (default: 1)")
-    p.add_argument("--batch", type=int, default=1, help="batch size for dynamic-batch inputs (default: 1)")
-    p.add_argument("--repeats", type=int, default=50, help="timed runs per model (default: 50)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default: 5)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads for both models (default: 1)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size for dynamic-batch inputs (default: 1)")
+    p.add_argument("--repeats", type=_positive_int, default=50, help="timed runs per model (default: 50)")
+    p.add_argument("--warmup", type=_nonnegative_int, default=5, help="untimed runs per model first (default: 5)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure each model's peak memory while running, in a subprocess (default: on)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -479,8 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="ONNX model file")
     _add_data_arguments(p)
     p.add_argument("--compare", metavar="MODEL", help="another model (e.g. the original) to measure agreement with")
-    p.add_argument("--batch", type=int, default=32, help="batch size for dynamic-batch inputs (default: 32)")
-    p.add_argument("--threads", type=int, help="intra-op threads")
+    p.add_argument("--batch", type=_positive_int, default=32, help="batch size for dynamic-batch inputs (default: 32)")
+    p.add_argument("--threads", type=_positive_int, help="intra-op threads")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -493,13 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="ONNX model file")
     _add_data_arguments(p)
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--target-speedup", type=float, help="stop once the network is this much faster in ORT")
-    p.add_argument("--max-accuracy-drop", type=float,
+    p.add_argument("--target-speedup", type=_option(validation.real, minimum=1.0, exclusive_minimum=True), help="stop once the network is this much faster in ORT")
+    p.add_argument("--max-accuracy-drop", type=_option(validation.real, minimum=0.0, maximum=1.0),
                    help="stop before top-1 (agreement with the original without labels) drops more than this")
-    p.add_argument("--subset-size", type=int, default=256,
+    p.add_argument("--subset-size", type=_positive_int, default=256,
                    help="calibration images, evenly spaced; the rest are held out for the final evaluation "
                    "(default: 256)")
-    p.add_argument("--ladder", type=_floats, default=(0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8),
+    p.add_argument("--ladder", type=_floats_option(validation.rate), default=(0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8),
                    help="rates each layer climbs through (default: 0,0.2,0.35,0.5,0.6,0.7,0.8)")
     p.add_argument("--mask-kind", choices=["impact", "uniform", "grid"], default="impact")
     p.add_argument("--layers", nargs="+", help="tune only these Conv nodes (default: every spatial Conv)")
@@ -507,9 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tie", choices=["none", "regions"], default="none",
                    help="regions: Convs that can run compact end to end (e.g. a SqueezeNet Fire module, "
                    "1x1 convs included) share one mask and climb one ladder (default: none)")
-    p.add_argument("--threads", type=int, help="intra-op threads for timing")
-    p.add_argument("--batch", type=int, default=1, help="batch size latency is measured at (default: 1)")
-    p.add_argument("--repeats", type=int, default=15, help="timed runs per candidate (median)")
+    p.add_argument("--threads", type=_positive_int, help="intra-op threads for timing")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size latency is measured at (default: 1)")
+    p.add_argument("--repeats", type=_positive_int, default=15, help="timed runs per candidate (median)")
     p.add_argument("--checkpoint", help="JSON file written after every step; resumes from it if it exists")
     p.set_defaults(func=cmd_tune)
 
@@ -551,11 +600,21 @@ def main(argv=None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
         return args.func(args)
-    except (PerforateError, FileNotFoundError, OSError) as exc:
-        print(f"onnx-perforate {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # every failure is one line on stderr; --log-level DEBUG adds the traceback
+        log.debug("traceback:", exc_info=True)
+        print(f"onnx-perforate {args.command}: error: {error_message(exc)}", file=sys.stderr)
+        return 1
+
+
+def error_message(exc: BaseException) -> str:
+    """One line saying what went wrong: the package's errors and OS errors speak for themselves, anything
+    else is named by its type (it is a bug or an unforeseen input: the traceback is under DEBUG)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (PerforateError, OSError)):
+        return text
+    return f"unexpected {type(exc).__name__}: {text} (run with --log-level DEBUG for the traceback)"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
+from . import validation
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,12 @@ class PreprocessSpec:
             raise DataError(f"layout must be NCHW or NHWC, got {self.layout!r}")
         if self.channels not in (1, 3):
             raise DataError(f"channels must be 1 or 3, got {self.channels}")
+        self.size = validation.optional_integer(self.size, "size")
+        self.crop = validation.optional_integer(self.crop, "crop")
+        self.scale = validation.real(self.scale, "scale", minimum=0.0, exclusive_minimum=True)
         for name in ("mean", "std"):
-            values = tuple(float(v) for v in np.atleast_1d(getattr(self, name)))
+            bounds = dict(minimum=0.0, exclusive_minimum=True) if name == "std" else {}
+            values = tuple(validation.real(v, f"a {name} value", **bounds) for v in np.atleast_1d(getattr(self, name)))
             if len(values) not in (1, self.channels):
                 raise DataError(f"{name} has {len(values)} values, expected 1 or {self.channels}")
             setattr(self, name, values)
@@ -103,6 +108,29 @@ class Dataset:
             yield self.load(start, stop), labels
 
 
+def check_labels(labels, source: str = "labels", *, classes: int | None = None) -> np.ndarray:
+    """``labels`` as int64 [N] if they are a 1-D array of integer class indices in [0, classes);
+    anything else (one-hot rows, floats, strings, negative values, indices past the model's classes)
+    is refused, since it would silently give a wrong accuracy."""
+    array = np.asarray(labels)
+    if array.dtype.kind not in "iu":
+        raise DataError(f"{source}: labels must be integer class indices, got {array.dtype} values"
+                        + (" (cast them to integers)" if array.dtype.kind == "f" else ""))
+    if array.ndim != 1:
+        hint = (f" (one-hot rows? pass their argmax: {source}.argmax(axis=1))"
+                if array.ndim == 2 and array.shape[1] > 1 else "")
+        raise DataError(f"{source}: labels must be a 1-D array of class indices, got shape {list(array.shape)}{hint}")
+    if array.size and array.min() < 0:
+        position = int(array.argmin())
+        raise DataError(f"{source}: label {int(array[position])} at position {position} is negative; "
+                        "class indices start at 0")
+    if classes is not None and array.size and array.max() >= classes:
+        position = int(array.argmax())
+        raise DataError(f"{source}: label {int(array[position])} at position {position} is not a class of the "
+                        f"model, which has {classes} outputs (expected 0 <= label < {classes})")
+    return array.astype(np.int64)
+
+
 def read_labels(path) -> dict[str, int]:
     """A labels file: lines ``FILE CLASS_INDEX`` (blank lines and ``#`` comments ignored)."""
     labels = {}
@@ -122,6 +150,7 @@ def load_folder(folder, spec: PreprocessSpec, *, labels=None, limit: int | None 
     """Images under ``folder`` in sorted order. Labels come from ``labels`` (a ``FILE CLASS_INDEX``
     file; the default is ``folder/labels.txt`` when present) or, failing that, from class
     subfolders (sorted subfolder names are the class indices)."""
+    limit = validation.optional_integer(limit, "limit")
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder")
@@ -158,7 +187,7 @@ def load_folder(folder, spec: PreprocessSpec, *, labels=None, limit: int | None 
                 raise DataError(f"cannot read image {path}: {exc}") from exc
         return np.stack(batch)
 
-    labels_array = None if values is None else np.asarray(values, dtype=np.int64)
+    labels_array = None if values is None else check_labels(np.asarray(values, dtype=np.int64), str(label_file))
     return Dataset(len(files), load, labels_array, [str(p) for p in files], f"{len(files)} images from {folder}")
 
 
@@ -171,23 +200,34 @@ def load_arrays(path, *, input_name: str | None = None, input_shape=None, limit:
     ``labels``/``y``). Values are used as stored (cast to float32). When ``input_shape`` (the model's,
     with None/str for dynamic dims) is given and the arrays are NHWC where the model wants NCHW (or
     the reverse), they are transposed; a 3-D array for a 1-channel model gets its channel axis."""
+    limit = validation.optional_integer(limit, "limit")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     labels = None
     if path.suffix == ".npy":
-        x = np.load(path, mmap_mode="r")
+        try:
+            x = np.load(path, mmap_mode="r")
+        except Exception as exc:
+            raise DataError(f"cannot read {path} as a .npy array of numbers: {exc}") from exc
     elif path.suffix == ".npz":
-        with np.load(path) as archive:
-            keys = [k for k in ((input_name,) if input_name else ()) + _INPUT_KEYS if k in archive.files]
-            if not keys:
-                raise DataError(f"{path} has no input array: keys {archive.files}, expected one of "
-                                f"{[input_name] if input_name else []}{list(_INPUT_KEYS)}")
-            x = archive[keys[0]]
-            label_key = next((k for k in _LABEL_KEYS if k in archive.files), None)
-            labels = archive[label_key].astype(np.int64).reshape(-1) if label_key else None
+        try:
+            with np.load(path) as archive:
+                keys = [k for k in ((input_name,) if input_name else ()) + _INPUT_KEYS if k in archive.files]
+                if not keys:
+                    raise DataError(f"{path} has no input array: keys {archive.files}, expected one of "
+                                    f"{[input_name] if input_name else []}{list(_INPUT_KEYS)}")
+                x = archive[keys[0]]
+                label_key = next((k for k in _LABEL_KEYS if k in archive.files), None)
+                labels = check_labels(archive[label_key], f"{path}[{label_key!r}]") if label_key else None
+        except DataError:
+            raise
+        except Exception as exc:  # not a zip, a truncated member, pickled objects...
+            raise DataError(f"cannot read {path} as a .npz archive of numeric arrays: {exc}") from exc
     else:
         raise DataError(f"{path}: expected a .npz or .npy file (or an image folder)")
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{path}: the input array holds {x.dtype} values, expected numbers")
     if limit:
         x = x[:limit]
         labels = labels[:limit] if labels is not None else None

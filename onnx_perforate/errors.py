@@ -37,3 +37,11 @@ class DynamicShapeError(PerforateError):
 
 class DataError(PerforateError):
     """Input data (image folder, .npz/.npy, labels file) cannot be read or does not fit the model."""
+
+
+class SettingError(PerforateError):
+    """A numeric setting lies outside its valid range (the message names the setting and the range)."""
+
+
+class InvalidLibraryError(PerforateError):
+    """A file named as the custom-op library is not a complete shared library for this machine, or not ours."""

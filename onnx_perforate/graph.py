@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,18 +33,73 @@ _LIGHT_LIMIT = 1 << 20
 
 
 def load_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    """A private copy of ``model`` (a ModelProto or a path; external data is loaded)."""
+    """A private copy of ``model`` (a ModelProto, or a path whose file must hold a model that passes
+    the ONNX checker; external data is loaded)."""
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         return copy
+    if not isinstance(model, (str, os.PathLike)):
+        raise PerforateError(f"expected an onnx.ModelProto or a path to an ONNX file, got {type(model).__name__}")
     path = Path(model)
-    if not path.is_file():
+    if path.is_dir():
+        raise PerforateError(f"{str(path)!r} is a directory, expected an ONNX model file")
+    if not path.exists():
         raise PerforateError(f"model file {str(path)!r} does not exist")
+    if path.is_file() and path.stat().st_size == 0:
+        raise PerforateError(f"model file {str(path)!r} is empty")
     try:
-        return onnx.load(str(path), load_external_data=True)
+        loaded = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf/onnx raise various types for a corrupt file
         raise PerforateError(f"cannot read ONNX model {str(path)!r}: {exc}") from exc
+    missing = sorted({entry.value for t in _external_tensors(loaded) for entry in t.external_data
+                      if entry.key == "location" and not (path.parent / entry.value).is_file()})
+    if missing:
+        raise PerforateError(f"ONNX model {str(path)!r} keeps its weights in external data file(s) {missing}, "
+                             f"which are not beside it in {str(path.parent)!r}")
+    check_model(loaded, f"model file {str(path)!r}")
+    try:
+        onnx.load_external_data_for_model(loaded, str(path.parent))
+    except Exception as exc:
+        raise PerforateError(f"cannot read the external data of ONNX model {str(path)!r}: {exc}") from exc
+    return loaded
+
+
+def _external_tensors(model: onnx.ModelProto):
+    return [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def check_model(model: onnx.ModelProto, source: str = "the input model") -> None:
+    """Raise a package error when ``model`` fails the ONNX checker (a corrupt or truncated file, an
+    empty one, or a model that was never valid), before anything else trips over it."""
+    light = light_copy(model)
+    # The checker wants a shape on every declared tensor type; ONNX Runtime runs models without them.
+    for value in list(light.graph.input) + list(light.graph.output) + list(light.graph.value_info):
+        if value.type.HasField("tensor_type") and not value.type.tensor_type.HasField("shape"):
+            value.type.tensor_type.shape.SetInParent()
+    try:
+        onnx.checker.check_model(light)
+    except Exception as exc:
+        raise PerforateError(f"{source} is not a valid ONNX model (the ONNX checker says: {exc})") from exc
+    broken = _first_non_utf8_name(model)
+    if broken:
+        raise PerforateError(f"{source} is not a valid ONNX model: {broken} is not UTF-8 text (a corrupt file?)")
+
+
+def _first_non_utf8_name(model: onnx.ModelProto) -> str | None:
+    """Where the model holds a name that is not UTF-8 (protobuf hands such strings over as bytes)."""
+    graph = model.graph
+    for index, node in enumerate(graph.node):
+        for field in ("name", "op_type", "domain"):
+            if isinstance(getattr(node, field), bytes):
+                return f"the {field} of node {index} ({getattr(node, field)!r})"
+        for name in list(node.input) + list(node.output):
+            if isinstance(name, bytes):
+                return f"tensor name {name!r} of node {index}"
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info) + list(graph.initializer):
+        if isinstance(value.name, bytes):
+            return f"tensor name {value.name!r}"
+    return None
 
 
 def model_size(model: onnx.ModelProto) -> int:
@@ -51,37 +108,83 @@ def model_size(model: onnx.ModelProto) -> int:
     return size + sum(n.ByteSize() for n in model.graph.node)
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> None:
+def output_path(path: str | os.PathLike) -> Path:
+    """Where writing ``path`` lands: a symbolic link is followed (the file it points to is replaced, as
+    coreutils do); anything existing there that is not a regular file (a device, a FIFO, a socket, a
+    directory) is refused, so that an output never replaces it."""
+    path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        mode = path.stat().st_mode
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise PerforateError(f"refusing to write {str(path)!r}: it is {kind}, and outputs only ever replace regular files")
+    return path
+
+
+def _new_file_mode(final: Path) -> int:
+    """The mode a new file gets from open(2) and the umask, or the mode of the file it replaces."""
+    try:
+        return stat.S_IMODE(final.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextmanager
+def atomic_outputs(*paths: str | os.PathLike):
+    """Write several files all or none: yields temporary paths beside ``paths`` (see :func:`output_path`);
+    when the block succeeds they are renamed over the final ones, with the mode a plain ``open`` would
+    give them; when it fails they are removed and the final paths are untouched."""
+    finals = [output_path(p) for p in paths]
+    if len(set(finals)) != len(finals):
+        raise PerforateError(f"two outputs are the same file: {[str(p) for p in paths]}")
+    temporaries: list[Path] = []
+    try:
+        for final in finals:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+            os.close(fd)
+            temporaries.append(Path(name))
+        yield temporaries
+        for temporary, final in zip(temporaries, finals):
+            os.chmod(temporary, _new_file_mode(final))
+        for temporary, final in zip(temporaries, finals):
+            os.replace(temporary, final)
+    finally:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None,
+               json_files: dict | None = None) -> None:
     """Write ``model`` to ``path`` through a temporary file and a rename, so a failure never leaves a
     half-written file. ``external_data=None`` stores weights externally (``<name>.data`` beside the
-    model) only when the model would exceed protobuf's 2 GB limit."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    model) only when the model would exceed protobuf's 2 GB limit. ``json_files`` ({path: data}) are
+    written with it, all or none."""
     if external_data is None:
         external_data = model_size(model) >= _TWO_GB - (64 << 20)
-    tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    tmp.close()
-    data_name = f"{path.name}.data"
-    tmp_data = path.parent / f".{data_name}.tmp"
-    try:
+    json_files = dict(json_files or {})
+    final = output_path(path)
+    outputs = [final] + ([final.parent / f"{final.name}.data"] if external_data else []) + list(json_files)
+    with atomic_outputs(*outputs) as temporaries:
+        model_tmp = temporaries[0]
         if external_data:
             # onnx writes external data next to the model under the given relative name: write it
-            # under a temporary name and point the model at the final one before renaming both.
+            # under the temporary name and point the model at the final one before the renames.
+            data_tmp = temporaries[1]
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
             onnx.external_data_helper.convert_model_to_external_data(
-                copy, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024
+                copy, all_tensors_to_one_file=True, location=data_tmp.name, size_threshold=1024
             )
-            onnx.save_model(copy, tmp.name)
-            _relocate_external_data(tmp.name, tmp_data.name, data_name)
-            os.replace(tmp_data, path.parent / data_name)
+            onnx.save_model(copy, str(model_tmp))
+            _relocate_external_data(str(model_tmp), data_tmp.name, outputs[1].name)
         else:
-            onnx.save_model(model, tmp.name)
-        os.replace(tmp.name, path)
-    except BaseException:
-        for leftover in (Path(tmp.name), tmp_data):
-            leftover.unlink(missing_ok=True)
-        raise
+            onnx.save_model(model, str(model_tmp))
+        for temporary, data in zip(temporaries[len(outputs) - len(json_files):], json_files.values()):
+            _dump_json(data, temporary)
 
 
 def _relocate_external_data(model_path: str, old: str, new: str) -> None:
@@ -93,21 +196,18 @@ def _relocate_external_data(model_path: str, old: str, new: str) -> None:
     onnx.save_model(model, model_path)
 
 
-def write_json(data, path: str | os.PathLike) -> None:
-    """Write JSON through a temporary file and a rename."""
+def _dump_json(data, path: Path) -> None:
     import json
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def write_json(data, path: str | os.PathLike) -> None:
+    """Write JSON through a temporary file and a rename (see :func:`atomic_outputs`)."""
+    with atomic_outputs(path) as (temporary,):
+        _dump_json(data, temporary)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ class Mask:
     details: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        array = np.asarray(self.array).astype(bool)
+        array = _as_bool_array(self.array)
         if array.ndim != 2:
             raise MaskError(f"a mask must be 2-D [Ho, Wo], got shape {array.shape}")
         array.setflags(write=False)
@@ -71,6 +71,20 @@ class Mask:
     def __repr__(self) -> str:
         rate = "" if self.rate is None else f", rate={self.rate:g}"
         return f"Mask({self.kind}, shape={self.shape}{rate}, achieved_rate={self.achieved_rate:.4f})"
+
+
+def _as_bool_array(value) -> np.ndarray:
+    """Booleans, or numbers that are all 0 or 1; anything else (NaN, 0.5, strings, objects) would
+    silently become True, so it is refused."""
+    array = np.asarray(value)
+    if array.dtype == bool:
+        return array
+    if array.dtype.kind not in "iuf":
+        raise MaskError(f"a mask must hold booleans (or 0/1 numbers), got {array.dtype} values")
+    if not np.isin(array, (0, 1)).all():
+        bad = array[~np.isin(array, (0, 1))].ravel()[0]
+        raise MaskError(f"a mask must hold booleans (or 0/1 numbers), got the value {bad!r}")
+    return array.astype(bool)
 
 
 def as_mask(value) -> Mask:

@@ -342,7 +342,50 @@ class CompactPool(OpRun):
 
 POOL_ATTRIBUTES = ("mode", "kernel_shape", "strides", "pads", "dilations", "ceil_mode", "count_include_pad")
 
-REFERENCE_OPS = [PerforatedConv, NNInterpolate, CompactPool, BatchNormalization]
+
+class _CoercedTo2D(OpRun):
+    """Softmax, LogSoftmax and Hardmax with the semantics of their opset (1-11 coerce the input to 2-D
+    at ``axis``, default 1, and normalise over everything after it; 13 normalises along ``axis``,
+    default -1). onnx.reference (1.23) always applies opset 13's, which gives wrong answers on older
+    models, e.g. SqueezeNet 1.1's opset-7 softmax over [1, 1000, 1, 1]."""
+
+    op_domain = ""
+
+    def _run(self, x, **attributes):
+        opset = self.run_params.get("opsets", {}).get("", 13)
+        # The node's own attribute: OpRun fills in the default of the latest schema (-1).
+        axis = next((a.i for a in self.onnx_node.attribute if a.name == "axis"), None)
+        if opset >= 13:
+            return (self._normalise(x, -1 if axis is None else axis).astype(x.dtype),)
+        axis = 1 if axis is None else axis
+        axis = axis + x.ndim if axis < 0 else axis
+        flat = x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)
+        return (self._normalise(flat, 1).reshape(x.shape).astype(x.dtype),)
+
+
+class Softmax(_CoercedTo2D):
+    @staticmethod
+    def _normalise(x, axis):
+        e = np.exp(x - x.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+
+
+class LogSoftmax(_CoercedTo2D):
+    @staticmethod
+    def _normalise(x, axis):
+        shifted = x - x.max(axis=axis, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+class Hardmax(_CoercedTo2D):
+    @staticmethod
+    def _normalise(x, axis):
+        hot = np.zeros_like(x)
+        np.put_along_axis(hot, np.expand_dims(x.argmax(axis=axis), axis), 1, axis=axis)
+        return hot
+
+
+REFERENCE_OPS = [PerforatedConv, NNInterpolate, CompactPool, BatchNormalization, Softmax, LogSoftmax, Hardmax]
 
 
 def reference_evaluator(model, **kwargs):

@@ -22,6 +22,7 @@ from .errors import EmptyMaskError, MaskShapeError, PerforateError, UnknownNodeE
 from .graph import (
     QUANTIZED_CONVS,
     ConvGeometry,
+    check_model,
     conv_geometry,
     default_opset,
     find_node,
@@ -186,6 +187,7 @@ def rewrite_with_report(model, masks: dict, options: RewriteOptions | None = Non
     """Like :func:`rewrite`, and also returns a :class:`RewriteReport`."""
     options = RewriteOptions.resolve(options, flags)
     original = load_model(model)
+    check_model(original)  # so that only the rewriter's own faults are reported as internal errors
     shapes = infer_shapes(original)
     plan = _plan(original, shapes, masks)
     report = RewriteReport(total_conv_macs=_total_conv_macs(original, shapes))

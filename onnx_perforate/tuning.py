@@ -14,6 +14,7 @@ calibration set, its time t0, and the impact maps (refreshed on the current perf
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -28,10 +29,12 @@ import onnx
 import onnxruntime as ort
 
 from . import masks as mask_kinds
+from . import validation
 from ._library import session_options
 from .calibration import CalibrationSet, calibration_set
+from .data import check_labels
 from .errors import PerforateError
-from .graph import consumers, load_model, node_key, save_model, write_json
+from .graph import atomic_outputs, consumers, load_model, node_key, save_model, write_json
 from .impact import ImpactEstimator, spatial_convs, top_positions
 from .inspection import inspect
 from .masks import Mask, computed_count
@@ -117,8 +120,7 @@ class TuneResult:
         out.mkdir(parents=True, exist_ok=True)
         paths = {"model": out / "model.onnx", "report": out / "report.json",
                  "plot": out / "tradeoff.png", "masks": out / "masks.png"}
-        save_model(self.model, paths["model"])
-        write_json(self.to_dict(), paths["report"])
+        save_model(self.model, paths["model"], json_files={paths["report"]: self.to_dict()})
         plot_tradeoff(self.steps, paths["plot"])
         plot_masks(self.masks, paths["masks"])
         return {k: str(v) for k, v in paths.items()}
@@ -154,17 +156,18 @@ class NetworkMeter:
         self.threads = threads
         self.repeats = repeats
         fixed = _fixed_batch(original, calibration.input_name)
-        self.batch_size = fixed or batch_size
+        self.batch_size = fixed or max(1, min(batch_size, len(calibration)))
         self.timing_batch = fixed or timing_batch
         usable = len(calibration) - len(calibration) % self.batch_size
         if usable == 0:
-            raise PerforateError(f"the model's fixed batch {self.batch_size} exceeds the {len(calibration)} "
-                                 "calibration images")
+            raise PerforateError(f"the model's fixed batch {fixed} exceeds the {len(calibration)} calibration images")
         self.calibration = calibration.subset(0, usable)
         shape = (self.timing_batch,) + calibration.inputs.shape[1:]
         self.timing_input = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         self.reference = self._probabilities(original)
         self.reference_top1 = self.reference.argmax(axis=1)
+        if self.calibration.labels is not None:
+            check_labels(self.calibration.labels, "calibration labels", classes=self.reference.shape[1])
 
     def session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         options = session_options(self.threads, allow_spinning=False)
@@ -308,9 +311,25 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     exists, the tuner resumes from it. Ctrl-C stops the search and returns what was found so far.
     """
     started = time.perf_counter()
+    if target_speedup is not None:
+        target_speedup = validation.real(target_speedup, "target_speedup", minimum=1.0, exclusive_minimum=True)
+    if max_accuracy_drop is not None:
+        max_accuracy_drop = validation.real(max_accuracy_drop, "max_accuracy_drop", minimum=0.0, maximum=1.0)
+    if isinstance(ladder, (str, bytes)) or not np.iterable(ladder) or not len(ladder):
+        raise validation.SettingError(f"ladder must be a non-empty sequence of rates in [0, 1), got {ladder!r}")
+    ladder = tuple(sorted({validation.rate(r, "a ladder rate") for r in ladder} | {0.0}))
+    subset_size = validation.optional_integer(subset_size, "subset_size")
+    batch_size = validation.integer(batch_size, "batch_size")
+    threads = validation.optional_integer(threads, "threads")
+    repeats = validation.integer(repeats, "repeats")
+    timing_batch = validation.integer(timing_batch, "timing_batch")
+    refresh_every = validation.integer(refresh_every, "refresh_every")
+    if mask_kind not in MASK_KINDS:
+        raise validation.SettingError(f"mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
+    if tie not in ("none", "regions"):
+        raise validation.SettingError(f"tie must be 'none' or 'regions', got {tie!r}")
     original = load_model(model)
     calibration, holdout = calibration_set(original, data).split(subset_size)
-    ladder = tuple(sorted(set(float(r) for r in ladder) | {0.0}))
     convs = spatial_convs(original)
     if include_1x1 or tie == "regions":
         convs = {r.name: _output_of(original, r.name) for r in inspect(original) if r.perforable}
@@ -321,8 +340,6 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
         convs = {k: v for k, v in convs.items() if k in layers}
     if not convs:
         raise PerforateError("the model has no perforable Conv with a spatial kernel")
-    if tie not in ("none", "regions"):
-        raise ValueError(f"tie must be 'none' or 'regions', got {tie!r}")
     units = compact_regions(original, convs) if tie == "regions" else {name: [name] for name in convs}
 
     meter = NetworkMeter(original, calibration, threads=threads, batch_size=batch_size, repeats=repeats,
@@ -342,8 +359,12 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                     repeats=repeats, refresh_every=refresh_every, layers=sorted(convs), tie=tie,
                     units={u: m for u, m in units.items() if len(m) > 1},
                     loss="nll" if calibration.labels is not None else "kl")
+    # What a checkpoint must match to be resumed: the same search on the same model and data.
+    identity = dict(ladder=list(ladder), mask_kind=mask_kind, layers=units, tie=tie, subset_size=subset_size,
+                    threads=threads, timing_batch=meter.timing_batch, refresh_every=refresh_every,
+                    model=_model_fingerprint(original), data=_data_fingerprint(calibration))
     if checkpoint and Path(checkpoint).exists():
-        rungs, current, steps = _resume(checkpoint, ladder, units, steps)
+        rungs, current, steps = _resume(checkpoint, identity, ladder_masks.shapes)
         # Only the latest masks are in the checkpoint: earlier points of the curve cannot be rebuilt.
         step_masks = [{}] + [None] * (len(steps) - 2) + [
             {k: v for k, v in ladder_masks.expand(current).items() if not v.all()}]
@@ -398,7 +419,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 bar.update(1)
                 bar.set_postfix(speedup=f"{steps[-1].speedup:.2f}x", loss=f"{measured['loss']:.3f}")
             if checkpoint:
-                _save_checkpoint(checkpoint, rungs, current, steps)
+                _save_checkpoint(checkpoint, identity, rungs, current, steps)
     except KeyboardInterrupt:
         stopped = "interrupted; the result holds the steps found so far"
     finally:
@@ -456,8 +477,26 @@ def _progress(enabled, target, total):
     return tqdm(desc="tune" + (f" to {target:g}x" if target else ""), unit="step", total=total, leave=True)
 
 
-def _save_checkpoint(path, rungs, current, steps) -> None:
+def _model_fingerprint(model: onnx.ModelProto) -> str:
+    """SHA-256 of the graph and its weights (piecewise: a model over 2 GB cannot be serialized whole)."""
+    digest = hashlib.sha256()
+    for part in list(model.graph.node) + list(model.graph.input) + list(model.graph.output):
+        digest.update(part.SerializeToString())
+    for tensor in model.graph.initializer:
+        digest.update(tensor.name.encode())
+        digest.update(tensor.raw_data if tensor.raw_data else tensor.SerializeToString())
+    return digest.hexdigest()
+
+
+def _data_fingerprint(calibration: CalibrationSet) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(calibration.inputs).tobytes())
+    digest.update(b"labels" if calibration.labels is None else calibration.labels.tobytes())
+    return digest.hexdigest()
+
+
+def _save_checkpoint(path, identity, rungs, current, steps) -> None:
     state = {
+        "identity": identity,
         "rungs": rungs,
         "masks": {k: np.packbits(v.ravel()).tolist() for k, v in current.items()},
         "shapes": {k: list(v.shape) for k, v in current.items()},
@@ -466,16 +505,37 @@ def _save_checkpoint(path, rungs, current, steps) -> None:
     write_json(state, path)
 
 
-def _resume(path, ladder, units, steps):
-    state = json.loads(Path(path).read_text())
-    if set(state["rungs"]) != set(units):
-        raise PerforateError(f"checkpoint {path} is for layers {sorted(state['rungs'])}, not {sorted(units)}")
+_IDENTITY_NAMES = {"model": "the model", "data": "the calibration data (or its subset)", "layers": "the tuned layers"}
+
+
+def _resume(path, identity: dict, shapes: Mapping[str, tuple]):
+    """The state of checkpoint ``path``, if it was written by the same search (``identity``: settings
+    and fingerprints of model and data); otherwise an error naming what changed."""
+    try:
+        state = json.loads(Path(path).read_text())
+        saved, rungs, packed_masks = state["identity"], dict(state["rungs"]), state["masks"]
+        saved_steps = [TuneStep(**s) for s in state["steps"]]
+        saved_shapes = {k: tuple(v) for k, v in state["shapes"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise PerforateError(f"checkpoint {path} is not a complete tuner checkpoint ({type(exc).__name__}: {exc}); "
+                             "delete it to start over") from exc
+    expected = json.loads(json.dumps(identity))  # the JSON form, as it was saved
+    changed = [key for key in expected if saved.get(key) != expected[key]]
+    if changed:
+        described = ", ".join(f"{_IDENTITY_NAMES.get(k, k)} ({saved.get(k)!r} -> {expected[k]!r})"
+                              if k not in ("model", "data") else _IDENTITY_NAMES[k] for k in changed)
+        raise PerforateError(f"checkpoint {path} was written by a different search: changed {described}; "
+                             "resume with the same model, data and settings, or delete the checkpoint")
+    ladder = identity["ladder"]
+    if set(rungs) != set(shapes) or any(not 0 <= r < len(ladder) for r in rungs.values()) or saved_shapes != {
+            k: tuple(v) for k, v in shapes.items()} or not saved_steps:
+        raise PerforateError(f"checkpoint {path} is inconsistent with its own settings; delete it to start over")
     current = {}
-    for name, packed in state["masks"].items():
-        shape = tuple(state["shapes"][name])
+    for name, packed in packed_masks.items():
+        shape = saved_shapes[name]
         bits = np.unpackbits(np.asarray(packed, np.uint8))[: shape[0] * shape[1]]
         current[name] = bits.astype(bool).reshape(shape)
-    return dict(state["rungs"]), current, [TuneStep(**s) for s in state["steps"]]
+    return rungs, current, saved_steps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -533,8 +593,8 @@ def plot_masks(masks: Mapping[str, Mask], path) -> None:
 def _save_figure(fig, path) -> None:
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp.png")
-    fig.savefig(temporary, dpi=110)
-    plt.close(fig)
-    temporary.replace(path)
+    try:
+        with atomic_outputs(path) as (temporary,):
+            fig.savefig(temporary, dpi=110, format="png")
+    finally:
+        plt.close(fig)

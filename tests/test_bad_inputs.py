@@ -1,0 +1,421 @@
+"""Bad input, as a hostile new user would give it: every case ends in a clear error (the CLI: one line
+``error: ...`` and exit status 1, or 2 for bad usage) or a correct result; nothing crashes, nothing
+existing is clobbered, nothing comes out silently wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_perforate
+from onnx_perforate import masks, ops
+from onnx_perforate.calibration import calibration_set
+from onnx_perforate.cli import main
+from onnx_perforate.data import PreprocessSpec, check_labels, load_data
+from onnx_perforate.graph import load_model, output_path, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_models"
+CLASSES = 5
+
+
+def classifier(batch="N", name="x", seed=0, opset=13) -> onnx.ModelProto:
+    """x [batch, 2, 6, 6] -> 3x3 Conv -> Relu -> Flatten -> MatMul -> logits [batch, 5]."""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.normal(size=(4, 2, 3, 3)).astype(np.float32), "w")
+    fc = numpy_helper.from_array(rng.normal(size=(4 * 4 * 4, CLASSES)).astype(np.float32), "fc")
+    nodes = [helper.make_node("Conv", [name, "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+             helper.make_node("MatMul", ["f", "fc"], ["y"], name="fc")]
+    graph = helper.make_graph(nodes, "classifier", [helper.make_tensor_value_info(name, TensorProto.FLOAT, [batch, 2, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, CLASSES])], [w, fc])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(classifier(), path)
+    return path
+
+
+def npz(path, n=12, labels="good", **extra):
+    rng = np.random.default_rng(1)
+    arrays = dict(images=rng.normal(size=(n, 2, 6, 6)).astype(np.float32))
+    if isinstance(labels, str):
+        arrays["labels"] = rng.integers(0, CLASSES, n)
+    elif labels is not None:
+        arrays["labels"] = labels
+    arrays.update(extra)
+    np.savez(path, **arrays)
+    return path
+
+
+def fails(argv, capsys, status=1, *words):
+    """Run the CLI; it must exit with ``status`` and print one error line naming ``words``."""
+    if status == 2:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and "Traceback" not in err
+    else:
+        assert main(argv) == status
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert len(lines) == 1 and lines[0].startswith(f"onnx-perforate {argv[0]}: error: "), err
+        assert "Traceback" not in err
+        assert "unexpected" not in lines[0], lines[0]  # a foreseen case gets its own message
+    for word in words:
+        assert word in err, (word, err)
+    return err
+
+
+# ------------------------------------------------------------------------------------------------
+# Models that are not models
+
+
+def corrupted(tmp_path) -> dict:
+    good = classifier().SerializeToString()
+    files = {
+        "truncated": good[: len(good) // 2],
+        "renamed": good.replace(b"relu", b"\xff\xfe\xfd\xfc", 1),  # invalid UTF-8 in a name
+        "dangling": good.replace(b"\n\x01c", b"\n\x01q", 1),  # a node reads a tensor nobody makes
+        "empty": b"",
+        "text": b"this is not a model\n",
+    }
+    paths = {}
+    for kind, data in files.items():
+        paths[kind] = tmp_path / f"{kind}.onnx"
+        paths[kind].write_bytes(data)
+    return paths
+
+
+@pytest.mark.parametrize("command", ["inspect", "perforate", "bench", "eval", "tune"])
+def test_corrupted_models_are_refused_by_every_command(command, tmp_path, capsys):
+    data = npz(tmp_path / "d.npz")
+    extra = {"inspect": [], "perforate": ["--rate", "0.5", "-o", str(tmp_path / "o.onnx")], "bench": ["--repeats", "1"],
+             "eval": ["--data", str(data)], "tune": ["--data", str(data), "-o", str(tmp_path / "t"),
+                                                     "--target-speedup", "2"]}[command]
+    for kind, path in corrupted(tmp_path).items():
+        err = fails([command, str(path), *extra, "--no-progress"], capsys)
+        assert str(path) in err
+        if kind == "empty":
+            assert "is empty" in err
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "t").exists()
+
+
+def test_a_directory_is_not_a_missing_file(tmp_path, capsys):
+    fails(["inspect", str(tmp_path)], capsys, 1, "is a directory")
+    fails(["inspect", str(tmp_path / "nope.onnx")], capsys, 1, "does not exist")
+
+
+def test_missing_external_data_is_named(tmp_path):
+    path = tmp_path / "m.onnx"
+    save_model(classifier(), path, external_data=True)
+    assert (tmp_path / "m.onnx.data").is_file()
+    assert load_model(path).graph.initializer[0].raw_data  # loads with its data
+    (tmp_path / "m.onnx.data").unlink()
+    with pytest.raises(onnx_perforate.PerforateError, match="external data.*m.onnx.data"):
+        load_model(path)
+
+
+def test_an_invalid_input_model_is_not_called_an_internal_error():
+    model = classifier()
+    model.graph.node[1].input[0] = "nobody_makes_this"
+    with pytest.raises(onnx_perforate.PerforateError, match="not a valid ONNX model") as info:
+        onnx_perforate.rewrite(model, {"conv": np.ones((4, 4), bool)})
+    assert "internal error" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Options: every number is checked, with the valid range in the message
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["bench", "M", "--repeats", "0"], [">= 1"]),
+    (["bench", "M", "--batch", "-1"], [">= 1"]),
+    (["bench", "M", "--threads", "-1"], [">= 1"]),
+    (["bench", "M", "--warmup", "-2"], [">= 0"]),
+    (["eval", "M", "--data", "D", "--batch", "0"], [">= 1"]),
+    (["eval", "M", "--data", "D", "--limit", "-5"], [">= 1"]),
+    (["eval", "M", "--data", "D", "--std", "0"], ["> 0"]),
+    (["eval", "M", "--data", "D", "--std", "1,nan"], ["> 0"]),
+    (["eval", "M", "--data", "D", "--size", "2.5"], ["integer"]),
+    (["eval", "M", "--data", "D", "--scale", "inf"], ["finite"]),
+    (["perforate", "M", "-o", "O", "--rate", "1.5"], ["[0, 1)"]),
+    (["perforate", "M", "-o", "O", "--rate", "nan"], ["[0, 1)"]),
+    (["perforate", "M", "-o", "O", "--rate", "0.5", "--seed", "-1"], [">= 0"]),
+    (["perforate", "M", "-o", "O", "--rate", "0.5", "--kernel", "0x3"], ["positive"]),
+    (["tune", "M", "--data", "D", "-o", "O", "--ladder", "0.2,1.5"], ["[0, 1)"]),
+    (["tune", "M", "--data", "D", "-o", "O", "--target-speedup", "0"], ["> 1"]),
+    (["tune", "M", "--data", "D", "-o", "O", "--target-speedup", "nan"], ["> 1"]),
+    (["tune", "M", "--data", "D", "-o", "O", "--max-accuracy-drop", "-0.1"], ["[0, 1]"]),
+    (["tune", "M", "--data", "D", "-o", "O", "--subset-size", "0"], [">= 1"]),
+])
+def test_numeric_options_are_checked_by_the_parser(argv, words, capsys):
+    fails(argv, capsys, 2, *words)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda m, d: onnx_perforate.tune(m, d, target_speedup=0), "target_speedup"),
+    (lambda m, d: onnx_perforate.tune(m, d, target_speedup=float("nan")), "target_speedup"),
+    (lambda m, d: onnx_perforate.tune(m, d, ladder=(0.2, 1.5)), "ladder rate"),
+    (lambda m, d: onnx_perforate.tune(m, d, ladder="0.5"), "ladder"),
+    (lambda m, d: onnx_perforate.tune(m, d, repeats=0), "repeats"),
+    (lambda m, d: onnx_perforate.tune(m, d, batch_size=-1), "batch_size"),
+    (lambda m, d: onnx_perforate.tune(m, d, threads=-1), "threads"),
+    (lambda m, d: onnx_perforate.tune(m, d, subset_size=0), "subset_size"),
+    (lambda m, d: onnx_perforate.tune(m, d, max_accuracy_drop=2), "max_accuracy_drop"),
+    (lambda m, d: onnx_perforate.tune(m, d, mask_kind="best"), "mask_kind"),
+    (lambda m, d: PreprocessSpec(std=(0.0,)), "std"),
+    (lambda m, d: PreprocessSpec(size=-3), "size"),
+    (lambda m, d: load_data(d, limit=-1), "limit"),
+    (lambda m, d: onnx_perforate.session_options(-1), "intra_op_num_threads"),
+    (lambda m, d: masks.uniform((4, 4), float("nan")), "rate"),
+    (lambda m, d: masks.grid((4, 4), 1.5), "rate"),
+])
+def test_numeric_arguments_are_checked_by_the_api(call, words, tmp_path):
+    with pytest.raises(onnx_perforate.PerforateError, match=words):
+        call(classifier(), npz(tmp_path / "d.npz"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and labels
+
+
+@pytest.mark.parametrize("labels, words", [
+    (np.eye(CLASSES, dtype=np.int64)[np.arange(12) % CLASSES], "one-hot"),
+    (np.full(12, -1), "negative"),
+    (np.full(12, 99), "99"),
+    (np.arange(12).astype(np.float32), "integer"),
+    (np.array(["cat"] * 12), "integer"),
+])
+def test_labels_must_be_class_indices(labels, words, tmp_path, model_path, capsys, require_library):
+    data = npz(tmp_path / "d.npz", labels=labels)
+    fails(["eval", str(model_path), "--data", str(data), "--no-progress"], capsys, 1, words)
+    fails(["tune", str(model_path), "--data", str(data), "-o", str(tmp_path / "t"), "--target-speedup", "2",
+           "--no-progress"], capsys, 1, words)
+    with pytest.raises(onnx_perforate.DataError, match=words):
+        x = np.zeros((12, 2, 6, 6), np.float32)
+        onnx_perforate.tune(classifier(), [({"x": x}, labels)], target_speedup=2, progress=False)
+
+
+def test_check_labels_accepts_exactly_class_indices():
+    assert check_labels(np.array([0, 4, 2], np.uint8), classes=5).dtype == np.int64
+    for bad in ([[0, 1]], [0.0, 1.0], [True, False], [-1], [5]):
+        with pytest.raises(onnx_perforate.DataError):
+            check_labels(np.array(bad), classes=5)
+
+
+def test_unreadable_npz_files(tmp_path, model_path, capsys):
+    (tmp_path / "zip.npz").write_text("not a zip file")
+    fails(["eval", str(model_path), "--data", str(tmp_path / "zip.npz")], capsys, 1, "cannot read")
+    np.savez(tmp_path / "obj.npz", images=np.zeros((2, 2, 6, 6), np.float32), labels=np.array([1, "a"], dtype=object))
+    fails(["eval", str(model_path), "--data", str(tmp_path / "obj.npz")], capsys, 1, "obj.npz")
+    np.savez(tmp_path / "str.npz", images=np.array([["a"]]))
+    fails(["eval", str(model_path), "--data", str(tmp_path / "str.npz")], capsys, 1, "expected numbers")
+    with pytest.raises(onnx_perforate.DataError, match="not numeric"):
+        calibration_set(classifier(), [{"x": np.array([["a"]])}])
+
+
+def test_eval_agreement_ignores_the_rows_that_pad_a_static_batch(tmp_path, capsys):
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(classifier(batch=16, seed=0), a)
+    onnx.save(classifier(batch=16, seed=2), b)
+    x = np.random.default_rng(3).normal(size=(17, 2, 6, 6)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", images=x)
+    want = []
+    for path in (a, b):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        padded = np.concatenate([x, np.repeat(x[-1:], 15, axis=0)])
+        want.append(np.concatenate([session.run(None, {"x": padded[i:i + 16]})[0] for i in (0, 16)])[:17].argmax(1))
+    truth = float((want[0] == want[1]).mean())
+    assert main(["eval", str(a), "--data", str(tmp_path / "d.npz"), "--compare", str(b), "--json",
+                 str(tmp_path / "e.json"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["top1_agreement"] == truth
+
+
+def test_models_with_different_inputs_are_not_compared(tmp_path, model_path, capsys):
+    other = tmp_path / "other.onnx"
+    onnx.save(classifier(name="image"), other)
+    if onnx_perforate.has_library():
+        fails(["bench", str(model_path), str(other), "--repeats", "1", "--no-memory"], capsys, 1, "different inputs")
+    wider = tmp_path / "wider.onnx"
+    model = classifier()
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w"))
+    onnx.save(model, wider)
+    fails(["eval", str(model_path), "--data", str(npz(tmp_path / "d.npz")), "--compare", str(wider)], capsys, 1,
+          "same inputs")
+
+
+# ------------------------------------------------------------------------------------------------
+# Outputs: never replace anything but a regular file, modes from the umask, all or nothing
+
+
+def test_outputs_never_replace_a_device_fifo_or_directory(tmp_path, model_path, capsys):
+    for special in ("/dev/null", "/dev/full", str(tmp_path)):
+        with pytest.raises(onnx_perforate.PerforateError, match="refusing"):
+            output_path(special)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    fails(["perforate", str(model_path), "--rate", "0.5", "-o", str(fifo)], capsys, 1, "FIFO")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    fails(["inspect", str(model_path), "--json", str(fifo)], capsys, 1, "FIFO")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_outputs_write_through_a_symlink(tmp_path, model_path):
+    target, link = tmp_path / "real.onnx", tmp_path / "link.onnx"
+    target.write_text("old")
+    link.symlink_to(target)
+    assert main(["perforate", str(model_path), "--rate", "0.5", "-o", str(link), "--summary",
+                 str(tmp_path / "s.json")]) == 0
+    assert link.is_symlink() and onnx.load(target).graph.node
+
+
+def test_outputs_get_their_mode_from_the_umask(tmp_path, model_path):
+    old = os.umask(0o027)
+    try:
+        assert main(["perforate", str(model_path), "--rate", "0.5", "-o", str(tmp_path / "p.onnx")]) == 0
+    finally:
+        os.umask(old)
+    for name in ("p.onnx", "p.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640
+
+
+def test_model_and_summary_are_written_both_or_neither(tmp_path, model_path, capsys):
+    (tmp_path / "summary_dir").mkdir()
+    fails(["perforate", str(model_path), "--rate", "0.5", "-o", str(tmp_path / "p.onnx"), "--summary",
+           str(tmp_path / "summary_dir")], capsys, 1, "directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "summary_dir"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Masks, the tuner's checkpoint
+
+
+@pytest.mark.parametrize("mask", [np.full((4, 4), np.nan), np.full((4, 4), "yes"), np.full((4, 4), 0.5),
+                                  np.array([[object()] * 4] * 4)])
+def test_masks_of_nan_strings_or_fractions_are_refused(mask):
+    with pytest.raises(onnx_perforate.MaskError, match="booleans"):
+        onnx_perforate.rewrite(classifier(), {"conv": mask})
+
+
+def test_truncated_or_empty_checkpoints_are_refused(tmp_path, model_path, capsys, require_library):
+    data = npz(tmp_path / "d.npz")
+    for text in ("", '{"identity": {"ladder": [0.0'):
+        (tmp_path / "ck.json").write_text(text)
+        fails(["tune", str(model_path), "--data", str(data), "-o", str(tmp_path / "t"), "--target-speedup", "5",
+               "--checkpoint", str(tmp_path / "ck.json"), "--no-progress", "--mask-kind", "grid",
+               "--repeats", "1"], capsys, 1, "not a complete tuner checkpoint")
+
+
+def test_resume_refuses_a_different_search(tmp_path, require_library):
+    x = np.random.default_rng(0).normal(size=(8, 2, 6, 6)).astype(np.float32)
+    checkpoint = tmp_path / "ck.json"
+    options = dict(mask_kind="grid", repeats=1, progress=False, checkpoint=checkpoint, batch_size=4)
+    onnx_perforate.tune(classifier(), [{"x": x}], ladder=(0.0, 0.5), **options)
+    saved = json.loads(checkpoint.read_text())
+    assert saved["identity"]["ladder"] == [0.0, 0.5] and len(saved["identity"]["model"]) == 64
+    with pytest.raises(onnx_perforate.PerforateError, match=r"changed ladder \(\[0.0, 0.5\] -> \[0.0, 0.3, 0.5\]\)"):
+        onnx_perforate.tune(classifier(), [{"x": x}], ladder=(0.0, 0.3, 0.5), **options)
+    with pytest.raises(onnx_perforate.PerforateError, match="changed the calibration data"):
+        onnx_perforate.tune(classifier(), [{"x": x + 1}], ladder=(0.0, 0.5), **options)
+    with pytest.raises(onnx_perforate.PerforateError, match="changed the model"):
+        onnx_perforate.tune(classifier(seed=5), [{"x": x}], ladder=(0.0, 0.5), **options)
+    with pytest.raises(onnx_perforate.PerforateError, match="subset_size"):
+        onnx_perforate.tune(classifier(), [{"x": x}], ladder=(0.0, 0.5), subset_size=4, **options)
+    again = onnx_perforate.tune(classifier(), [{"x": x}], ladder=(0.0, 0.5), **options)  # the same search resumes
+    assert len(again.steps) == len(saved["steps"])
+
+
+def test_a_batch_larger_than_the_data(require_library):
+    x = np.random.default_rng(0).normal(size=(3, 2, 6, 6)).astype(np.float32)
+    result = onnx_perforate.tune(classifier(), [{"x": x}], batch_size=4, ladder=(0.0, 0.5), mask_kind="grid",
+                                 repeats=1, progress=False)
+    assert result.settings["calibration_images"] == 3  # a dynamic batch shrinks to the data
+    with pytest.raises(onnx_perforate.PerforateError, match="the model's fixed batch 16 exceeds the 3"):
+        onnx_perforate.tune(classifier(batch=16), [{"x": x}], progress=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# onnx.reference fallback: opset-7 Softmax
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax", "Hardmax"])
+@pytest.mark.parametrize("opset, axis", [(7, None), (11, 1), (11, -3), (13, None), (13, 1)])
+def test_reference_softmax_has_the_semantics_of_its_opset(op, opset, axis):
+    attrs = {} if axis is None else {"axis": axis}
+    node = helper.make_node(op, ["x"], ["y"], **attrs)
+    graph = helper.make_graph([node], "s", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 2, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    x = np.random.default_rng(0).normal(size=(2, 3, 2, 1)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ops.reference_evaluator(model).run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The library file
+
+
+def test_truncated_or_foreign_library_files_are_refused(tmp_path, monkeypatch, require_library, capsys):
+    real = Path(onnx_perforate.library_path()).read_bytes()
+    cases = {"truncated.so": real[: len(real) // 2], "header_only.so": real[:64], "text.so": b"hello\n" * 100,
+             "empty.so": b""}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        monkeypatch.setenv("ONNX_PERFORATE_LIBRARY", str(tmp_path / name))
+        with pytest.raises(onnx_perforate.InvalidLibraryError, match=name):
+            onnx_perforate.session_options(1)
+    fails(["bench", str(ROOT / "sample_models" / "fashion_cnn.onnx"), "--repeats", "1"], capsys, 1, "empty.so")
+    # A complete shared library that is not ours: ORT's refusal becomes the package's error.
+    import scipy_openblas32
+
+    monkeypatch.setenv("ONNX_PERFORATE_LIBRARY", str(Path(scipy_openblas32.get_lib_dir()) / "libscipy_openblas.so"))
+    with pytest.raises(onnx_perforate.InvalidLibraryError, match="cannot register"):
+        onnx_perforate.session_options(1)
+
+
+def test_a_truncated_library_does_not_kill_the_process(tmp_path, require_library):
+    copy = tmp_path / "lib.so"
+    copy.write_bytes(Path(onnx_perforate.library_path()).read_bytes()[:200_000])
+    code = "import onnx_perforate; onnx_perforate.session_options(1)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env=dict(os.environ, ONNX_PERFORATE_LIBRARY=str(copy)), timeout=120)
+    assert out.returncode == 1 and "InvalidLibraryError" in out.stderr and "truncated" in out.stderr
+
+
+def test_the_source_tree_shadowing_the_package_is_named(tmp_path):
+    if not (ROOT / "pyproject.toml").is_file():
+        pytest.skip("not run from a source checkout")
+    code = "import onnx_perforate; onnx_perforate.library_path()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "ONNX_PERFORATE_LIBRARY"})
+    if (ROOT / "onnx_perforate" / "lib").is_dir():
+        pytest.skip("the source tree holds a built library")
+    assert out.returncode == 1 and "shadows the installed package" in out.stderr
+
+
+def test_cli_subprocess_prints_one_line(tmp_path):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for extra, traceback in (([], False), (["--log-level", "DEBUG"], True)):
+        out = subprocess.run([sys.executable, "-m", "onnx_perforate", "inspect", str(tmp_path / "empty.onnx"), *extra],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert out.returncode == 1 and out.stdout == ""
+        assert out.stderr.strip().splitlines()[-1].startswith("onnx-perforate inspect: error: ")
+        assert ("Traceback" in out.stderr) == traceback
