@@ -577,18 +577,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parameters", choices=["all", "perforated", "biases"], default="all",
                    help="what trains (distill): every layer, the perforated layers and their consumers, or "
                    "biases and BatchNorm only (default: all)")
-    p.add_argument("--epochs", type=int, default=12, help="most epochs (default: 12; early stopping may end sooner)")
-    p.add_argument("--batch", type=int, default=32, help="training batch size (default: 32)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak Adam learning rate, cosine decay (default: 1e-4)")
-    p.add_argument("--label-weight", type=float,
+    p.add_argument("--epochs", type=_positive_int, default=12, help="most epochs (default: 12; early stopping may end sooner)")
+    p.add_argument("--batch", type=_positive_int, default=32, help="training batch size (default: 32)")
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="peak Adam learning rate, cosine decay (default: 1e-4)")
+    p.add_argument("--label-weight", type=_option(validation.real, minimum=0.0, maximum=1.0),
                    help="share of the labels in the target distribution (default: 0.5 with labels, else 0)")
-    p.add_argument("--holdout", type=float, default=0.2, help="fraction of images held out (default: 0.2)")
-    p.add_argument("--patience", type=int, default=3, help="epochs without held-out improvement before stopping")
+    p.add_argument("--holdout", type=_option(validation.real, minimum=0.0, maximum=1.0, exclusive_minimum=True, exclusive_maximum=True), default=0.2, help="fraction of images held out (default: 0.2)")
+    p.add_argument("--patience", type=_positive_int, default=3, help="epochs without held-out improvement before stopping")
     p.add_argument("--augment", choices=["auto", "none", "flip", "crop", "flip+crop"], default="auto",
                    help="image augmentation (default auto: flips and crops for 4-D image inputs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="intra-op threads")
-    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="stop after the epoch that passes this")
+    p.add_argument("--seed", type=_nonnegative_int, default=0)
+    p.add_argument("--threads", type=_positive_int, help="intra-op threads")
+    p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", help="stop after the epoch that passes this")
     p.add_argument("--checkpoint", help=".npz written after every epoch; resumes from it if it exists")
     p.set_defaults(func=cmd_finetune)
     return parser

@@ -164,6 +164,9 @@ def test_an_invalid_input_model_is_not_called_an_internal_error():
     (["tune", "M", "--data", "D", "-o", "O", "--target-speedup", "nan"], ["> 1"]),
     (["tune", "M", "--data", "D", "-o", "O", "--max-accuracy-drop", "-0.1"], ["[0, 1]"]),
     (["tune", "M", "--data", "D", "-o", "O", "--subset-size", "0"], [">= 1"]),
+    (["finetune", "M", "--original", "M", "--data", "D", "-o", "O", "--holdout", "1"], ["(0, 1)"]),
+    (["finetune", "M", "--original", "M", "--data", "D", "-o", "O", "--lr=-1e-3"], ["> 0"]),
+    (["finetune", "M", "--original", "M", "--data", "D", "-o", "O", "--epochs", "0"], [">= 1"]),
 ])
 def test_numeric_options_are_checked_by_the_parser(argv, words, capsys):
     fails(argv, capsys, 2, *words)

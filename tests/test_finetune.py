@@ -206,7 +206,7 @@ def test_perforated_model_must_match_the_original(sample):
 def test_labels_of_the_wrong_shape(sample):
     original, perforated, _, images, labels = sample
     x = images[:20]
-    with pytest.raises(PerforateError, match="40 labels for 20 images"):
+    with pytest.raises(PerforateError, match="1-D array of class indices, got shape \\[20, 2\\]"):
         finetune(perforated, original, [({"image": x}, np.stack([labels[:20]] * 2, 1))], progress=False)
     with pytest.raises(PerforateError, match="class indices in"):
         finetune(perforated, original, [({"image": x}, labels[:20] + 10)], progress=False)
