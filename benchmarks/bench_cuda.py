@@ -1,7 +1,7 @@
 """GPU benchmark: cuDNN convolution vs PerforatedConv + NNInterpolate (our CUDA kernels).
 
     python benchmarks/bench_cuda.py            # all layers, batch 1/8/64, r = 0/0.5/0.75
-    python benchmarks/bench_cuda.py --quick    # fewer repeats, batch 1/8
+    python benchmarks/bench_cuda.py --quick    # fewer repeats, batch 1/8 (unless --batches)
 
 Both sides run in FP32: cuDNN with TF32 off (``torch.backends.cudnn.allow_tf32 = False``) and
 ``cudnn.benchmark = True`` (it picks its fastest algorithm per shape, Winograd/FFT included); ours is
@@ -18,6 +18,7 @@ package's lib folder, or next to the CUDA ops library) unless --library names on
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 
@@ -73,11 +74,14 @@ def main() -> None:
         if status:
             raise RuntimeError(f"{what}: {lib.onnx_perforate_cuda_error_string(status).decode()}")
 
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
-          f"library: {library}")
+    sms, big_blocks_per_sm = cuda_kernels.device_conv_config(lib)
+    deterministic = os.environ.get("ONNX_PERFORATE_CUDA_DETERMINISTIC", "0") not in ("", "0")  # as the library reads it
+    print(f"device: {torch.cuda.get_device_name()} ({sms} SMs), torch {torch.__version__}, "
+          f"cuDNN {torch.backends.cudnn.version()}, library: {library}")
     print()
-    print("| layer (C, HxW -> M) | batch | r | cuDNN ms | ours ms | speedup | ideal 1/(1-r) | of ideal | max abs err (r=0) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| layer (C, HxW -> M) | batch | r | kernel | cuDNN ms | ours ms | speedup | ideal 1/(1-r) | of ideal "
+          "| max abs err (r=0) |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     for c, hw, m in LAYERS:
         weight = torch.randn((m, c, 3, 3), device="cuda", generator=gen) / (3 * c**0.5)
@@ -93,6 +97,9 @@ def main() -> None:
                     cuda_kernels.gather_table(lib, hw, hw, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), mask)).cuda()
                 index = torch.from_numpy(nearest_index(mask).astype(np.int32)).cuda()
                 count = table.shape[1]
+                kernel, splits = cuda_kernels.conv_launch(lib, n, c, m, 1, 3, 3, count, sms, big_blocks_per_sm,
+                                                          deterministic)
+                kernel += f", {splits} splits" if splits > 1 else ""
                 yc = torch.empty((n, m, count), device="cuda")
                 y = torch.empty((n, m, hw, hw), device="cuda")
 
@@ -112,7 +119,7 @@ def main() -> None:
                     error = f"{(y - reference).abs().max().item():.1e}"
                 ideal = 1.0 / (1.0 - rate)
                 speedup = t_cudnn / t_ours
-                print(f"| {c}, {hw}x{hw} -> {m} | {n} | {rate:g} | {t_cudnn:.3f} | {t_ours:.3f} | {speedup:.2f}x | "
+                print(f"| {c}, {hw}x{hw} -> {m} | {n} | {rate:g} | {kernel} | {t_cudnn:.3f} | {t_ours:.3f} | {speedup:.2f}x | "
                       f"{ideal:.1f}x | {speedup / ideal:.0%} | {error} |", flush=True)
             del x, reference
             torch.cuda.empty_cache()

@@ -7,11 +7,23 @@
 #
 # Usage: fetch_ort_headers.sh [DEST]   (DEST defaults to ~/.cache/onnx-perforate/ort-headers-1.21)
 # Prints the include directory (DEST/include/onnxruntime) on its last line.
+#
+# `fetch_ort_headers.sh .ort-headers` fills the repository's own ignored folder, where the CMake build
+# looks too; it copies the default cache when that holds the headers already (no network then). That
+# folder can travel with a copy of the working tree to a machine with no network (scripts/gpu_check.sh).
 set -euo pipefail
 
-DEST="${1:-${XDG_CACHE_HOME:-$HOME/.cache}/onnx-perforate/ort-headers-1.21}"
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/onnx-perforate/ort-headers-1.21"
+DEST="${1:-$CACHE}"
 INC="$DEST/include/onnxruntime"
 if [[ -f "$INC/onnxruntime_cxx_api.h" ]]; then
+  echo "$INC"
+  exit 0
+fi
+if [[ -f "$CACHE/include/onnxruntime/onnxruntime_cxx_api.h" ]]; then
+  mkdir -p "$DEST/include"
+  rm -rf "$INC.tmp" && cp -r "$CACHE/include/onnxruntime" "$INC.tmp" && mv "$INC.tmp" "$INC"
+  if [[ -f "$CACHE/SOURCE_PACKAGE" ]]; then cp "$CACHE/SOURCE_PACKAGE" "$DEST/"; fi
   echo "$INC"
   exit 0
 fi

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import onnx_perforate
 
 HEAVY = ["onnx_graphsurgeon", "onnx_ad"]
@@ -67,6 +69,8 @@ def test_plain_import_loads_no_heavy_module():
 
 
 def test_every_public_name_resolves_after_its_submodule_was_imported():
+    for heavy in HEAVY:  # absent on a machine that only runs the kernels
+        pytest.importorskip(heavy, reason=f"resolving rewrite/tune needs {heavy}")
     # Loading the submodule first (as `from onnx_perforate.rewrite import ...` does) must not leave the
     # module object where the public function `onnx_perforate.rewrite` belongs.
     result = _run(textwrap.dedent(
