@@ -450,6 +450,31 @@ def test_ort_cuda_provider_matches_cpu(case):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("c, h, w, pads", [(0, 6, 5, (1, 1, 1, 1)), (4, 0, 3, (2, 2, 2, 2))], ids=["C=0", "H=0"])
+def test_ort_cuda_provider_empty_input_gives_activation_of_bias(c, h, w, pads):
+    """Through ORT, whose zero-element X (and W when C = 0) arrive as NULL pointers."""
+    ort, onnx_perforate = _ort_cuda()
+    import onnx
+    from onnx import numpy_helper
+
+    mask = np.ones(conv_output_size((h, w), (3, 3), (1, 1), pads, (1, 1)), np.uint8)
+    model = _two_node_model(max(c, 1), 6, h, w, 3, (1, 1), pads, (1, 1), 1, "Relu", mask, seed=5)
+    model = onnx.load_from_string(model)
+    for init in model.graph.initializer:  # C = 0: W becomes [M, 0, 3, 3]
+        if init.name == "W" and c == 0:
+            init.CopyFrom(numpy_helper.from_array(np.zeros((6, 0, 3, 3), np.float32), "W"))
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = c
+    bias = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == "B")
+    options = onnx_perforate.session_options(cuda=True)
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    gpu = ort.InferenceSession(model.SerializeToString(), options,
+                               providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    y, yc = gpu.run(None, {"X": np.zeros((2, c, h, w), np.float32)})
+    np.testing.assert_array_equal(yc, np.broadcast_to(np.maximum(bias, 0)[None, :, None], yc.shape))
+    np.testing.assert_array_equal(y, np.broadcast_to(np.maximum(bias, 0)[None, :, None, None], y.shape))
+
+
+@pytest.mark.gpu
 def test_ort_cuda_provider_reports_bad_index():
     ort, onnx_perforate = _ort_cuda()
     import onnx
