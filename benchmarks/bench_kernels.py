@@ -15,15 +15,12 @@ import argparse
 import platform
 import statistics
 import sys
-import time
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-import onnx_perforate
-from onnx_perforate import masks, ops
+from onnx_perforate import masks, ops, runtime
 
 # (name, C, H=W, M): AlexNet- and VGG-like 3x3 layers, padding 1.
 LAYERS = [
@@ -66,22 +63,8 @@ def perforated_model(c, hw, m, batch, w, b, mask):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
 
 
-def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    options = onnx_perforate.session_options(threads, allow_spinning=False)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def time_interleaved(sessions, feed, repeats, warmup=3):
-    for s in sessions:
-        for _ in range(warmup):
-            s.run(None, feed)
-    times = [[] for _ in sessions]
-    for _ in range(repeats):
-        for i, s in enumerate(sessions):
-            t0 = time.perf_counter()
-            s.run(None, feed)
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+def time_medians(sessions, feed, repeats) -> list[float]:
+    return [statistics.median(t) for t in runtime.time_interleaved(sessions, feed, repeats, warmup=3).wall]
 
 
 def main(argv=None):
@@ -102,13 +85,13 @@ def main(argv=None):
     worst = 1.0
     for name, c, hw, m in LAYERS:
         base, w, b = conv_model(c, hw, m, args.batch, rng)
-        x = rng.standard_normal((args.batch, c, hw, hw)).astype(np.float32)
+        x = runtime.timing_array((args.batch, c, hw, hw))
         for threads in args.threads:
-            base_session = session(base, threads)
+            base_session = runtime.session(base, threads)
             for rate in args.rates:
                 mask = np.asarray(masks.uniform((hw, hw), rate, seed=int(rng.integers(2**31))))
-                perforated = session(perforated_model(c, hw, m, args.batch, w, b, mask), threads)
-                t_base, t_perf = time_interleaved([base_session, perforated], {"x": x}, repeats)
+                perforated = runtime.session(perforated_model(c, hw, m, args.batch, w, b, mask), threads)
+                t_base, t_perf = time_medians([base_session, perforated], {"x": x}, repeats)
                 achieved_rate = 1 - mask.mean()
                 theoretical = 1 / (1 - achieved_rate)
                 speedup = t_base / t_perf

@@ -33,23 +33,20 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import onnx_perforate
+from onnx_perforate import masks as masks_module
+from onnx_perforate import runtime
+from onnx_perforate.inspection import inspect
 
-import onnx_perforate  # noqa: E402
-from onnx_perforate import masks as masks_module  # noqa: E402
-from onnx_perforate.inspection import inspect  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VARIANTS = ("original", "explicit", "compact", "compact-nonchwc")
 # ORT's NCHWc layout transformer: it blocks the channels of the Convs it knows and inserts reorders
@@ -107,32 +104,17 @@ def build_variants(path, mask_kind, rate, layers, seed=0, variants=("original", 
     return {k: models[k] for k in VARIANTS if k in variants or k == "original"}, chosen, report
 
 
-def input_of(model):
-    inits = {t.name for t in model.graph.initializer}
-    vi = next(i for i in model.graph.input if i.name not in inits)
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-    return vi.name, dims
-
-
-def random_input(model, batch, seed=0):
-    name, dims = input_of(model)
-    shape = [batch] + [d or 1 for d in dims[1:]]
-    return name, np.random.default_rng(seed).uniform(0, 255, size=shape).astype(np.float32)
-
-
 def session(model_or_path, threads, disabled_optimizers=(), **settings):
-    import onnxruntime as ort
+    return runtime.session(model_or_path, threads, quiet=True, disabled_optimizers=disabled_optimizers, **settings)
 
-    options = onnx_perforate.session_options(threads, allow_spinning=False, **settings)
-    options.log_severity_level = 3
-    data = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else model_or_path.SerializeToString()
-    return ort.InferenceSession(str(data) if isinstance(data, os.PathLike) else data, options,
-                                providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers))
+
+def disabled_for(key: str) -> list:
+    """The ORT transformers a variant runs without."""
+    return [NCHWC_TRANSFORMER] if key.endswith("-nonchwc") else []
 
 
 def variant_session(key, model_or_path, threads, **settings):
-    disabled = [NCHWC_TRANSFORMER] if key.endswith("-nonchwc") else []
-    return session(model_or_path, threads, disabled, **settings)
+    return session(model_or_path, threads, disabled_for(key), **settings)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,19 +124,10 @@ def variant_session(key, model_or_path, threads, **settings):
 def latency(models: dict, threads: int, batch: int, repeats: int, warmup: int = 3, stat=statistics.median) -> tuple[dict, dict]:
     """({variant: wall ms}, {variant: process CPU ms}), ``stat`` (median) of interleaved runs."""
     sessions = {k: variant_session(k, m, threads) for k, m in models.items()}
-    name, x = random_input(models["original"], batch)
-    for s in sessions.values():
-        for _ in range(warmup):
-            s.run(None, {name: x})
-    wall = {k: [] for k in sessions}
-    cpu = {k: [] for k in sessions}
-    for _ in range(repeats):
-        for k, s in sessions.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            s.run(None, {name: x})
-            wall[k].append(time.perf_counter() - start)
-            cpu[k].append(time.process_time() - start_cpu)
-    return ({k: stat(v) * 1e3 for k, v in wall.items()}, {k: stat(v) * 1e3 for k, v in cpu.items()})
+    name, x = runtime.timing_input(models["original"], batch)
+    timings = runtime.time_interleaved(list(sessions.values()), {name: x}, repeats, warmup=warmup)
+    return ({k: stat(v) * 1e3 for k, v in zip(sessions, timings.wall)},
+            {k: stat(v) * 1e3 for k, v in zip(sessions, timings.cpu)})
 
 
 STATISTICS = {"median": statistics.median, "min": min, "p10": lambda v: float(np.percentile(v, 10))}
@@ -168,39 +141,6 @@ def fractions(speedup: float, reduction: float) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 # Memory
-
-
-def _status(field: str) -> int:
-    """A /proc/self/status field in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def memory_child(path: str, batch: int) -> None:
-    """Runs in a subprocess: peak RSS growth while running (bytes), as JSON on stdout."""
-    model = onnx.load(path)
-    sess = variant_session(Path(path).stem, path, 1, enable_cpu_mem_arena=False)
-    name, x = random_input(model, batch)
-    sess.run(None, {name: x})  # first run: kernels pack weights and build gather tables (not activations)
-    before = _status("VmRSS")
-    resettable = True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    except OSError:
-        resettable = False
-    for _ in range(3):
-        sess.run(None, {name: x})
-    peak = _status("VmHWM")
-    print(json.dumps({"session_bytes": before, "run_peak_bytes": peak - before, "resettable": resettable}))
-
-
-def measured_memory(path: Path, batch: int) -> dict:
-    """``path``'s stem ends with the variant name (see main), which picks the session settings."""
-    out = subprocess.run([sys.executable, __file__, "--memory-child", str(path), str(batch)],
-                         capture_output=True, text=True, check=True, env=dict(os.environ))
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def planned_memory(model: onnx.ModelProto, batch: int) -> tuple[int, int]:
@@ -266,14 +206,14 @@ def accuracy(models: dict, path: Path, threads: int = 2) -> dict | None:
         data, batch, topk = Dataset(len(x_all), lambda a, b: x_all[a:b], full.labels[::10]), 100, (1,)
     elif "fashion" in stem:
         npz = ROOT / "sample_models" / "fashion_mnist_subset.npz"
-        name, dims = input_of(models["original"])
+        name, dims = runtime.model_input(models["original"])
         data, batch, topk = load_arrays(npz, input_name=name, input_shape=dims), 100, (1,)
     else:
         return None
     result = {}
     for key, model in models.items():
         sess = variant_session(key, model, threads)
-        name = input_of(model)[0]
+        name = runtime.model_input(model).name
         hits = {k: [] for k in topk}
         for x, y in data.batches(batch):
             scores = sess.run(None, {name: x})[0].reshape(len(x), -1)
@@ -294,7 +234,7 @@ def profile(models: dict, threads: int, batch: int, runs: int, workdir: Path, st
     for key, model in models.items():
         sess = variant_session(key, model, threads, enable_profiling=True,
                                profile_file_prefix=str(workdir / f"profile_{key}"))
-        name, x = random_input(model, batch)
+        name, x = runtime.timing_input(model, batch)
         warmup = 3
         for _ in range(warmup + runs):
             sess.run(None, {name: x})
@@ -344,9 +284,6 @@ def format_profile(prof: dict, top: int) -> str:
 
 
 def main(argv=None) -> int:
-    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
-        memory_child(sys.argv[2], int(sys.argv[3]))
-        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", type=Path)
     p.add_argument("--mask", default="grid", choices=["grid", "uniform", "pooling"])
@@ -408,11 +345,14 @@ def main(argv=None) -> int:
                 print("|---|---|---|---|---|")
                 for batch in args.batch:
                     for k in models:
-                        measured = measured_memory(paths[k], batch)
+                        measured = runtime.peak_memory(paths[k], batch, disabled_optimizers=disabled_for(k))
                         planned, total = planned_memory(models[k], batch)
-                        flag = "" if measured["resettable"] else " (peak not resettable: includes loading)"
-                        print(f"| {batch} | {k} | {measured['run_peak_bytes'] / 2**20:.2f}{flag} | {planned / 2**20:.2f} | {total / 2**20:.2f} |",
-                              flush=True)
+                        if measured is None:
+                            cell = "not measured (see the warning)"
+                        else:
+                            flag = "" if measured["resettable"] else " (peak not resettable: includes loading)"
+                            cell = f"{measured['run_peak_bytes'] / 2**20:.2f}{flag}"
+                        print(f"| {batch} | {k} | {cell} | {planned / 2**20:.2f} | {total / 2**20:.2f} |", flush=True)
             if args.accuracy:
                 acc = accuracy({k: m for k, m in models.items() if k in ("original", "explicit", "compact")}, args.model)
                 if acc:

@@ -36,7 +36,6 @@ import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import onnx_perforate  # noqa: E402
@@ -164,7 +163,7 @@ def compare(setup: Setup, rates, *, threads: int, repeats: int, impact_batch: in
             log(f"  r={rate:g} {kind}: loss {row['loss']:.3f} top-1 {row['top1']:.3f} ({row['masks_s']:.1f} s)")
         # All kinds of one rate and the original take turns, so load drifts hit them alike.
         for batch in setup.timing_batches:
-            times = latency(models, threads, batch, repeats)
+            times, _ = latency(models, threads, batch, repeats)  # wall-clock ms per variant
             baseline[f"ms_b{batch}"] = times["original"]  # last rate's measurement; printed for scale
             for row in rows[-len(KINDS):]:
                 row[f"speedup_b{batch}"] = times["original"] / times[row["kind"]]

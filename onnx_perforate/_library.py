@@ -154,6 +154,7 @@ def session_options(
     intra_op_num_threads: int | None = None,
     *,
     cuda: bool = False,
+    custom_ops: bool = True,
     allow_spinning: bool | None = None,
     graph_optimization_level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     **settings,
@@ -164,7 +165,8 @@ def session_options(
     parallelism stays off (one thread) so that the thread count means what users expect.
     ``allow_spinning=False`` turns off the intra-op pool's busy waiting, which is the right choice when
     several sessions are timed side by side. Other keyword arguments are set as attributes of
-    ``SessionOptions`` (for example ``enable_mem_pattern=False``).
+    ``SessionOptions`` (for example ``enable_mem_pattern=False``). ``custom_ops=False`` leaves the
+    library out (same conventions otherwise), for graphs of standard ops that must run without it.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = graph_optimization_level
@@ -175,6 +177,8 @@ def session_options(
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     for key, value in settings.items():
         setattr(options, key, value)
+    if not custom_ops:
+        return options
     path = cuda_library_path() if cuda else None
     if cuda and path is None:
         raise LibraryNotFoundError(f"{_CUDA_LIBRARY_NAME} was not built (no nvcc at build time?)")

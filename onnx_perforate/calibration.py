@@ -16,6 +16,7 @@ import onnx
 
 from .data import Dataset, check_labels, load_data
 from .errors import DataError
+from .runtime import model_input
 
 
 @dataclass
@@ -56,18 +57,10 @@ class CalibrationSet:
         return self.take(chosen), self.take(rest)
 
 
-def model_input(model: onnx.ModelProto) -> str:
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i.name for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise DataError(f"calibration needs a model with one input, this one has {inputs}")
-    return inputs[0]
-
-
 def calibration_set(model: onnx.ModelProto, data, *, subset_size: int | None = None, **load_options) -> CalibrationSet:
     """Materialise ``data`` for ``model`` (see the module docstring for what ``data`` may be); with
     ``subset_size``, keep that many evenly spaced images (see :meth:`CalibrationSet.split`)."""
-    name = model_input(model)
+    name = model_input(model).name
     inputs, labels = [], []
     has_labels = True
 

@@ -7,7 +7,6 @@ import fnmatch
 import logging
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -117,69 +116,37 @@ def cmd_perforate(args) -> int:
 # bench
 
 
-def _input_of(model):
-    inits = {t.name for t in model.graph.initializer}
-    (inp,) = [i for i in model.graph.input if i.name not in inits][:1] or [None]
-    if inp is None:
-        raise PerforateError("the model has no graph input")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
-    return inp.name, dims
-
-
-def _bench_input(model, batch):
-    name, dims = _input_of(model)
-    if dims and dims[0] is not None and dims[0] != batch:
-        log.info("input %r has a static batch of %d: --batch %d is ignored", name, dims[0], batch)
-        batch = dims[0]
-    shape = [batch] + [d if d is not None else 1 for d in dims[1:]]
-    if any(d is None for d in dims[1:]):
-        raise PerforateError(f"input {name!r} has a dynamic non-batch dimension: {dims}")
-    return name, np.random.default_rng(0).uniform(0, 1, size=shape).astype(np.float32)
-
-
 def cmd_bench(args) -> int:
-    import onnxruntime as ort
-
-    from ._library import has_library, session_options
+    from ._library import has_library
     from .graph import load_model
+    from .runtime import model_input, peak_memory, session, time_interleaved, timing_input
 
     if not has_library():
         raise PerforateError("bench needs the compiled custom-op library (install the package or set ONNX_PERFORATE_LIBRARY)")
     paths = [args.model] + ([args.perforated] if args.perforated else [])
     models = [load_model(p) for p in paths]
-    name, x = _bench_input(models[0], args.batch)
+    name, x = timing_input(models[0], args.batch)
     if len(models) == 2:
-        other_name, other_dims = _input_of(models[1])
-        if other_name != name or not _shapes_agree(_input_of(models[0])[1], other_dims):
+        dims = model_input(models[0]).dims
+        other_name, other_dims = model_input(models[1])
+        if other_name != name or not _shapes_agree(dims, other_dims):
             from .graph import format_shape
 
             raise PerforateError(f"the models take different inputs: {paths[0]} takes {name!r} "
-                                 f"{format_shape(_input_of(models[0])[1])}, {paths[1]} takes {other_name!r} "
+                                 f"{format_shape(dims)}, {paths[1]} takes {other_name!r} "
                                  f"{format_shape(other_dims)}; bench compares a model with its perforated version")
-    sessions = [
-        ort.InferenceSession(m.SerializeToString(), session_options(args.threads, allow_spinning=False),
-                             providers=["CPUExecutionProvider"])
-        for m in models
-    ]
-    for session in sessions:
-        for _ in range(args.warmup):
-            session.run(None, {name: x})
-    times = [[] for _ in sessions]
-    # Interleave the models so that drifts in machine load hit both alike.
-    for _ in _progress(range(args.repeats), "bench", args):
-        for session, bucket in zip(sessions, times):
-            start = time.perf_counter()
-            session.run(None, {name: x})
-            bucket.append(time.perf_counter() - start)
+    sessions = [session(m, args.threads) for m in models]
+    times = time_interleaved(sessions, {name: x}, args.repeats, warmup=args.warmup,
+                             progress=lambda rounds: _progress(rounds, "bench", args)).wall
     result = {"threads": args.threads, "batch": int(x.shape[0]), "repeats": args.repeats, "models": []}
-    peaks = [_peak_memory(p, int(x.shape[0])) if args.memory else None for p in paths]
+    peaks = [peak_memory(p, int(x.shape[0])) if args.memory else None for p in paths]
     for path, bucket, peak in zip(paths, times, peaks):
         median = statistics.median(bucket)
         entry = {"path": str(path), "median_ms": median * 1e3, "min_ms": min(bucket) * 1e3}
         memory = ""
         if peak is not None:
-            entry["peak_run_memory_mib"] = peak / 2**20
-            memory = f", peak run memory {peak / 2**20:.2f} MiB"
+            entry["peak_run_memory_mib"] = peak["run_peak_bytes"] / 2**20
+            memory = f", peak run memory {entry['peak_run_memory_mib']:.2f} MiB"
         result["models"].append(entry)
         print(f"{path}: median {median * 1e3:.3f} ms, min {min(bucket) * 1e3:.3f} ms ({args.repeats} runs){memory}")
     if len(sessions) == 2:
@@ -190,43 +157,6 @@ def cmd_bench(args) -> int:
 
         write_json(result, args.json)
     return 0
-
-
-def _peak_memory(path, batch) -> int | None:
-    """Peak RSS growth while running the model, in a fresh subprocess (benchmarks/bench_models.py's
-    method: CPU arena off, one warm-up run, peak-RSS counter reset, three runs); None if unavailable."""
-    import json
-    import os
-    import subprocess
-
-    code = (
-        "import json, sys, numpy as np, onnx, onnx_perforate, onnxruntime as ort\n"
-        "from pathlib import Path\n"
-        "def status(f):\n"
-        "    return next(int(l.split()[1]) * 1024 for l in Path('/proc/self/status').read_text().splitlines() if l.startswith(f + ':'))\n"
-        "path, batch = sys.argv[1], int(sys.argv[2])\n"
-        "m = onnx.load(path)\n"
-        "inits = {t.name for t in m.graph.initializer}\n"
-        "vi = next(i for i in m.graph.input if i.name not in inits)\n"
-        "dims = [d.dim_value or None for d in vi.type.tensor_type.shape.dim]\n"
-        "x = np.random.default_rng(0).uniform(0, 1, [dims[0] or batch] + [d or 1 for d in dims[1:]]).astype(np.float32)\n"
-        "o = onnx_perforate.session_options(1, allow_spinning=False, enable_cpu_mem_arena=False)\n"
-        "o.log_severity_level = 3\n"
-        "s = ort.InferenceSession(path, o, providers=['CPUExecutionProvider'])\n"
-        "s.run(None, {vi.name: x})\n"
-        "before = status('VmRSS')\n"
-        "Path('/proc/self/clear_refs').write_text('5')\n"
-        "for _ in range(3):\n"
-        "    s.run(None, {vi.name: x})\n"
-        "print(json.dumps(status('VmHWM') - before))\n"
-    )
-    try:
-        out = subprocess.run([sys.executable, "-c", code, str(path), str(batch)], capture_output=True, text=True,
-                             check=True, env=dict(os.environ))
-        return int(json.loads(out.stdout.strip().splitlines()[-1]))
-    except (subprocess.CalledProcessError, ValueError, IndexError, OSError) as exc:
-        log.warning("peak memory not measured: %s", exc)
-        return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,8 +191,9 @@ def _topk_hits(scores, labels, k):
 def _load_dataset(args, model):
     """The --data of eval and tune: an image folder with the preprocessing options, or arrays."""
     from .data import load_data
+    from .runtime import model_input
 
-    name, dims = _input_of(model)
+    name, dims = model_input(model)
     spec = _spec(args, dims) if Path(args.data).is_dir() else None
     dataset = load_data(args.data, spec=spec, labels=args.labels, input_name=name, input_shape=dims, limit=args.limit)
     log.info("data: %s", dataset.description)
@@ -279,16 +210,17 @@ def cmd_eval(args) -> int:
     from .fallback import session
     from .graph import format_shape
     from .graph import load_model
+    from .runtime import model_input
 
     model = load_model(args.model)
-    name, dims = _input_of(model)
+    name, dims = model_input(model)
     dataset = _load_dataset(args, model)
     batch = dims[0] if dims and dims[0] else args.batch  # a static batch size wins
     sessions = [session(model, args.threads)]
     feed_names = [name]
     if args.compare:
         other = load_model(args.compare)
-        other_name, other_dims = _input_of(other)
+        other_name, other_dims = model_input(other)
         if not _shapes_agree(dims, other_dims):
             raise PerforateError(f"--compare {args.compare}: its input {other_name!r} has shape "
                                  f"{format_shape(other_dims)}, but {args.model}'s input {name!r} has shape "

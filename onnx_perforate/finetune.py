@@ -35,10 +35,10 @@ from typing import Mapping
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from ._library import DOMAIN, session_options
+from . import runtime
+from ._library import DOMAIN
 from .calibration import CalibrationSet, calibration_set
 from .errors import PerforateError
 from .gradients import GradientError, build_gradient_model, prepare_model
@@ -248,10 +248,7 @@ class PerforatedTrainer:
         self._forward_sessions = {}
 
     def _session(self, model):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads or 0
-        options.inter_op_num_threads = 1
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return runtime.session(model, self.threads or None, custom_ops=False, allow_spinning=None)
 
     def loss_and_gradients(self, x, target) -> tuple[float, dict]:
         feeds = {self.input_name: x, self.gradient_model.target: target}
@@ -792,8 +789,6 @@ def _bias_parameters(original, masks):
 
 def _class_count(original, x, threads) -> int:
     model = prepare_model(original)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or 0
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = runtime.session(model, threads or None, custom_ops=False, allow_spinning=None)
     out = session.run(None, {session.get_inputs()[0].name: x})[0]
     return int(np.prod(out.shape[1:]))

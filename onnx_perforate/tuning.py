@@ -29,8 +29,7 @@ import onnx
 import onnxruntime as ort
 
 from . import masks as mask_kinds
-from . import validation
-from ._library import session_options
+from . import runtime, validation
 from .calibration import CalibrationSet, calibration_set
 from .data import check_labels
 from .errors import PerforateError
@@ -139,14 +138,6 @@ def as_probabilities(outputs: np.ndarray) -> np.ndarray:
     return x / x.sum(axis=1, keepdims=True)
 
 
-def _fixed_batch(model: onnx.ModelProto, input_name: str) -> int | None:
-    for value in model.graph.input:
-        if value.name == input_name:
-            dim = value.type.tensor_type.shape.dim[0]
-            return dim.dim_value if dim.HasField("dim_value") else None
-    return None
-
-
 class NetworkMeter:
     """Loss, accuracy and latency of a (perforated) model, all against the original network."""
 
@@ -155,7 +146,7 @@ class NetworkMeter:
         self.calibration = calibration
         self.threads = threads
         self.repeats = repeats
-        fixed = _fixed_batch(original, calibration.input_name)
+        fixed = runtime.model_input(original).fixed_batch
         self.batch_size = fixed or max(1, min(batch_size, len(calibration)))
         self.timing_batch = fixed or timing_batch
         usable = len(calibration) - len(calibration) % self.batch_size
@@ -163,15 +154,14 @@ class NetworkMeter:
             raise PerforateError(f"the model's fixed batch {fixed} exceeds the {len(calibration)} calibration images")
         self.calibration = calibration.subset(0, usable)
         shape = (self.timing_batch,) + calibration.inputs.shape[1:]
-        self.timing_input = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        self.timing_input = runtime.timing_array(shape)
         self.reference = self._probabilities(original)
         self.reference_top1 = self.reference.argmax(axis=1)
         if self.calibration.labels is not None:
             check_labels(self.calibration.labels, "calibration labels", classes=self.reference.shape[1])
 
     def session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        options = session_options(self.threads, allow_spinning=False)
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return runtime.session(model, self.threads)
 
     def _probabilities(self, model, session=None) -> np.ndarray:
         session = session or self.session(model)
@@ -195,14 +185,7 @@ class NetworkMeter:
 
     def time(self, session: ort.InferenceSession, repeats: int | None = None) -> float:
         feeds = {self.calibration.input_name: self.timing_input}
-        for _ in range(3):
-            session.run(None, feeds)
-        times = []
-        for _ in range(repeats or self.repeats):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return statistics.median(runtime.time_interleaved([session], feeds, repeats or self.repeats, warmup=3).wall[0])
 
 
 # ------------------------------------------------------------------------------------------------
