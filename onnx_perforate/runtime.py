@@ -150,10 +150,12 @@ def measure_run_memory(path: str | os.PathLike, batch: int, threads: int = 1,
 def peak_memory(path: str | os.PathLike, batch: int, threads: int = 1,
                 disabled_optimizers: Sequence[str] = ()) -> dict | None:
     """:func:`measure_run_memory` in a fresh Python process; None (with a warning) when it fails."""
-    command = [sys.executable, "-m", "onnx_perforate.runtime", str(path), str(batch), str(threads),
+    command = [sys.executable, "-m", "onnx_perforate.runtime", str(Path(path).resolve()), str(batch), str(threads),
                *disabled_optimizers]
+    # Run beside this very package, so that the child imports it and not another copy on its path.
+    beside = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(command, capture_output=True, text=True, check=True, env=dict(os.environ))
+        out = subprocess.run(command, capture_output=True, text=True, check=True, env=dict(os.environ), cwd=beside)
         return json.loads(out.stdout.strip().splitlines()[-1])
     except (subprocess.CalledProcessError, ValueError, IndexError, OSError) as exc:
         detail = getattr(exc, "stderr", "") or ""
