@@ -518,6 +518,27 @@ def test_cuda_libraries_built_when_nvcc_present():
     assert not missing, f"partial CUDA build in {directory}: {missing} missing"
 
 
+def test_kernels_library_configures_without_ort_headers(tmp_path):
+    """A machine with nvcc but no ONNX Runtime headers (and no network) can still build the kernels
+    library: CMake asks for no header with ONNX_PERFORATE_ORT_OPS=OFF and plans that target alone."""
+    cmake, nvcc = shutil.which("cmake"), shutil.which("nvcc")
+    if cmake is None or nvcc is None:
+        pytest.skip("needs cmake and nvcc on PATH")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONNXRUNTIME_")}
+    env["HOME"] = str(tmp_path)  # no header cache
+    configure = subprocess.run(
+        [cmake, "-S", str(ROOT / "custom_ops"), "-B", str(tmp_path / "build"), "-DONNX_PERFORATE_CUDA=ON",
+         "-DONNX_PERFORATE_ORT_OPS=OFF", f"-DCMAKE_CUDA_COMPILER={nvcc}"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert configure.returncode == 0, configure.stdout + configure.stderr
+    assert "ONNX Runtime headers" not in configure.stdout
+    targets = subprocess.run([cmake, "--build", str(tmp_path / "build"), "--target", "help"], capture_output=True,
+                             text=True, check=True).stdout
+    assert "onnx_perforate_cuda_kernels" in targets
+    assert "onnx_perforate_ops" not in targets.replace("onnx_perforate_ops_cuda", "")
+    assert "onnx_perforate_ops_cuda" not in targets
+
+
 def _needed_libraries(path: Path) -> list[str]:
     objdump = shutil.which("objdump")
     if objdump is None:
