@@ -1,32 +1,22 @@
-"""Shared fixtures: where the real data lives, and whether the compiled library is there."""
+"""Fixtures shared by every test module; the code behind them lives in helpers.py."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-import onnx_perforate
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SAMPLE_MODELS = REPO / "sample_models"
-
-
-def shared_file(*parts: str) -> Path:
-    """A file under ../shared, or a skip naming what is missing."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"needs {path} (the real data in ../shared is not present)")
-    return path
+import helpers
 
 
 @pytest.fixture
 def require_library():
-    if onnx_perforate.has_library():
-        return
-    message = "the compiled custom-op library is not built (pip install . builds it)"
-    if os.environ.get("ONNX_PERFORATE_REQUIRE_LIBRARY") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
+    """Skips the test when the compiled library is missing (fails it under ONNX_PERFORATE_REQUIRE_LIBRARY=1)."""
+    helpers.require_library()
+
+
+@pytest.fixture(params=["library", "reference"])
+def backend(request) -> str:
+    """An independent way to run a perforated model, by name (see helpers.BACKENDS): ORT with the
+    compiled library, and onnx.reference with the numpy ops. Run it with helpers.run_backend."""
+    if request.param == "library":
+        helpers.require_library()
+    return request.param

@@ -9,7 +9,7 @@ from onnx_perforate.calibration import CalibrationSet, calibration_set
 from onnx_perforate.data import load_arrays
 from onnx_perforate.errors import DataError
 
-from test_gradients import synthetic_cnn, synthetic_input
+from helpers import synthetic_cnn, synthetic_input
 
 
 def test_feeds_and_labelled_pairs():

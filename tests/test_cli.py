@@ -5,20 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-import onnx_perforate
 from onnx_perforate.cli import main
-from test_rewrite import bn, conv_model, unary
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "sample_models"
-needs_library = pytest.mark.skipif(not onnx_perforate.has_library(),
-                                   reason="compiled custom-op library not found (install the package or set ONNX_PERFORATE_LIBRARY)")
+from helpers import REPO, bn, conv_model, needs_library, sample_file, unary
 
 
 def _classifier():
@@ -43,12 +37,12 @@ def _npz(tmp_path, n=10, classes=288):
 
 
 def test_help_and_module_entry_point():
-    out = subprocess.run([sys.executable, "-m", "onnx_perforate", "--help"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-m", "onnx_perforate", "--help"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0
     for word in ("inspect", "perforate", "bench", "eval", "--log-level"):
         assert word in out.stdout
     assert subprocess.run([sys.executable, "-m", "onnx_perforate", "perforate"], capture_output=True,
-                          cwd=ROOT).returncode == 2
+                          cwd=REPO).returncode == 2
 
 
 def test_inspect(model_path, tmp_path, capsys):
@@ -107,15 +101,26 @@ def test_bench(model_path, tmp_path, capsys):
     assert "speedup" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not (SAMPLE / "fashion_cnn.onnx").is_file() or not (SAMPLE / "fashion_mnist_subset.npz").is_file(),
-                    reason="sample_models/fashion_cnn.onnx or its data set is not built yet")
-def test_end_to_end_on_sample_model(tmp_path):
+@pytest.fixture
+def perforated_sample(tmp_path):
+    """The bundled Fashion-MNIST CNN and its grid-perforated copy written by the CLI."""
+    model = sample_file("fashion_cnn.onnx")
     out = tmp_path / "fashion_p.onnx"
-    assert main(["perforate", str(SAMPLE / "fashion_cnn.onnx"), "--mask", "grid", "--rate", "0.5", "-o", str(out)]) == 0
+    assert main(["perforate", str(model), "--mask", "grid", "--rate", "0.5", "-o", str(out)]) == 0
+    return model, out
+
+
+def test_end_to_end_on_sample_model(perforated_sample, tmp_path):
+    model, out = perforated_sample
     result = tmp_path / "e.json"
-    assert main(["eval", str(out), "--data", str(SAMPLE / "fashion_mnist_subset.npz"), "--compare",
-                 str(SAMPLE / "fashion_cnn.onnx"), "--limit", "200", "--json", str(result), "--no-progress"]) == 0
+    assert main(["eval", str(out), "--data", str(sample_file("fashion_mnist_subset.npz")), "--compare", str(model),
+                 "--limit", "200", "--json", str(result), "--no-progress"]) == 0
     data = json.loads(result.read_text())
     assert 0 <= data["model_top1"] <= 1 and data["top1_agreement"] > 0.3
-    if onnx_perforate.has_library():
-        assert main(["bench", str(SAMPLE / "fashion_cnn.onnx"), str(out), "--repeats", "3", "--no-progress"]) == 0
+
+
+@needs_library
+def test_bench_on_sample_model(perforated_sample, tmp_path):
+    model, out = perforated_sample
+    assert main(["bench", str(model), str(out), "--repeats", "3", "--no-progress", "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["speedup"] > 0

@@ -6,12 +6,12 @@ bad attributes and shapes."""
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import onnx_perforate
 from onnx_perforate import masks, ops
+
+from helpers import needs_library, run_fallback, run_ort, run_reference
 
 POOL_OPSET = 19  # AveragePool/MaxPool with ceil_mode fixes and dilations
 
@@ -48,11 +48,6 @@ def explicit_model(k, index, attrs, y_positions=None, batch=2, channels=3):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", POOL_OPSET), ops.opset_import()])
 
 
-def run(model, x, threads=2):
-    options = onnx_perforate.session_options(threads)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-
-
 CASES = {
     # name: (grid, rate, attributes, batch)
     "max 3x3 s2 (SqueezeNet pool1)": ((13, 13), 0.5, dict(mode="max", kernel_shape=[3, 3], strides=[2, 2]), 1),
@@ -76,14 +71,14 @@ def compact_input(grid, rate, batch, channels, seed, ties):
     return mask, index, x
 
 
-@pytest.mark.usefixtures("require_library")
+@needs_library
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_compact_pool_matches_explicit_form_and_reference(name, ties):
     grid, rate, attrs, batch = CASES[name]
     mask, index, x = compact_input(grid, rate, batch, 3, seed=len(name), ties=ties)
-    got = run(compact_pool_model(x.shape[2], index, attrs, batch=batch), x)
-    explicit = run(explicit_model(x.shape[2], index, attrs, batch=batch), x)
+    got = run_ort(compact_pool_model(x.shape[2], index, attrs, batch=batch), x, threads=2)[0]
+    explicit = run_ort(explicit_model(x.shape[2], index, attrs, batch=batch), x, threads=2)[0]
     reference = ops.compact_pool_reference(x, index, **attrs)
     assert got.shape == explicit.shape == reference.shape
     np.testing.assert_allclose(got, explicit, rtol=1e-5, atol=1e-6)
@@ -92,15 +87,15 @@ def test_compact_pool_matches_explicit_form_and_reference(name, ties):
         np.testing.assert_array_equal(got, explicit)  # max pooling is exact
 
 
-@pytest.mark.usefixtures("require_library")
+@needs_library
 @pytest.mark.parametrize("name", ["max ceil_mode", "average pads, count_include_pad"])
 def test_y_positions_compute_only_those_outputs(name):
     grid, rate, attrs, batch = CASES[name]
     mask, index, x = compact_input(grid, rate, batch, 4, seed=7, ties=False)
     full = ops.compact_pool_reference(x, index, **attrs)
     positions = np.sort(np.random.default_rng(1).choice(full.shape[2] * full.shape[3], 9, replace=False))
-    got = run(compact_pool_model(x.shape[2], index, attrs, positions, batch=batch, channels=4), x, threads=1)
-    explicit = run(explicit_model(x.shape[2], index, attrs, positions, batch=batch, channels=4), x)
+    got = run_ort(compact_pool_model(x.shape[2], index, attrs, positions, batch=batch, channels=4), x, threads=1)[0]
+    explicit = run_ort(explicit_model(x.shape[2], index, attrs, positions, batch=batch, channels=4), x, threads=2)[0]
     assert got.shape == (batch, 4, 9)
     np.testing.assert_allclose(got, explicit, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got, full.reshape(batch, 4, -1)[:, :, positions], rtol=1e-5, atol=1e-6)
@@ -112,23 +107,20 @@ def test_reference_evaluator_runs_compact_pool(with_positions):
     mask, index, x = compact_input(grid, rate, batch, 3, seed=3, ties=False)
     positions = [0, 5, 17] if with_positions else None
     model = compact_pool_model(x.shape[2], index, attrs, positions, batch=batch)
-    got = ops.reference_evaluator(model).run(None, {"x": x})[0]
+    got = run_reference(model, x)[0]
     np.testing.assert_allclose(got, ops.compact_pool_reference(x, index, positions, **attrs), rtol=1e-6)
     # The reference is independent of the explicit form's pooling, so check it against ONNX's own.
-    explicit = ops.reference_evaluator(explicit_model(x.shape[2], index, attrs, positions, batch=batch)).run(None, {"x": x})[0]
+    explicit = run_reference(explicit_model(x.shape[2], index, attrs, positions, batch=batch), x)[0]
     np.testing.assert_allclose(got, explicit, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("with_positions", [False, True])
 def test_python_fallback_runs_compact_pool(with_positions):
-    pytest.importorskip("onnxruntime_extensions", reason="onnxruntime-extensions (the fallback's dependency) is not installed")
-    from onnx_perforate import fallback
-
     grid, rate, attrs, batch = CASES["max ceil_mode"]
     mask, index, x = compact_input(grid, rate, batch, 3, seed=5, ties=True)
     positions = [1, 2, 8] if with_positions else None
     model = compact_pool_model(x.shape[2], index, attrs, positions, batch=batch)
-    got = fallback.fallback_session(model).run(None, {"x": x})[0]
+    got = run_fallback(model, x)[0]
     np.testing.assert_array_equal(got, ops.compact_pool_reference(x, index, positions, **attrs))
 
 
@@ -143,29 +135,29 @@ BAD = [
 ]
 
 
-@pytest.mark.usefixtures("require_library")
+@needs_library
 @pytest.mark.parametrize("attrs, positions, message", BAD, ids=[b[2] for b in BAD])
 def test_bad_attributes_name_the_node(attrs, positions, message):
     mask, index, x = compact_input((8, 8), 0.5, 1, 2, seed=0, ties=False)
     model = compact_pool_model(x.shape[2], index, attrs, positions, batch=1, channels=2)
     with pytest.raises(Exception) as info:
-        run(model, x)
+        run_ort(model, x, threads=2)[0]
     assert "CompactPool node 'pool'" in str(info.value) and message in str(info.value)
 
 
-@pytest.mark.usefixtures("require_library")
+@needs_library
 def test_bad_shapes_name_the_node():
     mask, index, x = compact_input((8, 8), 0.5, 1, 2, seed=0, ties=False)
     attrs = dict(mode="max", kernel_shape=[2, 2])
     bad_index = index.copy()
     bad_index[0, 0] = x.shape[2]
     with pytest.raises(Exception) as info:
-        run(compact_pool_model(x.shape[2], bad_index, attrs, batch=1, channels=2), x)
+        run_ort(compact_pool_model(x.shape[2], bad_index, attrs, batch=1, channels=2), x, threads=2)[0]
     assert "CompactPool node 'pool'" in str(info.value) and "input X_index has value" in str(info.value)
     four_d = compact_pool_model(x.shape[2], index, attrs, batch=1, channels=2)
     four_d.graph.input[0].type.tensor_type.shape.dim.add().dim_value = 1
     with pytest.raises(Exception) as info:
-        run(four_d, x[..., None])
+        run_ort(four_d, x[..., None], threads=2)[0]
     assert "CompactPool node 'pool'" in str(info.value) and "expected 3-D [N, C, K_in]" in str(info.value)
 
 

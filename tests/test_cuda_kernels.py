@@ -28,7 +28,8 @@ from onnx_perforate import LibraryNotFoundError, cuda_kernels, cuda_kernels_libr
 from onnx_perforate.cuda_kernels import ACTIVATIONS, conv_launch, device_conv_config, gather_table
 from onnx_perforate.ops import conv_output_size, nearest_index
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 KERNELS_NAME = "libonnx_perforate_cuda_kernels.so"
 OPS_CUDA_NAME = "libonnx_perforate_ops_cuda.so"
 OPS_CPU_NAME = "libonnx_perforate_ops.so"
@@ -39,7 +40,7 @@ CUDA_ERROR_INVALID_VALUE = 1
 
 
 def _package_lib_dir() -> Path:
-    return ROOT / "onnx_perforate" / "lib"
+    return REPO / "onnx_perforate" / "lib"
 
 
 def _candidate_dirs() -> list[Path]:
@@ -54,7 +55,7 @@ def _candidate_dirs() -> list[Path]:
     except Exception:  # the package may not import (no onnxruntime): fall back to the source tree
         pass
     dirs.append(_package_lib_dir())
-    dirs += sorted(ROOT.glob("build/*/cuda")) + sorted(ROOT.glob("build/*"))
+    dirs += sorted(REPO.glob("build/*/cuda")) + sorted(REPO.glob("build/*"))
     return dirs
 
 
@@ -680,7 +681,7 @@ def test_ort_cuda_provider_runs_compact_models():
     X_index, compact 1x1 convs) runs on the CUDA EP and matches the CPU kernels."""
     ort, onnx_perforate = _ort_cuda()
     pytest.importorskip("onnx_graphsurgeon", reason="the rewriter (onnx_perforate.rewrite) needs onnx-graphsurgeon")
-    from test_compact import chained_perforated_convs
+    from helpers import chained_perforated_convs
 
     rewritten = onnx_perforate.rewrite(*chained_perforated_convs(with_1x1=True)).SerializeToString()
     x = np.random.default_rng(0).uniform(0.1, 1.0, (2, 4, 10, 10)).astype(np.float32)

@@ -13,7 +13,7 @@ from onnx_perforate.rewrite import rewrite
 
 pytest.importorskip("onnxruntime_extensions", reason="onnxruntime-extensions (the fallback's dependency) is not installed")
 from onnx_perforate import fallback  # noqa: E402
-from test_rewrite import bn, conv_model, unary, x_for  # noqa: E402
+from helpers import bn, chained_perforated_convs, conv_model, unary, x_for  # noqa: E402
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -44,8 +44,6 @@ def test_fallback_warns(caplog):
 
 def test_compact_models_run_in_the_fallback():
     """A perforated conv reading a compact input (X_index) runs as its own fixed-arity Python op."""
-    from test_compact import chained_perforated_convs
-
     out = rewrite(*chained_perforated_convs())
     converted = fallback.to_python_op_model(out)
     assert fallback.COMPACT_INPUT_OP in {n.op_type for n in converted.graph.node}

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import SAMPLE_MODELS
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
@@ -17,6 +16,8 @@ from onnx_perforate.cli import main
 from onnx_perforate.finetune import PerforatedTrainer, finetune, perforation_masks, trainable_parameters
 from onnx_perforate.inspection import inspect
 from onnx_perforate.masks import grid
+
+from helpers import SAMPLE_MODELS, needs_library, to_double
 
 MODEL = SAMPLE_MODELS / "fashion_cnn.onnx"
 DATA = SAMPLE_MODELS / "fashion_mnist_subset.npz"
@@ -40,27 +41,6 @@ def _data(images, labels=None, count=200):
 # ------------------------------------------------------------------------------------------------ gradients
 
 
-def _to_double(model):
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    graph = result.graph
-    for i, tensor in enumerate(graph.initializer):
-        array = numpy_helper.to_array(tensor)
-        if array.dtype == np.float32:
-            graph.initializer[i].CopyFrom(numpy_helper.from_array(array.astype(np.float64), tensor.name))
-    for value in list(graph.input) + list(graph.output):
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
-            value.type.tensor_type.elem_type = TensorProto.DOUBLE
-    graph.ClearField("value_info")
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
-                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
-            if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
-                a.i = TensorProto.DOUBLE
-    return result
-
-
 def test_weight_gradients_match_float64_central_differences(sample):
     """dL/dW of the perforated network (first conv, a BatchNorm shift, the classifier) from the ORT
     derivative graph against central differences of the same forward graph evaluated in float64 by the
@@ -73,7 +53,7 @@ def test_weight_gradients_match_float64_central_differences(sample):
     target[np.arange(2), labels[::500][:2]] = 0.82
     _, grads = trainer.loss_and_gradients(x, target)
 
-    double = ReferenceEvaluator(_to_double(trainer.forward_model))
+    double = ReferenceEvaluator(to_double(trainer.forward_model))
     gm = trainer.gradient_model
     feeds = {trainer.input_name: x.astype(np.float64), gm.target: target.astype(np.float64)}
     feeds.update({k: v.astype(np.float64) for k, v in trainer.zero_taps.items()})
@@ -117,7 +97,8 @@ def _deployed_agreement(model, original, x):
     return float((a == b).mean())
 
 
-def test_distillation_lowers_heldout_loss_in_the_deployed_model(sample, require_library):
+@needs_library
+def test_distillation_lowers_heldout_loss_in_the_deployed_model(sample):
     original, perforated, masks, images, labels = sample
     result = finetune(perforated, original, _data(images, labels), epochs=2, progress=False, threads=1)
     assert result.improved

@@ -14,8 +14,6 @@ positions with near-zero gradients from failing on rounding alone.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
@@ -30,63 +28,12 @@ from onnx_perforate.gradients import (
     impact_map,
     prepare_model,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-CIFAR_MODEL = SHARED / "cifar10" / "cifar10_keras_cnn.onnx"
-CIFAR_DATA = SHARED / "cifar10" / "cifar10_test.npz"
-SQUEEZENET = SHARED / "imagenet" / "squeezenet1.1.onnx"
+from helpers import sample_file, shared_file, synthetic_cnn, synthetic_input, to_double
 
 RTOL, ATOL_FRACTION = 1e-3, 1e-5
 
 
 # --------------------------------------------------------------------------- helpers
-
-def synthetic_cnn(softmax=False, seed=0):
-    """Conv->BN->Relu->MaxPool->Conv->Relu->GlobalAveragePool->Flatten->Gemm(->Softmax).
-
-    The second conv's weight is a Constant node, not an initializer, on purpose."""
-    rng = np.random.default_rng(seed)
-
-    def init(name, *shape, scale=1.0, offset=0.0):
-        return numpy_helper.from_array(
-            (offset + scale * rng.standard_normal(shape)).astype(np.float32), name)
-
-    inits = [init("w1", 8, 3, 3, 3, scale=0.3), init("b1", 8, scale=0.1),
-             init("bn_s", 8, scale=0.2, offset=1.0), init("bn_b", 8, scale=0.1),
-             init("bn_m", 8, scale=0.1), init("wg", 6, 5, scale=0.5), init("bg", 5, scale=0.1)]
-    bn_var = np.abs(rng.standard_normal(8)).astype(np.float32) + 0.5
-    inits.append(numpy_helper.from_array(bn_var, "bn_v"))
-    w2 = (0.3 * rng.standard_normal((6, 8, 3, 3))).astype(np.float32)
-    out = "probs" if softmax else "logits"
-    nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-        helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"]),
-        helper.make_node("Relu", ["bn"], ["r1"]),
-        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Constant", [], ["w2"], value=numpy_helper.from_array(w2)),
-        helper.make_node("Conv", ["p1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
-        helper.make_node("Relu", ["c2"], ["r2"]),
-        helper.make_node("GlobalAveragePool", ["r2"], ["gap"]),
-        helper.make_node("Flatten", ["gap"], ["flat"]),
-        helper.make_node("Gemm", ["flat", "wg", "bg"], ["logits"]),
-    ]
-    if softmax:
-        nodes.append(helper.make_node("Softmax", ["logits"], ["probs"], axis=1))
-    graph = helper.make_graph(
-        nodes, "synthetic",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
-        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 5])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
-def synthetic_input(n, seed=1):
-    # never zeros: a zero input makes every ReLU sit on its kink
-    return np.random.default_rng(seed).uniform(0.1, 1.0, (n, 3, 12, 12)).astype(np.float32)
-
 
 def checkerboard_index(ho, wo):
     """Positions with odd i + j are skipped and copy their left (or right) neighbour."""
@@ -98,38 +45,12 @@ def checkerboard_index(ho, wo):
     return index
 
 
-def _to_double(model):
-    """The same graph in float64: initializers, Constant nodes, declared types, Casts."""
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    graph = result.graph
-
-    def widen(tensor):
-        array = numpy_helper.to_array(tensor)
-        return numpy_helper.from_array(array.astype(np.float64), tensor.name) \
-            if array.dtype == np.float32 else tensor
-
-    for i, tensor in enumerate(graph.initializer):
-        graph.initializer[i].CopyFrom(widen(tensor))
-    for value in list(graph.input) + list(graph.output):
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
-            value.type.tensor_type.elem_type = TensorProto.DOUBLE
-    graph.ClearField("value_info")
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                a.t.CopyFrom(widen(a.t))
-            if node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT:
-                a.i = TensorProto.DOUBLE
-    return result
-
-
 class Float64Loss:
     """The loss of a GradientModel's forward graph in float64, as a function of a
     perturbation of one tensor V. Only the nodes downstream of V's tap are re-evaluated."""
 
     def __init__(self, gm, feeds, target, tensor):
-        model = _to_double(gm.loss_model)
+        model = to_double(gm.loss_model)
         full = {k: np.asarray(v, np.float64) for k, v in feeds.items()}
         for v in gm.tensors:
             full[gm.taps[v]] = np.zeros(gm.shapes[v])
@@ -397,12 +318,11 @@ def test_unsupported_op_lists_every_node():
 
 @pytest.fixture(scope="module")
 def cifar():
-    if not (CIFAR_MODEL.exists() and CIFAR_DATA.exists()):
-        pytest.skip("CIFAR-10 model/data not found under %s" % (SHARED / "cifar10"))
-    with np.load(CIFAR_DATA) as data:
+    model = shared_file("data", "cifar10", "cifar10_keras_cnn.onnx")
+    with np.load(shared_file("data", "cifar10", "cifar10_test.npz")) as data:
         images = data["images"][:4].transpose(0, 3, 1, 2).astype(np.float32)
         labels = data["labels"][:4].astype(np.int64)
-    return onnx.load(CIFAR_MODEL), images, labels
+    return onnx.load(model), images, labels
 
 
 @pytest.mark.shared
@@ -435,9 +355,8 @@ def test_cifar_impact_and_interpolation(cifar):
 
 @pytest.mark.shared
 def test_squeezenet():
-    if not SQUEEZENET.exists():
-        pytest.skip("SqueezeNet 1.1 not found at %s" % SQUEEZENET)
-    model = onnx.load(SQUEEZENET)  # opset 7, weights listed as inputs, Softmax output
+    squeezenet = shared_file("data", "imagenet", "squeezenet1.1.onnx")
+    model = onnx.load(squeezenet)  # opset 7, weights listed as inputs, Softmax output
     taps = ["fire9/expand1x1_1", "conv10_1"]
     gm = build_gradient_model(model, taps, 1)
     assert gm.inputs == ("data_0",) and gm.scores == "probabilities"
@@ -446,7 +365,7 @@ def test_squeezenet():
     assert [o.name for o in gm.model.graph.output] == [
         gm.loss, *(gm.values[v] for v in taps), *(gm.grads[v] for v in taps)]
     assert gm.grads["conv10_1"] == "conv10_1__grad"
-    runner = GradientRunner(SQUEEZENET, taps)
+    runner = GradientRunner(squeezenet, taps)
     x = np.random.default_rng(5).uniform(0, 255, (1, 3, 224, 224)).astype(np.float32)
     results = runner.run({"data_0": x})
     worst = check_fd(runner.gradient_model(1), {"data_0": x}, None, results, taps,
@@ -456,18 +375,12 @@ def test_squeezenet():
 
 # --------------------------------------------------------------------------- bundled sample model
 
-SAMPLE_MODEL = Path(__file__).resolve().parents[1] / "sample_models" / "fashion_cnn.onnx"
-SAMPLE_DATA = SAMPLE_MODEL.parent / "fashion_mnist_subset.npz"
-
-
 def test_sample_model_finite_differences():
     """The bundled Fashion-MNIST CNN (Conv -> BatchNormalization -> Relu, opset 17): dL/dV of its
     first and last conv against float64 central differences, within RTOL (relative) plus
     ATOL_FRACTION of the largest gradient."""
-    if not SAMPLE_MODEL.exists():
-        pytest.skip("the bundled sample model is missing")
-    model = onnx.load(SAMPLE_MODEL)
-    with np.load(SAMPLE_DATA) as data:
+    model = onnx.load(sample_file("fashion_cnn.onnx"))
+    with np.load(sample_file("fashion_mnist_subset.npz")) as data:
         x = data["images"][::250][:2].astype(np.float32)  # two images of different classes
         labels = data["labels"][::250][:2].astype(np.int64)
     convs = [n.output[0] for n in prepare_model(model).graph.node if n.op_type == "Conv"]

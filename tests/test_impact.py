@@ -12,10 +12,9 @@ from onnx_perforate import impact, masks
 from onnx_perforate.calibration import calibration_set
 from onnx_perforate.errors import PerforateError
 
-from conftest import shared_file
-from test_gradients import synthetic_cnn, synthetic_input
+from helpers import needs_library, shared_file, synthetic_cnn, synthetic_input
 
-pytestmark = pytest.mark.usefixtures("require_library")
+pytestmark = needs_library
 
 
 def calibration(n=16):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 
 import onnx_perforate
-from onnx_perforate import LibraryNotFoundError
+from onnx_perforate import LibraryNotFoundError, ops
+
+from helpers import assert_close_to_reference, needs_library, perforated_model
 
 
 def test_library_path_override_must_exist(monkeypatch, tmp_path):
@@ -16,7 +19,7 @@ def test_library_path_override_must_exist(monkeypatch, tmp_path):
     assert not onnx_perforate.has_library()
 
 
-@pytest.mark.usefixtures("require_library")
+@needs_library
 def test_session_options_register_the_library_and_set_threads():
     options = onnx_perforate.session_options(1, allow_spinning=False, enable_mem_pattern=False)
     assert options.intra_op_num_threads == 1
@@ -26,10 +29,20 @@ def test_session_options_register_the_library_and_set_threads():
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
 
-@pytest.mark.usefixtures("require_library")
+@needs_library
 def test_cuda_options_need_the_cuda_library(monkeypatch):
     if onnx_perforate.cuda_library_path() is None:
         with pytest.raises(LibraryNotFoundError, match="cuda"):
             onnx_perforate.session_options(cuda=True)
-    else:
-        assert onnx_perforate.session_options(cuda=True) is not None
+        return
+    # The CUDA library holds the CPU kernels too: a perforated model runs with its options on the CPU.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    mask = rng.random((6, 6)) < 0.5
+    mask[0, 0] = True
+    attrs = ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1))
+    model = perforated_model(x.shape, w, None, mask, attrs, interpolate=False)
+    session = ort.InferenceSession(model.SerializeToString(), onnx_perforate.session_options(1, cuda=True),
+                                   providers=["CPUExecutionProvider"])
+    assert_close_to_reference(session.run(None, {"x": x})[0], x, w, None, mask, attrs)

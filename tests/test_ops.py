@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,57 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_perforate
 from onnx_perforate import ops
 
-pytestmark = pytest.mark.usefixtures("require_library")
+from helpers import assert_close_to_reference, needs_library, perforated_model, run_ort
 
-
-def perforated_model(x_shape, w, b, mask, attrs: ops.ConvAttributes, interpolate=True, mask_dtype=bool):
-    inputs = ["x", "w", "b" if b is not None else "", "mask"]
-    nodes = [ops.make_perforated_conv_node(inputs, "yc", attrs, "conv")]
-    initializers = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(mask.astype(mask_dtype), "mask")]
-    if b is not None:
-        initializers.append(numpy_helper.from_array(b, "b"))
-    output = "yc"
-    if interpolate:
-        nodes.append(ops.make_nn_interpolate_node("yc", "index", "y", "conv/interpolate"))
-        initializers.append(numpy_helper.from_array(ops.nearest_index(mask), "index"))
-        output = "y"
-    graph = helper.make_graph(
-        nodes,
-        "perforated",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
-        initializers,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
-
-
-def run_ort(model, feeds, threads=2):
-    session = ort.InferenceSession(
-        model.SerializeToString(), onnx_perforate.session_options(threads), providers=["CPUExecutionProvider"]
-    )
-    return session.run(None, feeds)[0]
-
-
-def assert_close_to_reference(y, x, w, b, mask, attrs: ops.ConvAttributes):
-    """|y - ref| within float32 rounding of the sum of |terms| (the accumulation's own scale)."""
-    kwargs = dict(
-        kernel_shape=attrs.kernel_shape,
-        strides=attrs.strides,
-        pads=attrs.pads,
-        dilations=attrs.dilations,
-        group=attrs.group,
-    )
-    ref = ops.perforated_conv_reference(
-        x, w, b, mask, activation=attrs.activation, alpha=attrs.alpha, clip_min=attrs.clip_min,
-        clip_max=attrs.clip_max, **kwargs
-    )
-    scale = ops.perforated_conv_reference(np.abs(x), np.abs(w), None if b is None else np.abs(b), mask, **kwargs)
-    assert y.shape == ref.shape
-    assert np.isfinite(y).all()
-    err = np.abs(y.astype(np.float64) - ref)
-    bound = 1e-5 * scale + 1e-6
-    worst = float((err / bound).max()) if err.size else 0.0
-    assert worst <= 1.0, f"max error {err.max():.3g} is {worst:.2f}x the float32 rounding bound"
+pytestmark = needs_library
 
 
 @st.composite
@@ -122,7 +73,7 @@ def random_case(n, c, h, w, m, cg, attrs, with_bias, mask_kind, seed):
 def test_perforated_conv_matches_reference(case):
     (n, c, h, w, m, cg), attrs, with_bias, mask_kind, seed = case
     x, weights, b, mask = random_case(n, c, h, w, m, cg, attrs, with_bias, mask_kind, seed)
-    yc = run_ort(perforated_model(x.shape, weights, b, mask, attrs, interpolate=False), {"x": x})
+    yc = run_ort(perforated_model(x.shape, weights, b, mask, attrs, interpolate=False), {"x": x}, threads=2)[0]
     assert_close_to_reference(yc, x, weights, b, mask, attrs)
 
 
@@ -131,7 +82,7 @@ def test_perforated_conv_matches_reference(case):
 def test_interpolated_output_matches_reference(case):
     (n, c, h, w, m, cg), attrs, with_bias, mask_kind, seed = case
     x, weights, b, mask = random_case(n, c, h, w, m, cg, attrs, with_bias, mask_kind, seed)
-    y = run_ort(perforated_model(x.shape, weights, b, mask, attrs), {"x": x})
+    y = run_ort(perforated_model(x.shape, weights, b, mask, attrs), {"x": x}, threads=2)[0]
     yc = ops.perforated_conv_reference(
         x, weights, b, mask, kernel_shape=attrs.kernel_shape, strides=attrs.strides, pads=attrs.pads,
         dilations=attrs.dilations, group=attrs.group, activation=attrs.activation, alpha=attrs.alpha,
@@ -153,7 +104,7 @@ def ort_conv(x, w, b, attrs: ops.ConvAttributes):
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return run_ort(model, {"x": x}, library=False)[0]
 
 
 # Shapes that exercise every path of the CPU kernel: reduction split in KC slices (patch > 256), channel
@@ -177,7 +128,7 @@ def test_all_ones_mask_equals_ort_conv(x_shape, w_shape, attrs, threads):
     b = rng.standard_normal(w_shape[0]).astype(np.float32)
     expected = ort_conv(x, w, b, attrs)
     mask = np.ones(expected.shape[2:], bool)
-    y = run_ort(perforated_model(x.shape, w, b, mask, attrs), {"x": x}, threads=threads)
+    y = run_ort(perforated_model(x.shape, w, b, mask, attrs), {"x": x}, threads=threads)[0]
     scale = np.abs(ort_conv(np.abs(x), np.abs(w), np.abs(b), attrs))
     assert np.isfinite(y).all()
     assert (np.abs(y - expected) <= 1e-5 * scale + 1e-6).all()
@@ -192,7 +143,7 @@ def test_random_mask_on_large_layers(x_shape, w_shape, attrs):
     ho, wo = ops.conv_output_size(x_shape[2:], attrs.kernel_shape, attrs.strides, attrs.pads, attrs.dilations)
     mask = rng.random((ho, wo)) < 0.4
     mask[0, 0] = True
-    yc = run_ort(perforated_model(x.shape, w, b, mask, attrs, interpolate=False), {"x": x})
+    yc = run_ort(perforated_model(x.shape, w, b, mask, attrs, interpolate=False), {"x": x}, threads=2)[0]
     assert_close_to_reference(yc, x, w, b, mask, attrs)
 
 
@@ -202,7 +153,7 @@ def test_uint8_mask_and_missing_bias():
     w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
     attrs = ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), activation="LeakyRelu", alpha=0.1)
     mask = rng.random((9, 9)) < 0.5
-    yc = run_ort(perforated_model(x.shape, w, None, mask, attrs, interpolate=False, mask_dtype=np.uint8), {"x": x})
+    yc = run_ort(perforated_model(x.shape, w, None, mask, attrs, interpolate=False, mask_dtype=np.uint8), {"x": x}, threads=2)[0]
     assert_close_to_reference(yc, x, w, None, mask, attrs)
 
 
@@ -214,7 +165,7 @@ def test_other_gemm_paths_match_the_reference(gemm):
         """
         import numpy as np, sys
         sys.path[:0] = [{tests!r}]
-        from test_ops import perforated_model, run_ort, assert_close_to_reference
+        from helpers import perforated_model, run_ort, assert_close_to_reference
         from onnx_perforate import ops
         rng = np.random.default_rng(4)
         x = rng.standard_normal((2, 40, 11, 11)).astype(np.float32)
@@ -222,13 +173,13 @@ def test_other_gemm_paths_match_the_reference(gemm):
         b = rng.standard_normal(24).astype(np.float32)
         attrs = ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=2, activation="Relu")
         mask = rng.random((11, 11)) < 0.5
-        yc = run_ort(perforated_model(x.shape, w, b, mask, attrs, interpolate=False), {{"x": x}})
+        yc = run_ort(perforated_model(x.shape, w, b, mask, attrs, interpolate=False), {{"x": x}}, threads=2)[0]
         assert_close_to_reference(yc, x, w, b, mask, attrs)
         for n, k in [(1, 1), (3, 7), (2, 40)]:  # full, half and partial micro-tiles
             mask = np.zeros((11, 11), bool)
             mask.flat[rng.choice(121, k, replace=False)] = True
             xx = rng.standard_normal((n, 40, 11, 11)).astype(np.float32)
-            yc = run_ort(perforated_model(xx.shape, w, b, mask, attrs, interpolate=False), {{"x": xx}})
+            yc = run_ort(perforated_model(xx.shape, w, b, mask, attrs, interpolate=False), {{"x": xx}}, threads=2)[0]
             assert_close_to_reference(yc, xx, w, b, mask, attrs)
         print("ok")
         """
@@ -247,7 +198,7 @@ def test_reference_evaluator_runs_the_custom_ops():
     mask[3, 3] = True
     model = perforated_model(x.shape, w, b, mask, ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), activation="Relu"))
     expected = ops.reference_evaluator(model).run(None, {"x": x})[0]
-    np.testing.assert_allclose(run_ort(model, {"x": x}), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_ort(model, {"x": x}, threads=2)[0], expected, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,7 +247,7 @@ def bad_model(nodes, inputs, initializers):
 
 def expect_error(model, feeds, *fragments):
     with pytest.raises(Exception) as info:
-        run_ort(model, feeds)
+        run_ort(model, feeds, threads=2)[0]
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, message
@@ -364,8 +315,8 @@ def test_library_does_not_link_onnxruntime():
     """The library initialises through the OrtApiBase ORT passes in, so it loads in any ORT >= 1.21."""
     path = onnx_perforate.library_path()
     result = subprocess.run(["ldd", path], capture_output=True, text=True)
+    assert result.returncode == 0 and "=>" in result.stdout, result.stderr  # ldd listed the dependencies
     assert "onnxruntime" not in result.stdout
-    assert onnx.__version__  # keeps the import used even where ldd is missing
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,9 +348,9 @@ def test_compact_input_equals_explicit_interpolation(x_shape, w_shape, attrs, pr
         [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(b, "b"),
          numpy_helper.from_array(mask, "mask"), numpy_helper.from_array(x_index, "x_index")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
-    got = run_ort(model, {"x": compact})
+    got = run_ort(model, {"x": compact}, threads=2)[0]
     explicit = run_ort(perforated_model(x_shape, weights, b, mask, attrs, interpolate=False),
-                       {"x": ops.nn_interpolate_reference(compact, x_index)})
+                       {"x": ops.nn_interpolate_reference(compact, x_index)}, threads=2)[0]
     np.testing.assert_array_equal(got, explicit)  # same arithmetic, same order: bit-identical
     np.testing.assert_allclose(ops.reference_evaluator(model).run(None, {"x": compact})[0], got, rtol=1e-4, atol=1e-3)
 
@@ -452,7 +403,7 @@ def test_absent_attributes_take_their_defaults():
     node = helper.make_node("PerforatedConv", ["x", "w", "", "mask"], ["y"], name="bare", domain=ops.DOMAIN)
     model = bad_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
                       [numpy_helper.from_array(w, "w"), numpy_helper.from_array(mask, "mask")])
-    assert_close_to_reference(run_ort(model, {"x": x}), x, w, None, mask, ops.ConvAttributes((3, 3)))
+    assert_close_to_reference(run_ort(model, {"x": x}, threads=2)[0], x, w, None, mask, ops.ConvAttributes((3, 3)))
 
 
 # ------------------------------------------------------------------------------------------------

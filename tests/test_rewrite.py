@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_perforate
-from onnx_perforate import masks, ops
+from onnx_perforate import masks
 from onnx_perforate.errors import (
     DynamicShapeError,
     EmptyMaskError,
@@ -21,95 +20,21 @@ from onnx_perforate.errors import (
 )
 from onnx_perforate.rewrite import rewrite, rewrite_with_report
 
-needs_library = pytest.mark.skipif(
-    not onnx_perforate.has_library(),
-    reason="compiled custom-op library not found (install the package or set ONNX_PERFORATE_LIBRARY)",
+from helpers import (
+    assert_close,
+    binary,
+    bn,
+    build,
+    conv_model,
+    f32,
+    run_backend,
+    run_ort,
+    run_reference,
+    unary,
+    x_for,
 )
+
 RNG = np.random.default_rng(0)
-
-
-def _f32(name, array):
-    return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
-
-
-def build(nodes, initializers, *, x_shape=("N", 3, 12, 12), y_shape=None, opset=13, outputs=("y",), x_name="x"):
-    """A model from nodes; output shapes are left to shape inference unless given."""
-    y_shape = y_shape
-    outs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, y_shape) for o in outputs]
-    graph = helper.make_graph(
-        nodes, "test", [helper.make_tensor_value_info(x_name, TensorProto.FLOAT, list(x_shape))], outs, initializers
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model = onnx.shape_inference.infer_shapes(model)
-    # Keep only the declared graph outputs' inferred shapes, drop value_info (like a plain export).
-    inferred = {vi.name: vi for vi in model.graph.value_info}
-    del model.graph.value_info[:]
-    for out in model.graph.output:
-        if not out.type.tensor_type.HasField("shape") and out.name in inferred:
-            out.CopyFrom(inferred[out.name])
-    return model
-
-
-def conv_model(*, after=(), opset=15, bias=True, pads=(1, 1, 1, 1), strides=(1, 1), channels=8, **conv_attrs):
-    """x -> Conv 'conv' (3x3) -> the nodes in ``after`` (built by a callable(prev) -> (nodes, inits, out))."""
-    w = RNG.normal(size=(channels, 3, 3, 3)) * 0.3
-    inits = [_f32("W", w)]
-    inputs = ["x", "W"]
-    if bias:
-        inits.append(_f32("B", RNG.normal(size=channels)))
-        inputs.append("B")
-    attrs = dict(conv_attrs)
-    if "auto_pad" not in attrs:
-        attrs["pads"] = list(pads)
-    nodes = [helper.make_node("Conv", inputs, ["c"], name="conv", strides=list(strides), **attrs)]
-    prev = "c"
-    for make in after:
-        more_nodes, more_inits, prev = make(prev)
-        nodes += more_nodes
-        inits += more_inits
-    nodes.append(helper.make_node("Identity", [prev], ["y"], name="out"))
-    return build(nodes, inits, opset=opset)
-
-
-def bn(prev, name="bn", channels=8, **attrs):
-    params = [
-        _f32(f"{name}_g", RNG.uniform(0.5, 1.5, channels)),
-        _f32(f"{name}_b", RNG.normal(size=channels)),
-        _f32(f"{name}_m", RNG.normal(size=channels)),
-        _f32(f"{name}_v", RNG.uniform(0.5, 2.0, channels)),
-    ]
-    node = helper.make_node("BatchNormalization", [prev] + [p.name for p in params], [name], name=name, **attrs)
-    return [node], params, name
-
-
-def unary(op, name=None, **attrs):
-    name = name or op.lower()
-    return lambda prev: ([helper.make_node(op, [prev], [name], name=name, **attrs)], [], name)
-
-
-def binary(op, value, name=None, const_first=False):
-    name = name or op.lower()
-
-    def make(prev):
-        inputs = [f"{name}_c", prev] if const_first else [prev, f"{name}_c"]
-        return [helper.make_node(op, inputs, [name], name=name)], [_f32(f"{name}_c", value)], name
-
-    return make
-
-
-def x_for(model, batch=2):
-    shape = [d.dim_value or batch for d in model.graph.input[0].type.tensor_type.shape.dim]
-    return RNG.normal(size=shape).astype(np.float32)
-
-
-def ort_run(model, x, options=None):
-    session = ort.InferenceSession(model.SerializeToString(), options or ort.SessionOptions(),
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, {model.graph.input[0].name: x})[0]
-
-
-def ref_run(model, x):
-    return ops.reference_evaluator(model).run(None, {model.graph.input[0].name: x})[0]
 
 
 def reference_is_exact(model) -> bool:
@@ -124,26 +49,19 @@ def ones_for(model, key="conv"):
     return np.ones(record.output_shape[2:], dtype=bool)
 
 
-def assert_close(got, want):
-    scale = max(float(np.abs(want).max()), 1e-6)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
-
-
 def assert_valid(model):
     onnx.checker.check_model(model, full_check=True)
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)
 
 
-def assert_reproduces(model, **kwargs):
-    """All-ones masks: the rewritten model computes what the original does (ORT and onnx.reference)."""
+def assert_reproduces(model, backend, **kwargs):
+    """All-ones masks: the rewritten model computes what the original does in plain ORT."""
     out = rewrite(model, {"conv": ones_for(model)}, **kwargs)
     assert_valid(out)
     x = x_for(model)
-    want = ort_run(model, x)
-    if reference_is_exact(out):
-        assert_close(ref_run(out, x), want)
-    if onnx_perforate.has_library():
-        assert_close(ort_run(out, x, onnx_perforate.session_options(1)), want)
+    want = run_ort(model, x, library=False)[0]
+    if backend != "reference" or reference_is_exact(out):
+        assert_close(run_backend(backend, out, x)[0], want)
     return out
 
 
@@ -151,10 +69,10 @@ def assert_reproduces(model, **kwargs):
 # Invariants
 
 
-def test_all_ones_mask_reproduces_and_names_are_kept():
+def test_all_ones_mask_reproduces_and_names_are_kept(backend):
     model = conv_model(after=[unary("Relu")])
     before = model.SerializeToString()
-    out = assert_reproduces(model)
+    out = assert_reproduces(model, backend)
     assert model.SerializeToString() == before, "the input model must not be modified"
     nodes = {n.name: n for n in out.graph.node}
     assert nodes["conv"].op_type == "PerforatedConv" and nodes["conv"].domain == onnx_perforate.DOMAIN
@@ -181,34 +99,34 @@ def test_rewrite_is_deterministic_and_accepts_a_path(tmp_path):
     assert a.SerializeToString() == b.SerializeToString()
 
 
-def test_perforated_model_agrees_between_ort_and_reference():
+def test_perforated_model_agrees_with_the_original_where_computed(backend):
     model = conv_model(after=[bn, unary("Relu"), binary("Add", RNG.normal(size=(8, 1, 1)))])
     out = rewrite(model, {"conv": masks.grid((12, 12), 0.6)})
     assert_valid(out)
     x = x_for(model)
-    want = ref_run(out, x)
+    got = run_backend(backend, out, x)[0]
     # Perforation changes the result, but only at skipped positions.
     mask = numpy_helper.to_array({t.name: t for t in out.graph.initializer}["conv.mask"])
-    original = ort_run(model, x)
-    assert_close(want[:, :, mask], original[:, :, mask])
-    if onnx_perforate.has_library():
-        assert_close(ort_run(out, x, onnx_perforate.session_options(1)), want)
+    original = run_ort(model, x, library=False)[0]
+    assert_close(got[:, :, mask], original[:, :, mask])
+    assert not np.allclose(got[:, :, ~mask], original[:, :, ~mask])  # skipped positions are interpolated
+    assert_close(got, run_reference(out, x)[0])  # the library agrees with the reference everywhere
 
 
-def test_all_ones_through_every_pass_combination():
+def test_all_ones_through_every_pass_combination(backend):
     after = [bn, unary("LeakyRelu", alpha=0.2), binary("Mul", RNG.normal(size=(1, 8, 1, 1))), unary("Sigmoid")]
     model = conv_model(after=after)
     for fuse in (True, False):
-        assert_reproduces(model, fuse=fuse)
-    assert_reproduces(model, fold_batchnorm=False)
-    assert_reproduces(model, interpolate_late=False)
+        assert_reproduces(model, backend, fuse=fuse)
+    assert_reproduces(model, backend, fold_batchnorm=False)
+    assert_reproduces(model, backend, interpolate_late=False)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Passes
 
 
-def test_batchnorm_is_folded_and_activation_fused():
+def test_batchnorm_is_folded_and_activation_fused(backend):
     model = conv_model(after=[bn, unary("Relu")])
     out, report = rewrite_with_report(model, {"conv": ones_for(model)})
     ops_left = [n.op_type for n in out.graph.node]
@@ -217,10 +135,10 @@ def test_batchnorm_is_folded_and_activation_fused():
     assert layer.folded_batchnorm == "bn" and layer.fused_activation == "Relu"
     conv = next(n for n in out.graph.node if n.op_type == "PerforatedConv")
     assert helper.get_attribute_value(next(a for a in conv.attribute if a.name == "activation")) == b"Relu"
-    assert_reproduces(model)
+    assert_reproduces(model, backend)
 
 
-def test_batchnorm_not_folded_when_output_is_shared():
+def test_batchnorm_not_folded_when_output_is_shared(backend):
     def shared(prev):  # the Conv output feeds both BN and an Add
         nodes, inits, out = bn(prev)
         nodes.append(helper.make_node("Add", [out, prev], ["sum"], name="sum"))
@@ -230,7 +148,7 @@ def test_batchnorm_not_folded_when_output_is_shared():
     out, report = rewrite_with_report(model, {"conv": ones_for(model)})
     assert report.layers[0].folded_batchnorm is None
     assert "2 consumers" in report.layers[0].skipped["fold_batchnorm"]
-    assert_reproduces(model)
+    assert_reproduces(model, backend)
 
 
 def test_passes_say_why_they_did_not_apply():
@@ -247,12 +165,12 @@ def test_passes_say_why_they_did_not_apply():
 
 
 @pytest.mark.parametrize("opset", [10, 13])
-def test_clip_fused_with_attributes_or_constant_inputs(opset):
+def test_clip_fused_with_attributes_or_constant_inputs(opset, backend):
     if opset < 11:
         clip = unary("Clip", min=-0.5, max=0.7)
     else:
         def clip(prev):
-            inits = [_f32("lo", -0.5), _f32("hi", 0.7)]
+            inits = [f32("lo", -0.5), f32("hi", 0.7)]
             return [helper.make_node("Clip", [prev, "lo", "hi"], ["clip"], name="clip")], inits, "clip"
     model = conv_model(after=[clip], opset=opset)
     out, report = rewrite_with_report(model, {"conv": ones_for(model)})
@@ -260,10 +178,10 @@ def test_clip_fused_with_attributes_or_constant_inputs(opset):
     conv = next(n for n in out.graph.node if n.op_type == "PerforatedConv")
     attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
     assert attrs["clip_min"] == pytest.approx(-0.5) and attrs["clip_max"] == pytest.approx(0.7)
-    assert_reproduces(model)
+    assert_reproduces(model, backend)
 
 
-def test_clip_with_computed_bound_is_not_fused_but_interpolated_late():
+def test_clip_with_computed_bound_is_not_fused_but_interpolated_late(backend):
     def clip(prev):
         nodes = [helper.make_node("ReduceMax", ["x"], ["hi"], name="hi", keepdims=0),
                  helper.make_node("Clip", [prev, "", "hi"], ["clip"], name="clip")]
@@ -274,10 +192,10 @@ def test_clip_with_computed_bound_is_not_fused_but_interpolated_late():
     layer = report.layers[0]
     assert layer.fused_activation is None and "non-constant" in layer.skipped["fuse_activation"]
     assert layer.interpolated_late == ["clip"]
-    assert_reproduces(model)
+    assert_reproduces(model, backend)
 
 
-def test_interpolate_late_moves_per_channel_ops_and_keeps_names():
+def test_interpolate_late_moves_per_channel_ops_and_keeps_names(backend):
     after = [
         unary("Relu"),
         binary("Add", RNG.normal(size=(8, 1, 1)), name="add"),
@@ -292,7 +210,7 @@ def test_interpolate_late_moves_per_channel_ops_and_keeps_names():
     interp = next(n for n in out.graph.node if n.op_type == "NNInterpolate")
     assert list(interp.output) == ["tanh"]
     assert {"add.compact", "tanh.compact"} <= {vi.name for vi in out.graph.value_info}
-    assert_reproduces(model)
+    assert_reproduces(model, backend)
 
 
 @pytest.mark.parametrize(
@@ -303,16 +221,16 @@ def test_interpolate_late_moves_per_channel_ops_and_keeps_names():
         ([unary("MaxPool", kernel_shape=[2, 2])], "does not commute"),
     ],
 )
-def test_interpolate_late_stops_where_illegal(after, why):
+def test_interpolate_late_stops_where_illegal(after, why, backend):
     model = conv_model(after=after)
     out, report = rewrite_with_report(model, {"conv": ones_for(model)})
     assert report.layers[0].interpolated_late == []
     assert why in report.layers[0].skipped["interpolate_late"]
-    assert_reproduces(model)
+    assert_reproduces(model, backend)
 
 
 def test_interpolate_late_stops_at_graph_output():
-    w = _f32("W", RNG.normal(size=(4, 3, 3, 3)))
+    w = f32("W", RNG.normal(size=(4, 3, 3, 3)))
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("Sigmoid", ["c"], ["s"], name="sig"),
              helper.make_node("Relu", ["s"], ["y"], name="relu")]
@@ -327,9 +245,9 @@ def test_interpolate_late_stops_at_graph_output():
 # Models people have
 
 
-def test_constant_node_weights_and_unnamed_conv():
-    w = helper.make_node("Constant", [], ["W"], value=_f32("w", RNG.normal(size=(4, 3, 3, 3))))
-    b = helper.make_node("Constant", [], ["B"], value=_f32("b", RNG.normal(size=4)))
+def test_constant_node_weights_and_unnamed_conv(backend):
+    w = helper.make_node("Constant", [], ["W"], value=f32("w", RNG.normal(size=(4, 3, 3, 3))))
+    b = helper.make_node("Constant", [], ["B"], value=f32("b", RNG.normal(size=4)))
     nodes = [w, b, helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
              *bn("c", channels=4)[0], helper.make_node("Relu", ["bn"], ["y"])]
     model = build(nodes, bn("c", channels=4)[1])
@@ -339,26 +257,26 @@ def test_constant_node_weights_and_unnamed_conv():
     names = {n.name for n in out.graph.node}
     assert {"c", "c/interpolate"} <= names
     x = x_for(model)
-    assert_close(ref_run(out, x), ort_run(model, x))
+    assert_close(run_backend(backend, out, x)[0], run_ort(model, x, library=False)[0])
 
 
 @pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
 @pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
-def test_auto_pad_is_resolved_to_explicit_pads(auto_pad, strides):
+def test_auto_pad_is_resolved_to_explicit_pads(auto_pad, strides, backend):
     model = conv_model(auto_pad=auto_pad, strides=strides)
-    out = assert_reproduces(model)
+    out = assert_reproduces(model, backend)
     conv = next(n for n in out.graph.node if n.op_type == "PerforatedConv")
     assert "auto_pad" not in {a.name for a in conv.attribute}
 
 
 @pytest.mark.parametrize("opset", [7, 9, 11, 13, 17, 21])
-def test_opsets(opset):
+def test_opsets(opset, backend):
     model = conv_model(after=[bn, unary("Relu"), binary("Mul", RNG.normal(size=(8, 1, 1)))], opset=opset)
-    out = assert_reproduces(model)
+    out = assert_reproduces(model, backend)
     assert [o.version for o in out.opset_import if o.domain == ""] == [opset]
 
 
-def test_ir3_model_with_initializers_as_inputs():
+def test_ir3_model_with_initializers_as_inputs(backend):
     model = conv_model(after=[unary("Relu")], opset=7)
     model.ir_version = 3
     for init in model.graph.initializer:
@@ -368,7 +286,7 @@ def test_ir3_model_with_initializers_as_inputs():
     assert out.ir_version == 4 and any("IR version" in n for n in report.notes)
     assert_valid(out)
     x = x_for(model)
-    assert_close(ref_run(out, x), ort_run(model, x))
+    assert_close(run_backend(backend, out, x)[0], run_ort(model, x, library=False)[0])
 
 
 def test_initializer_inputs_are_kept_for_ir4_and_later():
@@ -379,19 +297,19 @@ def test_initializer_inputs_are_kept_for_ir4_and_later():
     assert_valid(out)
 
 
-def test_nhwc_model_with_transpose_before_first_conv():
+def test_nhwc_model_with_transpose_before_first_conv(backend):
     nodes = [helper.make_node("Transpose", ["x"], ["t"], name="to_nchw", perm=[0, 3, 1, 2]),
              helper.make_node("Conv", ["t", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["y"], name="relu")]
-    model = build(nodes, [_f32("W", RNG.normal(size=(4, 3, 3, 3)))], x_shape=("N", 10, 12, 3))
+    model = build(nodes, [f32("W", RNG.normal(size=(4, 3, 3, 3)))], x_shape=("N", 10, 12, 3))
     out = rewrite(model, {"conv": np.ones((10, 12), bool)})
     assert_valid(out)
     x = x_for(model)
-    assert_close(ref_run(out, x), ort_run(model, x))
+    assert_close(run_backend(backend, out, x)[0], run_ort(model, x, library=False)[0])
 
 
-def test_grouped_dilated_strided_conv():
-    w = _f32("W", RNG.normal(size=(6, 1, 3, 3)))
+def test_grouped_dilated_strided_conv(backend):
+    w = f32("W", RNG.normal(size=(6, 1, 3, 3)))
     nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv", group=3, dilations=[2, 1],
                               strides=[2, 1], pads=[2, 0, 1, 1])]
     model = build(nodes, [w], x_shape=(2, 3, 11, 9))
@@ -399,7 +317,7 @@ def test_grouped_dilated_strided_conv():
     out = rewrite(model, {"conv": np.ones(record.output_shape[2:], bool)})
     assert_valid(out)
     x = x_for(model)
-    assert_close(ref_run(out, x), ort_run(model, x))
+    assert_close(run_backend(backend, out, x)[0], run_ort(model, x, library=False)[0])
 
 
 def test_external_data_round_trip(tmp_path):
@@ -415,7 +333,7 @@ def test_external_data_round_trip(tmp_path):
     loaded = onnx.load(dst)
     assert_valid(loaded)
     x = x_for(model)
-    assert_close(ref_run(loaded, x), ref_run(out, x))
+    assert_close(run_reference(loaded, x)[0], run_reference(out, x)[0])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -444,14 +362,14 @@ def test_all_false_mask():
 
 def test_dynamic_spatial_size():
     nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])]
-    model = build(nodes, [_f32("W", RNG.normal(size=(4, 3, 3, 3)))], x_shape=("N", 3, "H", "W"))
+    model = build(nodes, [f32("W", RNG.normal(size=(4, 3, 3, 3)))], x_shape=("N", 3, "H", "W"))
     with pytest.raises(DynamicShapeError, match="'conv'.*'x'"):
         rewrite(model, {"conv": np.ones((12, 12), bool)})
 
 
 @pytest.mark.parametrize("dims", [1, 3])
 def test_1d_and_3d_convolutions(dims):
-    w = _f32("W", RNG.normal(size=(4, 3) + (3,) * dims))
+    w = f32("W", RNG.normal(size=(4, 3) + (3,) * dims))
     nodes = [helper.make_node("Conv", ["x", "W"], ["y"], name="conv")]
     model = build(nodes, [w], x_shape=(1, 3) + (8,) * dims)
     with pytest.raises(UnsupportedNodeError, match=f"'conv' is a {dims}-D convolution"):

@@ -8,26 +8,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "sample_models"
-MANIFEST = json.loads((SAMPLE_DIR / "manifest.json").read_text())
+from helpers import SAMPLE_MODELS
+
+MANIFEST = json.loads((SAMPLE_MODELS / "manifest.json").read_text())
 MODELS = sorted(MANIFEST["models"])
 
 
 def _session(entry: dict) -> ort.InferenceSession:
-    return ort.InferenceSession(str(SAMPLE_DIR / entry["file"]),
+    return ort.InferenceSession(str(SAMPLE_MODELS / entry["file"]),
                                 providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
 def subset():
-    with np.load(SAMPLE_DIR / "fashion_mnist_subset.npz") as d:
+    with np.load(SAMPLE_MODELS / "fashion_mnist_subset.npz") as d:
         return {k: d[k] for k in d.files}
 
 
@@ -44,14 +44,14 @@ def test_subset_layout(subset):
 @pytest.mark.parametrize("stem", MODELS)
 def test_sha256_matches_manifest(stem):
     entry = MANIFEST["models"][stem]
-    digest = hashlib.sha256((SAMPLE_DIR / entry["file"]).read_bytes()).hexdigest()
+    digest = hashlib.sha256((SAMPLE_MODELS / entry["file"]).read_bytes()).hexdigest()
     assert digest == entry["sha256"]
 
 
 @pytest.mark.parametrize("stem", MODELS)
 def test_model_is_valid(stem):
     entry = MANIFEST["models"][stem]
-    path = SAMPLE_DIR / entry["file"]
+    path = SAMPLE_MODELS / entry["file"]
     assert path.stat().st_size < 5 * 1024 * 1024
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
@@ -66,7 +66,7 @@ def test_model_is_valid(stem):
 @pytest.mark.parametrize("stem", MODELS)
 def test_golden_outputs(stem):
     entry = MANIFEST["models"][stem]
-    with np.load(SAMPLE_DIR / "golden" / f"{stem}.npz") as g:
+    with np.load(SAMPLE_MODELS / "golden" / f"{stem}.npz") as g:
         x, expected = g["input"], g["output"]
     got = _session(entry).run([entry["output"]["name"]], {entry["input"]["name"]: x})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

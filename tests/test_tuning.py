@@ -9,22 +9,17 @@ import onnx
 import pytest
 
 import onnx_perforate
+from onnx_perforate import tuning
 from onnx_perforate.errors import PerforateError
 
-from test_gradients import synthetic_cnn, synthetic_input
+from helpers import GraphBuilder, fire, labelled_batches, needs_library, synthetic_cnn, synthetic_input
 
-pytestmark = pytest.mark.usefixtures("require_library")
-
-
-def calibration(n=32):
-    x = synthetic_input(n)
-    labels = np.arange(n) % 5
-    return [({"x": x[i : i + 16]}, labels[i : i + 16]) for i in range(0, n, 16)]
+pytestmark = needs_library
 
 
 def test_climbs_every_ladder_and_records_the_curve(tmp_path):
     model = synthetic_cnn()
-    result = onnx_perforate.tune(model, calibration(), ladder=(0.0, 0.5), repeats=3, progress=False)
+    result = onnx_perforate.tune(model, labelled_batches(), ladder=(0.0, 0.5), repeats=3, progress=False)
     assert result.steps[0].layer is None and result.steps[0].speedup == 1.0
     assert [s.step for s in result.steps] == list(range(len(result.steps)))
     assert sorted(s.layer for s in result.steps[1:]) == ["conv1", "conv2"]  # one rung each, then done
@@ -43,28 +38,47 @@ def test_climbs_every_ladder_and_records_the_curve(tmp_path):
 
 def test_stops_before_the_accuracy_budget_is_exceeded():
     model = synthetic_cnn()
-    result = onnx_perforate.tune(model, calibration(), ladder=(0.0, 0.6, 0.9), max_accuracy_drop=0.0,
+    result = onnx_perforate.tune(model, labelled_batches(), ladder=(0.0, 0.6, 0.9), max_accuracy_drop=0.0,
                                  mask_kind="uniform", repeats=3, progress=False)
     base = result.steps[0].top1
     assert all(base - s.top1 <= 0.0 for s in result.steps)
     assert "would drop accuracy" in result.stopped or result.stopped.startswith("every layer")
 
 
-def test_checkpoint_resumes_where_it_stopped(tmp_path):
+def test_checkpoint_resumes_where_it_stopped(tmp_path, monkeypatch):
     model = synthetic_cnn()
     checkpoint = tmp_path / "tune.json"
-    first = onnx_perforate.tune(model, calibration(), ladder=(0.0, 0.3, 0.6), layers=["conv1"], repeats=3,
-                                checkpoint=checkpoint, progress=False)
-    assert checkpoint.exists()
-    again = onnx_perforate.tune(model, calibration(), ladder=(0.0, 0.3, 0.6), layers=["conv1"], repeats=3,
-                                checkpoint=checkpoint, progress=False)
-    assert len(again.steps) == len(first.steps)  # nothing left to do after resuming
-    np.testing.assert_array_equal(np.asarray(again.masks["conv1"]), np.asarray(first.masks["conv1"]))
+    settings = dict(ladder=(0.0, 0.3, 0.6), layers=["conv1"], repeats=3, progress=False)
+    measured = []  # the models each run measures: the baseline and every candidate it tries
+    measure = tuning.NetworkMeter.measure
+
+    def counting_measure(meter, candidate):
+        if stop_after_checkpoint and checkpoint.exists():
+            raise KeyboardInterrupt  # Ctrl-C right after the first step was saved
+        measured.append(candidate)
+        return measure(meter, candidate)
+
+    monkeypatch.setattr(tuning.NetworkMeter, "measure", counting_measure)
+    stop_after_checkpoint = False
+    straight = onnx_perforate.tune(model, labelled_batches(), **settings)
+    straight_work, measured[:] = len(measured), []
+    assert len(straight.steps) == 3  # the baseline and conv1's two rungs
+
+    stop_after_checkpoint = True
+    first = onnx_perforate.tune(model, labelled_batches(), checkpoint=checkpoint, **settings)
+    assert first.stopped.startswith("interrupted") and len(first.steps) == 2
+    stop_after_checkpoint, measured[:] = False, []
+    again = onnx_perforate.tune(model, labelled_batches(), checkpoint=checkpoint, **settings)
+    # Resumed: the saved step is kept as recorded, and only the rung left is tried (one candidate
+    # fewer than the straight run measured).
+    assert again.steps[1] == first.steps[1] and len(again.steps) == len(straight.steps)
+    assert len(measured) == straight_work - 1
+    np.testing.assert_array_equal(np.asarray(again.masks["conv1"]), np.asarray(straight.masks["conv1"]))
 
 
 def test_unknown_layer_is_a_clear_error():
     with pytest.raises(PerforateError, match="conv7"):
-        onnx_perforate.tune(synthetic_cnn(), calibration(), layers=["conv7"], progress=False)
+        onnx_perforate.tune(synthetic_cnn(), labelled_batches(), layers=["conv7"], progress=False)
 
 
 def test_unlabelled_data_uses_agreement(tmp_path):
@@ -77,18 +91,17 @@ def test_unlabelled_data_uses_agreement(tmp_path):
 
 def test_model_at_rebuilds_every_point_of_the_curve():
     model = synthetic_cnn()
-    result = onnx_perforate.tune(model, calibration(), ladder=(0.0, 0.5), repeats=3, progress=False)
+    result = onnx_perforate.tune(model, labelled_batches(), ladder=(0.0, 0.5), repeats=3, progress=False)
     assert len(result.step_masks) == len(result.steps)
-    assert result.model_at(model, 0) is not None
+    first = result.model_at(model, 0)  # step 0 is the original network
+    assert [n.op_type for n in first.graph.node] == [n.op_type for n in model.graph.node]
     last = result.model_at(model, len(result.steps) - 1)
     assert {n.name for n in last.graph.node if n.op_type == "PerforatedConv"} >= set(result.masks)
 
 
 def test_compact_regions_group_fire_modules():
     from onnx_perforate.tuning import compact_regions
-    from test_compact import G, fire
-
-    g = G(channels=4, hw=10)
+    g = GraphBuilder(channels=4, hw=10)
     f2 = fire(g, "x", 4, "fire2")
     f3 = fire(g, f2, 8, "fire3")
     pooled = g.op("MaxPool", [f3], "pool", kernel_shape=[2, 2], strides=[2, 2])
@@ -103,9 +116,7 @@ def test_compact_regions_group_fire_modules():
 
 
 def test_tied_regions_share_one_mask():
-    from test_compact import G, fire
-
-    g = G(channels=4, hw=10)
+    g = GraphBuilder(channels=4, hw=10)
     f2 = fire(g, "x", 4, "fire2")
     out = g.op("GlobalAveragePool", [f2], "gap")
     model = g.model([out])
