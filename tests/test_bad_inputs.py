@@ -25,8 +25,8 @@ from onnx_perforate.cli import main
 from onnx_perforate.data import PreprocessSpec, check_labels, load_data
 from onnx_perforate.graph import load_model, output_path, save_model
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "sample_models"
+from helpers import REPO, SAMPLE_MODELS, needs_library
+
 CLASSES = 5
 
 
@@ -251,11 +251,14 @@ def test_eval_agreement_ignores_the_rows_that_pad_a_static_batch(tmp_path, capsy
     assert json.loads((tmp_path / "e.json").read_text())["top1_agreement"] == truth
 
 
-def test_models_with_different_inputs_are_not_compared(tmp_path, model_path, capsys):
+@needs_library
+def test_models_with_different_inputs_are_not_benchmarked_together(tmp_path, model_path, capsys):
     other = tmp_path / "other.onnx"
     onnx.save(classifier(name="image"), other)
-    if onnx_perforate.has_library():
-        fails(["bench", str(model_path), str(other), "--repeats", "1", "--no-memory"], capsys, 1, "different inputs")
+    fails(["bench", str(model_path), str(other), "--repeats", "1", "--no-memory"], capsys, 1, "different inputs")
+
+
+def test_models_with_different_inputs_are_not_compared(tmp_path, model_path, capsys):
     wider = tmp_path / "wider.onnx"
     model = classifier()
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3
@@ -385,7 +388,7 @@ def test_truncated_or_foreign_library_files_are_refused(tmp_path, monkeypatch, r
         monkeypatch.setenv("ONNX_PERFORATE_LIBRARY", str(tmp_path / name))
         with pytest.raises(onnx_perforate.InvalidLibraryError, match=name):
             onnx_perforate.session_options(1)
-    fails(["bench", str(ROOT / "sample_models" / "fashion_cnn.onnx"), "--repeats", "1"], capsys, 1, "empty.so")
+    fails(["bench", str(SAMPLE_MODELS / "fashion_cnn.onnx"), "--repeats", "1"], capsys, 1, "empty.so")
     # A complete shared library that is not ours: ORT's refusal becomes the package's error.
     import scipy_openblas32
 
@@ -404,12 +407,12 @@ def test_a_truncated_library_does_not_kill_the_process(tmp_path, require_library
 
 
 def test_the_source_tree_shadowing_the_package_is_named(tmp_path):
-    if not (ROOT / "pyproject.toml").is_file():
+    if not (REPO / "pyproject.toml").is_file():
         pytest.skip("not run from a source checkout")
     code = "import onnx_perforate; onnx_perforate.library_path()"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
                          env={k: v for k, v in os.environ.items() if k != "ONNX_PERFORATE_LIBRARY"})
-    if (ROOT / "onnx_perforate" / "lib").is_dir():
+    if (REPO / "onnx_perforate" / "lib").is_dir():
         pytest.skip("the source tree holds a built library")
     assert out.returncode == 1 and "shadows the installed package" in out.stderr
 
