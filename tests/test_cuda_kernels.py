@@ -528,7 +528,7 @@ def test_kernels_library_configures_without_ort_headers(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONNXRUNTIME_")}
     env["HOME"] = str(tmp_path)  # no header cache
     configure = subprocess.run(
-        [cmake, "-S", str(ROOT / "custom_ops"), "-B", str(tmp_path / "build"), "-DONNX_PERFORATE_CUDA=ON",
+        [cmake, "-S", str(REPO / "custom_ops"), "-B", str(tmp_path / "build"), "-DONNX_PERFORATE_CUDA=ON",
          "-DONNX_PERFORATE_ORT_OPS=OFF", f"-DCMAKE_CUDA_COMPILER={nvcc}"],
         capture_output=True, text=True, env=env, timeout=300)
     assert configure.returncode == 0, configure.stdout + configure.stderr
