@@ -177,7 +177,8 @@ PaddedGather BuildPaddedGather(const ConvShape& s, const ConvAttributes& a, cons
   g.padded_w = s.in_w + a.pad_left + a.pad_right;
   g.plane = direct ? index->compact_size : g.padded_h * g.padded_w;
   g.copy_needed = !direct && (index || padding);
-  if (g.padded_h * g.padded_w >= (int64_t{1} << 31)) throw OpError("padded input planes of 2^31 pixels or more");
+  if (g.padded_h * g.padded_w >= (int64_t{1} << 31))  // ComputeConvShape refuses these first
+    throw OpError("the padded input " + ShapeToString({g.padded_h, g.padded_w}) + " has 2^31 pixels or more");
   g.positions.assign(static_cast<size_t>(mask.count() + 16), 0);
   for (int64_t k = 0; k < mask.count(); ++k) {
     const int64_t oy = mask.positions[k] / mask.out_w, ox = mask.positions[k] % mask.out_w;
@@ -272,7 +273,7 @@ void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIn
   // its input plane), so small perforated layers still fill whole tiles and blocks. Chunks of images
   // keep the int32 offsets in range.
   const int64_t image = s.in_channels * padded_plane;
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(s.batch, INT32_MAX / image - 1));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(s.batch, INT32_MAX / std::max<int64_t>(image, 1) - 1));
   for (int64_t n0 = 0; n0 < s.batch; n0 += chunk) {
     const int64_t images = std::min(chunk, s.batch - n0), columns = images * count;
     const int32_t* positions = padded.positions.data();
@@ -366,6 +367,15 @@ void PerforatedConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, con
                                 const ParallelRunner& parallel) {
   if (s.batch == 0 || s.out_channels == 0) return;
   const ConvCall call{s, a, x, w, bias, yc, parallel};
+  if (s.patch_size() == 0) {  // no input channel: every output is the bias, as in ONNX Runtime's Conv
+    const int64_t count = plan.positions.count();
+    parallel(static_cast<size_t>(s.batch * s.out_channels), [&](size_t t) {
+      float* out = yc + t * count;
+      std::fill(out, out + count, 0.0f);
+      call.Finish(out, static_cast<int64_t>(t) % s.out_channels, count);
+    });
+    return;
+  }
   switch (plan.strategy) {
     case CpuConvStrategy::kDepthwise:
       return DepthwiseConv(call, plan.gather);

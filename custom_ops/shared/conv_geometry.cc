@@ -13,6 +13,20 @@ std::string ShapeToString(const std::vector<int64_t>& shape) {
   return s.str();
 }
 
+int64_t CheckedMul(int64_t a, int64_t b, const std::string& what) {
+  int64_t result = 0;
+  if (__builtin_mul_overflow(a, b, &result))
+    throw OpError(what + " = " + std::to_string(a) + " * " + std::to_string(b) + " overflows 64-bit integers");
+  return result;
+}
+
+int64_t CheckedAdd(int64_t a, int64_t b, const std::string& what) {
+  int64_t result = 0;
+  if (__builtin_add_overflow(a, b, &result))
+    throw OpError(what + " = " + std::to_string(a) + " + " + std::to_string(b) + " overflows 64-bit integers");
+  return result;
+}
+
 Activation ParseActivation(const std::string& name) {
   if (name.empty()) return Activation::kNone;
   if (name == "Relu") return Activation::kRelu;
@@ -61,16 +75,27 @@ ConvShape ComputeConvShape(const std::vector<int64_t>& compact_or_x_shape, const
     throw OpError("pads must be >= 0");
   for (int64_t d : x_shape)
     if (d < 0) throw OpError("input X has shape " + ShapeToString(x_shape) + " with a negative dimension");
-  const int64_t eff_kh = (s.kernel_h - 1) * a.dilation_h + 1;
-  const int64_t eff_kw = (s.kernel_w - 1) * a.dilation_w + 1;
-  s.out_h = (s.in_h + a.pad_top + a.pad_bottom - eff_kh) / a.stride_h + 1;
-  s.out_w = (s.in_w + a.pad_left + a.pad_right - eff_kw) / a.stride_w + 1;
-  if (s.in_h + a.pad_top + a.pad_bottom < eff_kh || s.in_w + a.pad_left + a.pad_right < eff_kw)
-    throw OpError("the padded input " + ShapeToString({s.in_h, s.in_w}) +
-                  " is smaller than the dilated kernel " + ShapeToString({eff_kh, eff_kw}));
-  // The gather table holds int32 offsets inside one input plane.
-  if (s.in_h * s.in_w >= std::numeric_limits<int32_t>::max())
-    throw OpError("input planes of more than 2^31 pixels are not supported");
+  if (s.kernel_h < 1 || s.kernel_w < 1)
+    throw OpError("input W has shape " + ShapeToString(w_shape) + ", expected a kernel of at least 1 x 1");
+  // Attributes are arbitrary int64 values: every step is checked, as ONNX Runtime's Conv does.
+  const int64_t eff_kh = CheckedAdd(CheckedMul(s.kernel_h - 1, a.dilation_h, "(kernel_h - 1) * dilation_h"), 1,
+                                    "the dilated kernel height");
+  const int64_t eff_kw = CheckedAdd(CheckedMul(s.kernel_w - 1, a.dilation_w, "(kernel_w - 1) * dilation_w"), 1,
+                                    "the dilated kernel width");
+  const int64_t padded_h = CheckedAdd(CheckedAdd(s.in_h, a.pad_top, "H + pad_top"), a.pad_bottom, "the padded height");
+  const int64_t padded_w = CheckedAdd(CheckedAdd(s.in_w, a.pad_left, "W + pad_left"), a.pad_right, "the padded width");
+  if (padded_h < eff_kh || padded_w < eff_kw)
+    throw OpError("the padded input " + ShapeToString({padded_h, padded_w}) + " (input " +
+                  ShapeToString({s.in_h, s.in_w}) + " plus pads) is smaller than the dilated kernel " +
+                  ShapeToString({eff_kh, eff_kw}));
+  s.out_h = (padded_h - eff_kh) / a.stride_h + 1;
+  s.out_w = (padded_w - eff_kw) / a.stride_w + 1;
+  // The gather tables hold int32 offsets inside one (padded) input plane and int32 output positions.
+  if (CheckedMul(padded_h, padded_w, "the padded plane") >= std::numeric_limits<int32_t>::max())
+    throw OpError("the padded input " + ShapeToString({padded_h, padded_w}) +
+                  " has 2^31 pixels or more, which is not supported");
+  if (CheckedMul(s.out_h, s.out_w, "the output plane") >= std::numeric_limits<int32_t>::max())
+    throw OpError("the output " + ShapeToString({s.out_h, s.out_w}) + " has 2^31 positions or more, which is not supported");
   return s;
 }
 
@@ -101,7 +126,7 @@ InputIndex ReadInputIndex(const int64_t* index, const std::vector<int64_t>& inde
   result.in_h = index_shape[0];
   result.in_w = index_shape[1];
   result.compact_size = x_shape[2];
-  const int64_t size = result.in_h * result.in_w;
+  const int64_t size = CheckedMul(result.in_h, result.in_w, "the size of X_index");
   result.values.resize(static_cast<size_t>(size));
   for (int64_t p = 0; p < size; ++p) {
     if (index[p] < 0 || index[p] >= result.compact_size)

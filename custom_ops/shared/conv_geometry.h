@@ -18,6 +18,10 @@ struct OpError : std::runtime_error {
 
 std::string ShapeToString(const std::vector<int64_t>& shape);
 
+// a * b and a + b, or an OpError naming `what` when the result does not fit in int64.
+int64_t CheckedMul(int64_t a, int64_t b, const std::string& what);
+int64_t CheckedAdd(int64_t a, int64_t b, const std::string& what);
+
 enum class Activation { kNone, kRelu, kLeakyRelu, kClip };
 
 Activation ParseActivation(const std::string& name);

@@ -225,6 +225,26 @@ CompactPoolState::CompactPoolState(const OrtApi& api, const OrtKernelInfo* info)
   constant_tables_ = CompactPoolTablesConstant(info);
 }
 
+std::string ElementTypeName(ONNXTensorElementDataType type) {
+  switch (type) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16: return "uint16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16: return "int16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING: return "string";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return "bool";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "double";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32: return "uint32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64: return "uint64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    default: return "type " + std::to_string(static_cast<int>(type));
+  }
+}
+
 std::vector<int64_t> ShapeOf(const Ort::ConstValue& value) {
   return value.GetTensorTypeAndShapeInfo().GetShape();
 }
@@ -233,8 +253,7 @@ std::vector<uint8_t> ReadMask(const Ort::ConstValue& mask) {
   const auto info = mask.GetTensorTypeAndShapeInfo();
   const auto type = info.GetElementType();
   if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL && type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
-    throw OpError("input mask has element type " + std::to_string(static_cast<int>(type)) +
-                  ", expected bool or uint8");
+    throw OpError("input mask has element type " + ElementTypeName(type) + ", expected bool or uint8");
   const size_t count = info.GetElementCount();
   const auto* bytes = static_cast<const uint8_t*>(mask.GetTensorRawData());
   std::vector<uint8_t> result(count);

@@ -54,6 +54,9 @@ PoolAttributes ReadPoolAttributes(const KernelAttributes& attrs);
 
 std::vector<int64_t> ShapeOf(const Ort::ConstValue& value);
 
+// "float", "bool", ... for error messages (ORT's enum value for the rare types).
+std::string ElementTypeName(ONNXTensorElementDataType type);
+
 // The mask input (bool or uint8) as 0/1 bytes.
 std::vector<uint8_t> ReadMask(const Ort::ConstValue& mask);
 
