@@ -69,10 +69,15 @@ class TuneResult:
     stopped: str
     settings: dict = field(default_factory=dict)
     holdout: dict = field(default_factory=dict)  # the original and the result on images not calibrated on
-    step_masks: list = field(default_factory=list)  # {layer: bool mask} after each step (in memory only)
+    step_masks: list = field(default_factory=list)  # {layer: bool mask} after each step (None: not known)
 
     def model_at(self, original, step: int) -> onnx.ModelProto:
         """The perforated model after ``step`` (0: the original), to evaluate points of the curve."""
+        if not 0 <= step < len(self.step_masks):
+            raise PerforateError(f"step {step} is not on the curve (steps 0 to {len(self.step_masks) - 1})")
+        if self.step_masks[step] is None:
+            raise PerforateError(f"the masks of step {step} are not known: the search resumed from a checkpoint "
+                                 "that did not record them")
         return _perforate(load_model(original), self.step_masks[step])
 
     @property
@@ -347,10 +352,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                     threads=threads, timing_batch=meter.timing_batch, refresh_every=refresh_every,
                     model=_model_fingerprint(original), data=_data_fingerprint(calibration))
     if checkpoint and Path(checkpoint).exists():
-        rungs, current, steps = _resume(checkpoint, identity, ladder_masks.shapes)
-        # Only the latest masks are in the checkpoint: earlier points of the curve cannot be rebuilt.
-        step_masks = [{}] + [None] * (len(steps) - 2) + [
-            {k: v for k, v in ladder_masks.expand(current).items() if not v.all()}]
+        rungs, current, steps, step_masks = _resume(checkpoint, identity, ladder_masks.shapes)
         log.info("resumed from %s at step %d", checkpoint, len(steps) - 1)
 
     stopped = "every layer reached the top of its ladder"
@@ -402,7 +404,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 bar.update(1)
                 bar.set_postfix(speedup=f"{steps[-1].speedup:.2f}x", loss=f"{measured['loss']:.3f}")
             if checkpoint:
-                _save_checkpoint(checkpoint, identity, rungs, current, steps)
+                _save_checkpoint(checkpoint, identity, rungs, current, steps, step_masks)
     except KeyboardInterrupt:
         stopped = "interrupted; the result holds the steps found so far"
     finally:
@@ -477,13 +479,25 @@ def _data_fingerprint(calibration: CalibrationSet) -> str:
     return digest.hexdigest()
 
 
-def _save_checkpoint(path, identity, rungs, current, steps) -> None:
+def _pack(mask: np.ndarray) -> list:
+    return np.packbits(mask.ravel()).tolist()
+
+
+def _unpack(packed, shape) -> np.ndarray:
+    bits = np.unpackbits(np.asarray(packed, np.uint8))[: shape[0] * shape[1]]
+    return bits.astype(bool).reshape(shape)
+
+
+def _save_checkpoint(path, identity, rungs, current, steps, step_masks) -> None:
     state = {
         "identity": identity,
         "rungs": rungs,
-        "masks": {k: np.packbits(v.ravel()).tolist() for k, v in current.items()},
+        "masks": {k: _pack(v) for k, v in current.items()},
         "shapes": {k: list(v.shape) for k, v in current.items()},
         "steps": [asdict(s) for s in steps],
+        # every point of the curve, so that TuneResult.model_at works after a resume: {conv: [shape, bits]}
+        "step_masks": [None if m is None else {k: [list(v.shape), _pack(v)] for k, v in m.items()}
+                       for m in step_masks],
     }
     write_json(state, path)
 
@@ -513,12 +527,14 @@ def _resume(path, identity: dict, shapes: Mapping[str, tuple]):
     if set(rungs) != set(shapes) or any(not 0 <= r < len(ladder) for r in rungs.values()) or saved_shapes != {
             k: tuple(v) for k, v in shapes.items()} or not saved_steps:
         raise PerforateError(f"checkpoint {path} is inconsistent with its own settings; delete it to start over")
-    current = {}
-    for name, packed in packed_masks.items():
-        shape = saved_shapes[name]
-        bits = np.unpackbits(np.asarray(packed, np.uint8))[: shape[0] * shape[1]]
-        current[name] = bits.astype(bool).reshape(shape)
-    return rungs, current, saved_steps
+    current = {name: _unpack(packed, saved_shapes[name]) for name, packed in packed_masks.items()}
+    # Checkpoints written before the masks of every step were recorded: those steps stay unknown.
+    saved_step_masks = state.get("step_masks") or [{}] + [None] * (len(saved_steps) - 1)
+    step_masks = [None if m is None else {k: _unpack(bits, shape) for k, (shape, bits) in m.items()}
+                  for m in saved_step_masks]
+    if len(step_masks) != len(saved_steps):
+        raise PerforateError(f"checkpoint {path} is inconsistent with its own settings; delete it to start over")
+    return rungs, current, saved_steps, step_masks
 
 
 # ------------------------------------------------------------------------------------------------

@@ -76,6 +76,21 @@ def test_checkpoint_resumes_where_it_stopped(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(again.masks["conv1"]), np.asarray(straight.masks["conv1"]))
 
 
+def test_model_at_rebuilds_every_step_after_a_resume(tmp_path):
+    """A resume after two steps used to leave step 1's masks as None, and model_at(1) crashed."""
+    model = synthetic_cnn()
+    checkpoint = tmp_path / "tune.json"
+    settings = dict(ladder=(0.0, 0.3, 0.6), layers=["conv1"], repeats=3, progress=False, checkpoint=checkpoint)
+    first = onnx_perforate.tune(model, labelled_batches(), **settings)
+    again = onnx_perforate.tune(model, labelled_batches(), **settings)  # resumes with nothing left to do
+    assert len(again.step_masks) == len(again.steps) == 3  # the middle step is the one a resume used to lose
+    for step in range(3):
+        assert again.model_at(model, step).SerializeToString() == first.model_at(model, step).SerializeToString()
+    assert any(n.op_type == "PerforatedConv" for n in again.model_at(model, 2).graph.node)
+    with pytest.raises(PerforateError, match="not on the curve"):
+        again.model_at(model, 3)
+
+
 def test_unknown_layer_is_a_clear_error():
     with pytest.raises(PerforateError, match="conv7"):
         onnx_perforate.tune(synthetic_cnn(), labelled_batches(), layers=["conv7"], progress=False)
