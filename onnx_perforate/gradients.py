@@ -16,7 +16,6 @@ See docs/gradients.md for the graph layout, the losses and measured costs.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -24,6 +23,10 @@ import numpy as np
 import onnx
 import onnx_ad
 from onnx import TensorProto, helper, numpy_helper, shape_inference, version_converter
+
+from . import runtime
+from .errors import PerforateError
+from .graph import declared_shapes, default_opset, graph_names, load_model, node_attributes, unique_name
 
 try:  # onnx-ad's rule tables, consulted only to report every gap at once; onnx-ad's own
     # error (the first gap) still applies when its internals move
@@ -60,8 +63,9 @@ _FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16,
 _VALUE_PRESERVING = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
 
-class GradientError(ValueError):
-    """The auxiliary graph cannot be differentiated (e.g. an op without a reverse rule)."""
+class GradientError(PerforateError):
+    """The auxiliary graph cannot be built or run: an op without a reverse rule, a tensor or an
+    interpolation index that does not fit, a bad loss or batch."""
 
 
 @dataclass
@@ -93,32 +97,16 @@ class GradientModel:
 
 # --------------------------------------------------------------------------- preparation
 
-def _load(model) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    if isinstance(model, (str, os.PathLike)):
-        return onnx.load(os.fspath(model))
-    raise TypeError("model must be an onnx.ModelProto or a path, not %r" % type(model))
-
-
-def _opset(model) -> int:
-    return max([o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] or [0])
-
-
 def _normalize(model) -> onnx.ModelProto:
     """A copy at opset >= 16, with a valid IR version and no weights posing as inputs."""
-    model = _load(model)
-    if _opset(model) < _MIN_OPSET:
+    model = load_model(model)  # a private copy
+    if default_opset(model) < _MIN_OPSET:
         try:
             model = version_converter.convert_version(model, _TARGET_OPSET)
         except Exception as error:  # the converter's own errors are terse
             raise GradientError(
                 "could not convert the model from opset %d to %d (needed for the reverse "
-                "rules of MaxPool/Gather): %s" % (_opset(model), _TARGET_OPSET, error)) from error
-    else:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        model = copy
+                "rules of MaxPool/Gather): %s" % (default_opset(model), _TARGET_OPSET, error)) from error
     # the converter keeps the old IR version (3 for old Caffe2 exports), which ORT rejects
     # for a new opset
     minimum = helper.find_min_ir_version_for(list(model.opset_import), True)
@@ -165,54 +153,16 @@ def prepare_model(model, batch_size=None) -> onnx.ModelProto:
 
 def _shapes(model) -> dict:
     """name -> (elem_type, dims with None for unknown) for everything inference knows."""
-    known = {}
-    graph = model.graph
-    for tensor in graph.initializer:
-        known[tensor.name] = (tensor.data_type, tuple(tensor.dims))
-    for value in list(graph.input) + list(graph.value_info) + list(graph.output):
-        kind = value.type.tensor_type
-        if not kind.elem_type:
-            continue
-        dims = None
-        if kind.HasField("shape"):
-            dims = tuple(d.dim_value if d.WhichOneof("value") == "dim_value" else None
-                         for d in kind.shape.dim)
-        known[value.name] = (kind.elem_type, dims)
-    return known
+    return declared_shapes(model, symbolic=False)
 
 
-def _all_names(graph) -> set:
-    names = {v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
-    names.update(t.name for t in graph.initializer)
-    for node in graph.node:
-        names.update(node.output)
-        names.add(node.name)
-    return names
-
-
-class _Names:
-    """Fresh tensor names that collide with nothing in the graph."""
-
-    def __init__(self, graph):
-        self.taken = _all_names(graph)
-
-    def __call__(self, stem):
-        name, k = stem, 0
-        while name in self.taken:
-            k += 1
-            name = "%s_%d" % (stem, k)
-        self.taken.add(name)
-        return name
+def _fresh_names(graph):
+    """A function stem -> a fresh tensor name that collides with nothing in ``graph``."""
+    taken = graph_names(graph)
+    return lambda stem: unique_name(stem, taken)
 
 
 # --------------------------------------------------------------------------- loss head
-
-def _attribute(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
 
 def _log_probabilities(model, output, scores, fresh, nodes, inits, rename=lambda name: name):
     """Emit nodes computing log-probabilities [N, K] from the model output.
@@ -245,7 +195,7 @@ def _log_probabilities(model, output, scores, fresh, nodes, inits, rename=lambda
     if (scores, found) in (("probabilities", "Softmax"), ("log_probabilities", "LogSoftmax")):
         logits = node.input[0]
         rank = len(shapes.get(logits, (None, ()))[1] or ())
-        axis = _attribute(node, "axis", -1)  # opset >= 13 default
+        axis = node_attributes(node).get("axis", -1)  # opset >= 13 default
         dims = shapes.get(logits, (None, None))[1]
         if dims is not None and rank:
             axis %= rank
@@ -314,7 +264,7 @@ def _loss_head(kind, logp, dtype, batch_size, classes, fresh, nodes, inits, labe
             helper.make_node("ReduceSum", [names["kl_terms"]], [loss], keepdims=0),
         ]
     else:
-        raise ValueError("loss must be one of %s, not %r" % (LOSSES, kind))
+        raise GradientError("loss must be one of %s, not %r" % (LOSSES, kind))
     return loss, target
 
 
@@ -328,19 +278,19 @@ def _check_index(name, index, shape):
     ho, wo = shape[2], shape[3]
     index = np.asarray(index)
     if index.shape != (ho, wo):
-        raise ValueError("interpolation index for '%s' has shape %s, the tensor has a %dx%d "
+        raise GradientError("interpolation index for '%s' has shape %s, the tensor has a %dx%d "
                          "grid" % (name, index.shape, ho, wo))
     if not np.issubdtype(index.dtype, np.integer):
-        raise ValueError("interpolation index for '%s' must be integer, not %s"
+        raise GradientError("interpolation index for '%s' must be integer, not %s"
                          % (name, index.dtype))
     flat = index.reshape(-1).astype(np.int64)
     if flat.min() < 0 or flat.max() >= ho * wo:
-        raise ValueError("interpolation index for '%s' has positions outside [0, %d)"
+        raise GradientError("interpolation index for '%s' has positions outside [0, %d)"
                          % (name, ho * wo))
     # a source must be a computed position, and a computed position fills itself
     if np.any(flat[flat] != flat):
         bad = int(np.flatnonzero(flat[flat] != flat)[0])
-        raise ValueError("interpolation index for '%s': position %d copies position %d, "
+        raise GradientError("interpolation index for '%s': position %d copies position %d, "
                          "which is itself not computed (it copies %d)"
                          % (name, bad, flat[bad], flat[flat[bad]]))
     return flat
@@ -383,115 +333,158 @@ def _differentiable(node, opset) -> bool:
     return bool(schema.has_function or schema.has_context_dependent_function)
 
 
-def _loss_model(model, tensors, batch_size, loss, interpolation, output, scores):
-    """The forward auxiliary graph: taps as extra inputs, the loss and V values as outputs."""
+@dataclass
+class LossGraph:
+    """The forward auxiliary graph: the model with a tap input per V (and the Gathers of the
+    interpolation), the loss head, and the loss and every V as outputs; and its tensor names."""
+
+    model: onnx.ModelProto
+    tensors: tuple  # the V, in order
+    inputs: tuple  # the model's own data inputs
+    taps: dict  # V -> its tap input dV
+    tapped: dict  # V -> V + dV
+    values: dict  # V -> the output returning V
+    shapes: dict  # V -> static shape
+    loss: str
+    scores: str  # what the model output was taken to be
+    target: str | None  # the target input, when the loss takes one
+    target_kind: str | None  # "labels", "probabilities" or None
+
+
+@dataclass
+class _Tapping:
+    """What the taps and the interpolation add around each V."""
+
+    taps: dict = field(default_factory=dict)
+    tapped: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)
+    shapes: dict = field(default_factory=dict)
+    tap_inputs: list = field(default_factory=list)
+    initializers: list = field(default_factory=list)
+    rewired: dict = field(default_factory=dict)  # V -> (what V's consumers now read, nodes after V)
+
+    def read(self, name: str) -> str:
+        """The tensor that a reader of ``name`` now reads."""
+        return self.rewired.get(name, (name,))[0]
+
+
+def _check_request(model, tensors, batch_size, interpolation, output, types) -> tuple[tuple, dict, str]:
+    """The tensors, interpolation and output the loss graph is built for, checked."""
     graph = model.graph
-    fresh = _Names(graph)
-    types = _shapes(model)
     produced = {o for n in graph.node for o in n.output}
     tensors = tuple(tensors)
     if not tensors:
-        raise ValueError("no tensors to differentiate")
+        raise GradientError("no tensors to differentiate")
     if len(set(tensors)) != len(tensors):
-        raise ValueError("tensors are listed twice: %s" % list(tensors))
+        raise GradientError("tensors are listed twice: %s" % list(tensors))
     for name in tensors:
         if name not in produced:
-            raise ValueError("'%s' is not a tensor computed by a node of the model" % name)
+            raise GradientError("'%s' is not a tensor computed by a node of the model" % name)
         elem, dims = types.get(name, (None, None))
         if elem is not None and elem not in _FLOAT_TYPES:
-            raise ValueError("'%s' is not a floating-point tensor" % name)
+            raise GradientError("'%s' is not a floating-point tensor" % name)
         if dims is None or None in dims:
             raise GradientError("the shape of '%s' could not be inferred at batch size %d"
                                 % (name, batch_size))
     interpolation = dict(interpolation or {})
     for name in interpolation:  # perforated tensors need not be differentiated ones
         if name not in produced:
-            raise ValueError("interpolation given for '%s', which is not a tensor computed "
-                             "by a node of the model" % name)
+            raise GradientError("interpolation given for '%s', which is not a tensor computed "
+                                "by a node of the model" % name)
     outputs = [o.name for o in graph.output]
     output = output or next(o.name for o in graph.output
                             if o.type.tensor_type.elem_type in _FLOAT_TYPES)
     if output not in outputs:
-        raise ValueError("'%s' is not a model output (outputs: %s)" % (output, outputs))
+        raise GradientError("'%s' is not a model output (outputs: %s)" % (output, outputs))
+    return tensors, interpolation, output
 
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    graph = result.graph
-    new_nodes, inits = [], []
-    taps, tapped, rewired, values, tap_inputs, shapes = {}, {}, {}, {}, [], {}
+
+def _tap_and_interpolate(tensors, interpolation, types, fresh) -> _Tapping:
+    """The tap Add after every V, and the Reshape -> Gather -> Reshape of every perforated one."""
+    t = _Tapping()
     for name in list(tensors) + [v for v in interpolation if v not in tensors]:
         elem, dims = types.get(name, (None, None))
         used, after = name, []
         if name in tensors:
-            shapes[name] = dims
-            taps[name], tapped[name] = fresh(name + "__tap"), fresh(name + "__tapped")
-            tap_inputs.append(helper.make_tensor_value_info(taps[name], elem, list(dims)))
-            after.append(helper.make_node("Add", [name, taps[name]], [tapped[name]],
+            t.shapes[name] = dims
+            t.taps[name], t.tapped[name] = fresh(name + "__tap"), fresh(name + "__tapped")
+            t.tap_inputs.append(helper.make_tensor_value_info(t.taps[name], elem, list(dims)))
+            after.append(helper.make_node("Add", [name, t.taps[name]], [t.tapped[name]],
                                           name=fresh(name + "__tap_add")))
-            used = tapped[name]
-            values[name] = fresh(name + "__value")
+            used = t.tapped[name]
+            t.values[name] = fresh(name + "__value")
         if name in interpolation:
             flat = _check_index(name, interpolation[name], dims)
             n, c, ho, wo = dims
             idx, s3, s4 = fresh(name + "__interp_index"), fresh(name + "__flat_shape"), \
                 fresh(name + "__grid_shape")
-            inits += [numpy_helper.from_array(flat, idx),
-                      numpy_helper.from_array(np.array([n, c, ho * wo], np.int64), s3),
-                      numpy_helper.from_array(np.array(dims, np.int64), s4)]
+            t.initializers += [numpy_helper.from_array(flat, idx),
+                               numpy_helper.from_array(np.array([n, c, ho * wo], np.int64), s3),
+                               numpy_helper.from_array(np.array(dims, np.int64), s4)]
             flat_v, gathered, perforated = fresh(name + "__flat"), fresh(name + "__gathered"), \
                 fresh(name + "__perforated")
             after += [helper.make_node("Reshape", [used, s3], [flat_v]),
                       helper.make_node("Gather", [flat_v, idx], [gathered], axis=2),
                       helper.make_node("Reshape", [gathered, s4], [perforated])]
             used = perforated
-        # the new nodes go right after V's producer, so the node list stays sorted
-        rewired[name] = (used, after)
+        t.rewired[name] = (used, after)
+    return t
 
-    # rewire V's consumers (the taps themselves read the original V)
+
+def _rewired_nodes(graph, tapping: _Tapping) -> list:
+    """The model's nodes reading every V after its tap, each V's new nodes right after its producer
+    (so the node list stays sorted); the taps themselves read the original V."""
     nodes = []
     for node in graph.node:
         node = _copy_node(node)
         for i, inp in enumerate(node.input):
-            if inp in rewired:
-                node.input[i] = rewired[inp][0]
+            node.input[i] = tapping.read(inp)
         nodes.append(node)
         for out in node.output:
-            if out in rewired:
-                nodes.extend(rewired[out][1])
-    # outputs that are V themselves must be read after the tap too
-    out_name = rewired.get(output, (output,))[0]
+            if out in tapping.rewired:
+                nodes.extend(tapping.rewired[out][1])
+    return nodes
 
-    logp, scores = _log_probabilities(result, out_name, scores, fresh, new_nodes, inits,
-                                      lambda name: rewired.get(name, (name,))[0])
+
+def _loss_model(model, tensors, batch_size, loss, interpolation, output, scores) -> LossGraph:
+    """The forward auxiliary graph, built in steps: check the request, tap (and interpolate) every V,
+    rewire its readers, add the loss head, then declare the inputs and outputs."""
+    types = _shapes(model)
+    tensors, interpolation, output = _check_request(model, tensors, batch_size, interpolation, output, types)
+    fresh = _fresh_names(model.graph)
+    tapping = _tap_and_interpolate(tensors, interpolation, types, fresh)
+    nodes = _rewired_nodes(model.graph, tapping)
+
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    head, inits = [], list(tapping.initializers)
+    out_name = tapping.read(output)  # an output that is a V itself is read after its tap too
+    logp, scores = _log_probabilities(result, out_name, scores, fresh, head, inits, tapping.read)
     classes = _classes(result, out_name, types.get(output))
     labels_input = loss == "nll" or (loss == "self_nll" and bool(interpolation))
     dtype = types.get(output, (TensorProto.FLOAT,))[0]
-    loss_name, target = _loss_head(loss, logp, dtype, batch_size, classes, fresh, new_nodes,
-                                   inits, labels_input)
-    for name in tensors:
-        new_nodes.append(helper.make_node("Identity", [name], [values[name]]))
+    loss_name, target = _loss_head(loss, logp, dtype, batch_size, classes, fresh, head, inits, labels_input)
+    head += [helper.make_node("Identity", [name], [tapping.values[name]]) for name in tensors]
 
     graph.ClearField("node")
-    graph.node.extend(nodes + new_nodes)
+    graph.node.extend(nodes + head)
     graph.initializer.extend(inits)
     data_inputs = tuple(i.name for i in graph.input)
     if target is not None:
         graph.input.append(target)
-    graph.input.extend(tap_inputs)
+    graph.input.extend(tapping.tap_inputs)
     graph.ClearField("output")
     graph.output.append(helper.make_tensor_value_info(loss_name, dtype, []))
     for name in tensors:
-        graph.output.append(helper.make_tensor_value_info(values[name], types[name][0],
-                                                          list(shapes[name])))
+        graph.output.append(helper.make_tensor_value_info(tapping.values[name], types[name][0],
+                                                          list(tapping.shapes[name])))
     graph.ClearField("value_info")
-    result = shape_inference.infer_shapes(result, strict_mode=False, data_prop=True)
-    meta = dict(tensors=tensors, inputs=data_inputs, taps=taps, values=values, shapes=shapes,
-                loss=loss_name, scores=scores,
-                target=target.name if target is not None else None,
-                target_kind=None if target is None else
-                ("labels" if loss != "kl" else "probabilities"),
-                tapped=tapped)
-    return result, meta
+    return LossGraph(
+        model=shape_inference.infer_shapes(result, strict_mode=False, data_prop=True),
+        tensors=tensors, inputs=data_inputs, taps=tapping.taps, tapped=tapping.tapped, values=tapping.values,
+        shapes=tapping.shapes, loss=loss_name, scores=scores, target=None if target is None else target.name,
+        target_kind=None if target is None else ("labels" if loss != "kl" else "probabilities"))
 
 
 def _classes(model, output, declared):
@@ -525,22 +518,22 @@ def build_gradient_model(model, tensors: Sequence[str], batch_size: int,
     "logits", "probabilities" or "log_probabilities".
     """
     if loss not in LOSSES:
-        raise ValueError("loss must be one of %s, not %r" % (LOSSES, loss))
+        raise GradientError("loss must be one of %s, not %r" % (LOSSES, loss))
     if scores not in SCORES:
-        raise ValueError("scores must be one of %s, not %r" % (SCORES, scores))
+        raise GradientError("scores must be one of %s, not %r" % (SCORES, scores))
     if int(batch_size) < 1:
-        raise ValueError("batch_size must be positive")
+        raise GradientError("batch_size must be positive")
     prepared = _fix_batch(_normalize(model), int(batch_size))
     return _build(prepared, tensors, int(batch_size), loss, interpolation, output, scores)
 
 
 def _build(prepared, tensors, batch_size, loss, interpolation, output, scores):
-    forward, meta = _loss_model(prepared, tensors, batch_size, loss, interpolation, output,
-                                scores)
-    taps = [meta["taps"][v] for v in meta["tensors"]]
+    meta = _loss_model(prepared, tensors, batch_size, loss, interpolation, output, scores)
+    forward = meta.model
+    taps = [meta.taps[v] for v in meta.tensors]
     types = _shapes(forward)
-    opset = _opset(forward)
-    missing = [n for n in _on_path(forward, taps, meta["loss"], types)
+    opset = default_opset(forward)
+    missing = [n for n in _on_path(forward, taps, meta.loss, types)
                if not _differentiable(n, opset)]
     if missing:
         raise GradientError(
@@ -549,20 +542,19 @@ def _build(prepared, tensors, batch_size, loss, interpolation, output, scores):
                 "%s%s '%s'" % (n.domain + "." if n.domain else "", n.op_type,
                                n.name or n.output[0]) for n in missing)))
     try:
-        derivative = onnx_ad.reverse(forward, inputs=taps, outputs=[meta["loss"]],
-                                     layout="onnx")
+        derivative = onnx_ad.reverse(forward, inputs=taps, outputs=[meta.loss], layout="onnx")
     except onnx_ad.UnsupportedOperator as error:
         raise GradientError("onnx-ad cannot differentiate the model: %s" % error) from error
     model, grads = _finish(derivative, forward, meta, taps)
     return GradientModel(model=model, loss_model=forward, batch_size=batch_size,
-                         tensors=meta["tensors"], inputs=meta["inputs"],
-                         target=meta["target"], target_kind=meta["target_kind"],
-                         loss=meta["loss"], loss_kind=loss, scores=meta["scores"],
-                         values=dict(meta["values"]), grads=grads, taps=dict(meta["taps"]),
-                         shapes=dict(meta["shapes"]))
+                         tensors=meta.tensors, inputs=meta.inputs,
+                         target=meta.target, target_kind=meta.target_kind,
+                         loss=meta.loss, loss_kind=loss, scores=meta.scores,
+                         values=dict(meta.values), grads=grads, taps=dict(meta.taps),
+                         shapes=dict(meta.shapes))
 
 
-def _finish(derivative, forward, meta, taps):
+def _finish(derivative, forward, meta: LossGraph, taps):
     """Turn onnx-ad's (x, dV, seed) -> (loss, V, adj_dV) into (x, target) -> (loss, V, dL/dV)."""
     graph = derivative.graph
     n_in = len(forward.graph.input)
@@ -572,7 +564,7 @@ def _finish(derivative, forward, meta, taps):
     if len(seeds) != 1 or len(adjoints) != len(taps):  # onnx-ad's documented signature
         raise GradientError("unexpected derivative signature: seeds %s, adjoints %s"
                             % ([i.name for i in seeds], adjoints))
-    fresh = _Names(graph)
+    fresh = _fresh_names(graph)
     value_types = {o.name: o.type.tensor_type.elem_type for o in forward.graph.output}
     # the seed dL/dL = 1 (one seed direction: shape [1]) becomes a constant
     seed = seeds[0].name
@@ -582,7 +574,7 @@ def _finish(derivative, forward, meta, taps):
     # taps are zero: V' = V + 0 is V itself; anything else reading a tap (a Shape, say)
     # gets explicit zeros
     tap_set = set(taps)
-    tapped = {meta["taps"][v]: (v, meta["tapped"][v]) for v in meta["tensors"]}
+    tapped = {meta.taps[v]: (v, meta.tapped[v]) for v in meta.tensors}
     nodes = []
     for node in graph.node:
         if node.op_type == "Add" and len(node.input) == 2 and node.input[1] in tap_set and \
@@ -596,14 +588,14 @@ def _finish(derivative, forward, meta, taps):
         v = tapped[tap][0]
         shape = fresh(tap + "__shape")
         graph.initializer.append(numpy_helper.from_array(
-            np.array(meta["shapes"][v], np.int64), shape))
-        zero = helper.make_tensor("zero", value_types[meta["values"][v]], [1], [0])
+            np.array(meta.shapes[v], np.int64), shape))
+        zero = helper.make_tensor("zero", value_types[meta.values[v]], [1], [0])
         zeros.append(helper.make_node("ConstantOfShape", [shape], [tap], value=zero))
     # drop the trailing seed axis of each adjoint: [N, C, H, W, 1] -> [N, C, H, W]
     last = fresh("seed_axis")
     graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), last))
     grads, tail = {}, []
-    for v, adjoint in zip(meta["tensors"], adjoints):
+    for v, adjoint in zip(meta.tensors, adjoints):
         grads[v] = fresh(v + "__grad")
         tail.append(helper.make_node("Squeeze", [adjoint, last], [grads[v]]))
     graph.ClearField("node")
@@ -614,22 +606,18 @@ def _finish(derivative, forward, meta, taps):
     outputs = list(graph.output[:n_out])
     del graph.output[:]
     graph.output.extend(outputs)
-    for v in meta["tensors"]:
+    for v in meta.tensors:
         graph.output.append(helper.make_tensor_value_info(
-            grads[v], value_types[meta["values"][v]], list(meta["shapes"][v])))
+            grads[v], value_types[meta.values[v]], list(meta.shapes[v])))
     return derivative, grads
 
 
 # --------------------------------------------------------------------------- running
 
-def default_session_options(threads: int = 2):
-    """Two intra-op threads: the calibration machine has two cores, and more threads than
-    cores only adds contention. One inter-op thread: the graph is a single chain."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return options
+def default_session_options(threads: int | None = None):
+    """The package's session options (:func:`onnx_perforate.runtime.session_options`) without the
+    custom-op library: the auxiliary graph is standard ONNX. ``threads`` None: ORT's default."""
+    return runtime.session_options(threads, custom_ops=False, allow_spinning=None)
 
 
 def impact_map(value, grad) -> np.ndarray:
@@ -652,9 +640,9 @@ class GradientRunner:
                  session_options=None, providers=None, *, output: str | None = None,
                  scores: str = "auto"):
         if loss not in LOSSES:
-            raise ValueError("loss must be one of %s, not %r" % (LOSSES, loss))
+            raise GradientError("loss must be one of %s, not %r" % (LOSSES, loss))
         if scores not in SCORES:
-            raise ValueError("scores must be one of %s, not %r" % (SCORES, scores))
+            raise GradientError("scores must be one of %s, not %r" % (SCORES, scores))
         self.model = _normalize(model)  # opset conversion once, not per batch size
         self.tensors = tuple(tensors)
         self.loss = loss
@@ -687,7 +675,7 @@ class GradientRunner:
             import onnxruntime as ort
             prepared = _fix_batch(self.model, batch_size)
             graph = prepared.graph
-            fresh = _Names(graph)
+            fresh = _fresh_names(graph)
             output = self.output or next(o.name for o in graph.output if
                                          o.type.tensor_type.elem_type in _FLOAT_TYPES)
             nodes, inits = [], []
@@ -712,13 +700,13 @@ class GradientRunner:
     def _target(self, gm, feeds, target):
         if gm.target is None:
             if target is not None:
-                raise ValueError("loss 'self_nll' labels every image with the model's own "
+                raise GradientError("loss 'self_nll' labels every image with the model's own "
                                  "top-1 class; pass labels with loss='nll'")
             return None
         n = gm.batch_size
         if target is None:
             if self.loss == "nll":
-                raise ValueError("loss 'nll' needs integer labels: run(feeds, target=labels)")
+                raise GradientError("loss 'nll' needs integer labels: run(feeds, target=labels)")
             logp = self._reference(n, feeds).astype(np.float64)
             if self.loss == "self_nll":
                 target = logp.argmax(axis=1)
@@ -728,7 +716,7 @@ class GradientRunner:
         if gm.target_kind == "labels":
             target = np.asarray(target).reshape(-1).astype(np.int64)
             if target.shape != (n,):
-                raise ValueError("expected %d labels, got %d" % (n, target.size))
+                raise GradientError("expected %d labels, got %d" % (n, target.size))
         else:
             target = np.asarray(target, np.float32).reshape(n, -1)
         return target
@@ -744,7 +732,7 @@ class GradientRunner:
         inputs = {}
         for name in gm.inputs:
             if name not in feeds:
-                raise ValueError("missing input '%s'" % name)
+                raise GradientError("missing input '%s'" % name)
             inputs[name] = feeds[name]
         target = self._target(gm, inputs, target)
         if target is not None:
@@ -760,7 +748,7 @@ class GradientRunner:
         sizes = {np.shape(feeds[name])[0] for name in gm_inputs if name in feeds
                  and np.ndim(feeds[name])}
         if len(sizes) != 1:
-            raise ValueError("cannot tell the batch size from the feeds (leading sizes: %s)"
+            raise GradientError("cannot tell the batch size from the feeds (leading sizes: %s)"
                              % sorted(sizes))
         return int(sizes.pop())
 
@@ -779,5 +767,5 @@ class GradientRunner:
                 totals[v] = totals[v] + total if v in totals else total
             count += n
         if not count:
-            raise ValueError("no data")
+            raise GradientError("no data")
         return {v: total / count for v, total in totals.items()}

@@ -215,10 +215,19 @@ def write_json(data, path: str | os.PathLike) -> None:
 
 
 def default_opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    return 1
+    """The version of the default ONNX domain the model imports (the highest, should "" and "ai.onnx"
+    both be listed; 1 when neither is)."""
+    return max([entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")] or [1])
+
+
+def graph_names(graph: onnx.GraphProto) -> set:
+    """Every tensor and node name of ``graph`` (what a new name must not collide with)."""
+    names = {v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
+    names.update(t.name for t in graph.initializer)
+    for node in graph.node:
+        names.update(node.output)
+        names.add(node.name)
+    return names
 
 
 def node_key(node) -> str:
@@ -259,17 +268,21 @@ def light_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def _collect(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
+def declared_shapes(model: onnx.ModelProto, *, symbolic: bool = True) -> dict[str, tuple[int, tuple | None]]:
+    """``{tensor name: (elem_type, dims)}`` as the model declares them (inputs, value_info, outputs,
+    initializers), without running inference. A dim is an int, a symbolic name (None with
+    ``symbolic=False``) or None."""
     shapes: dict[str, tuple[int, tuple]] = {}
     g = model.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         t = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type"):
+        if not vi.type.HasField("tensor_type") or not t.elem_type:
             continue
         dims = None
         if t.HasField("shape"):
             dims = tuple(
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
+                d.dim_value if d.HasField("dim_value") else ((d.dim_param or None) if symbolic else None)
+                for d in t.shape.dim
             )
         if vi.name not in shapes or shapes[vi.name][1] is None:
             shapes[vi.name] = (t.elem_type, dims)
@@ -283,11 +296,11 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, tuple | None]]:
     name or None. Old opsets whose Conv shapes stay unknown are converted (a copy, for the shapes only)."""
     light = light_copy(model)
     inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
-    shapes = _collect(inferred)
+    shapes = declared_shapes(inferred)
     if default_opset(model) < 11 and not _conv_shapes_known(model, shapes):
         try:
             converted = onnx.version_converter.convert_version(light, 13)
-            more = _collect(onnx.shape_inference.infer_shapes(converted, strict_mode=False, data_prop=True))
+            more = declared_shapes(onnx.shape_inference.infer_shapes(converted, strict_mode=False, data_prop=True))
             log.info("shapes taken from a copy converted to opset 13 (the model itself keeps its opset)")
             for name, value in more.items():
                 if shapes.get(name, (0, None))[1] is None:

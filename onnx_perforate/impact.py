@@ -23,7 +23,7 @@ import onnx
 
 from .calibration import CalibrationSet, calibration_set
 from .errors import PerforateError
-from .gradients import GradientRunner
+from .gradients import GradientRunner, default_session_options
 from .graph import load_model, node_key
 from .inspection import inspect
 from .masks import Mask, computed_count
@@ -82,8 +82,6 @@ class ImpactEstimator:
 
     def impact(self, masks: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """{Conv key: G [Ho, Wo]} on the network perforated by ``masks`` (None: the original)."""
-        from .gradients import default_session_options
-
         interpolation = {
             self.convs[name]: interpolation_index(mask)
             for name, mask in (masks or {}).items()

@@ -20,11 +20,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from onnx_perforate.errors import PerforateError
 from onnx_perforate.gradients import (
     DEFAULT_LOSS,
     GradientError,
     GradientRunner,
     build_gradient_model,
+    default_session_options,
     impact_map,
     prepare_model,
 )
@@ -223,16 +225,23 @@ def test_kl_loss():
 
 
 def test_target_errors():
+    """Every bad request is a GradientError, a PerforateError (one line in the CLI, no traceback)."""
     model = synthetic_cnn()
     x = synthetic_input(1)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(GradientError, match="labels"):
         GradientRunner(model, ["c1"], loss="nll").run({"x": x})
-    with pytest.raises(ValueError, match="self_nll"):
+    with pytest.raises(GradientError, match="self_nll"):
         GradientRunner(model, ["c1"]).run({"x": x}, np.array([0]))
-    with pytest.raises(ValueError, match="loss must be"):
+    with pytest.raises(GradientError, match="loss must be"):
         build_gradient_model(model, ["c1"], 1, loss="mse")
-    with pytest.raises(ValueError, match="not a tensor"):
+    with pytest.raises(PerforateError, match="not a tensor"):
         build_gradient_model(model, ["nope"], 1)
+
+
+def test_gradient_sessions_take_the_package_options_without_the_library():
+    options = default_session_options(3)
+    assert options.intra_op_num_threads == 3 and options.inter_op_num_threads == 1
+    assert default_session_options().intra_op_num_threads == 0  # ORT's default, not a fixed count
 
 
 # --------------------------------------------------------------------------- perforation
