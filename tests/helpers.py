@@ -332,6 +332,38 @@ def x_for(model, batch=2) -> np.ndarray:
     return _RNG.normal(size=shape).astype(np.float32)
 
 
+# ------------------------------------------------------------------------------------------------ rewriting them
+
+
+def reference_is_exact(model) -> bool:
+    """onnx.reference (1.23) runs BatchNormalization of opsets 7-13 in training mode (it applies the
+    default momentum), so it cannot be the oracle for those."""
+    opset = next(o.version for o in model.opset_import if o.domain == "")
+    return opset >= 14 or all(n.op_type != "BatchNormalization" for n in model.graph.node)
+
+
+def ones_for(model, key="conv"):
+    (record,) = [r for r in onnx_perforate.inspect(model) if r.name == key]
+    return np.ones(record.output_shape[2:], dtype=bool)
+
+
+def assert_valid(model):
+    onnx.checker.check_model(model, full_check=True)
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)
+
+
+def assert_reproduces(model, backend, **kwargs):
+    """All-ones masks on conv_model's 'conv': the rewritten model (checked valid) computes on `backend`
+    what the original does in plain ORT. Returns the rewritten model."""
+    out = onnx_perforate.rewrite(model, {"conv": ones_for(model)}, **kwargs)
+    assert_valid(out)
+    x = x_for(model)
+    want = run_ort(model, x, library=False)[0]
+    if backend != "reference" or reference_is_exact(out):
+        assert_close(run_backend(backend, out, x)[0], want)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ Conv networks for the compact pass
 
 _GRAPH_RNG = np.random.default_rng(1)

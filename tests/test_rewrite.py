@@ -1,5 +1,6 @@
-"""rewrite(): invariants (all-ones masks reproduce the model, validity, names), each graph pass, the
-odd models people have, and every error path. Models are built with onnx.helper, a few nodes each."""
+"""rewrite(): invariants (all-ones masks reproduce the model, validity, names), what the passes report,
+the odd models people have, and every error path; each pass has its own test file. Models are built
+with onnx.helper, a few nodes each."""
 
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ from onnx_perforate.rewrite import rewrite, rewrite_with_report
 
 from helpers import (
     assert_close,
+    assert_reproduces,
+    assert_valid,
     binary,
     bn,
     build,
     conv_model,
     f32,
+    ones_for,
     run_backend,
     run_ort,
     run_reference,
@@ -35,34 +39,6 @@ from helpers import (
 )
 
 RNG = np.random.default_rng(0)
-
-
-def reference_is_exact(model) -> bool:
-    """onnx.reference (1.23) runs BatchNormalization of opsets 7-13 in training mode (it applies the
-    default momentum), so it cannot be the oracle for those."""
-    opset = next(o.version for o in model.opset_import if o.domain == "")
-    return opset >= 14 or all(n.op_type != "BatchNormalization" for n in model.graph.node)
-
-
-def ones_for(model, key="conv"):
-    (record,) = [r for r in onnx_perforate.inspect(model) if r.name == key]
-    return np.ones(record.output_shape[2:], dtype=bool)
-
-
-def assert_valid(model):
-    onnx.checker.check_model(model, full_check=True)
-    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)
-
-
-def assert_reproduces(model, backend, **kwargs):
-    """All-ones masks: the rewritten model computes what the original does in plain ORT."""
-    out = rewrite(model, {"conv": ones_for(model)}, **kwargs)
-    assert_valid(out)
-    x = x_for(model)
-    want = run_ort(model, x, library=False)[0]
-    if backend != "reference" or reference_is_exact(out):
-        assert_close(run_backend(backend, out, x)[0], want)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,32 +99,8 @@ def test_all_ones_through_every_pass_combination(backend):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Passes
-
-
-def test_batchnorm_is_folded_and_activation_fused(backend):
-    model = conv_model(after=[bn, unary("Relu")])
-    out, report = rewrite_with_report(model, {"conv": ones_for(model)})
-    ops_left = [n.op_type for n in out.graph.node]
-    assert "BatchNormalization" not in ops_left and "Relu" not in ops_left
-    (layer,) = report.layers
-    assert layer.folded_batchnorm == "bn" and layer.fused_activation == "Relu"
-    conv = next(n for n in out.graph.node if n.op_type == "PerforatedConv")
-    assert helper.get_attribute_value(next(a for a in conv.attribute if a.name == "activation")) == b"Relu"
-    assert_reproduces(model, backend)
-
-
-def test_batchnorm_not_folded_when_output_is_shared(backend):
-    def shared(prev):  # the Conv output feeds both BN and an Add
-        nodes, inits, out = bn(prev)
-        nodes.append(helper.make_node("Add", [out, prev], ["sum"], name="sum"))
-        return nodes, inits, "sum"
-
-    model = conv_model(after=[shared])
-    out, report = rewrite_with_report(model, {"conv": ones_for(model)})
-    assert report.layers[0].folded_batchnorm is None
-    assert "2 consumers" in report.layers[0].skipped["fold_batchnorm"]
-    assert_reproduces(model, backend)
+# Passes (each pass has its own test file: test_batchnorm.py, test_activation.py, test_interpolate_late.py,
+# test_compact.py)
 
 
 def test_passes_say_why_they_did_not_apply():
@@ -162,83 +114,6 @@ def test_passes_say_why_they_did_not_apply():
     assert "not BatchNormalization" in skipped["fold_batchnorm"]
     assert "Identity" in skipped["interpolate_late"]
     assert "fold_batchnorm" in report.format()
-
-
-@pytest.mark.parametrize("opset", [10, 13])
-def test_clip_fused_with_attributes_or_constant_inputs(opset, backend):
-    if opset < 11:
-        clip = unary("Clip", min=-0.5, max=0.7)
-    else:
-        def clip(prev):
-            inits = [f32("lo", -0.5), f32("hi", 0.7)]
-            return [helper.make_node("Clip", [prev, "lo", "hi"], ["clip"], name="clip")], inits, "clip"
-    model = conv_model(after=[clip], opset=opset)
-    out, report = rewrite_with_report(model, {"conv": ones_for(model)})
-    assert report.layers[0].fused_activation == "Clip"
-    conv = next(n for n in out.graph.node if n.op_type == "PerforatedConv")
-    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
-    assert attrs["clip_min"] == pytest.approx(-0.5) and attrs["clip_max"] == pytest.approx(0.7)
-    assert_reproduces(model, backend)
-
-
-def test_clip_with_computed_bound_is_not_fused_but_interpolated_late(backend):
-    def clip(prev):
-        nodes = [helper.make_node("ReduceMax", ["x"], ["hi"], name="hi", keepdims=0),
-                 helper.make_node("Clip", [prev, "", "hi"], ["clip"], name="clip")]
-        return nodes, [], "clip"
-
-    model = conv_model(after=[clip])
-    out, report = rewrite_with_report(model, {"conv": ones_for(model)})
-    layer = report.layers[0]
-    assert layer.fused_activation is None and "non-constant" in layer.skipped["fuse_activation"]
-    assert layer.interpolated_late == ["clip"]
-    assert_reproduces(model, backend)
-
-
-def test_interpolate_late_moves_per_channel_ops_and_keeps_names(backend):
-    after = [
-        unary("Relu"),
-        binary("Add", RNG.normal(size=(8, 1, 1)), name="add"),
-        binary("Sub", np.float32(0.5), name="sub", const_first=True),
-        lambda p: bn(p, name="bn2"),
-        binary("Div", RNG.uniform(1, 2, size=(1, 8, 1, 1)), name="div"),
-        unary("Tanh"),
-    ]
-    model = conv_model(after=after)
-    out, report = rewrite_with_report(model, {"conv": ones_for(model)})
-    assert report.layers[0].interpolated_late == ["add", "sub", "bn2", "div", "tanh"]
-    interp = next(n for n in out.graph.node if n.op_type == "NNInterpolate")
-    assert list(interp.output) == ["tanh"]
-    assert {"add.compact", "tanh.compact"} <= {vi.name for vi in out.graph.value_info}
-    assert_reproduces(model, backend)
-
-
-@pytest.mark.parametrize(
-    "after, why",
-    [
-        ([binary("Add", RNG.normal(size=(1, 1, 12, 12)))], "not per-channel"),
-        ([binary("Mul", RNG.normal(size=(12,)))], "not per-channel"),
-        ([unary("MaxPool", kernel_shape=[2, 2])], "does not commute"),
-    ],
-)
-def test_interpolate_late_stops_where_illegal(after, why, backend):
-    model = conv_model(after=after)
-    out, report = rewrite_with_report(model, {"conv": ones_for(model)})
-    assert report.layers[0].interpolated_late == []
-    assert why in report.layers[0].skipped["interpolate_late"]
-    assert_reproduces(model, backend)
-
-
-def test_interpolate_late_stops_at_graph_output():
-    w = f32("W", RNG.normal(size=(4, 3, 3, 3)))
-    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-             helper.make_node("Sigmoid", ["c"], ["s"], name="sig"),
-             helper.make_node("Relu", ["s"], ["y"], name="relu")]
-    model = build(nodes, [w], outputs=("y", "s"))
-    out, report = rewrite_with_report(model, {"conv": ones_for(model)})
-    assert "graph output" in report.layers[0].skipped["interpolate_late"]
-    assert [o.name for o in out.graph.output] == ["y", "s"]
-    assert_valid(out)
 
 
 # ----------------------------------------------------------------------------------------------------
