@@ -197,6 +197,38 @@ def assert_close_to_reference(y, x, w, b, mask, attrs: ops.ConvAttributes):
     assert worst <= 1.0, f"max error {err.max():.3g} is {worst:.2f}x the float32 rounding bound"
 
 
+def ort_conv(x, w, b, attrs: ops.ConvAttributes):
+    """ORT's own Conv with the same attributes: the independent oracle of the kernels."""
+    inputs = ["x", "w"] + (["b"] if b is not None else [])
+    inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(b, "b")] if b is not None else [])
+    graph = helper.make_graph(
+        [helper.make_node("Conv", inputs, ["y"], kernel_shape=list(attrs.kernel_shape), strides=list(attrs.strides),
+                          pads=list(attrs.pads), dilations=list(attrs.dilations), group=attrs.group)],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return run_ort(model, {"x": x}, library=False)[0]
+
+
+def bad_model(nodes, inputs, initializers):
+    """A model of `nodes` (standard and custom ops) with output y, for the error tests."""
+    graph = helper.make_graph(nodes, "bad", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+
+
+def expect_error(model, feeds, *fragments):
+    """Running `model` (with the library) fails with a message holding every fragment."""
+    with pytest.raises(Exception) as info:
+        run_ort(model, feeds, threads=2)[0]
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
 # ------------------------------------------------------------------------------------------------ a small CNN
 
 

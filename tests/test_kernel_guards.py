@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_perforate import ops
-from test_ops import assert_close_to_reference, bad_model, expect_error, ort_conv, perforated_model, run_ort
 
-pytestmark = pytest.mark.usefixtures("require_library")
+from helpers import assert_close_to_reference, bad_model, expect_error, needs_library, ort_conv, perforated_model, run_ort
+
+pytestmark = needs_library
 
 
 def fuzz_case(rng: np.random.Generator):
@@ -54,7 +55,7 @@ def fuzz_case(rng: np.random.Generator):
 
 
 def check_case(x, weights, bias, mask, attrs):
-    yc = run_ort(perforated_model(x.shape, weights, bias, mask, attrs, interpolate=False), {"x": x})
+    yc = run_ort(perforated_model(x.shape, weights, bias, mask, attrs, interpolate=False), {"x": x}, threads=2)[0]
     assert_close_to_reference(yc, x, weights, bias, mask, attrs)
 
 
@@ -93,7 +94,7 @@ def test_zero_input_channels_give_the_bias_like_ort_conv(gemm):
         import sys
         import numpy as np
         sys.path[:0] = [{tests!r}]
-        from test_ops import ort_conv, perforated_model, run_ort
+        from helpers import ort_conv, perforated_model, run_ort
         from onnx_perforate import ops
         rng = np.random.default_rng(0)
         for n, group, pads in [(1, 1, (0, 0, 0, 0)), (2, 1, (1, 1, 1, 1)), (1, 2, (1, 0, 2, 1))]:
@@ -104,7 +105,7 @@ def test_zero_input_channels_give_the_bias_like_ort_conv(gemm):
             want = np.maximum(ort_conv(x, w, b, ops.ConvAttributes((3, 3), pads=pads, group=group)), 0)
             mask = rng.random(want.shape[2:]) < 0.5
             mask[0, 0] = True
-            got = run_ort(perforated_model(x.shape, w, b, mask, attrs), {{"x": x}})
+            got = run_ort(perforated_model(x.shape, w, b, mask, attrs), {{"x": x}}, threads=2)[0]
             assert got.shape == want.shape and np.array_equal(got[..., mask], want[..., mask]), (got, want)
         print("ok")
         """

@@ -18,7 +18,15 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_perforate
 from onnx_perforate import ops
 
-from helpers import assert_close_to_reference, needs_library, perforated_model, run_ort
+from helpers import (
+    assert_close_to_reference,
+    bad_model,
+    expect_error,
+    needs_library,
+    ort_conv,
+    perforated_model,
+    run_ort,
+)
 
 pytestmark = needs_library
 
@@ -90,21 +98,6 @@ def test_interpolated_output_matches_reference(case):
     )
     expected = ops.nn_interpolate_reference(yc, ops.nearest_index(mask))
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
-
-
-def ort_conv(x, w, b, attrs: ops.ConvAttributes):
-    inputs = ["x", "w"] + (["b"] if b is not None else [])
-    inits = [numpy_helper.from_array(w, "w")] + ([numpy_helper.from_array(b, "b")] if b is not None else [])
-    graph = helper.make_graph(
-        [helper.make_node("Conv", inputs, ["y"], kernel_shape=list(attrs.kernel_shape), strides=list(attrs.strides),
-                          pads=list(attrs.pads), dilations=list(attrs.dilations), group=attrs.group)],
-        "conv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return run_ort(model, {"x": x}, library=False)[0]
 
 
 # Shapes that exercise every path of the CPU kernel: reduction split in KC slices (patch > 256), channel
@@ -237,20 +230,6 @@ def test_nearest_index_ties_go_to_smallest_row_major_index():
 
 # ------------------------------------------------------------------------------------------------
 # Bad input: a clear ORT error naming the op, the node and what was expected, never a crash.
-
-
-def bad_model(nodes, inputs, initializers):
-    graph = helper.make_graph(nodes, "bad", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
-
-
-def expect_error(model, feeds, *fragments):
-    with pytest.raises(Exception) as info:
-        run_ort(model, feeds, threads=2)[0]
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 def conv_node(**overrides):
