@@ -36,6 +36,7 @@ from .graph import (
 from .masks import Mask, as_mask
 from .passes.activation import fuse_activation
 from .passes.batchnorm import fold_batchnorm
+from .passes import profitability
 from .passes.compact import CompactOptions, propagate
 from .passes.interpolate_late import interpolate_late
 from .passes.surgery import Refusal, Surgeon
@@ -100,6 +101,7 @@ class RewriteReport:
     notes: list[str] = field(default_factory=list)
     total_conv_macs: int = 0  # all Conv nodes of the model, per image
     compact_saved_macs: int = 0  # MACs of unperforated 1x1 Convs that now run on compact tensors
+    kept_plain: dict[str, str] = field(default_factory=dict)  # requested layers left as Conv, and why
 
     @property
     def perforated_conv_macs(self) -> int:
@@ -119,10 +121,12 @@ class RewriteReport:
             "compact_saved_macs": self.compact_saved_macs,
             "perforated_conv_macs": self.perforated_conv_macs,
             "conv_mac_reduction": round(self.mac_reduction, 4),
+            "kept_plain": dict(self.kept_plain),
         }
 
     def format(self) -> str:
         lines = [line for layer in self.layers for line in layer.lines()]
+        lines += [f"{key}: {why}" for key, why in self.kept_plain.items()]
         lines += [f"note: {n}" for n in self.notes]
         lines.append(
             f"conv MACs per image: {self.total_conv_macs:,} -> {self.perforated_conv_macs:,} "
@@ -144,11 +148,14 @@ class RewriteOptions:
     interpolate_late: bool = True
     compact: bool = True
     compact_options: CompactOptions = field(default_factory=CompactOptions)
+    # Keep a requested layer as plain Conv where the cost model predicts perforating it cannot pay
+    # (passes/profitability.py); the report says which and why.
+    skip_unprofitable: bool = False
 
     @classmethod
     def from_flags(cls, *, fuse: bool = True, compact: bool = True, fold_batchnorm: bool | None = None,
                    fuse_activation: bool | None = None, interpolate_late: bool | None = None,
-                   compact_options: CompactOptions | None = None) -> "RewriteOptions":
+                   compact_options: CompactOptions | None = None, skip_unprofitable: bool = False) -> "RewriteOptions":
         """``fuse`` turns the three local passes on or off together; ``fold_batchnorm``,
         ``fuse_activation`` and ``interpolate_late`` override it one by one."""
         return cls(
@@ -157,6 +164,7 @@ class RewriteOptions:
             interpolate_late=fuse if interpolate_late is None else interpolate_late,
             compact=compact,
             compact_options=compact_options or CompactOptions(),
+            skip_unprofitable=skip_unprofitable,
         )
 
     @classmethod
@@ -190,6 +198,28 @@ def rewrite_with_report(model, masks: dict, options: RewriteOptions | None = Non
     check_model(original)  # so that only the rewriter's own faults are reported as internal errors
     shapes = infer_shapes(original)
     plan = _plan(original, shapes, masks)
+    kept_plain: dict[str, str] = {}
+    while True:
+        result, report = _rewrite_plan(original, shapes, plan, options)
+        if not options.skip_unprofitable:
+            return result, report
+        # Dropping a layer can make others interpolate (a Concat partner turns full): decide again.
+        losing = {layer.key: why for layer, (geometry, mask) in zip(report.layers, plan)
+                  if (why := profitability.verdict(geometry.macs, layer.perforated_macs,
+                                                   geometry.weight_shape[0] * mask.shape[0] * mask.shape[1],
+                                                   tuple(geometry.weight_shape[2:]) != (1, 1),
+                                                   bool(layer.interpolated_for)))}
+        kept_plain.update(losing)
+        report.kept_plain = dict(kept_plain)
+        if not losing:
+            return result, report
+        plan = [(g, m) for g, m in plan if g.key not in losing]
+        if not plan:  # nothing pays: the model as it was
+            report.layers = []
+            return onnx.ModelProto.FromString(original.SerializeToString()), report
+
+
+def _rewrite_plan(original, shapes, plan, options: RewriteOptions) -> tuple[onnx.ModelProto, RewriteReport]:
     report = RewriteReport(total_conv_macs=_total_conv_macs(original, shapes))
 
     graph = gs.import_onnx(original)
