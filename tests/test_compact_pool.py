@@ -166,11 +166,11 @@ def test_bad_shapes_name_the_node():
 
 @pytest.fixture(scope="module")
 def cuda_kernels_lib():
-    from onnx_perforate import cuda_kernels
+    from onnx_perforate import LibraryNotFoundError, cuda_kernels
 
     try:
         return cuda_kernels.load()
-    except onnx_perforate.LibraryNotFoundError as error:
+    except LibraryNotFoundError as error:
         pytest.skip(str(error))
 
 
