@@ -25,6 +25,8 @@ _EXPORTS = {
     "has_library": ("_library", "has_library"),
     "library_path": ("_library", "library_path"),
     "session_options": ("_library", "session_options"),
+    "show_ort_warnings": ("_library", "show_ort_warnings"),
+    "register_schemas": ("opset", "register_schemas"),
     "masks": ("masks", None),
     "DataError": ("errors", "DataError"),
     "DynamicShapeError": ("errors", "DynamicShapeError"),
@@ -52,6 +54,10 @@ _EXPORTS = {
 }
 
 __all__ = list(_EXPORTS)
+
+# onnx's shape inference and checker learn the domain's ops on import; opset.py imports only onnx,
+# numpy and the library helpers.
+importlib.import_module(".opset", __name__).register_schemas()
 
 
 def __getattr__(name: str):
@@ -103,7 +109,9 @@ if TYPE_CHECKING:  # static tools see the eager imports; runtime stays lazy
         has_library,
         library_path,
         session_options,
+        show_ort_warnings,
     )
+    from .opset import register_schemas
     from .errors import (
         DataError,
         DynamicShapeError,

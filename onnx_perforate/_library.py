@@ -23,6 +23,32 @@ _CUDA_LIBRARY_NAME = "libonnx_perforate_ops_cuda.so"
 _CUDA_KERNELS_NAME = "libonnx_perforate_cuda_kernels.so"
 
 
+# ORT's log severities: the package's own sessions log errors only. ORT warns about what those
+# sessions do on purpose (a derived graph leaves initializers unused, say), dozens of lines per session
+# on real models; the debug switch turns the warnings back on.
+ORT_WARNING, ORT_ERROR = 2, 3
+_ort_warnings = os.environ.get("ONNX_PERFORATE_ORT_WARNINGS", "") not in ("", "0")
+
+
+def show_ort_warnings(enabled: bool = True) -> None:
+    """Let the package's ORT sessions print ORT's warnings (also ``ONNX_PERFORATE_ORT_WARNINGS=1`` and
+    the CLI's ``--log-level DEBUG``); by default they log at error level."""
+    global _ort_warnings
+    _ort_warnings = bool(enabled)
+
+
+def ort_log_severity() -> int:
+    """The ``log_severity_level`` of the package's ORT sessions."""
+    return ORT_WARNING if _ort_warnings else ORT_ERROR
+
+
+def plain_session_options() -> ort.SessionOptions:
+    """ORT session options without the library, at the package's log severity."""
+    options = ort.SessionOptions()
+    options.log_severity_level = ort_log_severity()
+    return options
+
+
 class LibraryNotFoundError(FileNotFoundError):
     """The compiled custom-op library is not installed (and ONNX_PERFORATE_LIBRARY is not set)."""
 
@@ -167,8 +193,9 @@ def session_options(
     several sessions are timed side by side. Other keyword arguments are set as attributes of
     ``SessionOptions`` (for example ``enable_mem_pattern=False``). ``custom_ops=False`` leaves the
     library out (same conventions otherwise), for graphs of standard ops that must run without it.
+    ORT logs errors only (see :func:`show_ort_warnings`).
     """
-    options = ort.SessionOptions()
+    options = plain_session_options()
     options.graph_optimization_level = graph_optimization_level
     options.inter_op_num_threads = 1
     if intra_op_num_threads is not None:

@@ -92,7 +92,7 @@ def cmd_perforate(args) -> int:
     for flag in ("fold_batchnorm", "fuse_activation", "interpolate_late"):
         if getattr(args, f"no_{flag}"):
             passes[flag] = False
-    result, report = rewrite_with_report(model, chosen, **passes)
+    result, report = rewrite_with_report(model, chosen, portable=args.portable or False, **passes)
     for line in report.format().splitlines():
         log.info("%s", line)
     summary = {
@@ -102,6 +102,7 @@ def cmd_perforate(args) -> int:
         "rate": args.rate,
         "seed": args.seed,
         "passes": {k: v for k, v in passes.items()},
+        "portable": args.portable,
         **report.to_dict(),
     }
     summary_path = args.summary or Path(args.output).with_suffix(".json")
@@ -315,9 +316,9 @@ def cmd_finetune(args) -> int:
 
 
 def _progress(iterable, desc, args, total=None):
-    from tqdm import tqdm
+    from .progress import progress
 
-    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, disable=args.no_progress or None, leave=False)
+    return iterable if args.no_progress else progress(iterable, desc=desc, total=total)
 
 
 def _floats(text):
@@ -384,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="logging verbosity on stderr (default: INFO)")
+                        help="logging verbosity on stderr (default: INFO); DEBUG also shows ONNX Runtime's warnings")
     common.add_argument("--no-progress", action="store_true", help="do not show progress bars")
 
     parser = argparse.ArgumentParser(
@@ -431,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep perforated tensors compact through 1x1 convolutions, concatenations, residual adds "
                    "and global pooling, and let perforated convolutions read compact inputs (default: on; "
                    "--no-compact gives one NNInterpolate per perforated Conv, the form the CUDA kernels run)")
+    p.add_argument("--portable", nargs="?", const="functions", choices=["functions", "expanded"],
+                   help="also give each custom op a standard-ONNX function body, so that the model runs (slowly) "
+                   "without the library; 'expanded' inlines the bodies: no custom op is left (docs/deployment.md)")
     p.add_argument("--external-data", action="store_true",
                    help="store weights in OUTPUT.data (automatic above 2 GB)")
     p.set_defaults(func=cmd_perforate)
@@ -530,6 +534,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s: %(message)s", stream=sys.stderr)
+    if args.log_level == "DEBUG":
+        from ._library import show_ort_warnings
+
+        show_ort_warnings()
     try:
         return args.func(args)
     except KeyboardInterrupt:

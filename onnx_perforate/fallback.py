@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import ops
-from ._library import DOMAIN
+from ._library import DOMAIN, plain_session_options
 from .errors import PerforateError
 from .graph import infer_shapes, load_model
 
@@ -134,7 +134,7 @@ def fallback_session(model, options=None):
         "as slow Python ops (onnxruntime-extensions); timings are meaningless"
     )
     register_python_ops()
-    options = options or ort.SessionOptions()
+    options = options or plain_session_options()
     options.register_custom_ops_library(ext.get_library_path())
     converted = to_python_op_model(model)
     return ort.InferenceSession(converted.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -153,11 +153,11 @@ def session(model, threads: int | None = None, *, allow_spinning: bool | None = 
 
     model = load_model(model)
     if uses_custom_ops(model) and not has_library():
-        options = ort.SessionOptions()
+        options = plain_session_options()
         if threads:
             options.intra_op_num_threads = threads
         return fallback_session(model, options)
-    options = session_options(threads, allow_spinning=allow_spinning) if has_library() else ort.SessionOptions()
+    options = session_options(threads, allow_spinning=allow_spinning) if has_library() else plain_session_options()
     if not has_library() and threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

@@ -8,7 +8,7 @@ differentiation the taps are folded away again, leaving a graph of the model's i
 the loss target) that returns every V, its gradient and the loss.
 
 An optional *interpolation* index per V turns the graph into a perforated network made of
-standard ops (Reshape -> Gather -> Reshape after the tap), so the gradient is the true
+standard ops (Reshape -> Gather after the tap, ``opset.gather_positions``), so the gradient is the true
 derivative of the perforated network: interpolated positions pass their gradient to the
 position they copy, and skipped positions get exactly zero.
 
@@ -27,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference, version_con
 from . import runtime
 from .errors import PerforateError
 from .graph import declared_shapes, default_opset, graph_names, load_model, node_attributes, unique_name
+from .opset import gather_positions
 
 try:  # onnx-ad's rule tables, consulted only to report every gap at once; onnx-ad's own
     # error (the first gap) still applies when its internals move
@@ -415,17 +416,10 @@ def _tap_and_interpolate(tensors, interpolation, types, fresh) -> _Tapping:
             t.values[name] = fresh(name + "__value")
         if name in interpolation:
             flat = _check_index(name, interpolation[name], dims)
-            n, c, ho, wo = dims
-            idx, s3, s4 = fresh(name + "__interp_index"), fresh(name + "__flat_shape"), \
-                fresh(name + "__grid_shape")
-            t.initializers += [numpy_helper.from_array(flat, idx),
-                               numpy_helper.from_array(np.array([n, c, ho * wo], np.int64), s3),
-                               numpy_helper.from_array(np.array(dims, np.int64), s4)]
-            flat_v, gathered, perforated = fresh(name + "__flat"), fresh(name + "__gathered"), \
-                fresh(name + "__perforated")
-            after += [helper.make_node("Reshape", [used, s3], [flat_v]),
-                      helper.make_node("Gather", [flat_v, idx], [gathered], axis=2),
-                      helper.make_node("Reshape", [gathered, s4], [perforated])]
+            idx, perforated = fresh(name + "__interp_index"), fresh(name + "__perforated")
+            t.initializers.append(numpy_helper.from_array(flat.reshape(dims[2:]), idx))
+            # the same Gather as the portable form's PerforatedConv + NNInterpolate (opset.py)
+            after += gather_positions(used, idx, perforated, fresh)
             used = perforated
         t.rewired[name] = (used, after)
     return t

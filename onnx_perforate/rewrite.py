@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import ops
+from . import portable as portability
 from ._library import DOMAIN, OPSET_VERSION
 from .errors import EmptyMaskError, MaskShapeError, PerforateError, UnknownNodeError, UnsupportedNodeError
 from .graph import (
@@ -151,11 +152,14 @@ class RewriteOptions:
     # Keep a requested layer as plain Conv where the cost model predicts perforating it cannot pay
     # (passes/profitability.py); the report says which and why.
     skip_unprofitable: bool = False
+    # False, True / "functions" or "expanded": standard-ONNX bodies for the custom ops (portable.py)
+    portable: bool | str = False
 
     @classmethod
     def from_flags(cls, *, fuse: bool = True, compact: bool = True, fold_batchnorm: bool | None = None,
                    fuse_activation: bool | None = None, interpolate_late: bool | None = None,
-                   compact_options: CompactOptions | None = None, skip_unprofitable: bool = False) -> "RewriteOptions":
+                   compact_options: CompactOptions | None = None, skip_unprofitable: bool = False,
+                   portable: bool | str = False) -> "RewriteOptions":
         """``fuse`` turns the three local passes on or off together; ``fold_batchnorm``,
         ``fuse_activation`` and ``interpolate_late`` override it one by one."""
         return cls(
@@ -165,6 +169,7 @@ class RewriteOptions:
             compact=compact,
             compact_options=compact_options or CompactOptions(),
             skip_unprofitable=skip_unprofitable,
+            portable=portable,
         )
 
     @classmethod
@@ -185,7 +190,9 @@ def rewrite(model, masks: dict, options: RewriteOptions | None = None, **flags) 
     ``compact`` (default) keeps perforated tensors compact through every position-wise consumer and
     lets perforated convolutions read compact inputs through ``X_index`` (docs/compact.md);
     ``compact=False`` gives the explicit form (one NNInterpolate per perforated Conv).
-    Use :func:`rewrite_with_report` to learn what each pass did.
+    ``portable=True`` (or "functions") also gives every custom op a standard-ONNX function body, so the
+    model runs without our library too (slowly); ``portable="expanded"`` writes specialised bodies
+    inline instead (docs/deployment.md). Use :func:`rewrite_with_report` to learn what each pass did.
     """
     return rewrite_with_report(model, masks, options, **flags)[0]
 
@@ -194,10 +201,24 @@ def rewrite_with_report(model, masks: dict, options: RewriteOptions | None = Non
                         **flags) -> tuple[onnx.ModelProto, RewriteReport]:
     """Like :func:`rewrite`, and also returns a :class:`RewriteReport`."""
     options = RewriteOptions.resolve(options, flags)
+    portable_form = portability.form(options.portable)
     original = load_model(model)
     check_model(original)  # so that only the rewriter's own faults are reported as internal errors
+    upgraded = None
+    if portable_form:
+        original, upgraded = portability.upgrade_opset(original)
     shapes = infer_shapes(original)
     plan = _plan(original, shapes, masks)
+    result, report = _rewrite_profitable(original, shapes, plan, options)
+    if upgraded:
+        report.notes.append(upgraded)
+    if portable_form and report.layers:
+        result = portability.make_portable(result, expand=portable_form == "expanded")
+    return result, report
+
+
+def _rewrite_profitable(original, shapes, plan, options: RewriteOptions) -> tuple[onnx.ModelProto, RewriteReport]:
+    """The plan rewritten; with ``skip_unprofitable``, without the layers that cannot pay."""
     kept_plain: dict[str, str] = {}
     while True:
         result, report = _rewrite_plan(original, shapes, plan, options)

@@ -456,10 +456,10 @@ def _step(index, layer, rates, measured, base, cost, started) -> TuneStep:
 def _progress(enabled, target, total):
     if not enabled:
         return None
-    from tqdm import tqdm
+    from .progress import progress
 
     # total: every rung of every ladder, the most steps the search can take
-    return tqdm(desc="tune" + (f" to {target:g}x" if target else ""), unit="step", total=total, leave=True)
+    return progress(desc="tune" + (f" to {target:g}x" if target else ""), unit="step", total=total, leave=True)
 
 
 def _model_fingerprint(model: onnx.ModelProto) -> str:

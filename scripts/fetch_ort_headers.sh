@@ -28,32 +28,11 @@ if [[ -f "$CACHE/include/onnxruntime/onnxruntime_cxx_api.h" ]]; then
   exit 0
 fi
 
-# The mirror: the first Debian archive URI in the machine's apt configuration (deb822 or one-line form).
-mirror=""
-for f in /etc/apt/sources.list.d/*.sources; do
-  [[ -f "$f" ]] || continue
-  mirror=$(awk '/^URIs:/ {for (i = 2; i <= NF; i++) if ($i ~ /debian\/?$/) {print $i; exit}}' "$f")
-  [[ -n "$mirror" ]] && break
-done
-if [[ -z "$mirror" && -f /etc/apt/sources.list ]]; then
-  mirror=$(awk '$1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\// && $i ~ /debian\/?$/) {print $i; exit}}' /etc/apt/sources.list)
-fi
-if [[ -z "$mirror" ]]; then
-  echo "fetch_ort_headers: no Debian mirror found in the apt configuration; set ONNXRUNTIME_INCLUDE_DIR instead" >&2
-  exit 1
-fi
-
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/lists/partial" "$work/cache/archives/partial"
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-echo "deb [signed-by=$keyring] $mirror trixie main" > "$work/sources.list"
-opts=(-o "Dir::Etc::SourceList=$work/sources.list" -o Dir::Etc::SourceParts=/dev/null
-      -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache" -o APT::Architecture=amd64
-      -o APT::Sandbox::User=root)
-echo "fetch_ort_headers: downloading libonnxruntime-dev from trixie ($mirror)" >&2
-apt-get "${opts[@]}" -qq update >&2
-(cd "$work" && apt-get "${opts[@]}" -qq download libonnxruntime-dev >&2)
+source "$(dirname "$0")/trixie_apt.sh"
+trixie_apt_start fetch_ort_headers
+work="$TRIXIE_WORK"
+echo "fetch_ort_headers: downloading libonnxruntime-dev" >&2
+(cd "$work" && apt-get "${TRIXIE_APT[@]}" -qq download libonnxruntime-dev >&2)
 deb=$(ls "$work"/libonnxruntime-dev_*.deb)
 dpkg-deb -x "$deb" "$work/root"
 mkdir -p "$DEST/include"
