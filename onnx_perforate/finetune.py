@@ -738,12 +738,12 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
                     elapsed_s=round(time.perf_counter() - started, 1))]
     bar = None
     if progress:
-        from tqdm import tqdm
+        from .progress import progress as progress_bar
 
         total = {"distill": -(-len(train) // batch_size) * int(epochs),
                  "bias_correction": len(_bias_targets(original, masks)),
                  "bn_reestimation": len(names) // 4}[method]
-        bar = tqdm(desc=f"finetune ({method})", total=total, unit="step" if method == "distill" else "layer")
+        bar = progress_bar(desc=f"finetune ({method})", total=total, unit="step" if method == "distill" else "layer")
     try:
         if method == "distill":
             fingerprint = dict(options, train_images=len(train), names=names, masks=sorted(masks))

@@ -24,6 +24,7 @@ from ._library import DOMAIN, OPSET_VERSION
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 ACTIVATIONS = ("", "Relu", "LeakyRelu", "Clip")
+COMPACT_POOL_MODES = ("max", "average")
 
 _ATTRIBUTE_TYPES = {
     "int": OpSchema.AttrType.INT,
@@ -45,12 +46,14 @@ class Parameter:
 
 @dataclass(frozen=True)
 class Attribute:
-    """An attribute; ``default`` None means optional with no default (derived from the inputs)."""
+    """An attribute; ``default`` None means no default: optional (derived from the inputs), or
+    ``required``."""
 
     name: str
     type: str  # "int" | "ints" | "float" | "string"
     default: object
     doc: str
+    required: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class OperatorDefinition:
         attributes = []
         for a in self.attributes:
             if a.default is None:
-                attributes.append(OpSchema.Attribute(a.name, _ATTRIBUTE_TYPES[a.type], a.doc, required=False))
+                attributes.append(OpSchema.Attribute(a.name, _ATTRIBUTE_TYPES[a.type], a.doc, required=a.required))
             else:
                 attributes.append(OpSchema.Attribute(a.name, helper.make_attribute(a.name, a.default), a.doc))
         schema = OpSchema(
@@ -219,6 +222,37 @@ def _infer_nn_interpolate(node: InferenceNode) -> None:
                                           *(index if index else [None, None])])
 
 
+def _infer_compact_pool(node: InferenceNode) -> None:
+    x = node.shape(0, 3)
+    index = node.shape(1, 2)
+    mode = node.attribute("mode")
+    if mode not in COMPACT_POOL_MODES:
+        node.fail(f"mode {mode!r}: expected one of {COMPACT_POOL_MODES}")
+    kernel, strides, pads, dilations = (list(node.attribute(a)) for a in ("kernel_shape", "strides", "pads", "dilations"))
+    if len(kernel) != 2 or len(strides) != 2 or len(pads) != 4 or len(dilations) != 2:
+        node.fail(f"kernel_shape, strides, dilations need 2 values and pads 4; got {kernel}, {strides}, "
+                  f"{dilations}, {pads}")
+    if mode == "average" and dilations != [1, 1]:
+        node.fail(f"average pooling takes no dilations, got {dilations}")
+    if any(p >= k for p, k in zip(pads, kernel * 2)):
+        node.fail(f"pads {pads} must each be smaller than the window {kernel}")
+    batch, channels = (x[0], x[1]) if x else (None, None)
+    if node.present(2):
+        positions = node.shape(2, 1)
+        node.set_output(0, node.elem_type(0), [batch, channels, positions[0] if positions else None])
+        return
+    out = [None, None]
+    if index and _known(*index):
+        from .ops import pool_output_size
+
+        ceil_mode = int(node.attribute("ceil_mode"))
+        out = [pool_output_size(index[a], kernel[a], strides[a], pads[a], pads[a + 2], dilations[a], ceil_mode)
+               for a in range(2)]
+        if min(out) < 1:
+            node.fail(f"the pooling window does not fit the input grid {index}")
+    node.set_output(0, node.elem_type(0), [batch, channels, *out])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Standard-ONNX bodies (the portable form; the gradient graph of gradients.py uses the same Gathers)
 
@@ -257,14 +291,20 @@ def _function(name, overload, inputs, outputs, nodes, attributes, opset) -> onnx
     return function
 
 
+def _variant(node: onnx.NodeProto, optional_input: int, attribute: str, names: tuple, default: str) -> tuple[bool, str]:
+    """(whether the node gives its optional input ``optional_input``, the value of its string
+    ``attribute``, checked against ``names``)."""
+    given = len(node.input) > optional_input and bool(node.input[optional_input])
+    value = next((helper.get_attribute_value(a) for a in node.attribute if a.name == attribute), default)
+    value = value.decode() if isinstance(value, bytes) else value
+    if value not in names:
+        raise ValueError(f"{node.op_type} node {node.name!r}: {attribute} {value!r}, expected one of {names}")
+    return given, value
+
+
 def perforated_conv_variant(node: onnx.NodeProto) -> tuple[bool, str]:
     """(reads a compact input through X_index, activation) of a PerforatedConv node."""
-    compact = len(node.input) > 4 and bool(node.input[4])
-    activation = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "activation"), b"")
-    activation = activation.decode() if isinstance(activation, bytes) else activation
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"PerforatedConv node {node.name!r}: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    return compact, activation
+    return _variant(node, 4, "activation", ACTIVATIONS, "")
 
 
 def _perforated_conv_body(activation: str | None) -> tuple[list, list]:
@@ -309,26 +349,36 @@ def _perforated_conv_body(activation: str | None) -> tuple[list, list]:
             attributes += ["clip_min", "clip_max"]
     if activation is None:
         attributes.append("activation")
-        name = helper.make_node("Constant", [], ["activation_scalar"])
-        name.attribute.append(_referenced("value_string", OpSchema.AttrType.STRING, "activation"))
-        nodes += [name, helper.make_node("Reshape", ["activation_scalar", "minus_one"], ["activation"]),
-                  helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.array(1, np.int64)))]
-        selected = "picked"
-        for candidate in wanted:
-            pair, distinct, count, is_it, picked = (f"{candidate}_{part}" for part in
-                                                    ("pair", "distinct", "count", "named", "or_before"))
-            nodes += [
-                helper.make_node("Constant", [], [f"{candidate}_name"],
-                                 value=helper.make_tensor(f"{candidate}_name", TensorProto.STRING, [1], [candidate.encode()])),
-                helper.make_node("Concat", ["activation", f"{candidate}_name"], [pair], axis=0),
-                helper.make_node("Unique", [pair], [distinct]),
-                helper.make_node("Size", [distinct], [count]),
-                helper.make_node("Equal", [count, "one"], [is_it]),
-                helper.make_node("Where", [is_it, candidate, selected], [picked]),
-            ]
-            selected = picked
-        nodes.append(helper.make_node("Identity", [selected], ["Yc"]))
+        nodes += _select_by_name("activation", {name: name for name in wanted}, "picked", "Yc")
     return nodes, attributes
+
+
+def _select_by_name(attribute: str, candidates: dict, otherwise: str, output: str) -> list[onnx.NodeProto]:
+    """Nodes setting ``output`` to ``candidates[name]`` (a tensor) for the name the string attribute
+    ``attribute`` of the calling node holds, else to ``otherwise``. A name is compared by counting the
+    distinct values of the pair (``Unique``): the string ``Equal`` needs opset 19."""
+    name = helper.make_node("Constant", [], [f"{attribute}_scalar"])
+    name.attribute.append(_referenced("value_string", OpSchema.AttrType.STRING, attribute))
+    nodes = [
+        name,
+        helper.make_node("Constant", [], [f"{attribute}_shape"], value=numpy_helper.from_array(np.array([1], np.int64))),
+        helper.make_node("Reshape", [f"{attribute}_scalar", f"{attribute}_shape"], [attribute]),
+        helper.make_node("Constant", [], [f"{attribute}_one"], value=numpy_helper.from_array(np.array(1, np.int64))),
+    ]
+    selected = otherwise
+    for candidate, tensor in candidates.items():
+        stem = f"{attribute}_{candidate}"
+        nodes += [
+            helper.make_node("Constant", [], [f"{stem}_name"],
+                             value=helper.make_tensor(f"{stem}_name", TensorProto.STRING, [1], [candidate.encode()])),
+            helper.make_node("Concat", [attribute, f"{stem}_name"], [f"{stem}_pair"], axis=0),
+            helper.make_node("Unique", [f"{stem}_pair"], [f"{stem}_distinct"]),
+            helper.make_node("Size", [f"{stem}_distinct"], [f"{stem}_count"]),
+            helper.make_node("Equal", [f"{stem}_count", f"{attribute}_one"], [f"{stem}_named"]),
+            helper.make_node("Where", [f"{stem}_named", tensor, selected], [f"{stem}_or_before"]),
+        ]
+        selected = f"{stem}_or_before"
+    return nodes + [helper.make_node("Identity", [selected], [output])]
 
 
 def _perforated_conv_function(node: onnx.NodeProto | None, opset: int) -> onnx.FunctionProto:
@@ -341,6 +391,43 @@ def _perforated_conv_function(node: onnx.NodeProto | None, opset: int) -> onnx.F
     nodes, attributes = _perforated_conv_body(activation)
     overload = "" if node is None else (activation.lower() or "plain")
     return _function("PerforatedConv", overload, ["X", "W", "B", "mask"], ["Yc"], nodes, attributes, opset)
+
+
+def _pool(op_type: str, source: str, output: str) -> tuple[onnx.NodeProto, list]:
+    """MaxPool / AveragePool with the calling node's attributes (AveragePool has no dilations)."""
+    names = ["kernel_shape", "strides", "pads", "ceil_mode"] + (["dilations"] if op_type == "MaxPool" else
+                                                                ["count_include_pad"])
+    node = helper.make_node(op_type, [source], [output])
+    node.attribute.extend(_referenced(n, _ATTRIBUTE_TYPES["ints" if n in ("kernel_shape", "strides", "pads",
+                                                                           "dilations") else "int"]) for n in names)
+    return node, names
+
+
+def compact_pool_variant(node: onnx.NodeProto) -> tuple[bool, str]:
+    """(computes only Y_positions, mode) of a CompactPool node."""
+    return _variant(node, 2, "mode", COMPACT_POOL_MODES, "")
+
+
+def _compact_pool_function(node: onnx.NodeProto | None, opset: int) -> onnx.FunctionProto:
+    """The input interpolated (a Gather), then MaxPool or AveragePool as ``mode`` says. Like X_index,
+    Y_positions cannot be tested for in a body: the portable form gathers those positions after a
+    full-output CompactPool instead."""
+    positions, mode = compact_pool_variant(node) if node is not None else (False, None)
+    if positions:
+        raise ValueError(f"CompactPool node {node.name!r} computes only Y_positions: it has no standard-ONNX "
+                         "body; gather the positions from its full output")
+    nodes = [nearest_fill("X", "X_index", "X_full")]
+    attributes = set()
+    for candidate, op_type in (("max", "MaxPool"), ("average", "AveragePool")):
+        if mode in (None, candidate):
+            pool, names = _pool(op_type, "X_full", "Y" if mode else op_type)
+            nodes.append(pool)
+            attributes.update(names)
+    if mode is None:
+        attributes.add("mode")
+        nodes += _select_by_name("mode", {"max": "MaxPool"}, "AveragePool", "Y")
+    return _function("CompactPool", "" if node is None else mode, ["X", "X_index"], ["Y"], nodes,
+                     sorted(attributes), opset)
 
 
 def _nn_interpolate_function(node: onnx.NodeProto | None, opset: int) -> onnx.FunctionProto:
@@ -395,6 +482,31 @@ OPERATORS: tuple[OperatorDefinition, ...] = (
         attributes=(),
         infer=_infer_nn_interpolate,
         function=_nn_interpolate_function,
+    ),
+    OperatorDefinition(
+        name="CompactPool",
+        since_version=1,
+        doc="MaxPool / AveragePool of a compact tensor read through its interpolation index: "
+        "Y = Pool(NNInterpolate(X, X_index)), at Y_positions only when given. See docs/ops.md.",
+        inputs=(
+            Parameter("X", "T", "compact input [N, C, K_in]"),
+            Parameter("X_index", "tensor(int64)", "[H, W]: input pixel (y, x) is X[n, c, X_index[y, x]]"),
+            Parameter("Y_positions", "tensor(int64)", "[K_out] row-major output positions to compute",
+                      optional=True),
+        ),
+        outputs=(Parameter("Y", "T", "[N, C, Ho, Wo], or [N, C, K_out] with Y_positions"),),
+        type_constraints=(_FLOAT,),
+        attributes=(
+            Attribute("mode", "string", None, '"max" (MaxPool) or "average" (AveragePool)', required=True),
+            Attribute("kernel_shape", "ints", None, "[kH, kW]", required=True),
+            Attribute("strides", "ints", [1, 1], "[sH, sW]"),
+            Attribute("pads", "ints", [0, 0, 0, 0], "[top, left, bottom, right], each smaller than the window"),
+            Attribute("dilations", "ints", [1, 1], '[dH, dW], "max" only'),
+            Attribute("ceil_mode", "int", 0, "as ONNX pooling"),
+            Attribute("count_include_pad", "int", 0, '"average": padding counts in the divisor'),
+        ),
+        infer=_infer_compact_pool,
+        function=_compact_pool_function,
     ),
 )
 

@@ -8,8 +8,9 @@ the full convolution and gather the computed positions: the same outputs, withou
 
 One body serves every node of an op: runtimes such as onnx.reference and ONNX Runtime 1.21 ignore
 function overloads. A body cannot test whether an optional input is given, so a PerforatedConv that
-reads a compact input through X_index reads it through an NNInterpolate instead (the same values, one
-more pass over the input for the fast kernels; docs/deployment.md gives the cost).
+reads a compact input through X_index reads it through an NNInterpolate instead, and a CompactPool
+computing only Y_positions computes its full output, which a Gather then reads (the same values; the
+fast kernels pay one more pass, docs/deployment.md gives the cost).
 
 ``expand=True`` instead replaces each custom node by plain numeric standard ops specialised to it
 (no string handling left), for runtimes that do not read model-local functions; no custom op is left,
@@ -24,7 +25,7 @@ from onnx import helper, version_converter
 from ._library import DOMAIN
 from .errors import PerforateError
 from .graph import default_opset, load_model, model_size
-from .opset import definition
+from .opset import definition, gather_positions
 from . import ops
 
 MIN_OPSET = 13  # the bodies need Constant(value_string / value_float) (opset 12); older models go to 13
@@ -75,7 +76,7 @@ def make_portable(model, *, expand: bool = False) -> onnx.ModelProto:
     version = next((o.version for o in model.opset_import if o.domain == DOMAIN), None)
     if version is None:
         raise PerforateError(f"the model imports no {DOMAIN!r} domain: it is not perforated")
-    _interpolate_compact_inputs(model)
+    _without_optional_inputs(model)
     functions = {}
     for node in _all_nodes(model.graph):
         if node.domain != DOMAIN:
@@ -116,9 +117,11 @@ def make_portable(model, *, expand: bool = False) -> onnx.ModelProto:
     return model
 
 
-def _interpolate_compact_inputs(model: onnx.ModelProto) -> None:
-    """Give each PerforatedConv that reads a compact input (X_index) that input interpolated by an
-    NNInterpolate (one per compact tensor and index), in place."""
+def _without_optional_inputs(model: onnx.ModelProto) -> None:
+    """Rewrite, in place, the nodes whose optional inputs no body can serve, keeping their values:
+    a PerforatedConv reading a compact input through X_index reads it through an NNInterpolate (one per
+    compact tensor and index); a CompactPool computing only Y_positions computes its full output, and
+    a Gather picks the positions."""
     graph = model.graph
     taken = {name for node in graph.node for name in list(node.output) + [node.name]}
     taken |= {t.name for t in graph.initializer} | {v.name for v in graph.input}
@@ -133,15 +136,26 @@ def _interpolate_compact_inputs(model: onnx.ModelProto) -> None:
 
     interpolated, nodes = {}, []
     for node in graph.node:
-        if node.domain == DOMAIN and node.op_type == "PerforatedConv" and len(node.input) > 4 and node.input[4]:
+        optional = node.domain == DOMAIN and len(node.input) > {"PerforatedConv": 4, "CompactPool": 2}.get(
+            node.op_type, len(node.input)) and node.input[-1]
+        name = node.name or node.output[0]
+        if optional and node.op_type == "PerforatedConv":
             key = (node.input[0], node.input[4])
             if key not in interpolated:
                 interpolated[key] = fresh(f"{node.input[0]}.interpolated")
                 nodes.append(ops.make_nn_interpolate_node(node.input[0], node.input[4], interpolated[key],
-                                                          fresh(f"{node.name or node.output[0]}/input_interpolate")))
+                                                          fresh(f"{name}/input_interpolate")))
             inputs = [interpolated[key]] + list(node.input[1:4])
             del node.input[:]
             node.input.extend(inputs)
+        elif optional and node.op_type == "CompactPool":
+            positions, output = node.input[2], node.output[0]
+            full = fresh(f"{output}.full")
+            del node.input[2:]
+            node.output[0] = full
+            nodes.append(node)
+            nodes += gather_positions(full, positions, output, fresh)
+            continue
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import onnx_perforate
-from onnx_perforate import masks
+from onnx_perforate.impact import impact
 from onnx_perforate.cli import main
 from onnx_perforate.progress import LineProgress, progress
 
@@ -33,13 +33,13 @@ def test_calibrating_squeezenet_prints_no_ort_warning(capfd, ort_warnings_restor
 
     data = load_folder(VAL100, PRESETS["caffe"], limit=4)
     # The KL loss leaves an initializer of the loss head unused, which ORT warns about when it may.
-    chosen = masks.impact(SQUEEZENET, data, 0.5, steps=2, loss="kl", batch_size=2)
+    chosen = impact(SQUEEZENET, data, 0.5, steps=2, loss="kl", batch_size=2)
     assert len(chosen) == 9
     captured = capfd.readouterr()
     assert ORT_WARNING not in captured.err + captured.out
 
     onnx_perforate.show_ort_warnings()  # the debug switch brings them back
-    masks.impact(SQUEEZENET, data, 0.5, loss="kl", batch_size=4)
+    impact(SQUEEZENET, data, 0.5, loss="kl", batch_size=4)
     captured = capfd.readouterr()
     assert ORT_WARNING in captured.err + captured.out
 

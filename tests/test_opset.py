@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_perforate
-from onnx_perforate import masks, opset
+from onnx_perforate import masks, ops, opset
 from onnx_perforate.opset import OPERATORS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def test_every_op_is_registered_with_its_attributes_and_defaults():
         for attribute in op.attributes:
             declared = schema.attributes[attribute.name]
             if attribute.default is None:
-                assert not declared.required and not declared.default_value.name
+                assert declared.required == attribute.required and not declared.default_value.name
             else:
                 assert declared.default_value == helper.make_attribute(attribute.name, attribute.default)
     conv = onnx.defs.get_schema("PerforatedConv", 1, DOMAIN)
@@ -50,31 +50,28 @@ def _without_value_info(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _check_inferred(model: onnx.ModelProto, outputs_known: bool = True):
-    """Full checker, strict inference with no value_info; every custom op's output shape is checked
-    against its inputs (Yc [N, M, K] with K from the mask, Y [N, M, Ho, Wo])."""
+    """Full checker, strict inference with no value_info; every custom op's inferred output shape equals
+    the shape the numpy reference of the ops produces (batch 2)."""
     onnx.checker.check_model(model, full_check=True)
     inferred = onnx.shape_inference.infer_shapes(_without_value_info(model), check_type=True, strict_mode=True,
                                                  data_prop=True)  # a converted SqueezeNet reshapes by Shape()
-    types = {vi.name: vi.type.tensor_type for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    constants = {t.name: numpy_helper.to_array(t) for t in inferred.graph.initializer}
-
-    def dims(name):
-        assert types[name].HasField("shape"), f"no shape inferred for {name}"
-        return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in types[name].shape.dim]
-
-    checked = 0
-    for node in inferred.graph.node:
-        if node.domain != DOMAIN:
-            continue
-        if node.op_type == "PerforatedConv":
-            out = dims(node.output[0])
-            assert out[1:] == [constants[node.input[1]].shape[0], int(np.count_nonzero(constants[node.input[3]]))]
-        else:
-            assert dims(node.output[0])[2:] == list(constants[node.input[1]].shape)
-        checked += 1
+    types = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    custom = [n.output[0] for n in inferred.graph.node if n.domain == DOMAIN]
     for output in inferred.graph.output if outputs_known else ():
         assert output.type.tensor_type.HasField("shape"), output.name
-    return checked
+    if not custom:
+        return 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(types[name] for name in custom)
+    data = next(i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    dims = [d.dim_value or 2 for d in data.type.tensor_type.shape.dim]
+    results = ops.reference_evaluator(probe).run(custom, {data.name: RNG.uniform(0, 255, dims).astype(np.float32)})
+    for name, value in zip(custom, results):
+        declared = [d.dim_value if d.HasField("dim_value") else None for d in types[name].type.tensor_type.shape.dim]
+        assert len(declared) == value.ndim and all(d in (None, v) for d, v in zip(declared, value.shape)), name
+        assert None not in declared[1:], f"{name}: {declared}"  # all but the batch are inferred
+    return len(custom)
 
 
 def _perforate_everything(model, **options):
@@ -166,3 +163,18 @@ def test_checker_refuses_an_attribute_the_op_does_not_have():
 def test_definition_lookup():
     assert opset.definition("PerforatedConv").name == "PerforatedConv"
     assert opset.definition("NoSuchOp") is None
+
+
+def test_compact_pool_inference_and_errors():
+    inits = [numpy_helper.from_array(np.arange(16, dtype=np.int64).reshape(4, 4) % 6, "index")]
+
+    def pool(**attrs):
+        node = helper.make_node("CompactPool", ["x", "index"], ["y"], domain=DOMAIN, name="pool", **attrs)
+        return _model([node], inits, [1, 2, 6], 4)
+
+    inferred = onnx.shape_inference.infer_shapes(pool(mode="max", kernel_shape=[2, 2], strides=[2, 2]), strict_mode=True)
+    assert [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim] == [1, 2, 2, 2]
+    assert "mode 'min'" in _infer_error(pool(mode="min", kernel_shape=[2, 2]))
+    assert "average pooling takes no dilations" in _infer_error(pool(mode="average", kernel_shape=[2, 2], dilations=[2, 2]))
+    with pytest.raises(onnx.checker.ValidationError, match="kernel_shape"):  # required
+        onnx.checker.check_model(pool(mode="max"), full_check=True)
