@@ -56,7 +56,7 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 # onnx's shape inference and checker learn the domain's ops on import; opset.py imports only onnx,
-# numpy and the library helpers.
+# numpy, the library helpers and ops.py.
 importlib.import_module(".opset", __name__).register_schemas()
 
 

@@ -14,7 +14,9 @@ from onnx import helper
 from onnx.reference.op_run import OpRun
 
 from ._library import DOMAIN, OPSET_VERSION
-from .opset import ACTIVATIONS, FLOAT32_MAX
+
+ACTIVATIONS = ("", "Relu", "LeakyRelu", "Clip")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass

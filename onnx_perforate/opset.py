@@ -7,7 +7,8 @@ one entry in :data:`OPERATORS`. docs/ops.md is the prose specification of the sa
 
 :func:`register_schemas` registers the schemas with onnx (done on import of the package), after which
 ``onnx.shape_inference.infer_shapes`` and ``onnx.checker.check_model(full_check=True)`` check and
-infer perforated models. Only onnx and numpy are imported here: registering is cheap.
+infer perforated models. Only onnx, numpy, the library helpers and ops.py (the ops' arithmetic) are
+imported here: registering is cheap and needs neither onnx-graphsurgeon nor onnx-ad.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.defs import OpSchema
 
 from ._library import DOMAIN, OPSET_VERSION
+from .ops import ACTIVATIONS, FLOAT32_MAX, POOL_MODES, conv_output_size, pool_output_size
 
-FLOAT32_MAX = float(np.finfo(np.float32).max)
-ACTIVATIONS = ("", "Relu", "LeakyRelu", "Clip")
-COMPACT_POOL_MODES = ("max", "average")
+COMPACT_POOL_MODES = tuple(POOL_MODES.values())
 
 _ATTRIBUTE_TYPES = {
     "int": OpSchema.AttrType.INT,
@@ -195,8 +195,6 @@ def _infer_perforated_conv(node: InferenceNode) -> None:
     else:
         spatial = x[2:] if x else None
     if mask_shape and spatial and kernel and _known(*mask_shape, *spatial, *kernel):
-        from .ops import conv_output_size
-
         expected = list(conv_output_size(spatial, kernel, node.attribute("strides"), node.attribute("pads"),
                                          node.attribute("dilations")))
         if mask_shape != expected:
@@ -243,8 +241,6 @@ def _infer_compact_pool(node: InferenceNode) -> None:
         return
     out = [None, None]
     if index and _known(*index):
-        from .ops import pool_output_size
-
         ceil_mode = int(node.attribute("ceil_mode"))
         out = [pool_output_size(index[a], kernel[a], strides[a], pads[a], pads[a + 2], dilations[a], ceil_mode)
                for a in range(2)]

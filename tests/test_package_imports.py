@@ -14,7 +14,7 @@ import pytest
 import onnx_perforate
 
 HEAVY = ["onnx_graphsurgeon", "onnx_ad"]
-SCHEMA_MODULES = ["onnx_perforate._library", "onnx_perforate.opset"]  # imported to register the schemas
+SCHEMA_MODULES = ["onnx_perforate._library", "onnx_perforate.ops", "onnx_perforate.opset"]  # register the schemas
 
 # Runs in a fresh interpreter where importing either heavy package raises ImportError, as it would on a
 # machine that does not have them.
@@ -54,8 +54,8 @@ def test_light_modules_import_without_graphsurgeon_or_onnx_ad():
     result = _run(BLOCKED_IMPORTS)
     assert result["domain"] == onnx_perforate.DOMAIN
     assert result["heavy_loaded"] == []
-    # `import onnx_perforate` loads only what registers the ops' ONNX schemas (opset.py and the library
-    # helpers it takes the domain from); everything else is resolved on first use.
+    # `import onnx_perforate` loads only what registers the ops' ONNX schemas (opset.py, the library
+    # helpers and ops.py it reads); everything else is resolved on first use.
     assert result["after_package"] == ["onnx_perforate"] + SCHEMA_MODULES
     # The heavy exports fail only when used, naming what is missing.
     assert "onnx_graphsurgeon" in result["rewrite_error"]
