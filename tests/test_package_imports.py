@@ -14,7 +14,9 @@ import pytest
 import onnx_perforate
 
 HEAVY = ["onnx_graphsurgeon", "onnx_ad"]
-SCHEMA_MODULES = ["onnx_perforate._library", "onnx_perforate.ops", "onnx_perforate.opset"]  # register the schemas
+# Registering the ops' ONNX schemas on import loads opset.py and the light modules it reads, no others.
+SCHEMA_MODULES = {"onnx_perforate.opset", "onnx_perforate.ops", "onnx_perforate._library", "onnx_perforate.errors",
+                  "onnx_perforate.validation"}
 
 # Runs in a fresh interpreter where importing either heavy package raises ImportError, as it would on a
 # machine that does not have them.
@@ -54,9 +56,10 @@ def test_light_modules_import_without_graphsurgeon_or_onnx_ad():
     result = _run(BLOCKED_IMPORTS)
     assert result["domain"] == onnx_perforate.DOMAIN
     assert result["heavy_loaded"] == []
-    # `import onnx_perforate` loads only what registers the ops' ONNX schemas (opset.py, the library
-    # helpers and ops.py it reads); everything else is resolved on first use.
-    assert result["after_package"] == ["onnx_perforate"] + SCHEMA_MODULES
+    # `import onnx_perforate` loads only what registers the ops' ONNX schemas; everything else is
+    # resolved on first use.
+    assert "onnx_perforate.opset" in result["after_package"]
+    assert set(result["after_package"]) <= {"onnx_perforate"} | SCHEMA_MODULES
     # The heavy exports fail only when used, naming what is missing.
     assert "onnx_graphsurgeon" in result["rewrite_error"]
 
@@ -67,7 +70,7 @@ def test_plain_import_loads_no_heavy_module():
         "print(json.dumps({'loaded': sorted(m for m in sys.modules if m.split('.')[0] in %r "
         "or m.startswith('onnx_perforate.'))}))" % (HEAVY,)
     )
-    assert result["loaded"] == SCHEMA_MODULES
+    assert set(result["loaded"]) <= SCHEMA_MODULES
 
 
 def test_every_public_name_resolves_after_its_submodule_was_imported():
