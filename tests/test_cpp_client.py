@@ -15,16 +15,16 @@ import onnx
 import pytest
 
 import onnx_perforate
+from helpers import REPO, SAMPLE_MODELS
 from onnx_perforate import masks, ops
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "sample_models"
-SOURCE = ROOT / "examples" / "cpp_client" / "perforated_client.cc"
+SAMPLE = SAMPLE_MODELS
+SOURCE = REPO / "examples" / "cpp_client" / "perforated_client.cc"
 BATCH = 8  # the golden files hold the first 8 subset images
 
 
 def _fetch(script: str) -> Path:
-    result = subprocess.run(["bash", str(ROOT / "scripts" / script)], capture_output=True, text=True)
+    result = subprocess.run(["bash", str(REPO / "scripts" / script)], capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip(f"{script} could not fetch the Debian package: {result.stderr.strip()[-300:]}")
     return Path(result.stdout.strip().splitlines()[-1])

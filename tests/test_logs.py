@@ -4,19 +4,17 @@ progress bar that does not write to a terminal writes a few whole lines."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import onnx_perforate
+from helpers import SAMPLE_MODELS, SHARED_DATA, SQUEEZENET
 from onnx_perforate.impact import impact
 from onnx_perforate.cli import main
 from onnx_perforate.progress import LineProgress, progress
 
-ROOT = Path(__file__).resolve().parents[1]
-SQUEEZENET = ROOT.parent / "shared" / "data" / "imagenet" / "squeezenet1.1.onnx"
-VAL100 = ROOT.parent / "shared" / "data" / "imagenet" / "val100"
+VAL100 = SHARED_DATA / "imagenet" / "val100"
 ORT_WARNING = "[W:onnxruntime"
 
 
@@ -51,7 +49,7 @@ def test_session_options_log_errors_only_unless_asked(ort_warnings_restored):
 
 
 def test_cli_debug_level_turns_ort_warnings_on(tmp_path, ort_warnings_restored):
-    model = ROOT / "sample_models" / "fashion_cnn.onnx"
+    model = SAMPLE_MODELS / "fashion_cnn.onnx"
     main(["inspect", str(model), "--log-level", "DEBUG"])
     assert onnx_perforate.session_options(1).log_severity_level == 2
 
@@ -77,10 +75,10 @@ def test_progress_stopped_early_says_so():
 
 
 def test_cli_eval_progress_in_a_log(tmp_path, capsys):
-    data = np.load(ROOT / "sample_models" / "fashion_mnist_subset.npz")
+    data = np.load(SAMPLE_MODELS / "fashion_mnist_subset.npz")
     npz = tmp_path / "data.npz"
     np.savez(npz, images=data["images"][:160].astype(np.float32), labels=data["labels"][:160])
-    assert main(["eval", str(ROOT / "sample_models" / "fashion_cnn.onnx"), "--data", str(npz), "--batch", "4"]) == 0
+    assert main(["eval", str(SAMPLE_MODELS / "fashion_cnn.onnx"), "--data", str(npz), "--batch", "4"]) == 0
     err = capsys.readouterr().err
     progress_lines = [line for line in err.splitlines() if line.startswith("eval:")]
     assert "\r" not in err and 1 <= len(progress_lines) <= 10, err

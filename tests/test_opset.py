@@ -4,7 +4,6 @@ the errors inference reports for bad nodes."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,12 +11,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_perforate
+from helpers import SAMPLE_MODELS, SQUEEZENET
 from onnx_perforate import masks, ops, opset
 from onnx_perforate.opset import OPERATORS
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = sorted((ROOT / "sample_models").glob("*.onnx"))
-SQUEEZENET = ROOT.parent / "shared" / "data" / "imagenet" / "squeezenet1.1.onnx"
+SAMPLES = sorted(SAMPLE_MODELS.glob("*.onnx"))
 DOMAIN = onnx_perforate.DOMAIN
 RNG = np.random.default_rng(7)
 

@@ -16,14 +16,13 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnx_perforate
+from helpers import SAMPLE_MODELS, SQUEEZENET
 from onnx_perforate import masks
 from onnx_perforate.cli import main
 from onnx_perforate.errors import PerforateError
 from onnx_perforate.portable import make_portable
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = sorted((ROOT / "sample_models").glob("*.onnx"))
-SQUEEZENET = ROOT.parent / "shared" / "data" / "imagenet" / "squeezenet1.1.onnx"
+SAMPLES = sorted(SAMPLE_MODELS.glob("*.onnx"))
 DOMAIN = onnx_perforate.DOMAIN
 # float32 rounding: the function bodies run ORT's (or numpy's) Conv, the kernels their own GEMM
 RTOL, ATOL = 1e-4, 1e-4

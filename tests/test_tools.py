@@ -3,21 +3,20 @@ on the custom-op and portable forms of the bundled CNN."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import onnx
 import pytest
 
 import onnx_perforate
+from helpers import SAMPLE_MODELS
 from onnx_perforate import masks
 
-ROOT = Path(__file__).resolve().parents[1]
 DOMAIN = onnx_perforate.DOMAIN
 
 
 @pytest.fixture(scope="module")
 def forms():
-    original = onnx.load(ROOT / "sample_models" / "fashion_cnn.onnx")
+    original = onnx.load(SAMPLE_MODELS / "fashion_cnn.onnx")
     chosen = {r.name: masks.grid(r.output_shape[2:], 0.5) for r in onnx_perforate.inspect(original) if r.perforable}
     return {"custom": onnx_perforate.rewrite(original, chosen),
             "portable": onnx_perforate.rewrite(original, chosen, portable=True)}
