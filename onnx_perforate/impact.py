@@ -19,24 +19,25 @@ import logging
 from typing import Mapping
 
 import numpy as np
-import onnx
 
 from .calibration import CalibrationSet, calibration_set
 from .errors import PerforateError
 from .gradients import GradientRunner, default_session_options
-from .graph import load_model, node_key
+from .analysis import analyse
+from .graph import node_key
 from .inspection import inspect
 from .masks import Mask, computed_count
 
 log = logging.getLogger(__name__)
 
 
-def spatial_convs(model: onnx.ModelProto) -> dict[str, str]:
+def spatial_convs(model) -> dict[str, str]:
     """{Conv key: output tensor} for the perforable Convs with a spatial (non 1x1) kernel."""
-    outputs = {node_key(n): n.output[0] for n in model.graph.node if n.op_type == "Conv"}
+    analysed = analyse(model)
+    outputs = {node_key(n): n.output[0] for n in analysed.model.graph.node if n.op_type == "Conv"}
     return {
         r.name: outputs[r.name]
-        for r in inspect(model)
+        for r in inspect(analysed)
         if r.perforable and r.kernel is not None and tuple(r.kernel) != (1, 1)
     }
 
@@ -73,7 +74,7 @@ class ImpactEstimator:
 
     def __init__(self, model, calibration: CalibrationSet, convs: Mapping[str, str], *, loss: str | None = None,
                  batch_size: int = 16, threads: int | None = None):
-        self.model = load_model(model)
+        self.model = analyse(model).model
         self.calibration = calibration
         self.convs = dict(convs)
         self.loss = loss or default_loss(calibration)
@@ -106,9 +107,10 @@ def impact(model, data, rates, *, steps: int = 1, loss: str | None = None, subse
     perforated network each time. ``loss`` defaults to the labels' NLL when the data has labels, else
     the NLL of the model's own prediction. Returns {Conv name: Mask} that :func:`rewrite` accepts.
     """
-    model = load_model(model)
+    analysed = analyse(model)
+    model = analysed.model
     calibration = calibration_set(model, data, subset_size=subset_size)
-    available = spatial_convs(model)
+    available = spatial_convs(analysed)
     if isinstance(rates, Mapping):
         unknown = sorted(set(rates) - set(available))
         if unknown:
@@ -118,9 +120,9 @@ def impact(model, data, rates, *, steps: int = 1, loss: str | None = None, subse
         targets = {name: float(rates) for name in available}
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    estimator = ImpactEstimator(model, calibration, {n: available[n] for n in targets}, loss=loss,
+    estimator = ImpactEstimator(analysed, calibration, {n: available[n] for n in targets}, loss=loss,
                                 batch_size=batch_size, threads=threads)
-    shapes = {r.name: tuple(r.output_shape[2:]) for r in inspect(model) if r.name in targets}
+    shapes = {r.name: tuple(r.output_shape[2:]) for r in inspect(analysed) if r.name in targets}
     current = {name: np.ones(shapes[name], bool) for name in targets}
     for step in range(1, steps + 1):
         maps = estimator.impact(current if step > 1 else None)

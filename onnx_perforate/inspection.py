@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .errors import PerforateError
-from .graph import QUANTIZED_CONVS, conv_geometry, format_shape, infer_shapes, load_model, node_key
+from .analysis import analyse
+from .graph import QUANTIZED_CONVS, conv_geometry, format_shape, node_key
 
 
 @dataclass
@@ -36,9 +37,10 @@ class ConvRecord:
 
 
 def inspect(model) -> list[ConvRecord]:
-    """List every Conv / ConvInteger / QLinearConv of ``model`` (a ModelProto or a path), in graph order."""
-    model = load_model(model)
-    shapes = infer_shapes(model)
+    """List every Conv / ConvInteger / QLinearConv of ``model`` (a ModelProto, a path or an
+    :class:`~onnx_perforate.analysis.AnalysedModel`), in graph order."""
+    analysed = analyse(model)
+    model, shapes = analysed.model, analysed.shapes
     records = []
     for node in model.graph.node:
         if node.op_type != "Conv" and node.op_type not in QUANTIZED_CONVS:

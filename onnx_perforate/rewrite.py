@@ -19,15 +19,13 @@ import onnx_graphsurgeon as gs
 from . import ops
 from . import portable as portability
 from ._library import DOMAIN, OPSET_VERSION
+from .analysis import analyse
 from .errors import EmptyMaskError, MaskShapeError, PerforateError, UnknownNodeError, UnsupportedNodeError
 from .graph import (
     QUANTIZED_CONVS,
     ConvGeometry,
-    check_model,
     conv_geometry,
-    default_opset,
     find_node,
-    infer_shapes,
     light_copy,
     load_model,
     model_size,
@@ -180,7 +178,8 @@ class RewriteOptions:
 
 
 def rewrite(model, masks: dict, options: RewriteOptions | None = None, **flags) -> onnx.ModelProto:
-    """Perforate the Conv nodes named in ``masks`` and return the new model (the input is untouched).
+    """Perforate the Conv nodes named in ``masks`` and return the new model (the input is untouched;
+    ``model`` is a ModelProto, a path or an :class:`~onnx_perforate.analysis.AnalysedModel`).
 
     ``masks`` maps a Conv's name (or, for an unnamed Conv, its output tensor's name) to a bool array
     [Ho, Wo] (True = computed) or a :class:`~onnx_perforate.masks.Mask`. The passes are chosen by
@@ -202,14 +201,17 @@ def rewrite_with_report(model, masks: dict, options: RewriteOptions | None = Non
     """Like :func:`rewrite`, and also returns a :class:`RewriteReport`."""
     options = RewriteOptions.resolve(options, flags)
     portable_form = portability.form(options.portable)
-    original = load_model(model)
-    check_model(original)  # so that only the rewriter's own faults are reported as internal errors
+    # Checked once (so that only the rewriter's own faults are reported as internal errors); an
+    # AnalysedModel comes checked, with its shapes, and is only read.
+    analysed = analyse(model)
     upgraded = None
     if portable_form:
-        original, upgraded = portability.upgrade_opset(original)
-    shapes = infer_shapes(original)
+        converted, upgraded = portability.upgrade_opset(analysed.model)
+        if upgraded:
+            analysed = analyse(converted)
+    original, shapes = analysed.model, analysed.shapes
     plan = _plan(original, shapes, masks)
-    result, report = _rewrite_profitable(original, shapes, plan, options)
+    result, report = _rewrite_profitable(analysed, plan, options)
     if upgraded:
         report.notes.append(upgraded)
     if portable_form and report.layers:
@@ -217,11 +219,11 @@ def rewrite_with_report(model, masks: dict, options: RewriteOptions | None = Non
     return result, report
 
 
-def _rewrite_profitable(original, shapes, plan, options: RewriteOptions) -> tuple[onnx.ModelProto, RewriteReport]:
+def _rewrite_profitable(analysed, plan, options: RewriteOptions) -> tuple[onnx.ModelProto, RewriteReport]:
     """The plan rewritten; with ``skip_unprofitable``, without the layers that cannot pay."""
     kept_plain: dict[str, str] = {}
     while True:
-        result, report = _rewrite_plan(original, shapes, plan, options)
+        result, report = _rewrite_plan(analysed, plan, options)
         if not options.skip_unprofitable:
             return result, report
         # Dropping a layer can make others interpolate (a Concat partner turns full): decide again.
@@ -237,14 +239,15 @@ def _rewrite_profitable(original, shapes, plan, options: RewriteOptions) -> tupl
         plan = [(g, m) for g, m in plan if g.key not in losing]
         if not plan:  # nothing pays: the model as it was
             report.layers = []
-            return onnx.ModelProto.FromString(original.SerializeToString()), report
+            return onnx.ModelProto.FromString(analysed.model.SerializeToString()), report
 
 
-def _rewrite_plan(original, shapes, plan, options: RewriteOptions) -> tuple[onnx.ModelProto, RewriteReport]:
-    report = RewriteReport(total_conv_macs=_total_conv_macs(original, shapes))
+def _rewrite_plan(analysed, plan, options: RewriteOptions) -> tuple[onnx.ModelProto, RewriteReport]:
+    original, shapes = analysed.model, analysed.shapes
+    report = RewriteReport(total_conv_macs=_total_conv_macs(analysed))
 
-    graph = gs.import_onnx(original)
-    surgeon = Surgeon(graph, default_opset(original))
+    graph = gs.import_onnx(load_model(original))  # a copy: exporting changes the nodes it was imported from
+    surgeon = Surgeon(graph, analysed.opset)
     # Tensor names are unique (SSA), node names need not be: find the gs node by its output.
     by_output = {n.outputs[0].name: n for n in graph.nodes if n.outputs}
     seeds = []
@@ -301,15 +304,9 @@ def _conv_names(model) -> str:
     return ", ".join(repr(n) for n in names[:20]) + (" ..." if len(names) > 20 else "") if names else "none"
 
 
-def _total_conv_macs(model, shapes) -> int:
-    total = 0
-    for node in model.graph.node:
-        if node.op_type == "Conv":
-            try:
-                total += conv_geometry(node, shapes).macs
-            except PerforateError:
-                pass  # not countable (dynamic or not 2-D); inspect() reports why
-    return total
+def _total_conv_macs(analysed) -> int:
+    # Convs without a geometry (dynamic or not 2-D) are not countable; inspect() reports why.
+    return sum(g.macs for g in analysed.conv_geometry.values() if isinstance(g, ConvGeometry))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -30,10 +30,11 @@ import onnxruntime as ort
 
 from . import masks as mask_kinds
 from . import runtime, validation
+from .analysis import analyse
 from .calibration import CalibrationSet, calibration_set
 from .data import check_labels
 from .errors import PerforateError
-from .graph import atomic_outputs, consumers, load_model, node_key, save_model, write_json
+from .graph import atomic_outputs, node_key, save_model, write_json
 from .impact import ImpactEstimator, spatial_convs, top_positions
 from .inspection import inspect
 from .masks import Mask, computed_count
@@ -78,7 +79,7 @@ class TuneResult:
         if self.step_masks[step] is None:
             raise PerforateError(f"the masks of step {step} are not known: the search resumed from a checkpoint "
                                  "that did not record them")
-        return _perforate(load_model(original), self.step_masks[step])
+        return _perforate(analyse(original), self.step_masks[step])
 
     @property
     def final(self) -> TuneStep:
@@ -246,8 +247,9 @@ def compact_regions(model: onnx.ModelProto, convs) -> dict[str, list]:
     Concat, residual Add) and B keeps A's grid (same input and output size). In SqueezeNet that is
     every Fire module between two max-pools, the classifier conv included."""
     convs = list(convs)
-    records = {r.name: r for r in inspect(model)}
-    uses = consumers(model)
+    analysed = analyse(model)
+    records = {r.name: r for r in inspect(analysed)}
+    uses = analysed.consumers
     parent = {c: c for c in convs}
 
     def find(c):
@@ -256,7 +258,7 @@ def compact_regions(model: onnx.ModelProto, convs) -> dict[str, list]:
             c = parent[c]
         return c
 
-    by_key = {node_key(n): n for n in model.graph.node if n.op_type == "Conv"}
+    by_key = analysed.nodes
     for a in convs:
         grid = tuple(records[a].output_shape[2:])
         stack, seen = [by_key[a].output[0]], set()
@@ -316,11 +318,12 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
         raise validation.SettingError(f"mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
     if tie not in ("none", "regions"):
         raise validation.SettingError(f"tie must be 'none' or 'regions', got {tie!r}")
-    original = load_model(model)
+    analysed = analyse(model)  # loaded, checked and inferred once for every rewrite below
+    original = analysed.model
     calibration, holdout = calibration_set(original, data).split(subset_size)
-    convs = spatial_convs(original)
+    convs = spatial_convs(analysed)
     if include_1x1 or tie == "regions":
-        convs = {r.name: _output_of(original, r.name) for r in inspect(original) if r.perforable}
+        convs = {r.name: _output_of(original, r.name) for r in inspect(analysed) if r.perforable}
     if layers:
         missing = sorted(set(layers) - set(convs))
         if missing:
@@ -328,11 +331,11 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
         convs = {k: v for k, v in convs.items() if k in layers}
     if not convs:
         raise PerforateError("the model has no perforable Conv with a spatial kernel")
-    units = compact_regions(original, convs) if tie == "regions" else {name: [name] for name in convs}
+    units = compact_regions(analysed, convs) if tie == "regions" else {name: [name] for name in convs}
 
     meter = NetworkMeter(original, calibration, threads=threads, batch_size=batch_size, repeats=repeats,
                          timing_batch=timing_batch)
-    ladder_masks = MaskLadder(original, calibration, convs, units, mask_kind, loss=loss, batch_size=batch_size,
+    ladder_masks = MaskLadder(analysed, calibration, convs, units, mask_kind, loss=loss, batch_size=batch_size,
                               threads=threads)
     base = meter.measure(original)
     base["time"] = min(base["time"], meter.time(meter.session(original), repeats * 2))
@@ -373,7 +376,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                     bar.set_postfix_str(f"trying {name} ({number}/{len(units)})")
                 rate = ladder[rungs[name] + 1]
                 trial = dict(current, **{name: ladder_masks.mask(name, rate, current[name])})
-                candidate = _perforate(original, ladder_masks.expand(trial))
+                candidate = _perforate(analysed, ladder_masks.expand(trial))
                 measured = meter.measure(candidate)
                 gain = base["time"] - measured["time"]
                 cost = (measured["loss"] - base["loss"]) / gain if gain > 0 else math.inf
@@ -415,7 +418,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
         member: Mask(current[unit], kind=mask_kind, rate=ladder[rungs[unit]])
         for unit, members in units.items() if rungs[unit] > 0 for member in members
     }
-    final_model = _perforate(original, final_masks)
+    final_model = _perforate(analysed, final_masks)
     settings["elapsed_s"] = round(time.perf_counter() - started, 1)
     return TuneResult(model=final_model, masks=final_masks, steps=steps, stopped=stopped, settings=settings,
                       holdout=_evaluate_holdout(original, final_model, holdout, threads, batch_size),
@@ -440,9 +443,9 @@ def _output_of(model, key):
     return next(n.output[0] for n in model.graph.node if node_key(n) == key)
 
 
-def _perforate(model, masks: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+def _perforate(analysed, masks: Mapping[str, np.ndarray]) -> onnx.ModelProto:
     masks = {k: v for k, v in masks.items() if not np.asarray(v, bool).all()}
-    return rewrite(model, masks) if masks else model
+    return rewrite(analysed, masks) if masks else analysed.model
 
 
 def _step(index, layer, rates, measured, base, cost, started) -> TuneStep:
