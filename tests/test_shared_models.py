@@ -36,12 +36,16 @@ def _check(model):
     onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=False)
 
 
-@pytest.fixture(scope="module")
-def squeezenet_grid():
-    """SqueezeNet 1.1 and its rewrite with grid masks at rate 0.5 on the 3x3 Convs."""
-    original = onnx.load(shared_file("data", "imagenet", "squeezenet1.1.onnx"))
+def _grid_rewrite(*path):
+    """The model at ../shared/<path>, its grid masks at rate 0.5 on the 3x3 Convs, the rewrite and its report."""
+    original = onnx.load(shared_file(*path))
     chosen = _grid_3x3(original)
     return original, chosen, *onnx_perforate.rewrite_with_report(original, chosen)
+
+
+@pytest.fixture(scope="module")
+def squeezenet_grid():
+    return _grid_rewrite("data", "imagenet", "squeezenet1.1.onnx")
 
 
 @pytest.mark.shared
@@ -65,10 +69,7 @@ def test_squeezenet_grid_half_accuracy(squeezenet_grid):
 
 @pytest.fixture(scope="module")
 def cifar_grid():
-    """The CIFAR-10 CNN and its rewrite with grid masks at rate 0.5 on the 3x3 Convs."""
-    original = onnx.load(shared_file("data", "cifar10", "cifar10_keras_cnn.onnx"))
-    chosen = _grid_3x3(original)
-    return original, chosen, *onnx_perforate.rewrite_with_report(original, chosen)
+    return _grid_rewrite("data", "cifar10", "cifar10_keras_cnn.onnx")
 
 
 @pytest.mark.shared
