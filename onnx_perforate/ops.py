@@ -109,6 +109,17 @@ def make_perforated_conv_node(inputs, output, attributes: ConvAttributes, name: 
     )
 
 
+def make_perforated_qlinear_conv_node(inputs, output, attributes: ConvAttributes, name: str) -> onnx.NodeProto:
+    """inputs = QLinearConv's [x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point,
+    B or ""], then mask and optionally X_index (docs/ops.md)."""
+    if attributes.activation not in ("", "Relu", "Clip"):
+        raise ValueError(f"PerforatedQLinearConv {name!r}: activation {attributes.activation!r} cannot be fused "
+                         "into a quantized convolution (expected '', 'Relu' or 'Clip')")
+    return helper.make_node(
+        "PerforatedQLinearConv", list(inputs), [output], name=name, domain=DOMAIN, **attributes.to_onnx()
+    )
+
+
 def make_nn_interpolate_node(compact, index, output, name: str) -> onnx.NodeProto:
     return helper.make_node("NNInterpolate", [compact, index], [output], name=name, domain=DOMAIN)
 
@@ -158,8 +169,9 @@ def perforated_conv_reference(
     clip_min: float = -FLOAT32_MAX,
     clip_max: float = FLOAT32_MAX,
     x_index: np.ndarray | None = None,
+    accumulate=np.float32,
 ) -> np.ndarray:
-    """PerforatedConv in numpy: returns Yc [N, M, K] (float32), computed in float64.
+    """PerforatedConv in numpy: returns Yc [N, M, K] (float32, or ``accumulate``), computed in float64.
 
     With ``x_index``, ``x`` is compact [N, C, K_in] and stands for the interpolated input
     ``nn_interpolate_reference(x, x_index)``.
@@ -195,7 +207,66 @@ def perforated_conv_reference(
                 out[:, g * mg : (g + 1) * mg] += np.einsum("oc,nck->nok", wg[:, :, i, j], patch)
     if b is not None:
         out += np.asarray(b, dtype=np.float64)[None, :, None]
-    return _activate(out, activation, alpha, clip_min, clip_max).astype(np.float32)
+    return _activate(out, activation, alpha, clip_min, clip_max).astype(accumulate)
+
+
+def requantize(acc: np.ndarray, scale: np.ndarray, zero_point: int, out_min: int = 0, out_max: int = 255) -> np.ndarray:
+    """int32 sums -> uint8 as ORT's MLAS does on x86: ``float32(acc) * scale`` (float32), clamped to
+    ``[out_min, out_max] - zero_point``, rounded to nearest even, plus ``zero_point``."""
+    v = acc.astype(np.float32) * np.asarray(scale, np.float32)
+    v = np.clip(v, np.float32(out_min - zero_point), np.float32(out_max - zero_point))
+    return (np.rint(v).astype(np.int32) + zero_point).astype(np.uint8)
+
+
+def quantized_activation_bounds(activation: str, y_scale: float, y_zero_point: int, clip_min: float = -FLOAT32_MAX,
+                                clip_max: float = FLOAT32_MAX) -> tuple[int, int]:
+    """The uint8 range of PerforatedQLinearConv's output after its fused activation (docs/ops.md)."""
+    def quantize(v):
+        return int(min(255.0, max(0.0, np.rint(float(v) / float(y_scale)) + y_zero_point)))
+
+    if activation in ("", None):
+        return 0, 255
+    if activation == "Relu":
+        return int(y_zero_point), 255
+    if activation == "Clip":
+        return quantize(clip_min), quantize(clip_max)
+    raise ValueError(f"activation {activation!r} is not supported by PerforatedQLinearConv; expected '', 'Relu' or 'Clip'")
+
+
+def perforated_qlinear_conv_reference(
+    x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, b, mask, *,
+    kernel_shape=None, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
+    activation: str = "", clip_min: float = -FLOAT32_MAX, clip_max: float = FLOAT32_MAX,
+    x_index: np.ndarray | None = None, **unused,
+) -> np.ndarray:
+    """PerforatedQLinearConv in numpy: uint8 X, int8 W -> Yc uint8 [N, M, K].
+
+    The integer sums are exact (int64); requantization is :func:`requantize` with the per-channel scale
+    ``float32(x_scale * w_scale[m]) / y_scale`` computed in float32, ORT's order."""
+    if x_index is not None:
+        x = nn_interpolate_reference(x, x_index)
+    x = np.asarray(x)
+    w = np.asarray(w)
+    if x.dtype != np.uint8 or w.dtype != np.int8:
+        raise ValueError(f"X must be uint8 and W int8, got {x.dtype} and {w.dtype}")
+    m = w.shape[0]
+    w_zero = np.broadcast_to(np.asarray(w_zero_point, np.int64).reshape(-1), (m,))
+    if np.any(w_zero != 0):
+        raise ValueError("w_zero_point must be 0 (symmetric weights)")
+    x_zero = int(np.asarray(x_zero_point).reshape(()))
+    y_zero = int(np.asarray(y_zero_point).reshape(()))
+    centred = x.astype(np.float64) - x_zero  # exact: integers below 2^53
+    acc = perforated_conv_reference(
+        centred, w.astype(np.float64), None, mask, kernel_shape=kernel_shape, strides=strides, pads=pads,
+        dilations=dilations, group=group, accumulate=np.float64,
+    )
+    acc = np.rint(acc).astype(np.int64)
+    if b is not None:
+        acc += np.asarray(b, np.int64)[None, :, None]
+    w_scales = np.broadcast_to(np.asarray(w_scale, np.float32).reshape(-1), (m,))
+    scale = (np.float32(np.asarray(x_scale).reshape(())) * w_scales) / np.float32(np.asarray(y_scale).reshape(()))
+    lo, hi = quantized_activation_bounds(activation, float(np.asarray(y_scale).reshape(())), y_zero, clip_min, clip_max)
+    return requantize(acc.astype(np.int32), scale.astype(np.float32)[None, :, None], y_zero, lo, hi)
 
 
 def nn_interpolate_reference(yc: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -303,6 +374,21 @@ _REFERENCE_ATTRS = (
 )
 
 
+class PerforatedQLinearConv(OpRun):
+    """``onnx.reference`` implementation of onnx_perforate.PerforatedQLinearConv."""
+
+    op_domain = DOMAIN
+
+    def _run(self, x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, b=None, mask=None,
+             x_index=None, **attributes):
+        attrs = {k: getattr(self, k, None) for k in _REFERENCE_ATTRS}
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        if isinstance(attrs.get("activation"), bytes):
+            attrs["activation"] = attrs["activation"].decode()
+        return (perforated_qlinear_conv_reference(x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale,
+                                                  y_zero_point, b, mask, x_index=x_index, **attrs),)
+
+
 class NNInterpolate(OpRun):
     """``onnx.reference`` implementation of onnx_perforate.NNInterpolate."""
 
@@ -385,7 +471,9 @@ class Hardmax(_CoercedTo2D):
         return hot
 
 
-REFERENCE_OPS = [PerforatedConv, NNInterpolate, CompactPool, BatchNormalization, Softmax, LogSoftmax, Hardmax]
+REFERENCE_OPS = [
+    PerforatedConv, PerforatedQLinearConv, NNInterpolate, CompactPool, BatchNormalization, Softmax, LogSoftmax, Hardmax,
+]
 
 
 def reference_evaluator(model, **kwargs):

@@ -12,8 +12,6 @@
 
 namespace onnx_perforate {
 
-namespace {
-
 ParallelRunner MakeParallelRunner(const Ort::KernelContext& ctx) {
   return [&ctx](size_t total, const std::function<void(size_t)>& fn) {
     if (total == 1) {
@@ -24,6 +22,8 @@ ParallelRunner MakeParallelRunner(const Ort::KernelContext& ctx) {
     ctx.ParallelFor(trampoline, total, 0, const_cast<std::function<void(size_t)>*>(&fn));
   };
 }
+
+namespace {
 
 struct PerforatedConvKernel {
   PerforatedConvKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api), input_index_(info, 4) {
@@ -85,11 +85,13 @@ struct PerforatedConvKernel {
   std::shared_ptr<const PackedWeights> packed_;
 };
 
-struct NNInterpolateKernel : NNInterpolateKernelBase<NNInterpolateKernel> {
-  using NNInterpolateKernelBase::NNInterpolateKernelBase;
+// T: float (after PerforatedConv) or uint8_t (after PerforatedQLinearConv).
+template <typename T>
+struct NNInterpolateKernel : NNInterpolateKernelBase<NNInterpolateKernel<T>, T> {
+  using NNInterpolateKernelBase<NNInterpolateKernel<T>, T>::NNInterpolateKernelBase;
 
   void Interpolate(const Ort::KernelContext& ctx, const std::shared_ptr<const InterpolationIndex>& index,
-                   const float* yc, float* y, int64_t planes, int64_t count) {
+                   const T* yc, T* y, int64_t planes, int64_t count) {
     NNInterpolateCpu::Compute(planes, count, index->values.data(), index->positions(), yc, y, MakeParallelRunner(ctx));
   }
 };
@@ -120,7 +122,9 @@ struct CompactPoolKernel : CompactPoolKernelBase<CompactPoolKernel> {
 // CPU ops run everything in CPU memory; PerforatedConv takes the optional X_index (implicit
 // interpolation) as a fifth input.
 struct PerforatedConvOp : PerforatedConvOpBase<PerforatedConvOp, PerforatedConvKernel, 5> {};
-struct NNInterpolateOp : NNInterpolateOpBase<NNInterpolateOp, NNInterpolateKernel> {};
+struct NNInterpolateOp : NNInterpolateOpBase<NNInterpolateOp, NNInterpolateKernel<float>> {};
+struct NNInterpolateUint8Op
+    : NNInterpolateOpBase<NNInterpolateUint8Op, NNInterpolateKernel<uint8_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8> {};
 struct CompactPoolOp : CompactPoolOpBase<CompactPoolOp, CompactPoolKernel> {};
 
 }  // namespace
@@ -128,10 +132,13 @@ struct CompactPoolOp : CompactPoolOpBase<CompactPoolOp, CompactPoolKernel> {};
 void AddCpuOps(Ort::CustomOpDomain& domain) {
   static PerforatedConvOp perforated_conv;
   static NNInterpolateOp nn_interpolate;
+  static NNInterpolateUint8Op nn_interpolate_uint8;  // one op, a kernel per element type
   static CompactPoolOp compact_pool;
   domain.Add(&perforated_conv);
   domain.Add(&nn_interpolate);
+  domain.Add(&nn_interpolate_uint8);
   domain.Add(&compact_pool);
+  AddQuantizedCpuOps(domain);
 }
 
 }  // namespace onnx_perforate

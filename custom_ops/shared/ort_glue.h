@@ -181,7 +181,8 @@ OrtStatusPtr NewKernel(const OrtApi& api, const OrtKernelInfo* info, void** kern
 // initializer, otherwise re-read only when its values change), the checks and the output. Derived
 // implements Interpolate(ctx, index, yc, y, planes, count), called with planes > 0 and positions > 0;
 // an unchanged non-constant index comes back as the same object, so Derived may cache by its address.
-template <typename Derived>
+// T: the element type of Yc and Y.
+template <typename Derived, typename T = float>
 class NNInterpolateKernelBase {
  public:
   NNInterpolateKernelBase(const OrtApi& api, const OrtKernelInfo* info)
@@ -198,8 +199,8 @@ class NNInterpolateKernelBase {
       auto y = ctx.GetOutput(0, {yc_shape[0], yc_shape[1], index->shape[0], index->shape[1]});
       const int64_t planes = yc_shape[0] * yc_shape[1];
       if (planes == 0 || index->positions() == 0) return;
-      static_cast<Derived*>(this)->Interpolate(ctx, index, ctx.GetInput(0).template GetTensorData<float>(),
-                                               y.template GetTensorMutableData<float>(), planes, yc_shape[2]);
+      static_cast<Derived*>(this)->Interpolate(ctx, index, ctx.GetInput(0).template GetTensorData<T>(),
+                                               y.template GetTensorMutableData<T>(), planes, yc_shape[2]);
     });
   }
 
@@ -237,7 +238,8 @@ struct PerforatedConvOpBase : Ort::CustomOpBase<Op, Kernel, true> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
-template <typename Op, typename Kernel>
+// kType: the element type of Yc and Y (float, or uint8 for quantized models; one descriptor per type).
+template <typename Op, typename Kernel, ONNXTensorElementDataType kType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>
 struct NNInterpolateOpBase : Ort::CustomOpBase<Op, Kernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     return NewKernel<Kernel>(api, info, kernel, "NNInterpolate");
@@ -245,10 +247,10 @@ struct NNInterpolateOpBase : Ort::CustomOpBase<Op, Kernel, true> {
   const char* GetName() const { return "NNInterpolate"; }
   size_t GetInputTypeCount() const { return 2; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : kType;
   }
   size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return kType; }
 };
 
 // CompactPool's inputs: X, X_index, Y_positions (empty when absent; X_index and Y_positions in CPU memory).

@@ -1,0 +1,399 @@
+#include "perforated_qlinear_conv.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace onnx_perforate {
+
+namespace {
+
+#define PERFORATE_VNNI "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma"
+#define PERFORATE_AVX2_INT "avx2,fma"
+
+int32_t Broadcast32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// c[j * ldc + r] = sum over taps t and channel steps s of the 4 (VNNI) / 2 (AVX2) channel products of
+// panel row r and column j, whose pixel starts at x + columns[j] + tap_offsets[t] (byte offsets).
+template <int kVectors, int kNr>
+__attribute__((always_inline, target(PERFORATE_VNNI))) inline void VnniTile(int64_t taps, int64_t steps, const int8_t* __restrict a,
+                                                    const uint8_t* __restrict x, const int64_t* __restrict columns,
+                                                    const int64_t* __restrict tap_offsets, int32_t* __restrict c,
+                                                    int64_t ldc) {
+  constexpr int kMr = 16 * kVectors;
+  __m512i acc[kNr][kVectors];
+#pragma GCC unroll 16
+  for (int j = 0; j < kNr; ++j)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) acc[j][v] = _mm512_setzero_si512();
+  for (int64_t t = 0; t < taps; ++t) {
+    const uint8_t* base = x + tap_offsets[t];
+    const int8_t* at = a + t * steps * kMr * 4;
+    for (int64_t s = 0; s < steps; ++s) {
+      __m512i av[kVectors];
+#pragma GCC unroll 2
+      for (int v = 0; v < kVectors; ++v) av[v] = _mm512_loadu_si512(at + (s * kMr + v * 16) * 4);
+#pragma GCC unroll 16
+      for (int j = 0; j < kNr; ++j) {
+        const __m512i bj = _mm512_set1_epi32(Broadcast32(base + columns[j] + 4 * s));
+#pragma GCC unroll 2
+        for (int v = 0; v < kVectors; ++v) acc[j][v] = _mm512_dpbusd_epi32(acc[j][v], bj, av[v]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < kNr; ++j)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) _mm512_storeu_si512(c + j * ldc + v * 16, acc[j][v]);
+}
+
+template <int kVectors, int kNr>
+__attribute__((always_inline, target(PERFORATE_AVX2_INT))) inline void Avx2Tile(int64_t taps, int64_t steps, const int16_t* __restrict a,
+                                                    const int16_t* __restrict x, const int64_t* __restrict columns,
+                                                    const int64_t* __restrict tap_offsets, int32_t* __restrict c,
+                                                    int64_t ldc) {
+  constexpr int kMr = 8 * kVectors;
+  __m256i acc[kNr][kVectors];
+#pragma GCC unroll 16
+  for (int j = 0; j < kNr; ++j)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v) acc[j][v] = _mm256_setzero_si256();
+  for (int64_t t = 0; t < taps; ++t) {
+    const int16_t* base = x + tap_offsets[t];
+    const int16_t* at = a + t * steps * kMr * 2;
+    for (int64_t s = 0; s < steps; ++s) {
+      __m256i av[kVectors];
+#pragma GCC unroll 2
+      for (int v = 0; v < kVectors; ++v)
+        av[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + (s * kMr + v * 8) * 2));
+#pragma GCC unroll 16
+      for (int j = 0; j < kNr; ++j) {
+        const __m256i bj = _mm256_set1_epi32(Broadcast32(base + columns[j] + 2 * s));
+#pragma GCC unroll 2
+        for (int v = 0; v < kVectors; ++v) acc[j][v] = _mm256_add_epi32(acc[j][v], _mm256_madd_epi16(bj, av[v]));
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < kNr; ++j)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVectors; ++v)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + j * ldc + v * 8), acc[j][v]);
+}
+
+// Plain C++ over the VNNI layout: one column at a time.
+void PortableTile(int64_t taps, int64_t steps, int64_t mr, const int8_t* a, const uint8_t* x,
+                  const int64_t* columns, const int64_t* tap_offsets, int32_t* c, int64_t ldc, int64_t nr) {
+  for (int64_t j = 0; j < nr; ++j) {
+    int32_t* out = c + j * ldc;
+    std::fill(out, out + mr, 0);
+    for (int64_t t = 0; t < taps; ++t) {
+      const uint8_t* pixel = x + columns[j] + tap_offsets[t];
+      const int8_t* at = a + t * steps * mr * 4;
+      for (int64_t s = 0; s < steps; ++s)
+        for (int64_t r = 0; r < mr; ++r)
+          for (int l = 0; l < 4; ++l) out[r] += int32_t(at[(s * mr + r) * 4 + l]) * int32_t(pixel[4 * s + l]);
+    }
+  }
+}
+
+using VnniKernel = void (*)(int64_t, int64_t, const int8_t*, const uint8_t*, const int64_t*, const int64_t*,
+                            int32_t*, int64_t);
+using Avx2Kernel = void (*)(int64_t, int64_t, const int16_t*, const int16_t*, const int64_t*, const int64_t*,
+                            int32_t*, int64_t);
+
+#define PERFORATE_VNNI_KERNEL(name, vectors, nr)                                                              \
+  __attribute__((target(PERFORATE_VNNI))) void name(int64_t taps, int64_t steps, const int8_t* a,             \
+                                                    const uint8_t* x, const int64_t* columns,                 \
+                                                    const int64_t* tap_offsets, int32_t* c, int64_t ldc) {    \
+    VnniTile<vectors, nr>(taps, steps, a, x, columns, tap_offsets, c, ldc);                                   \
+  }
+#define PERFORATE_AVX2_INT_KERNEL(name, vectors, nr)                                                          \
+  __attribute__((target(PERFORATE_AVX2_INT))) void name(int64_t taps, int64_t steps, const int16_t* a,        \
+                                                        const int16_t* x, const int64_t* columns,             \
+                                                        const int64_t* tap_offsets, int32_t* c, int64_t ldc) { \
+    Avx2Tile<vectors, nr>(taps, steps, a, x, columns, tap_offsets, c, ldc);                                   \
+  }
+
+PERFORATE_VNNI_KERNEL(Vnni1x12, 1, 12)
+PERFORATE_VNNI_KERNEL(Vnni2x12, 2, 12)
+PERFORATE_AVX2_INT_KERNEL(Avx2x1x6, 1, 6)
+PERFORATE_AVX2_INT_KERNEL(Avx2x2x6, 2, 6)
+
+constexpr int64_t kPortableMr = 16, kPortableNr = 4;
+
+struct IsaShape {
+  int64_t width, nr, lanes;
+};
+
+IsaShape ShapeOf(QuantizedGemmIsa isa) {
+  switch (isa) {
+    case QuantizedGemmIsa::kAvx512Vnni:
+      return {16, 12, 4};
+    case QuantizedGemmIsa::kAvx2:
+      return {8, 6, 2};
+    case QuantizedGemmIsa::kPortable:
+      break;
+  }
+  return {kPortableMr, kPortableNr, 4};
+}
+
+QuantizedGemmIsa Detect() {
+  const char* env = std::getenv("ONNX_PERFORATE_GEMM");
+  const std::string forced = env ? env : "";
+  if (forced == "portable" || forced == "openblas") return QuantizedGemmIsa::kPortable;
+  __builtin_cpu_init();
+  if (forced != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vnni"))
+    return QuantizedGemmIsa::kAvx512Vnni;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return QuantizedGemmIsa::kAvx2;
+  return QuantizedGemmIsa::kPortable;
+}
+
+// Requantizes n int32 sums of consecutive output channels into uint8, exactly as MLAS does on x86:
+// float multiply, clamp to the output range minus the zero point, round to nearest even, add the zero
+// point. The rounding adds and subtracts 1.5 * 2^23 (exact for |v| < 2^22, which the clamp ensures), so
+// the loop vectorises without a call to nearbyintf.
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+void RequantizeRow(const int32_t* __restrict acc, const int32_t* __restrict offset, const float* __restrict scale,
+                   int64_t n, float lo, float hi, int32_t zero_point, uint8_t* __restrict out) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  for (int64_t i = 0; i < n; ++i) {
+    float v = static_cast<float>(acc[i] + offset[i]) * scale[i];
+    v = std::min(std::max(v, lo), hi);
+    // Not folded to v: without -ffast-math the compiler keeps both roundings.
+    out[i] = static_cast<uint8_t>(static_cast<int32_t>((v + kRound) - kRound) + zero_point);
+  }
+}
+
+int64_t Cores() {
+  static const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  return cores;
+}
+
+thread_local std::vector<uint8_t> tls_input_bytes;
+thread_local std::vector<int16_t> tls_input_words;
+thread_local std::vector<int64_t> tls_columns;
+thread_local std::vector<int32_t> tls_tile;
+thread_local std::vector<uint8_t> tls_tile_bytes;
+
+template <typename T>
+T* Scratch(std::vector<T>& buffer, size_t size) {
+  if (buffer.size() < size) buffer.resize(size);
+  return buffer.data();
+}
+
+// X as a padded NHWC buffer: element (n, y, x, g, c) at ((n * Hp + y) * Wp + x) * C' + g * Cg' + c, with
+// C' = group * Cg' (channels of a group padded to whole lanes). Padding pixels hold the zero point.
+template <typename T>
+void PackInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g, const InputIndex* index,
+               const uint8_t* x, int64_t padded_channels, uint8_t zero_point, T* out, const ParallelRunner& parallel) {
+  const int64_t hp = g.padded_h, wp = g.padded_w, cg = s.in_channels_per_group();
+  const int64_t stride = s.group * padded_channels;
+  const int64_t rows = s.batch * hp;
+  RunMaybeSerially(parallel, s.batch * hp * wp * stride / 4, static_cast<size_t>(rows), [&](size_t task) {
+    const int64_t n = task / hp, py = task % hp, y = py - a.pad_top;
+    T* row = out + (n * hp + py) * wp * stride;
+    if (y < 0 || y >= s.in_h) {
+      std::fill(row, row + wp * stride, static_cast<T>(zero_point));
+      return;
+    }
+    std::fill(row, row + a.pad_left * stride, static_cast<T>(zero_point));
+    std::fill(row + (a.pad_left + s.in_w) * stride, row + wp * stride, static_cast<T>(zero_point));
+    T* body = row + a.pad_left * stride;
+    if (padded_channels != cg)
+      for (int64_t xx = 0; xx < s.in_w; ++xx)
+        for (int64_t gi = 0; gi < s.group; ++gi)
+          std::fill(body + xx * stride + gi * padded_channels + cg, body + xx * stride + (gi + 1) * padded_channels,
+                    T(0));
+    const int32_t* pixels = index ? index->values.data() + y * s.in_w : nullptr;
+    for (int64_t c = 0; c < s.in_channels; ++c) {
+      const uint8_t* src = x + (n * s.in_channels + c) * s.in_plane;
+      T* dst = body + (c / cg) * padded_channels + c % cg;
+      if (pixels) {
+        for (int64_t xx = 0; xx < s.in_w; ++xx) dst[xx * stride] = src[pixels[xx]];
+      } else {
+        src += y * s.in_w;
+        for (int64_t xx = 0; xx < s.in_w; ++xx) dst[xx * stride] = src[xx];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+QuantizedGemmIsa BestQuantizedGemmIsa() {
+  static const QuantizedGemmIsa isa = Detect();
+  return isa;
+}
+
+const char* QuantizedGemmIsaName(QuantizedGemmIsa isa) {
+  switch (isa) {
+    case QuantizedGemmIsa::kAvx512Vnni:
+      return "avx512vnni";
+    case QuantizedGemmIsa::kAvx2:
+      return "avx2";
+    case QuantizedGemmIsa::kPortable:
+      break;
+  }
+  return "portable";
+}
+
+std::shared_ptr<const PackedQuantizedWeights> PerforatedQLinearConvCpu::PackWeights(const ConvShape& s,
+                                                                                    const int8_t* w,
+                                                                                    QuantizedGemmIsa isa) {
+  const IsaShape shape = ShapeOf(isa);
+  auto p = std::make_shared<PackedQuantizedWeights>();
+  p->isa = isa;
+  p->group = s.group;
+  p->rows = s.out_channels_per_group();
+  p->channels = s.in_channels_per_group();
+  p->lanes = shape.lanes;
+  p->padded_channels = (p->channels + shape.lanes - 1) / shape.lanes * shape.lanes;
+  p->taps = s.taps();
+  const int64_t wide = 2 * shape.width;
+  p->vectors = isa == QuantizedGemmIsa::kPortable ? 1 : (p->rows % wide == 0 || p->rows >= 3 * wide) ? 2 : 1;
+  p->mr = p->vectors * shape.width;
+  p->panels = (p->rows + p->mr - 1) / p->mr;
+  const int64_t total = p->group * p->panels * p->PanelSize();
+  if (isa == QuantizedGemmIsa::kAvx2)
+    p->words.assign(static_cast<size_t>(total), 0);
+  else
+    p->bytes.assign(static_cast<size_t>(total), 0);
+  p->row_sums.assign(static_cast<size_t>(s.out_channels), 0);
+  const int64_t steps = p->padded_channels / p->lanes;
+  for (int64_t g = 0; g < p->group; ++g)
+    for (int64_t m = 0; m < p->rows; ++m) {
+      const int64_t i = m / p->mr, r = m % p->mr;
+      const int8_t* src = w + (g * p->rows + m) * p->channels * p->taps;
+      const int64_t panel = (g * p->panels + i) * p->PanelSize();
+      int32_t sum = 0;
+      for (int64_t c = 0; c < p->channels; ++c)
+        for (int64_t t = 0; t < p->taps; ++t) {
+          const int8_t value = src[c * p->taps + t];
+          sum += value;
+          const int64_t at = panel + (((t * steps + c / p->lanes) * p->mr + r) * p->lanes + c % p->lanes);
+          if (isa == QuantizedGemmIsa::kAvx2)
+            p->words[at] = value;
+          else
+            p->bytes[at] = value;
+        }
+      p->row_sums[g * p->rows + m] = sum;
+    }
+  return p;
+}
+
+void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, const PaddedGather& padded,
+                                       int64_t count, const InputIndex* input_index, const uint8_t* x,
+                                       const PackedQuantizedWeights& w, const Requantization& q, uint8_t* yc,
+                                       const ParallelRunner& parallel) {
+  if (s.batch == 0 || s.out_channels == 0) return;
+  const QuantizedGemmIsa isa = w.isa;
+  const IsaShape shape = ShapeOf(isa);
+  const int64_t nr = shape.nr, mr = w.mr, mg = w.rows;
+  const int64_t stride = s.group * w.padded_channels;  // elements per padded pixel
+  const int64_t pixels = padded.padded_h * padded.padded_w;
+  const int64_t steps = w.padded_channels / w.lanes;
+
+  // The input, padded and channels-last (int16 for AVX2's vpmaddwd, bytes otherwise).
+  const size_t buffer_size = static_cast<size_t>(s.batch * pixels * stride);
+  const uint8_t* bytes = nullptr;
+  const int16_t* words = nullptr;
+  const uint8_t x_zero = static_cast<uint8_t>(q.x_zero_point);
+  if (isa == QuantizedGemmIsa::kAvx2) {
+    int16_t* buffer = Scratch(tls_input_words, buffer_size);
+    PackInput(s, a, padded, input_index, x, w.padded_channels, x_zero, buffer, parallel);
+    words = buffer;
+  } else {
+    uint8_t* buffer = Scratch(tls_input_bytes, buffer_size);
+    PackInput(s, a, padded, input_index, x, w.padded_channels, x_zero, buffer, parallel);
+    bytes = buffer;
+  }
+
+  // Every image's computed positions in one column space: column n * count + k starts at pixel
+  // n * pixels + positions[k]. Offsets are in elements; the tail of NR columns reads pixel 0.
+  const int64_t columns = s.batch * count;
+  int64_t* column_offsets = Scratch(tls_columns, static_cast<size_t>(columns + nr));
+  for (int64_t n = 0; n < s.batch; ++n)
+    for (int64_t k = 0; k < count; ++k) column_offsets[n * count + k] = (n * pixels + padded.positions[k]) * stride;
+  std::fill(column_offsets + columns, column_offsets + columns + nr, 0);
+  std::vector<int64_t> tap_offsets(padded.tap_offsets.size());
+  for (size_t t = 0; t < tap_offsets.size(); ++t) tap_offsets[t] = int64_t{padded.tap_offsets[t]} * stride;
+
+  // The int32 offset of every output channel: bias minus the input zero point times the weights' sum.
+  std::vector<int32_t> offsets(static_cast<size_t>(s.out_channels));
+  for (int64_t m = 0; m < s.out_channels; ++m) offsets[m] = q.bias[m] - q.x_zero_point * w.row_sums[m];
+  const float lo = static_cast<float>(q.out_min - q.y_zero_point);
+  const float hi = static_cast<float>(q.out_max - q.y_zero_point);
+
+  // Tasks: groups x column blocks x panel ranges, at least one per core, blocks small enough for L2.
+  constexpr int64_t kMaxBlock = 384;
+  const int64_t cores = Cores();
+  int64_t blocks = std::max((columns + kMaxBlock - 1) / kMaxBlock, (cores + s.group - 1) / s.group);
+  int64_t block = (columns + blocks - 1) / blocks;
+  block = std::max(nr, (block + nr - 1) / nr * nr);
+  blocks = (columns + block - 1) / block;
+  const int64_t splits = std::min<int64_t>(w.panels, std::max<int64_t>(1, (cores + s.group * blocks - 1) / (s.group * blocks)));
+  const int64_t panels_per_split = (w.panels + splits - 1) / splits;
+
+  const VnniKernel vnni = w.vectors == 2 ? Vnni2x12 : Vnni1x12;
+  const Avx2Kernel avx2 = w.vectors == 2 ? Avx2x2x6 : Avx2x1x6;
+  parallel(static_cast<size_t>(s.group * blocks * splits), [&](size_t task) {
+    const int64_t split = task % splits, b = (task / splits) % blocks, g = task / splits / blocks;
+    const int64_t i0 = split * panels_per_split, i1 = std::min(w.panels, i0 + panels_per_split);
+    const int64_t m0 = i0 * mr, m1 = std::min(mg, i1 * mr), width = (i1 - i0) * mr;
+    if (m0 >= m1) return;
+    const int64_t k0 = b * block, kn = std::min(block, columns - k0), tiles = (kn + nr - 1) / nr;
+    int32_t* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * width));
+    for (int64_t j = 0; j < tiles; ++j) {
+      const int64_t* cols = column_offsets + k0 + j * nr;
+      for (int64_t i = i0; i < i1; ++i) {
+        int32_t* c = tile + j * nr * width + (i - i0) * mr;
+        const int64_t panel = (g * w.panels + i) * w.PanelSize();
+        if (isa == QuantizedGemmIsa::kAvx512Vnni)
+          vnni(w.taps, steps, w.bytes.data() + panel, bytes + g * w.padded_channels, cols, tap_offsets.data(), c, width);
+        else if (isa == QuantizedGemmIsa::kAvx2)
+          avx2(w.taps, steps, w.words.data() + panel, words + g * w.padded_channels, cols, tap_offsets.data(), c, width);
+        else
+          PortableTile(w.taps, steps, mr, w.bytes.data() + panel, bytes + g * w.padded_channels, cols,
+                       tap_offsets.data(), c, width, nr);
+      }
+    }
+    // Requantize position by position (channels contiguous in the tile), then transpose into Yc's rows.
+    const int64_t channels = m1 - m0, first = g * mg + m0;
+    uint8_t* quantized = Scratch(tls_tile_bytes, static_cast<size_t>(kn * channels));
+    for (int64_t k = 0; k < kn; ++k)
+      RequantizeRow(tile + k * width, offsets.data() + first, q.scales.data() + first, channels, lo, hi,
+                    q.y_zero_point, quantized + k * channels);
+    constexpr int64_t kBlock = 32;
+    for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
+      const int64_t c1 = std::min(channels, c0 + kBlock);
+      for (int64_t k = 0; k < kn;) {
+        const int64_t column = k0 + k, n = column / count, kk = column % count;
+        const int64_t run = std::min({kn - k, count - kk, kBlock});
+        for (int64_t c = c0; c < c1; ++c) {
+          uint8_t* row = yc + (n * s.out_channels + first + c) * count + kk;
+          for (int64_t r = 0; r < run; ++r) row[r] = quantized[(k + r) * channels + c];
+        }
+        k += run;
+      }
+    }
+  });
+  // Large copies (big batches) give their memory back rather than staying pinned to this thread.
+  constexpr size_t kKeptBytes = size_t{64} << 20;
+  if (tls_input_bytes.size() > kKeptBytes) std::vector<uint8_t>().swap(tls_input_bytes);
+  if (tls_input_words.size() > kKeptBytes / 2) std::vector<int16_t>().swap(tls_input_words);
+}
+
+}  // namespace onnx_perforate

@@ -1,0 +1,197 @@
+"""PerforatedQLinearConv: the compiled kernel in ORT against ORT's own QLinearConv (all-ones masks) and
+against the numpy reference (any mask, compact inputs), bit for bit, on every micro-kernel the CPU has;
+NNInterpolate on uint8; bad quantization inputs get errors naming the node."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_perforate
+from onnx_perforate import ops
+
+pytestmark = pytest.mark.usefixtures("require_library")
+
+QLINEAR_INPUTS = ["x", "x_scale", "x_zero_point", "w", "w_scale", "w_zero_point", "y_scale", "y_zero_point"]
+
+
+def quantized_case(rng, n, c, h, w, m, k, stride=1, pad=0, dilation=1, group=1, per_channel=True, bias=True):
+    """Random uint8 input, symmetric int8 weights and scales that keep most outputs unsaturated."""
+    x = rng.integers(0, 256, (n, c, h, w), dtype=np.uint8)
+    weights = rng.integers(-127, 128, (m, c // group, k, k), dtype=np.int8)
+    patch = c // group * k * k
+    params = {
+        "x_scale": np.float32(rng.uniform(0.01, 0.05)),
+        "x_zero_point": np.uint8(rng.integers(0, 256)),
+        "w": weights,
+        "w_scale": rng.uniform(0.001, 0.01, m if per_channel else 1).astype(np.float32),
+        "w_zero_point": np.zeros(m if per_channel else 1, np.int8),
+        "y_zero_point": np.uint8(rng.integers(64, 192)),
+    }
+    if not per_channel:
+        params["w_scale"], params["w_zero_point"] = np.float32(params["w_scale"][0]), np.int8(0)
+    # Output scale from the typical size of a sum of `patch` products.
+    params["y_scale"] = np.float32(params["x_scale"] * np.max(params["w_scale"]) * 180 * np.sqrt(patch))
+    if bias:
+        params["B"] = rng.integers(-3000, 3000, m).astype(np.int32)
+    attrs = ops.ConvAttributes(kernel_shape=(k, k), strides=(stride, stride), pads=(pad,) * 4,
+                               dilations=(dilation, dilation), group=group)
+    return x, params, attrs
+
+
+def model_of(nodes, x, params, extra=(), output="y"):
+    initializers = [numpy_helper.from_array(np.asarray(v), name) for name, v in params.items()]
+    initializers += [numpy_helper.from_array(np.asarray(v), name) for name, v in extra]
+    graph = helper.make_graph(
+        nodes, "quantized", [helper.make_tensor_value_info("x", TensorProto.UINT8 if x.dtype == np.uint8 else
+                                                             TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info(output, TensorProto.UINT8, None)], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+
+
+def qlinear_conv_model(x, params, attrs):
+    inputs = QLINEAR_INPUTS + (["B"] if "B" in params else [])
+    attributes = {k: v for k, v in attrs.to_onnx().items()}
+    return model_of([helper.make_node("QLinearConv", inputs, ["y"], name="qconv", **attributes)], x, params)
+
+
+def perforated_model(x, params, attrs, mask, x_index=None, interpolate=False, name="pconv"):
+    inputs = QLINEAR_INPUTS + ["B" if "B" in params else "", "mask"] + (["x_index"] if x_index is not None else [])
+    nodes = [ops.make_perforated_qlinear_conv_node(inputs, "yc", attrs, name)]
+    extra = [("mask", mask)] + ([("x_index", x_index)] if x_index is not None else [])
+    if interpolate:
+        nodes.append(ops.make_nn_interpolate_node("yc", "index", "y", f"{name}/interpolate"))
+        extra.append(("index", ops.nearest_index(mask)))
+    return model_of(nodes, x, params, extra, output="y" if interpolate else "yc")
+
+
+def run(model, x, threads=2):
+    session = ort.InferenceSession(model.SerializeToString(), onnx_perforate.session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def reference(x, params, attrs, mask, x_index=None):
+    args = [params[name] for name in QLINEAR_INPUTS[1:3]]
+    return ops.perforated_qlinear_conv_reference(
+        x, *args, params["w"], params["w_scale"], params["w_zero_point"], params["y_scale"], params["y_zero_point"],
+        params.get("B"), mask, strides=attrs.strides, pads=attrs.pads, dilations=attrs.dilations, group=attrs.group,
+        activation=attrs.activation, clip_min=attrs.clip_min, clip_max=attrs.clip_max, x_index=x_index)
+
+
+# (n, c, h, w, m, k, stride, pad, dilation, group, per_channel, bias)
+CASES = [
+    (1, 16, 10, 10, 32, 3, 1, 1, 1, 1, True, True),
+    (2, 13, 9, 11, 40, 3, 2, 1, 1, 1, True, True),  # channels not a multiple of 4, batch 2, stride 2
+    (1, 8, 12, 12, 8, 3, 1, 2, 2, 8, True, False),  # depthwise, dilation 2, no bias
+    (1, 32, 7, 7, 64, 1, 1, 0, 1, 1, False, True),  # 1x1, per-tensor weights
+    (1, 12, 9, 9, 24, 3, 1, 1, 1, 3, True, True),  # groups
+    (1, 64, 14, 14, 96, 3, 1, 1, 1, 1, True, True),  # several panels of 32 channels
+    (1, 5, 9, 8, 7, 5, 1, 2, 1, 1, True, True),  # 5x5, odd channel counts
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_all_ones_mask_matches_ort_qlinear_conv_bit_for_bit(case):
+    rng = np.random.default_rng(sum(case))
+    x, params, attrs = quantized_case(rng, *case)
+    expected = run(qlinear_conv_model(x, params, attrs), x)
+    mask = np.ones(expected.shape[2:], bool)
+    got = run(perforated_model(x, params, attrs, mask), x)
+    assert got.shape == (expected.shape[0], expected.shape[1], mask.size)
+    saturated = np.mean((expected == 0) | (expected == 255))
+    assert saturated < 0.5, "the case should exercise the requantization, not the clamp"
+    np.testing.assert_array_equal(got, expected.reshape(got.shape))
+    np.testing.assert_array_equal(reference(x, params, attrs, mask), got)
+
+
+@pytest.mark.parametrize("case", CASES[:5])
+def test_perforated_matches_reference_and_interpolates_uint8(case):
+    rng = np.random.default_rng(100 + sum(case))
+    x, params, attrs = quantized_case(rng, *case)
+    ho, wo = ops.conv_output_size(x.shape[2:], attrs.kernel_shape, attrs.strides, attrs.pads, attrs.dilations)
+    mask = rng.random((ho, wo)) < 0.5
+    mask[ho // 2, wo // 2] = True
+    compact = reference(x, params, attrs, mask)
+    np.testing.assert_array_equal(run(perforated_model(x, params, attrs, mask), x), compact)
+    full = run(perforated_model(x, params, attrs, mask, interpolate=True), x)
+    assert full.dtype == np.uint8
+    np.testing.assert_array_equal(full, ops.nn_interpolate_reference(compact, ops.nearest_index(mask)))
+
+
+def test_compact_input_through_x_index():
+    rng = np.random.default_rng(7)
+    x, params, attrs = quantized_case(rng, 2, 24, 11, 9, 32, 3, pad=1)
+    producer = rng.random((11, 9)) < 0.4
+    producer[0, 0] = True
+    index = ops.nearest_index(producer)
+    compact_x = x.reshape(2, 24, -1)[:, :, np.flatnonzero(producer)]
+    mask = rng.random((11, 9)) < 0.6
+    mask[5, 5] = True
+    got = run(perforated_model(compact_x, params, attrs, mask, x_index=index), compact_x)
+    np.testing.assert_array_equal(got, reference(ops.nn_interpolate_reference(compact_x, index), params, attrs, mask))
+
+
+@pytest.mark.parametrize("activation", ["Relu", "Clip"])
+def test_fused_activation_is_a_clamp_of_the_quantized_output(activation):
+    rng = np.random.default_rng(11)
+    x, params, attrs = quantized_case(rng, 1, 16, 8, 8, 16, 3, pad=1)
+    attrs.activation = activation
+    attrs.clip_min, attrs.clip_max = (-0.5, 2.0) if activation == "Clip" else (attrs.clip_min, attrs.clip_max)
+    mask = np.ones((8, 8), bool)
+    got = run(perforated_model(x, params, attrs, mask), x)
+    np.testing.assert_array_equal(got, reference(x, params, attrs, mask))
+    plain = attrs.__class__(**{**attrs.__dict__, "activation": ""})
+    lo, hi = ops.quantized_activation_bounds(activation, params["y_scale"], int(params["y_zero_point"]),
+                                             attrs.clip_min, attrs.clip_max)
+    np.testing.assert_array_equal(got, np.clip(reference(x, params, attrs=plain, mask=mask), lo, hi))
+    assert (got == lo).any(), "the activation should clamp some outputs"
+
+
+@pytest.mark.skipif(os.environ.get("ONNX_PERFORATE_GEMM") is not None, reason="already forcing a micro-kernel")
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_slower_micro_kernels_match_too(isa):
+    """The ISA is chosen once per process: rerun the bit-exact tests in a child forcing the other paths."""
+    env = dict(os.environ, ONNX_PERFORATE_GEMM=isa)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "bit_for_bit or reference_and or x_index"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def expect_error(model, x, *fragments):
+    with pytest.raises(Exception) as info:
+        run(model, x)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_bad_quantization_inputs_name_the_node():
+    rng = np.random.default_rng(3)
+    x, params, attrs = quantized_case(rng, 1, 8, 6, 6, 16, 3, pad=1)
+    mask = np.ones((6, 6), bool)
+    asymmetric = dict(params, w_zero_point=np.full(16, 3, np.int8))
+    expect_error(perforated_model(x, asymmetric, attrs, mask, name="conv7"), x,
+                 "PerforatedQLinearConv node 'conv7'", "w_zero_point", "symmetric")
+    wrong_scales = dict(params, w_scale=np.full(5, 0.01, np.float32))
+    expect_error(perforated_model(x, wrong_scales, attrs, mask, name="conv8"), x,
+                 "node 'conv8'", "w_scale", "16")
+    per_channel_x = dict(params, x_zero_point=np.full(8, 3, np.uint8))
+    expect_error(perforated_model(x, per_channel_x, attrs, mask, name="conv9"), x,
+                 "node 'conv9'", "x_zero_point", "scalar")
+    negative = dict(params, y_scale=np.float32(-1))
+    expect_error(perforated_model(x, negative, attrs, mask, name="conv10"), x, "node 'conv10'", "y_scale")
+    expect_error(perforated_model(x, params, attrs, np.ones((5, 6), bool), name="conv11"), x,
+                 "node 'conv11'", "mask")
+    int8_x = dict(params, x_zero_point=np.int8(0))
+    expect_error(perforated_model(x, int8_x, attrs, mask, name="conv12"), x, "conv12")
+    with pytest.raises(ValueError, match="LeakyRelu"):
+        ops.make_perforated_qlinear_conv_node(["x"], "y", ops.ConvAttributes((3, 3), activation="LeakyRelu"), "n")
