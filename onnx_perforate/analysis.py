@@ -47,7 +47,7 @@ class AnalysedModel:
         """{Conv key: its geometry, or the error that says why it has none} for every ONNX Conv."""
         result = {}
         for node in self.model.graph.node:
-            if node.op_type == "Conv":
+            if node.op_type in ("Conv", "QLinearConv"):
                 try:
                     result[node_key(node)] = conv_geometry(node, self.shapes)
                 except PerforateError as exc:

@@ -386,16 +386,18 @@ def conv_geometry(node: onnx.NodeProto, shapes: dict) -> ConvGeometry:
     """Geometry of a 2-D Conv with explicit pads (``auto_pad`` resolved), or a package error that
     names the node and says what is missing."""
     key = node_key(node)
-    if node.op_type in QUANTIZED_CONVS:
+    if node.op_type == "ConvInteger":
         raise UnsupportedNodeError(
-            f"node {key!r} is a {node.op_type}: quantized convolutions cannot be perforated "
-            "(PerforatedConv takes float32 Conv nodes)"
+            f"node {key!r} is a ConvInteger: its int32 output cannot be perforated; quantize the model in "
+            "QDQ format or with QLinearConv (onnxruntime.quantization.quantize_static)"
         )
-    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+    if node.op_type not in ("Conv", "QLinearConv") or node.domain not in ("", "ai.onnx"):
         raise UnsupportedNodeError(f"node {key!r} is a {node.op_type}, expected an ONNX Conv")
+    quantized = node.op_type == "QLinearConv"
+    weight = node.input[3 if quantized else 1]
     attrs = node_attributes(node)
     x_type, x_shape = shapes.get(node.input[0], (0, None))
-    w_shape = shapes.get(node.input[1], (0, None))[1]
+    w_shape = shapes.get(weight, (0, None))[1]
     y_shape = shapes.get(node.output[0], (0, None))[1]
     rank = len(attrs["kernel_shape"]) + 2 if "kernel_shape" in attrs else None
     rank = rank or (len(w_shape) if w_shape else None) or (len(x_shape) if x_shape else None)
@@ -403,15 +405,17 @@ def conv_geometry(node: onnx.NodeProto, shapes: dict) -> ConvGeometry:
         raise DynamicShapeError(f"Conv {key!r}: the rank of input {node.input[0]!r} is unknown")
     if rank != 4:
         raise UnsupportedNodeError(
-            f"Conv {key!r} is a {rank - 2}-D convolution (weight {node.input[1]!r} has rank {rank}); "
+            f"Conv {key!r} is a {rank - 2}-D convolution (weight {weight!r} has rank {rank}); "
             "only 2-D convolutions can be perforated"
         )
-    if x_type and x_type != onnx.TensorProto.FLOAT:
+    expected_type = onnx.TensorProto.UINT8 if quantized else onnx.TensorProto.FLOAT
+    if x_type and x_type != expected_type:
         raise UnsupportedNodeError(
-            f"Conv {key!r}: input {node.input[0]!r} is {onnx.TensorProto.DataType.Name(x_type)}, expected FLOAT"
+            f"{node.op_type} {key!r}: input {node.input[0]!r} is {onnx.TensorProto.DataType.Name(x_type)}, "
+            f"expected {onnx.TensorProto.DataType.Name(expected_type)}"
         )
     if w_shape is None or any(not isinstance(d, int) for d in w_shape):
-        raise DynamicShapeError(f"Conv {key!r}: the shape of weight {node.input[1]!r} is not static")
+        raise DynamicShapeError(f"Conv {key!r}: the shape of weight {weight!r} is not static")
     if x_shape is None or any(not isinstance(d, int) for d in x_shape[2:]):
         raise DynamicShapeError(
             f"Conv {key!r}: the spatial size of input {node.input[0]!r} is not static ({_fmt(x_shape)}); "

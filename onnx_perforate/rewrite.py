@@ -38,6 +38,7 @@ from .passes.batchnorm import fold_batchnorm
 from .passes import profitability
 from .passes.compact import CompactOptions, propagate
 from .passes.interpolate_late import interpolate_late
+from .passes import quantized
 from .passes.surgery import Refusal, Surgeon
 
 log = logging.getLogger(__name__)
@@ -250,14 +251,30 @@ def _rewrite_plan(analysed, plan, options: RewriteOptions) -> tuple[onnx.ModelPr
     surgeon = Surgeon(graph, analysed.opset)
     # Tensor names are unique (SSA), node names need not be: find the gs node by its output.
     by_output = {n.outputs[0].name: n for n in graph.nodes if n.outputs}
-    seeds = []
+    seeds, quantized_seeds = [], []
+    matched = {}  # every quantized convolution is matched before any is rewritten: errors leave nothing half-done
+    for geometry, _ in plan:
+        conv = by_output[geometry.node.output[0]]
+        if quantized.is_quantized(conv):
+            matched[geometry.key] = quantized.match(surgeon, conv, geometry.key)
     for geometry, mask in plan:
-        layer, interpolate = _perforate(surgeon, by_output[geometry.node.output[0]], geometry, mask, options)
+        conv = by_output[geometry.node.output[0]]
+        if geometry.key in matched:
+            layer, interpolate = _perforate_quantized(surgeon, conv, matched[geometry.key], geometry, mask)
+            quantized_seeds.append((layer, interpolate))
+        else:
+            layer, interpolate = _perforate(surgeon, conv, geometry, mask, options)
+            seeds.append((layer, interpolate, mask.array.astype(bool)))
         report.layers.append(layer)
-        seeds.append((layer, interpolate, mask.array.astype(bool)))
-    if options.compact:
+    if options.compact and seeds:
         propagate(surgeon, shapes, original, report, seeds, options.compact_options,
                   fuse_activations=options.fuse_activation)
+    if quantized_seeds:
+        if options.compact:
+            quantized.read_compact_inputs(surgeon, quantized_seeds)
+        pools = quantized.pool_channels_last(surgeon)
+        if pools:
+            report.notes.append("uint8 MaxPool run channels-last (com.microsoft.NhwcMaxPool): " + ", ".join(pools))
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     result = _export(graph, original, report)
     _validate(result)
@@ -280,7 +297,7 @@ def _plan(model: onnx.ModelProto, shapes: dict, masks: dict) -> list[tuple[ConvG
             raise UnknownNodeError(
                 f"no Conv named {key!r} (nor producing a tensor of that name); Conv nodes: {_conv_names(model)}"
             )
-        if node.op_type in ("PerforatedConv", "NNInterpolate") and node.domain == DOMAIN:
+        if node.op_type in ("PerforatedConv", quantized.QUANTIZED_OP, "NNInterpolate") and node.domain == DOMAIN:
             raise UnsupportedNodeError(f"node {key!r} is already perforated ({node.op_type})")
         geometry = conv_geometry(node, shapes)
         if geometry.key in seen:
@@ -373,6 +390,22 @@ def _perforate(surgeon: Surgeon, conv: gs.Node, geometry: ConvGeometry, mask: Ma
     return layer, interpolate
 
 
+def _perforate_quantized(surgeon: Surgeon, conv: gs.Node, matched: quantized.QuantizedConv,
+                         geometry: ConvGeometry, mask: Mask):
+    """Replace a matched quantized convolution by PerforatedQLinearConv + NNInterpolate (uint8)."""
+    key = geometry.key
+    name = conv.name or key
+    layer = LayerReport(key=key, node=name, output=matched.output.name, mask=mask.to_dict(), macs=geometry.macs,
+                        perforated_macs=geometry.macs * mask.computed // mask.array.size)
+    attrs = copy.deepcopy(geometry.attributes)
+    interpolate = quantized.perforate(surgeon, matched, name, key, attrs, mask.array.astype(bool),
+                                      geometry.output_shape)
+    layer.fused_activation = matched.activation or None
+    for pass_name in ("fold_batchnorm", "interpolate_late"):
+        layer.skipped[pass_name] = "quantized convolution (its output is requantized by the op)"
+    return layer, interpolate
+
+
 # ----------------------------------------------------------------------------------------------------
 # Export and validation
 
@@ -383,6 +416,8 @@ def _export(graph: gs.Graph, original: onnx.ModelProto, report: RewriteReport) -
         if entry.domain == DOMAIN and entry.version != OPSET_VERSION:
             raise PerforateError(f"model imports domain {DOMAIN!r} version {entry.version}, expected {OPSET_VERSION}")
     imports.append(ops.opset_import())
+    if any(n.domain == "com.microsoft" for n in graph.nodes) and all(e.domain != "com.microsoft" for e in imports):
+        imports.append(onnx.helper.make_opsetid("com.microsoft", 1))  # ORT's contrib ops (NhwcMaxPool)
     model = gs.export_onnx(graph, opset_imports=imports)
     for name in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
         setattr(model, name, getattr(original, name))

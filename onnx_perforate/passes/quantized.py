@@ -1,0 +1,309 @@
+"""Quantized convolutions: the QDQ pattern and QLinearConv become PerforatedQLinearConv (docs/rewriter.md).
+
+Two forms are recognised, both with uint8 activations and symmetric int8 weights (per tensor or per
+output channel), ORT's ``quantize_static`` defaults:
+
+- QDQ: ``DequantizeLinear(x_q) -> Conv(DequantizeLinear(w_q), DequantizeLinear(b_q)?) -> [Relu | Clip]
+  -> QuantizeLinear`` (the Conv is the node the mask names);
+- QOperator: ``QLinearConv``.
+
+Either becomes ``PerforatedQLinearConv -> NNInterpolate`` on uint8, producing the QuantizeLinear's (or
+QLinearConv's) output tensor, so the rest of the graph is untouched; a Relu or Clip between the Conv
+and the QuantizeLinear is fused (it is a clamp of the quantized value). The INT8 arithmetic is the one
+ORT runs for the same pattern (its QDQ fusion turns it into QLinearConv), bit for bit.
+
+Anything else is refused with an :class:`~onnx_perforate.errors.UnsupportedNodeError` naming the Conv
+and what was found: uint8 or asymmetric weights, int8 activations, per-channel activation parameters, a
+bias whose scale is not x_scale * w_scale, a Conv whose output is not quantized. ConvInteger is refused
+by :func:`onnx_perforate.graph.conv_geometry`.
+
+:func:`read_compact_inputs` then lets a perforated quantized convolution read its producer's compact
+uint8 output through ``X_index`` (implicit interpolation), so that NNInterpolate disappears where only
+such convolutions read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .. import ops
+from .._library import DOMAIN
+from ..errors import UnsupportedNodeError
+from .surgery import Surgeon, constant_value, describe
+
+QUANTIZED_OP = "PerforatedQLinearConv"
+
+
+@dataclass
+class QuantizedConv:
+    """A matched quantized convolution: QLinearConv's nine inputs, what it replaces and what it writes."""
+
+    inputs: list  # x_q, x_scale, x_zero_point, w_q, w_scale, w_zero_point, y_scale, y_zero_point, B or empty
+    output: gs.Variable  # the uint8 tensor the rewrite produces (the QuantizeLinear's output)
+    replaced: list = field(default_factory=list)  # nodes removed: Conv / QLinearConv, activation, QuantizeLinear
+    activation: str = ""
+    clip_min: float = -ops.FLOAT32_MAX
+    clip_max: float = ops.FLOAT32_MAX
+
+
+def is_quantized(conv: gs.Node) -> bool:
+    """True for QLinearConv and for a Conv whose weight is the output of a DequantizeLinear (QDQ)."""
+    if conv.op == "QLinearConv":
+        return True
+    weight = conv.inputs[1] if len(conv.inputs) > 1 else None
+    return conv.op == "Conv" and weight is not None and _producer(weight, "DequantizeLinear") is not None
+
+
+def match(surgeon: Surgeon, conv: gs.Node, key: str) -> QuantizedConv:
+    """The quantized convolution ``conv`` belongs to, or an UnsupportedNodeError naming it."""
+    if conv.op == "QLinearConv":
+        matched = _match_qlinear_conv(conv, key)
+    else:
+        matched = _match_qdq(surgeon, conv, key)
+    _check_parameters(matched, key)
+    return matched
+
+
+def perforate(surgeon: Surgeon, matched: QuantizedConv, name: str, key: str, attrs: ops.ConvAttributes,
+              mask: np.ndarray, output_shape) -> gs.Node:
+    """Replace the matched nodes by PerforatedQLinearConv + NNInterpolate; returns the NNInterpolate."""
+    for node in matched.replaced:
+        surgeon.detach(node)
+    attrs.activation, attrs.clip_min, attrs.clip_max = matched.activation, matched.clip_min, matched.clip_max
+    batch, channels = output_shape[0], output_shape[1]
+    out = matched.output
+    compact = gs.Variable(surgeon.unique(f"{out.name}.compact"), dtype=np.uint8,
+                          shape=[batch, channels, int(mask.sum())])
+    inputs = list(matched.inputs) + [surgeon.constant(f"{key}.mask", mask.astype(bool))]
+    surgeon.names.add(name)
+    surgeon.graph.nodes.append(gs.Node(QUANTIZED_OP, name=name, domain=DOMAIN, attrs=attrs.to_onnx(),
+                                       inputs=inputs, outputs=[compact]))
+    index = surgeon.constant(f"{key}.nn_index", ops.nearest_index(mask))
+    out.dtype, out.shape = np.uint8, list(output_shape)
+    interpolate = gs.Node("NNInterpolate", name=surgeon.unique(f"{name}/interpolate"), domain=DOMAIN,
+                          inputs=[compact, index], outputs=[out])
+    surgeon.graph.nodes.append(interpolate)
+    return interpolate
+
+
+def read_compact_inputs(surgeon: Surgeon, seeds) -> None:
+    """Every PerforatedQLinearConv reading a seed's interpolated output reads the compact tensor through
+    X_index instead; an NNInterpolate left without readers is removed.
+
+    ``seeds``: (LayerReport, its NNInterpolate) of the quantized layers; readers' reports are found by
+    node name."""
+    layers = {layer.node: layer for layer, _ in seeds}
+    for layer, interpolate in seeds:
+        compact, index = interpolate.inputs
+        full = interpolate.outputs[0]
+        for reader in list(full.outputs):
+            if reader.op != QUANTIZED_OP or reader.domain != DOMAIN or reader.inputs[0] is not full:
+                continue
+            if len(reader.inputs) > 10:
+                continue  # already reads a compact input
+            reader.inputs[0] = compact
+            reader.inputs.append(index)
+            if reader.name in layers:
+                layers[reader.name].implicit_input = layer.node
+            layer.compact.append(reader.name)
+        if not full.outputs and full not in surgeon.graph.outputs:
+            surgeon.detach(interpolate)
+
+
+def pool_channels_last(surgeon: Surgeon) -> list[str]:
+    """Every ``DequantizeLinear -> MaxPool -> QuantizeLinear`` with equal uint8 parameters becomes
+    ``Transpose -> com.microsoft.NhwcMaxPool -> Transpose``; returns the MaxPools rewritten.
+
+    ORT drops such a DQ/Q pair and max-pools the uint8 tensor itself, exactly; in an all-INT8 model its
+    NHWC pass then runs the channels-last kernel. Next to the NCHW custom ops that pass leaves the
+    MaxPool in NCHW, where ORT's uint8 kernel is generic code (11.6 ms instead of 0.08 ms for SqueezeNet's
+    first pool, one thread): the explicit channels-last form restores the fast kernel for two small
+    uint8 transposes."""
+    rewritten = []
+    for pool in [n for n in surgeon.graph.nodes if n.op == "MaxPool" and len(n.outputs) == 1]:
+        dq = _producer(pool.inputs[0], "DequantizeLinear")
+        q = surgeon.sole_consumer(pool.outputs[0])
+        if dq is None or not isinstance(q, gs.Node) or q.op != "QuantizeLinear" or len(dq.inputs) < 3 or len(q.inputs) < 3:
+            continue
+        params = [constant_value(t) for t in (dq.inputs[1], dq.inputs[2], q.inputs[1], q.inputs[2])]
+        if any(p is None or p.size != 1 for p in params) or params[1].dtype != np.uint8 or params[3].dtype != np.uint8:
+            continue
+        if params[0].reshape(()) != params[2].reshape(()) or params[1].reshape(()) != params[3].reshape(()):
+            continue
+        if any(k in pool.attrs and pool.attrs[k] not in (0, b"NOTSET", "NOTSET") for k in ("storage_order", "auto_pad")):
+            continue
+        name = pool.name or pool.outputs[0].name
+        source, result = dq.inputs[0], q.outputs[0]
+        q.outputs.clear()
+        surgeon.detach(pool)
+        surgeon.detach(q)
+        nhwc_in = gs.Variable(surgeon.unique(f"{name}.nhwc_input"), dtype=np.uint8)
+        nhwc_out = gs.Variable(surgeon.unique(f"{name}.nhwc_output"), dtype=np.uint8)
+        attrs = {k: v for k, v in pool.attrs.items() if k in ("kernel_shape", "strides", "pads", "dilations", "ceil_mode")}
+        surgeon.graph.nodes.extend([
+            gs.Node("Transpose", name=surgeon.unique(f"{name}/to_nhwc"), attrs={"perm": [0, 2, 3, 1]},
+                    inputs=[source], outputs=[nhwc_in]),
+            gs.Node("NhwcMaxPool", name=surgeon.unique(name), domain="com.microsoft", attrs=attrs,
+                    inputs=[nhwc_in], outputs=[nhwc_out]),
+            gs.Node("Transpose", name=surgeon.unique(f"{name}/to_nchw"), attrs={"perm": [0, 3, 1, 2]},
+                    inputs=[nhwc_out], outputs=[result]),
+        ])
+        rewritten.append(name)
+    return rewritten
+
+
+# ----------------------------------------------------------------------------------------------------
+# Matching
+
+
+def _producer(tensor, op: str) -> gs.Node | None:
+    if len(tensor.inputs) == 1 and tensor.inputs[0].op == op:
+        return tensor.inputs[0]
+    return None
+
+
+def _dequantized(tensor, what: str, key: str):
+    """(quantized tensor, scale, zero point or None) of the DequantizeLinear producing ``tensor``."""
+    dq = _producer(tensor, "DequantizeLinear")
+    if dq is None:
+        found = describe(tensor.inputs[0]) if tensor.inputs else "a graph input"
+        raise UnsupportedNodeError(
+            f"Conv {key!r}: {what} {tensor.name!r} comes from {found}, expected a DequantizeLinear "
+            "(QDQ format: quantize the whole model with onnxruntime.quantization.quantize_static)")
+    zero = dq.inputs[2] if len(dq.inputs) > 2 and dq.inputs[2].name else None
+    return dq, dq.inputs[0], dq.inputs[1], zero
+
+
+def _match_qdq(surgeon: Surgeon, conv: gs.Node, key: str) -> QuantizedConv:
+    _, x_q, x_scale, x_zero = _dequantized(conv.inputs[0], "input", key)
+    w_dq, w_q, w_scale, w_zero = _dequantized(conv.inputs[1], "weight", key)
+    # DequantizeLinear's zero point defaults to 0 of the quantized type.
+    if x_zero is None and x_q.dtype is not None and np.dtype(x_q.dtype) == np.uint8:
+        x_zero = surgeon.constant(f"{key}.x_zero_point", np.zeros((), np.uint8))
+    if w_zero is None:
+        w_zero = surgeon.constant(f"{key}.w_zero_point", np.zeros((), np.int8))
+    axis = int(w_dq.attrs.get("axis", 1))
+    w_scale_value = constant_value(w_scale)
+    if w_scale_value is not None and w_scale_value.size > 1 and axis not in (0, -4):
+        raise UnsupportedNodeError(f"Conv {key!r}: weight scales {w_scale.name!r} are per axis {axis}, "
+                                   "expected per output channel (axis 0)")
+    matched = QuantizedConv(inputs=[], output=None, replaced=[conv])
+    out = conv.outputs[0]
+    follower = surgeon.sole_consumer(out)
+    if isinstance(follower, gs.Node) and follower.op in ("Relu", "Clip"):
+        if follower.op == "Clip":
+            bounds = _clip_bounds(surgeon, follower)
+            if bounds is None:
+                raise UnsupportedNodeError(f"Conv {key!r}: {describe(follower)} has non-constant bounds")
+            matched.clip_min, matched.clip_max = bounds
+        matched.activation = follower.op
+        matched.replaced.append(follower)
+        out = follower.outputs[0]
+        follower = surgeon.sole_consumer(out)
+    if not isinstance(follower, gs.Node) or follower.op != "QuantizeLinear":
+        why = follower.reason if not isinstance(follower, gs.Node) else f"is read by {describe(follower)}"
+        raise UnsupportedNodeError(
+            f"Conv {key!r} has dequantized inputs but its output {why}, expected a single QuantizeLinear "
+            "(a QDQ Conv whose result is requantized)")
+    matched.replaced.append(follower)
+    y_zero = follower.inputs[2] if len(follower.inputs) > 2 and follower.inputs[2].name else None
+    if y_zero is None:
+        raise UnsupportedNodeError(f"Conv {key!r}: {describe(follower)} has no zero point (uint8 output expected)")
+    bias = _quantized_bias(surgeon, conv, key, x_scale, w_scale)
+    matched.inputs = [x_q, x_scale, x_zero, w_q, w_scale, w_zero, follower.inputs[1], y_zero, bias]
+    matched.output = follower.outputs[0]
+    return matched
+
+
+def _match_qlinear_conv(conv: gs.Node, key: str) -> QuantizedConv:
+    inputs = list(conv.inputs) + [gs.Variable.empty()] * (9 - len(conv.inputs))
+    return QuantizedConv(inputs=inputs[:9], output=conv.outputs[0], replaced=[conv])
+
+
+def _quantized_bias(surgeon: Surgeon, conv: gs.Node, key: str, x_scale, w_scale):
+    """QLinearConv's int32 B: the DequantizeLinear'd int32 bias as it is (its scale must be x_scale *
+    w_scale, as ORT's fusion assumes), or a float bias quantized with that scale."""
+    if len(conv.inputs) < 3 or not conv.inputs[2].name:
+        return gs.Variable.empty()
+    bias = conv.inputs[2]
+    xs, ws = constant_value(x_scale), constant_value(w_scale)
+    if xs is None or ws is None:
+        raise UnsupportedNodeError(f"Conv {key!r}: the input or weight scale is not constant")
+    expected = (np.float32(xs.reshape(())) * ws.astype(np.float32).reshape(-1)).astype(np.float32)
+    dq = _producer(bias, "DequantizeLinear")
+    if dq is None:
+        value = constant_value(bias)
+        if value is None:
+            raise UnsupportedNodeError(f"Conv {key!r}: bias {bias.name!r} is neither constant nor dequantized")
+        quantized = np.rint(value.astype(np.float64) / expected.astype(np.float64)).astype(np.int32)
+        return surgeon.constant(f"{key}.bias_quantized", quantized)
+    b_q, b_scale = dq.inputs[0], constant_value(dq.inputs[1])
+    if b_q.dtype is not None and np.dtype(b_q.dtype) != np.int32:
+        raise UnsupportedNodeError(f"Conv {key!r}: bias {b_q.name!r} is {np.dtype(b_q.dtype)}, expected int32")
+    if (b_scale is None or b_scale.size not in (1, expected.size)
+            or not np.allclose(np.broadcast_to(b_scale.reshape(-1), expected.shape), expected, rtol=1e-6, atol=0)):
+        raise UnsupportedNodeError(f"Conv {key!r}: bias scale {dq.inputs[1].name!r} is not x_scale * w_scale")
+    return b_q
+
+
+def _clip_bounds(surgeon: Surgeon, clip: gs.Node):
+    if surgeon.opset < 11:
+        return float(clip.attrs.get("min", -ops.FLOAT32_MAX)), float(clip.attrs.get("max", ops.FLOAT32_MAX))
+    bounds = []
+    for i, default in ((1, -ops.FLOAT32_MAX), (2, ops.FLOAT32_MAX)):
+        if len(clip.inputs) <= i or not clip.inputs[i].name:
+            bounds.append(default)
+            continue
+        value = constant_value(clip.inputs[i])
+        if value is None or value.size != 1:
+            return None
+        bounds.append(float(value.reshape(())))
+    return bounds[0], bounds[1]
+
+
+_EXPECTED = {  # input position -> (name, dtype, per-channel allowed)
+    1: ("x_scale", np.float32, False), 2: ("x_zero_point", np.uint8, False),
+    3: ("w", np.int8, True), 4: ("w_scale", np.float32, True), 5: ("w_zero_point", np.int8, True),
+    6: ("y_scale", np.float32, False), 7: ("y_zero_point", np.uint8, False),
+}
+
+
+def _check_parameters(matched: QuantizedConv, key: str) -> None:
+    """The scheme PerforatedQLinearConv runs: constant parameters of the right types, uint8 activations,
+    symmetric int8 weights, per-tensor activation parameters."""
+    x_q = matched.inputs[0]
+    if x_q.dtype is not None and np.dtype(x_q.dtype) != np.uint8:
+        raise UnsupportedNodeError(f"Conv {key!r}: quantized input {x_q.name!r} is {np.dtype(x_q.dtype)}, expected "
+                                   "uint8 (asymmetric activations; quantize with activation_type=QUInt8)")
+    if matched.inputs[2] is None:
+        raise UnsupportedNodeError(f"Conv {key!r}: the input's DequantizeLinear has no zero point (uint8 expected)")
+    channels = None
+    for position, (name, dtype, per_channel) in _EXPECTED.items():
+        tensor = matched.inputs[position]
+        value = None if tensor is None else constant_value(tensor)
+        if value is None:
+            raise UnsupportedNodeError(f"Conv {key!r}: {name} is missing or not constant")
+        if value.dtype != dtype:
+            hint = " (quantize weights with weight_type=QInt8)" if name.startswith("w") else ""
+            raise UnsupportedNodeError(f"Conv {key!r}: {name} {tensor.name!r} is {value.dtype}, expected "
+                                       f"{np.dtype(dtype).name}{hint}")
+        if name == "w":
+            channels = value.shape[0]
+        elif not per_channel and value.size != 1:
+            raise UnsupportedNodeError(f"Conv {key!r}: {name} {tensor.name!r} has shape {list(value.shape)}, "
+                                       "expected a scalar (per-tensor activation quantization)")
+        elif per_channel and value.size not in (1, channels):
+            raise UnsupportedNodeError(f"Conv {key!r}: {name} {tensor.name!r} has {value.size} values, expected 1 "
+                                       f"or {channels} (one per output channel)")
+        if name == "w_zero_point" and np.any(value != 0):
+            raise UnsupportedNodeError(f"Conv {key!r}: weight zero point {tensor.name!r} is not 0: asymmetric "
+                                       "weights are not supported (quantize with symmetric weights)")
+        if "scale" in name and not np.all(np.isfinite(value) & (value > 0)):
+            raise UnsupportedNodeError(f"Conv {key!r}: {name} {tensor.name!r} has non-positive or non-finite values")
+
+
+__all__ = ["QUANTIZED_OP", "QuantizedConv", "is_quantized", "match", "perforate", "pool_channels_last",
+           "read_compact_inputs"]
