@@ -16,6 +16,8 @@ from onnx.reference.op_run import OpRun
 from ._library import DOMAIN, OPSET_VERSION
 
 ACTIVATIONS = ("", "Relu", "LeakyRelu", "Clip")
+# PerforatedQLinearConv's: the monotone clamps, exact on the quantized value.
+QUANTIZED_ACTIVATIONS = ("", "Relu", "Clip")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -112,7 +114,7 @@ def make_perforated_conv_node(inputs, output, attributes: ConvAttributes, name: 
 def make_perforated_qlinear_conv_node(inputs, output, attributes: ConvAttributes, name: str) -> onnx.NodeProto:
     """inputs = QLinearConv's [x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point,
     B or ""], then mask and optionally X_index (docs/ops.md)."""
-    if attributes.activation not in ("", "Relu", "Clip"):
+    if attributes.activation not in QUANTIZED_ACTIVATIONS:
         raise ValueError(f"PerforatedQLinearConv {name!r}: activation {attributes.activation!r} cannot be fused "
                          "into a quantized convolution (expected '', 'Relu' or 'Clip')")
     return helper.make_node(

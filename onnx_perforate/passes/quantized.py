@@ -193,7 +193,7 @@ def _match_qdq(surgeon: Surgeon, conv: gs.Node, key: str) -> QuantizedConv:
     matched = QuantizedConv(inputs=[], output=None, replaced=[conv])
     out = conv.outputs[0]
     follower = surgeon.sole_consumer(out)
-    if isinstance(follower, gs.Node) and follower.op in ("Relu", "Clip"):
+    if isinstance(follower, gs.Node) and follower.op in ops.QUANTIZED_ACTIVATIONS:
         if follower.op == "Clip":
             bounds = _clip_bounds(surgeon, follower)
             if bounds is None:
