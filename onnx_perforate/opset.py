@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.defs import OpSchema
 
 from ._library import DOMAIN, OPSET_VERSION
-from .ops import ACTIVATIONS, FLOAT32_MAX, POOL_MODES, conv_output_size, pool_output_size
+from .ops import ACTIVATIONS, FLOAT32_MAX, POOL_MODES, QUANTIZED_ACTIVATIONS, conv_output_size, pool_output_size
 
 COMPACT_POOL_MODES = tuple(POOL_MODES.values())
 
@@ -163,9 +163,21 @@ def _known(*dims) -> bool:
 
 
 def _infer_perforated_conv(node: InferenceNode) -> None:
-    compact = node.present(4)
-    x = node.shape(0, 3 if compact else 4)
-    w = node.shape(1, 4)
+    _infer_perforated_convolution(node, x_input=0, w_input=1, b_input=2, mask_input=3, index_input=4,
+                                  activations=ACTIVATIONS)
+
+
+def _infer_perforated_qlinear_conv(node: InferenceNode) -> None:
+    _infer_perforated_convolution(node, x_input=0, w_input=3, b_input=8, mask_input=9, index_input=10,
+                                  activations=QUANTIZED_ACTIVATIONS)
+
+
+def _infer_perforated_convolution(node: InferenceNode, *, x_input, w_input, b_input, mask_input, index_input,
+                                  activations) -> None:
+    """PerforatedConv's checks and output, for the float op and the quantized one (input positions differ)."""
+    compact = node.present(index_input)
+    x = node.shape(x_input, 3 if compact else 4)
+    w = node.shape(w_input, 4)
     group = int(node.attribute("group"))
     if group < 1:
         node.fail(f"group must be positive, got {group}")
@@ -174,8 +186,8 @@ def _infer_perforated_conv(node: InferenceNode) -> None:
         node.fail(f"X has {channels} channels but W {w} with group {group} expects {w[1] * group}")
     if _known(outputs) and outputs % group:
         node.fail(f"group {group} does not divide W's {outputs} output channels")
-    if node.present(2):
-        b = node.shape(2, 1)
+    if node.present(b_input):
+        b = node.shape(b_input, 1)
         if b and _known(b[0], outputs) and b[0] != outputs:
             node.fail(f"B has shape {b}, expected [{outputs}] (W's output channels)")
     kernel = node.attribute("kernel_shape")
@@ -183,13 +195,13 @@ def _infer_perforated_conv(node: InferenceNode) -> None:
         node.fail(f"kernel_shape {list(kernel)} does not match W's spatial shape {w[2:]}")
     kernel = list(kernel) if kernel is not None else (w[2:] if w else None)
     activation = node.attribute("activation")
-    if activation not in ACTIVATIONS:
-        node.fail(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if activation not in activations:
+        node.fail(f"unknown activation {activation!r}; expected one of {activations}")
 
-    mask_shape = node.shape(3, 2)
+    mask_shape = node.shape(mask_input, 2)
     if compact:
-        index_shape = node.shape(4, 2)
-        if node.elem_type(4) not in (0, TensorProto.INT64):
+        index_shape = node.shape(index_input, 2)
+        if node.elem_type(index_input) not in (0, TensorProto.INT64):
             node.fail("X_index must be int64")
         spatial = index_shape
     else:
@@ -199,13 +211,13 @@ def _infer_perforated_conv(node: InferenceNode) -> None:
                                          node.attribute("dilations")))
         if mask_shape != expected:
             node.fail(f"mask has shape {mask_shape}, expected the convolution's output size {expected}")
-    mask = node.constant(3)
+    mask = node.constant(mask_input)
     computed = None
     if mask is not None:
         computed = int(np.count_nonzero(mask))
         if computed == 0:
             node.fail("mask has no nonzero entry (K = 0)")
-    node.set_output(0, node.elem_type(0), [x[0] if x else None, outputs, computed])
+    node.set_output(0, node.elem_type(x_input), [x[0] if x else None, outputs, computed])
 
 
 def _infer_nn_interpolate(node: InferenceNode) -> None:
@@ -434,6 +446,18 @@ def _nn_interpolate_function(node: onnx.NodeProto | None, opset: int) -> onnx.Fu
 # The operators
 
 _FLOAT = ("T", ("tensor(float)",), "float32 (the kernels' only type)")
+_CONV_ATTRIBUTES = (
+    Attribute("kernel_shape", "ints", None, "[kH, kW]; from W when absent"),
+    Attribute("strides", "ints", [1, 1], "[sH, sW]"),
+    Attribute("pads", "ints", [0, 0, 0, 0], "[top, left, bottom, right]"),
+    Attribute("dilations", "ints", [1, 1], "[dH, dW]"),
+    Attribute("group", "int", 1, "number of groups"),
+)
+
+
+def _no_portable_form(node: onnx.NodeProto | None, opset: int) -> onnx.FunctionProto:
+    raise ValueError("PerforatedQLinearConv has no standard-ONNX body yet (no portable form of quantized models)")
+
 
 OPERATORS: tuple[OperatorDefinition, ...] = (
     OperatorDefinition(
@@ -451,12 +475,7 @@ OPERATORS: tuple[OperatorDefinition, ...] = (
         ),
         outputs=(Parameter("Yc", "T", "[N, M, K], K = number of nonzero mask entries"),),
         type_constraints=(_FLOAT, ("T_MASK", ("tensor(bool)", "tensor(uint8)"), "mask type")),
-        attributes=(
-            Attribute("kernel_shape", "ints", None, "[kH, kW]; from W when absent"),
-            Attribute("strides", "ints", [1, 1], "[sH, sW]"),
-            Attribute("pads", "ints", [0, 0, 0, 0], "[top, left, bottom, right]"),
-            Attribute("dilations", "ints", [1, 1], "[dH, dW]"),
-            Attribute("group", "int", 1, "number of groups"),
+        attributes=_CONV_ATTRIBUTES + (
             Attribute("activation", "string", "", '"", "Relu", "LeakyRelu" or "Clip", after the bias'),
             Attribute("alpha", "float", 0.01, "LeakyRelu slope"),
             Attribute("clip_min", "float", -FLOAT32_MAX, "Clip lower bound"),
@@ -466,15 +485,45 @@ OPERATORS: tuple[OperatorDefinition, ...] = (
         function=_perforated_conv_function,
     ),
     OperatorDefinition(
+        name="PerforatedQLinearConv",
+        since_version=1,
+        doc="ONNX QLinearConv computed only at the nonzero positions of `mask` (uint8 x int8, symmetric "
+        "weights), returning them compact [N, M, K] uint8, requantized as ORT's QLinearConv. See docs/ops.md.",
+        inputs=(
+            Parameter("x", "T1", "uint8 input [N, C, H, W]; compact [N, C, K_in] when X_index is given"),
+            Parameter("x_scale", "tensor(float)", "scalar"),
+            Parameter("x_zero_point", "T1", "scalar"),
+            Parameter("w", "T2", "int8 weights [M, C/group, kH, kW]"),
+            Parameter("w_scale", "tensor(float)", "scalar or [M]"),
+            Parameter("w_zero_point", "T2", "scalar or [M], all 0"),
+            Parameter("y_scale", "tensor(float)", "scalar"),
+            Parameter("y_zero_point", "T1", "scalar"),
+            Parameter("B", "tensor(int32)", "bias [M], scale x_scale * w_scale", optional=True),
+            Parameter("mask", "T_MASK", "[Ho, Wo], nonzero = computed; a constant initializer"),
+            Parameter("X_index", "tensor(int64)", "[H, W]: input pixel (y, x) is x[n, c, X_index[y, x]]",
+                      optional=True),
+        ),
+        outputs=(Parameter("Yc", "T1", "[N, M, K] uint8, K = number of nonzero mask entries"),),
+        type_constraints=(("T1", ("tensor(uint8)",), "activations"), ("T2", ("tensor(int8)",), "weights"),
+                          ("T_MASK", ("tensor(bool)", "tensor(uint8)"), "mask type")),
+        attributes=_CONV_ATTRIBUTES + (
+            Attribute("activation", "string", "", '"", "Relu" or "Clip": a clamp of the quantized output'),
+            Attribute("clip_min", "float", -FLOAT32_MAX, "Clip lower bound (real units)"),
+            Attribute("clip_max", "float", FLOAT32_MAX, "Clip upper bound (real units)"),
+        ),
+        infer=_infer_perforated_qlinear_conv,
+        function=_no_portable_form,
+    ),
+    OperatorDefinition(
         name="NNInterpolate",
         since_version=1,
         doc="Nearest-neighbour fill of a perforated output: Y[n, m, i, j] = Yc[n, m, index[i, j]].",
         inputs=(
-            Parameter("Yc", "T", "[N, M, K], compact output of PerforatedConv"),
+            Parameter("Yc", "T", "[N, M, K], compact output of PerforatedConv or PerforatedQLinearConv"),
             Parameter("index", "tensor(int64)", "[Ho, Wo], values in [0, K); a constant initializer"),
         ),
         outputs=(Parameter("Y", "T", "[N, M, Ho, Wo]"),),
-        type_constraints=(_FLOAT,),
+        type_constraints=(("T", ("tensor(float)", "tensor(uint8)"), "float32, or uint8 after PerforatedQLinearConv"),),
         attributes=(),
         infer=_infer_nn_interpolate,
         function=_nn_interpolate_function,
