@@ -1,0 +1,159 @@
+"""PerforatedQLinearConv against ONNX Runtime's own INT8 convolution: the three benchmark layers of
+bench_kernels.py as QLinearConv (uint8 x int8, per-channel weights), and SqueezeNet 1.1 quantized with
+onnxruntime.quantization.quantize_static (QDQ) with grid masks on every Conv.
+
+Sessions are interleaved (medians) with spinning off. Prints Markdown tables: speed-up over ORT and the
+fraction of the theoretical speed-up (1/(1-r) per layer, the Conv-MAC reduction for the network).
+
+    python benchmarks/bench_int8.py --threads 1 --repeats 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper, version_converter
+
+import onnx_perforate
+from onnx_perforate import masks, ops
+from onnx_perforate.graph import conv_geometry, infer_shapes
+from onnx_perforate.rewrite import rewrite_with_report
+
+LAYERS = [  # (name, C, H=W, M): bench_kernels.py's layers, 3x3, padding 1
+    ("vgg-conv3 128x56x56->192", 128, 56, 192),
+    ("vgg-conv4 256x28x28->256", 256, 28, 256),
+    ("alexnet-conv4 192x13x13->384", 192, 13, 384),
+]
+QLINEAR_INPUTS = ["x", "x_scale", "x_zero_point", "w", "w_scale", "w_zero_point", "y_scale", "y_zero_point", "B"]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet"
+
+
+def session(model, threads):
+    options = onnx_perforate.session_options(threads, allow_spinning=False)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def time_interleaved(sessions, feed, repeats, warmup=3):
+    for s in sessions:
+        for _ in range(warmup):
+            s.run(None, feed)
+    times = [[] for _ in sessions]
+    for _ in range(repeats):
+        for i, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def layer_models(c, hw, m, mask, rng):
+    params = {
+        "x_scale": np.float32(0.02), "x_zero_point": np.uint8(128),
+        "w": rng.integers(-127, 128, (m, c, 3, 3), dtype=np.int8),
+        "w_scale": rng.uniform(0.001, 0.01, m).astype(np.float32), "w_zero_point": np.zeros(m, np.int8),
+        "y_scale": np.float32(2.0), "y_zero_point": np.uint8(128),
+        "B": rng.integers(-1000, 1000, m).astype(np.int32),
+    }
+    inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in params.items()]
+    attrs = ops.ConvAttributes(kernel_shape=(3, 3), pads=(1, 1, 1, 1))
+
+    def model(nodes, extra=()):
+        graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, c, hw, hw])],
+                                  [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits + list(extra))
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+
+    base = model([helper.make_node("QLinearConv", QLINEAR_INPUTS, ["y"], **attrs.to_onnx())])
+    perforated = model(
+        [ops.make_perforated_qlinear_conv_node(QLINEAR_INPUTS + ["mask"], "yc", attrs, "conv"),
+         ops.make_nn_interpolate_node("yc", "index", "y", "conv/interpolate")],
+        [numpy_helper.from_array(mask, "mask"), numpy_helper.from_array(ops.nearest_index(mask), "index")])
+    return base, perforated
+
+
+def bench_layers(args, rng):
+    print("| layer | threads | r | ORT QLinearConv ms | perforated ms | speed-up | theoretical | fraction |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, c, hw, m in LAYERS:
+        x = rng.integers(0, 256, (1, c, hw, hw), dtype=np.uint8)
+        for rate in args.rates:
+            mask = np.asarray(masks.uniform((hw, hw), rate, seed=1))
+            base, perforated = layer_models(c, hw, m, mask, rng)
+            for threads in args.threads:
+                t_base, t_perf = time_interleaved([session(base, threads), session(perforated, threads)], {"x": x},
+                                                  args.repeats)
+                theoretical = 1 / mask.mean()
+                print(f"| {name} | {threads} | {rate:.2f} | {t_base * 1e3:.3f} | {t_perf * 1e3:.3f} | "
+                      f"{t_base / t_perf:.2f}x | {theoretical:.2f}x | {t_base / t_perf / theoretical:.0%} |", flush=True)
+
+
+def quantized_squeezenet(folder: Path) -> onnx.ModelProto:
+    """SqueezeNet 1.1 converted to opset 13, then quantize_static (QDQ, per-channel int8 weights, uint8
+    activations) calibrated on 8 samples1000 images (every 25th)."""
+    from onnxruntime import quantization
+
+    from onnx_perforate import data
+
+    images = data.load_folder(SHARED / "samples1000", data.PRESETS["caffe"], limit=200)
+    x = images.load(0, images.size)
+    source = folder / "squeezenet13.onnx"
+    onnx.save(version_converter.convert_version(onnx.load(str(SHARED / "squeezenet1.1.onnx")), 13), source)
+
+    class Reader(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"data_0": x[i:i + 1]} for i in range(0, 200, 25)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantization.quantize_static(str(source), str(folder / "q.onnx"), Reader(), quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=True, activation_type=quantization.QuantType.QUInt8,
+                                 weight_type=quantization.QuantType.QInt8)
+    return onnx.load(str(folder / "q.onnx"))
+
+
+def bench_squeezenet(args):
+    if not (SHARED / "squeezenet1.1.onnx").is_file():
+        print(f"\n(SqueezeNet skipped: {SHARED} is absent)")
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        int8 = quantized_squeezenet(Path(folder))
+    shapes = infer_shapes(int8)
+    geometries = [conv_geometry(n, shapes) for n in int8.graph.node if n.op_type == "Conv"]
+    x = np.random.default_rng(0).uniform(-120, 140, (1, 3, 224, 224)).astype(np.float32)
+    print("\n| SqueezeNet 1.1 INT8 (QDQ) | threads | INT8 ms | perforated ms | speed-up | Conv-MAC reduction | fraction |")
+    print("|---|---|---|---|---|---|---|")
+    for rate in args.rates:
+        chosen = {g.key: np.asarray(masks.grid(g.out_hw, rate)) for g in geometries}
+        perforated, report = rewrite_with_report(int8, chosen)
+        for threads in args.threads:
+            t_base, t_perf = time_interleaved([session(int8, threads), session(perforated, threads)],
+                                              {"data_0": x}, args.repeats)
+            print(f"| grid r={rate:.2f} on every Conv | {threads} | {t_base * 1e3:.2f} | {t_perf * 1e3:.2f} | "
+                  f"{t_base / t_perf:.2f}x | {report.mac_reduction:.2f}x | "
+                  f"{t_base / t_perf / report.mac_reduction:.2f} |", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--only", choices=["layers", "squeezenet"], default=None)
+    args = parser.parse_args(argv)
+    print(f"# PerforatedQLinearConv vs ORT INT8 (onnxruntime {ort.__version__}, median of {args.repeats})\n")
+    if args.only != "squeezenet":
+        bench_layers(args, np.random.default_rng(0))
+    if args.only != "layers":
+        bench_squeezenet(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
