@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import logging
 import statistics
 import sys
@@ -280,15 +281,35 @@ def cmd_tune(args) -> int:
         threads=args.threads, repeats=args.repeats, timing_batch=args.batch, include_1x1=args.include_1x1,
         tie=args.tie,
         checkpoint=args.checkpoint, progress=not args.no_progress,
+        finetune=_finetune_options(args.finetune),
     )
     paths = result.save(args.output)
     print(result.table())
     print()
+    if result.baselines:
+        print(result.baseline_table())
+        print()
     print(result.summary())
     print(f"model, report and plots in {args.output}")
     for kind, path in paths.items():
         log.info("%s: %s", kind, path)
     return 0
+
+
+def _finetune_options(text):
+    """--finetune: off (None), on with the defaults (""), or KEY=VALUE,... options of finetune()."""
+    if text is None:
+        return False
+    options = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise PerforateError(f"--finetune options are KEY=VALUE separated by commas, got {item!r}")
+        try:
+            options[key.strip().replace("-", "_")] = json.loads(value)
+        except ValueError:
+            options[key.strip().replace("-", "_")] = value.strip()
+    return options or True
 
 
 def cmd_finetune(args) -> int:
@@ -480,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--target-speedup", type=_option(validation.real, minimum=1.0, exclusive_minimum=True), help="stop once the network is this much faster in ORT")
     p.add_argument("--max-accuracy-drop", type=_option(validation.real, minimum=0.0, maximum=1.0),
-                   help="stop before top-1 (agreement with the original without labels) drops more than this")
+                   help="stop before calibration top-1 (agreement with the original without labels) drops more "
+                   "than this (default: 0.10; 1 for no budget)")
     p.add_argument("--subset-size", type=_positive_int, default=256,
                    help="calibration images, evenly spaced; the rest are held out for the final evaluation "
                    "(default: 256)")
@@ -496,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=1, help="batch size latency is measured at (default: 1)")
     p.add_argument("--repeats", type=_positive_int, default=15, help="timed runs per candidate (median)")
     p.add_argument("--checkpoint", help="JSON file written after every step; resumes from it if it exists")
+    p.add_argument("--finetune", nargs="?", const="", metavar="KEY=VALUE,...",
+                   help="recover the final model's accuracy on the calibration images (see `finetune`); "
+                   "optional options, e.g. method=bn_reestimation,epochs=6")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("finetune", parents=[common], epilog=EPILOG,

@@ -44,6 +44,10 @@ from .rewrite import rewrite
 log = logging.getLogger(__name__)
 
 DEFAULT_LADDER = (0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8)
+# The accuracy budget when none is given: the search stops before a step would drop calibration top-1
+# (agreement with the original on unlabelled data) by more than 10 points. Fine-tuning recovers part of
+# that; a user who wants a tighter result sets a smaller budget.
+DEFAULT_MAX_ACCURACY_DROP = 0.10
 MASK_KINDS = ("impact", "uniform", "grid")
 
 
@@ -71,6 +75,8 @@ class TuneResult:
     settings: dict = field(default_factory=dict)
     holdout: dict = field(default_factory=dict)  # the original and the result on images not calibrated on
     step_masks: list = field(default_factory=list)  # {layer: bool mask} after each step (None: not known)
+    baselines: dict = field(default_factory=dict)  # "resize": the original fed smaller images (held-out)
+    recovery: dict = field(default_factory=dict)  # FinetuneResult.to_dict() when fine-tuned
 
     def model_at(self, original, step: int) -> onnx.ModelProto:
         """The perforated model after ``step`` (0: the original), to evaluate points of the curve."""
@@ -90,6 +96,8 @@ class TuneResult:
             "stopped": self.stopped,
             "settings": self.settings,
             "holdout": self.holdout,
+            "baselines": self.baselines,
+            "recovery": self.recovery,
             "steps": [asdict(s) for s in self.steps],
             "masks": {name: m.to_dict() for name, m in self.masks.items()},
         }
@@ -98,15 +106,43 @@ class TuneResult:
         """Where it stopped, and the result on held-out images."""
         lines = [f"{self.stopped}: {self.final.speedup:.2f}x in ONNX Runtime after {len(self.steps) - 1} steps "
                  f"({self.settings.get('elapsed_s', 0):.0f} s)"]
+        if self.settings.get("measured_speedup"):
+            lines.append(f"speed-up predicted from the per-layer latency table {self.final.speedup:.2f}x, "
+                         f"timed end to end (interleaved with the original) {self.settings['measured_speedup']:.2f}x")
         h = self.holdout
-        if h:
+        for stage, label in (("tuned", ""), ("recovered", f" after recovery ({self.recovery.get('method')})")):
+            if f"{stage}_agreement" not in h:
+                continue
             if h.get("original_top1") is not None:
-                lines.append(f"held-out {h['images']} images: top-1 {h['original_top1']:.3f} -> {h['tuned_top1']:.3f}, "
-                             f"top-5 {h['original_top5']:.3f} -> {h['tuned_top5']:.3f}, "
-                             f"agreement with the original {h['tuned_agreement']:.3f}")
+                lines.append(f"held-out {h['images']} images{label}: top-1 {h['original_top1']:.3f} -> "
+                             f"{h[f'{stage}_top1']:.3f}, top-5 {h['original_top5']:.3f} -> {h[f'{stage}_top5']:.3f}, "
+                             f"agreement with the original {h[f'{stage}_agreement']:.3f}")
             else:
-                lines.append(f"held-out {h['images']} images: agreement with the original {h['tuned_agreement']:.3f}")
+                lines.append(f"held-out {h['images']} images{label}: agreement with the original "
+                             f"{h[f'{stage}_agreement']:.3f}")
+        resize = self.baselines.get("resize")
+        if resize:
+            lines.append(compare_with_resize(resize, "recovered" if "recovered" in resize["models"] else "perforated"))
         return "\n".join(lines)
+
+    def baseline_table(self) -> str:
+        """Held-out numbers of the result beside the original fed smaller images, all timed interleaved."""
+        resize = self.baselines.get("resize")
+        if not resize:
+            return ""
+        fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
+        rows = [f"held-out ({resize['data_images']} images), speed timed interleaved:", "",
+                "| model | speedup | top-1 | top-5 | agreement | loss |", "|---|---|---|---|---|---|"]
+        entries = [("original", resize["original"])]
+        entries += [(f"perforated{'' if k == 'perforated' else ', after recovery'}", v)
+                    for k, v in resize["models"].items()]
+        entries += [(f"input {p['size'][0]}x{p['size'][1]}", p) for p in resize["points"]]
+        for name, e in entries:
+            rows.append(f"| {name} | {e['speedup']:.2f}x | {fmt(e['top1'])} | {fmt(e['top5'])} | "
+                        f"{fmt(e['agreement'])} | {e['loss']:.4f} |")
+        if not resize["available"]:
+            rows.append(f"\nsmaller inputs: not available ({resize['reason']})")
+        return "\n".join(rows)
 
     def table(self) -> str:
         """The trade-off curve as a Markdown table."""
@@ -126,7 +162,7 @@ class TuneResult:
         paths = {"model": out / "model.onnx", "report": out / "report.json",
                  "plot": out / "tradeoff.png", "masks": out / "masks.png"}
         save_model(self.model, paths["model"], json_files={paths["report"]: self.to_dict()})
-        plot_tradeoff(self.steps, paths["plot"])
+        plot_tradeoff(self.steps, paths["plot"], self.baselines.get("resize"))
         plot_masks(self.masks, paths["masks"])
         return {k: str(v) for k, v in paths.items()}
 
@@ -169,14 +205,18 @@ class NetworkMeter:
     def session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         return runtime.session(model, self.threads)
 
-    def _probabilities(self, model, session=None) -> np.ndarray:
+    def _probabilities(self, model, session=None, transform=None) -> np.ndarray:
         session = session or self.session(model)
-        outputs = [session.run(None, feeds)[0] for feeds, _ in self.calibration.batches(self.batch_size)]
+        name = self.calibration.input_name
+        outputs = [session.run(None, {name: transform(feeds[name]) if transform else feeds[name]})[0]
+                   for feeds, _ in self.calibration.batches(self.batch_size)]
         return as_probabilities(np.concatenate(outputs))
 
-    def measure(self, model: onnx.ModelProto) -> dict:
+    def measure(self, model: onnx.ModelProto, transform=None, timed: bool = True) -> dict:
+        """Loss, top-1/top-5 (labelled data), agreement with the original and time; ``transform`` maps
+        every input batch first (the resize baseline feeds smaller images)."""
         session = self.session(model)
-        probs = self._probabilities(model, session)
+        probs = self._probabilities(model, session, transform)
         labels = self.calibration.labels
         if labels is not None:
             loss = float(-np.log(probs[np.arange(len(probs)), labels]).mean())
@@ -187,10 +227,12 @@ class NetworkMeter:
             loss = float((self.reference * (np.log(self.reference) - np.log(probs))).sum(axis=1).mean())
             top1 = top5 = None
         agreement = float((probs.argmax(axis=1) == self.reference_top1).mean())
-        return dict(loss=loss, top1=top1, top5=top5, agreement=agreement, time=self.time(session))
+        timing = None if transform is None else transform(self.timing_input)
+        return dict(loss=loss, top1=top1, top5=top5, agreement=agreement,
+                    time=self.time(session, inputs=timing) if timed else None)
 
-    def time(self, session: ort.InferenceSession, repeats: int | None = None) -> float:
-        feeds = {self.calibration.input_name: self.timing_input}
+    def time(self, session: ort.InferenceSession, repeats: int | None = None, inputs=None) -> float:
+        feeds = {self.calibration.input_name: self.timing_input if inputs is None else inputs}
         return statistics.median(runtime.time_interleaved([session], feeds, repeats or self.repeats, warmup=3).wall[0])
 
 
@@ -241,6 +283,62 @@ class MaskLadder:
         return np.asarray(mask_kinds.uniform(shape, rate, seed=self.seed))
 
 
+class LatencyTable:
+    """The time each (unit, rate) saves, measured once in the whole network and used by every step.
+
+    Timing every candidate network end to end makes the tuner's speed signal as noisy as the machine
+    (on a shared machine the chosen path got slower step after step). Here, the first time a unit is a
+    candidate, the network with only that unit perforated is built at every rung of its ladder, and all
+    of them are timed in alternation with the original, round after round (median per-round ratio).
+    The savings then get a least-squares line in the rate (a fixed cost of perforating plus a saving
+    proportional to the skipped positions), so one noisy rung cannot reorder the ladder. A
+    configuration's time is predicted as the original's time minus the savings of its units: the
+    prediction is deterministic and the curve cannot zig-zag. The final model is timed end to end
+    (interleaved) to confirm it.
+    """
+
+    def __init__(self, meter: NetworkMeter, analysed, ladder: MaskLadder, rates, repeats: int):
+        self.meter, self.analysed, self.ladder, self.repeats = meter, analysed, ladder, repeats
+        self.rates = [float(r) for r in rates if r > 0]
+        self.reference = meter.session(analysed.model)
+        self.base = interleaved_times(meter, [(self.reference, meter.timing_input)], 2 * repeats)[0]
+        self.measured: dict[str, dict] = {}  # unit -> {rate: measured saving (s)}
+        self.lines: dict[str, tuple] = {}  # unit -> (fixed, per unit of rate)
+
+    def _measure(self, unit: str) -> None:
+        sessions = []
+        for rate in self.rates:
+            mask = self.ladder.mask(unit, rate, np.ones(self.ladder.shapes[unit], bool))
+            sessions.append(self.meter.session(_perforate(self.analysed, self.ladder.expand({unit: mask}))))
+        ratios = interleaved_ratios(self.meter, self.reference, sessions, self.repeats)
+        self.measured[unit] = {rate: self.base * (1.0 - r) for rate, r in zip(self.rates, ratios)}
+        rates = np.array(self.rates)
+        savings = np.array([self.measured[unit][r] for r in self.rates])
+        if len(rates) > 1:
+            slope, fixed = np.polyfit(rates, savings, 1)
+        else:
+            slope, fixed = savings[0] / rates[0], 0.0
+        self.lines[unit] = (float(fixed), float(slope))
+
+    def saving(self, unit: str, rate: float) -> float:
+        if rate <= 0:
+            return 0.0
+        if unit not in self.lines:
+            self._measure(unit)
+        fixed, slope = self.lines[unit]
+        return fixed + slope * rate
+
+    def predict(self, rates: Mapping[str, float]) -> float:
+        """Predicted time of the network with every unit at its rate (seconds)."""
+        return self.base - sum(self.saving(unit, rate) for unit, rate in rates.items() if rate > 0)
+
+    def to_dict(self) -> dict:
+        return {"base_ms": self.base * 1e3,
+                "units": {u: {"fixed_ms": f * 1e3, "per_rate_ms": k * 1e3,
+                              "measured_ms": {str(r): v * 1e3 for r, v in self.measured[u].items()}}
+                          for u, (f, k) in self.lines.items()}}
+
+
 def compact_regions(model: onnx.ModelProto, convs) -> dict[str, list]:
     """Groups of ``convs`` that can share one mask and then run compact end to end: Conv B joins
     Conv A's group when B reads A's output through position-wise ops only (elementwise, channel
@@ -289,7 +387,8 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
          ladder=DEFAULT_LADDER, layers=None, mask_kind: str = "impact", loss: str | None = None,
          subset_size: int | None = 256, batch_size: int = 16, threads: int | None = None, repeats: int = 15,
          timing_batch: int = 1, refresh_every: int = 4, include_1x1: bool = False, tie: str = "none",
-         checkpoint=None, progress: bool = True) -> TuneResult:
+         checkpoint=None, progress: bool = True, finetune: bool | Mapping = False,
+         baselines: bool = True) -> TuneResult:
     """Greedy perforation schedule; see the module docstring.
 
     ``data``: calibration data (see :mod:`onnx_perforate.calibration`): ``subset_size`` evenly spaced
@@ -297,10 +396,17 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     ``timing_batch``: the batch size latency is measured at (a fixed batch in the model wins).
     ``tie="regions"`` makes every :func:`compact_regions` group (1x1 Convs included) one candidate
     with one shared mask, so that whole regions run compact; ``"none"`` tunes each Conv alone. ``max_accuracy_drop`` is in top-1 accuracy on labelled data, else in top-1
-    agreement with the original network. ``checkpoint``: a JSON path written after every step; if it
+    agreement with the original network; it defaults to DEFAULT_MAX_ACCURACY_DROP (pass 1.0 for no
+    budget). ``checkpoint``: a JSON path written after every step; if it
     exists, the tuner resumes from it. Ctrl-C stops the search and returns what was found so far.
+    ``finetune``: True (or a dict of :func:`~onnx_perforate.finetune.finetune` options) recovers the
+    final model's accuracy on the calibration images; ``holdout`` then reports it before and after.
+    ``baselines``: also measure, on the held-out images, the original fed smaller inputs
+    (``baselines["resize"]``), timed interleaved with the result.
     """
     started = time.perf_counter()
+    if max_accuracy_drop is None:
+        max_accuracy_drop = DEFAULT_MAX_ACCURACY_DROP
     if target_speedup is not None:
         target_speedup = validation.real(target_speedup, "target_speedup", minimum=1.0, exclusive_minimum=True)
     if max_accuracy_drop is not None:
@@ -337,8 +443,9 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                          timing_batch=timing_batch)
     ladder_masks = MaskLadder(analysed, calibration, convs, units, mask_kind, loss=loss, batch_size=batch_size,
                               threads=threads)
-    base = meter.measure(original)
-    base["time"] = min(base["time"], meter.time(meter.session(original), repeats * 2))
+    base = meter.measure(original, timed=False)
+    latency = LatencyTable(meter, analysed, ladder_masks, ladder, repeats)
+    base["time"] = latency.base
     accuracy0 = base["top1"] if base["top1"] is not None else base["agreement"]
     steps = [_step(0, None, {}, base, base, None, started)]
     step_masks = [{}]
@@ -377,7 +484,10 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 rate = ladder[rungs[name] + 1]
                 trial = dict(current, **{name: ladder_masks.mask(name, rate, current[name])})
                 candidate = _perforate(analysed, ladder_masks.expand(trial))
-                measured = meter.measure(candidate)
+                measured = meter.measure(candidate, timed=False)
+                trial_rates = {k: ladder[v] for k, v in rungs.items() if v}
+                trial_rates[name] = rate
+                measured["time"] = latency.predict(trial_rates)
                 gain = base["time"] - measured["time"]
                 cost = (measured["loss"] - base["loss"]) / gain if gain > 0 else math.inf
                 log.debug("candidate %s -> %.2f: loss %.4f, %.2f ms, cost %.4g", name, rate, measured["loss"],
@@ -390,9 +500,6 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             if best is None:
                 break
             (cost, _), name, trial, candidate, measured = best
-            # The winner is the candidate that happened to time fastest: re-time it with twice the
-            # runs so the recorded curve is not biased by that selection.
-            measured = dict(measured, time=meter.time(meter.session(candidate), 2 * repeats))
             accuracy = measured["top1"] if measured["top1"] is not None else measured["agreement"]
             if max_accuracy_drop is not None and accuracy0 - accuracy > max_accuracy_drop:
                 stopped = (f"the next step ({name} -> {ladder[rungs[name] + 1]:g}) would drop accuracy by "
@@ -419,24 +526,52 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
         for unit, members in units.items() if rungs[unit] > 0 for member in members
     }
     final_model = _perforate(analysed, final_masks)
+    if final_masks:  # the prediction, confirmed end to end
+        ratio = interleaved_ratios(meter, latency.reference, [meter.session(final_model)], 2 * repeats)[0]
+        settings["measured_speedup"] = round(1.0 / ratio, 3)
+    recovered, recovery = None, {}
+    if finetune and final_masks:
+        from .finetune import finetune as recover
+
+        options = dict(threads=threads, progress=progress, **({} if finetune is True else dict(finetune)))
+        outcome = recover(final_model, original, calibration, **options)
+        recovered, recovery = outcome.model, outcome.to_dict()
+        log.info("%s", outcome.summary())
+    models = {"perforated": final_model, **({"recovered": recovered} if recovered is not None else {})}
+    baseline = {}
+    if baselines and final_masks:
+        evaluation = holdout if holdout is not None and len(holdout) else meter.calibration
+        try:
+            baseline = {"resize": resize_baseline(original, evaluation, threads=threads, batch_size=batch_size,
+                                                  timing_batch=meter.timing_batch, repeats=2 * repeats,
+                                                  models=models)}
+            baseline["resize"]["data"] = "held-out" if evaluation is holdout else "calibration"
+        except PerforateError as error:  # fewer images than a fixed batch
+            log.warning("resize baseline skipped: %s", error)
+    settings["latency_table"] = latency.to_dict()
     settings["elapsed_s"] = round(time.perf_counter() - started, 1)
-    return TuneResult(model=final_model, masks=final_masks, steps=steps, stopped=stopped, settings=settings,
-                      holdout=_evaluate_holdout(original, final_model, holdout, threads, batch_size),
-                      step_masks=step_masks)
+    return TuneResult(model=recovered if recovered is not None else final_model, masks=final_masks, steps=steps,
+                      stopped=stopped, settings=settings,
+                      holdout=_evaluate_holdout(original, models, holdout, threads, batch_size),
+                      step_masks=step_masks, baselines=baseline, recovery=recovery)
 
 
-def _evaluate_holdout(original, final, holdout: CalibrationSet | None, threads, batch_size) -> dict:
-    """Accuracy of the original and the tuned model on the images the tuner never saw."""
+def _evaluate_holdout(original, models: Mapping, holdout: CalibrationSet | None, threads, batch_size) -> dict:
+    """Accuracy of the original and the tuned model (and the recovered one) on the images the tuner
+    never saw."""
     if holdout is None or len(holdout) == 0:
         return {}
     try:
         meter = NetworkMeter(original, holdout, threads=threads, batch_size=batch_size, repeats=1)
     except PerforateError:  # fewer held-out images than a fixed batch
         return {}
-    before, after = meter.measure(original), meter.measure(final)
-    return {"images": len(meter.calibration),
-            **{f"original_{k}": before[k] for k in ("top1", "top5", "loss")},
-            **{f"tuned_{k}": after[k] for k in ("top1", "top5", "loss", "agreement")}}
+    before = meter.measure(original)
+    result = {"images": len(meter.calibration), **{f"original_{k}": before[k] for k in ("top1", "top5", "loss")}}
+    for label, model in models.items():
+        after = meter.measure(model)
+        stage = "tuned" if label == "perforated" else label
+        result.update({f"{stage}_{k}": after[k] for k in ("top1", "top5", "loss", "agreement")})
+    return result
 
 
 def _output_of(model, key):
@@ -541,17 +676,190 @@ def _resume(path, identity: dict, shapes: Mapping[str, tuple]):
 
 
 # ------------------------------------------------------------------------------------------------
+# The baseline a user would try first: the same model fed smaller images.
+
+RESIZE_SCALES = (0.9, 0.8, 0.7, 0.6)
+
+
+def resized_input_model(model: onnx.ModelProto, size, layout: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose image input is ``size`` (H, W); every other declared shape is cleared
+    so that ONNX Runtime infers them again."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    initializers = {t.name for t in graph.initializer}
+    value = next(v for v in graph.input if v.name not in initializers)
+    dims = value.type.tensor_type.shape.dim
+    axes = (2, 3) if layout == "NCHW" else (1, 2)
+    for axis, extent in zip(axes, size):
+        dims[axis].Clear()
+        dims[axis].dim_value = int(extent)
+    graph.ClearField("value_info")
+    for output in graph.output:
+        output.type.tensor_type.ClearField("shape")
+    return result
+
+
+class ImageResizer:
+    """Bilinear, antialiased downscaling of an image batch (ONNX Resize run by ORT)."""
+
+    def __init__(self, layout: str):
+        from onnx import TensorProto, helper
+
+        self.layout = layout
+        graph = helper.make_graph(
+            [helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear", antialias=1)], "resize",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "C", "H", "W"]),
+             helper.make_tensor_value_info("sizes", TensorProto.INT64, [4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 8
+        self.session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: np.ndarray, size) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        nchw = x if self.layout == "NCHW" else x.transpose(0, 3, 1, 2)
+        sizes = np.array([nchw.shape[0], nchw.shape[1], *size], np.int64)
+        y = self.session.run(None, {"x": np.ascontiguousarray(nchw), "sizes": sizes})[0]
+        return y if self.layout == "NCHW" else np.ascontiguousarray(y.transpose(0, 2, 3, 1))
+
+
+def interleaved_times(meter: NetworkMeter, runs, repeats: int) -> list[float]:
+    """Median latency of each (session, input) in ``runs``, timed in alternation round after round so
+    that the machine's slow phases hit every model alike. Unlike runtime.time_interleaved, each session
+    has its own input (the resize baseline feeds smaller images)."""
+    feeds = [{meter.calibration.input_name: inputs} for _, inputs in runs]
+    for (session, _), feed in zip(runs, feeds):
+        for _ in range(3):
+            session.run(None, feed)
+    times = [[] for _ in runs]
+    for _ in range(repeats):
+        for k, ((session, _), feed) in enumerate(zip(runs, feeds)):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[k].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def interleaved_ratios(meter: NetworkMeter, reference, sessions, repeats: int) -> list[float]:
+    """Per session, the median over rounds of time(session) / time(reference), all timed in the same
+    interleaved rounds (runtime.time_interleaved), so slow phases of the machine hit them alike."""
+    feeds = {meter.calibration.input_name: meter.timing_input}
+    wall = runtime.time_interleaved([reference, *sessions], feeds, repeats, warmup=2).wall
+    return [statistics.median(t / b for t, b in zip(times, wall[0])) for times in wall[1:]]
+
+
+def resize_baseline(original: onnx.ModelProto, data: CalibrationSet, *, threads, batch_size, timing_batch,
+                    repeats, models: Mapping[str, onnx.ModelProto] | None = None,
+                    scales=RESIZE_SCALES) -> dict:
+    """Held-out metrics and interleaved speed of the original fed smaller images, and of ``models``
+    ({label: perforated model}) timed in the same rounds. ``available`` is False, with the reason, when
+    the model cannot take another input size (e.g. Flatten + Gemm heads)."""
+    from .finetune import image_layout
+
+    meter = NetworkMeter(original, data, threads=threads, batch_size=batch_size, repeats=repeats,
+                         timing_batch=timing_batch)
+    result = {"data_images": len(meter.calibration), "available": False, "reason": None, "points": [],
+              "models": {}}
+    layout = image_layout(data.inputs.shape)
+    base = meter.measure(original)
+    runs = [(meter.session(original), meter.timing_input)]
+    labels = ["original"]
+    for label, model in (models or {}).items():
+        measured = meter.measure(model)
+        result["models"][label] = {k: measured[k] for k in ("loss", "top1", "top5", "agreement")}
+        runs.append((meter.session(model), meter.timing_input))
+        labels.append(label)
+    sizes = []
+    if layout is None:
+        result["reason"] = f"the input {list(data.inputs.shape[1:])} is not an image batch (NCHW or NHWC)"
+    else:
+        resizer = ImageResizer(layout)
+        h, w = data.inputs.shape[2:] if layout == "NCHW" else data.inputs.shape[1:3]
+        for scale in scales:
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            if size in sizes or size == (h, w):
+                continue
+            model = resized_input_model(original, size, layout)
+            small = resizer(meter.timing_input, size)
+            try:
+                session = meter.session(model)
+                session.run(None, {meter.calibration.input_name: small})
+            except Exception as error:  # ORT names the node that refuses the new size
+                first = str(error).strip().splitlines()[0][:300]
+                result["reason"] = (f"the model cannot take another input size: at {size[0]}x{size[1]} "
+                                    f"ONNX Runtime fails: {first}")
+                break
+            measured = meter.measure(model, transform=lambda x, size=size: resizer(x, size))
+            result["points"].append(dict(size=list(size), scale=scale,
+                                         **{k: measured[k] for k in ("loss", "top1", "top5", "agreement")}))
+            runs.append((session, small))
+            labels.append(f"{size[0]}x{size[1]}")
+            sizes.append(size)
+        result["available"] = bool(sizes)
+    times = interleaved_times(meter, runs, repeats)
+    speed = {label: times[0] / t for label, t in zip(labels, times)}
+    for label in result["models"]:
+        result["models"][label]["speedup"] = speed[label]
+    for point in result["points"]:
+        point["speedup"] = speed[f"{point['size'][0]}x{point['size'][1]}"]
+        point["time_ms"] = times[labels.index(f"{point['size'][0]}x{point['size'][1]}")] * 1e3
+    result["original"] = dict({k: base[k] for k in ("loss", "top1", "top5", "agreement")}, speedup=1.0,
+                              time_ms=times[0] * 1e3)
+    return result
+
+
+def resize_at(baseline: dict, speedup: float, key: str) -> float | None:
+    """The resized input's ``key`` metric at ``speedup``, linear between measured sizes (None outside
+    the measured range)."""
+    points = sorted([baseline["original"]] + baseline["points"], key=lambda p: p["speedup"])
+    for a, b in zip(points, points[1:]):
+        if a["speedup"] <= speedup <= b["speedup"] and a[key] is not None:
+            if b["speedup"] == a["speedup"]:
+                return a[key]
+            t = (speedup - a["speedup"]) / (b["speedup"] - a["speedup"])
+            return a[key] + t * (b[key] - a[key])
+    return None
+
+
+def compare_with_resize(baseline: dict, label: str = "perforated") -> str:
+    """One plain sentence: which is better at the perforated model's speed, perforation or resizing."""
+    if not baseline:
+        return ""
+    if not baseline.get("available"):
+        return f"resize baseline: not available ({baseline.get('reason')})"
+    ours = baseline["models"].get(label)
+    if ours is None:
+        return ""
+    key = "top1" if ours.get("top1") is not None else "agreement"
+    name = "top-1" if key == "top1" else "agreement with the original"
+    theirs = resize_at(baseline, ours["speedup"], key)
+    if theirs is None:
+        fastest = max(p["speedup"] for p in baseline["points"])
+        return (f"at {ours['speedup']:.2f}x the resize curve has no point (it spans 1.00x to {fastest:.2f}x); "
+                f"perforation's held-out {name} is {ours[key]:.3f}")
+    verdict = "perforation is better" if ours[key] > theirs else (
+        "resizing the input is better" if ours[key] < theirs else "they are equal")
+    return (f"at {ours['speedup']:.2f}x (timed interleaved): held-out {name} {ours[key]:.3f} perforated "
+            f"vs {theirs:.3f} with a smaller input: {verdict}")
+
+
+# ------------------------------------------------------------------------------------------------
 # Pictures.
 
 
-def plot_tradeoff(steps, path) -> None:
+def plot_tradeoff(steps, path, resize: dict | None = None) -> None:
+    """The tuner's curve on calibration data, its loss and, when measured, the held-out comparison with
+    the original fed smaller images (all timed interleaved)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     speedup = [s.speedup for s in steps]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    panels = 3 if resize else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    left, right = axes[0], axes[1]
     if steps[0].top1 is not None:
         left.plot(speedup, [s.top1 for s in steps], "o-", label="top-1")
         left.plot(speedup, [s.top5 for s in steps], "s-", label="top-5")
@@ -564,6 +872,25 @@ def plot_tradeoff(steps, path) -> None:
     right.set_xlabel("speedup in ONNX Runtime (x)")
     right.set_ylabel("loss (NLL)" if steps[0].top1 is not None else "KL to original")
     right.grid(alpha=0.3)
+    if resize:
+        ax = axes[2]
+        key = "top1" if resize["original"]["top1"] is not None else "agreement"
+        points = [resize["original"]] + resize["points"]
+        ax.plot([p["speedup"] for p in points], [p[key] for p in points], "s-", color="C7",
+                label="smaller input" if resize["points"] else "original")
+        for p in resize["points"]:
+            ax.annotate(f"{p['size'][0]}px", (p["speedup"], p[key]), fontsize=7, textcoords="offset points",
+                        xytext=(3, 3))
+        styles = {"perforated": ("o", "C0", "perforated"), "recovered": ("*", "C2", "perforated + recovery")}
+        for label, entry in resize["models"].items():
+            marker, color, text = styles.get(label, ("o", "C1", label))
+            ax.plot([entry["speedup"]], [entry[key]], marker, color=color, markersize=10, label=text)
+        if not resize["available"]:
+            ax.set_title("smaller inputs: not possible for this model", fontsize=8)
+        ax.set_xlabel("speedup, timed interleaved (x)")
+        ax.set_ylabel(("top-1" if key == "top1" else "agreement with original") + f" ({resize.get('data', 'held-out')})")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
     fig.suptitle("Greedy perforation: speed / accuracy trade-off")
     fig.tight_layout()
     _save_figure(fig, path)

@@ -140,3 +140,71 @@ def test_tied_regions_share_one_mask():
     assert len(result.steps) == 2 and set(result.masks) == {"fire2_sq", "fire2_e1", "fire2_e3"}
     arrays = [np.asarray(m) for m in result.masks.values()]
     assert all((a == arrays[0]).all() for a in arrays)
+
+
+# ------------------------------------------------------------------------------------------------
+# Baselines, recovery, the default budget and the latency table (bundled Fashion-MNIST CNN)
+
+
+def _fashion(count=160):
+    from conftest import SAMPLE_MODELS
+
+    with np.load(SAMPLE_MODELS / "fashion_mnist_subset.npz") as data:
+        idx = np.arange(0, 1000, 1000 // count)[:count]  # every class (the subset is sorted by class)
+        x, y = data["images"][idx].astype(np.float32), data["labels"][idx].astype(np.int64)
+    return onnx.load(SAMPLE_MODELS / "fashion_cnn.onnx"), [({"image": x}, y)]
+
+
+def test_report_has_the_resize_baseline_and_recovery(tmp_path):
+    model, data = _fashion()
+    result = onnx_perforate.tune(model, data, ladder=(0.0, 0.5), layers=["conv4", "conv5"], subset_size=96,
+                                 repeats=3, batch_size=32, timing_batch=8, progress=False,
+                                 finetune={"method": "bn_reestimation"})
+    resize = result.baselines["resize"]
+    assert resize["available"] and resize["data"] == "held-out" and resize["data_images"] == 64
+    assert [p["size"] for p in resize["points"]] == [[25, 25], [22, 22], [20, 20], [17, 17]]
+    assert all(p["speedup"] > 0 and 0 <= p["top1"] <= 1 for p in resize["points"])
+    assert set(resize["models"]) == {"perforated", "recovered"}
+    assert "with a smaller input" in result.summary() and "| input 22x22 |" in result.baseline_table()
+    # the recovery is reported before and after on the held-out images, and the model is the recovered one
+    assert result.recovery["method"] == "bn_reestimation"
+    assert {"tuned_agreement", "recovered_agreement"} <= set(result.holdout)
+    assert "after recovery (bn_reestimation)" in result.summary()
+    # the latency table timed each unit once, at every rung
+    table = result.settings["latency_table"]["units"]
+    assert set(table) <= {"conv4", "conv5"} and all(len(u["measured_ms"]) == 1 for u in table.values())
+    report = json.loads(open(result.save(tmp_path / "out")["report"]).read())
+    assert report["baselines"]["resize"]["points"] and report["recovery"]["method"] == "bn_reestimation"
+
+
+def test_resize_baseline_says_when_the_model_cannot_take_another_size():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_perforate.calibration import calibration_set
+    from onnx_perforate.tuning import resize_baseline
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((0.3 * rng.standard_normal((4, 3, 3, 3))).astype(np.float32), "w"),
+             numpy_helper.from_array((0.1 * rng.standard_normal((256, 5))).astype(np.float32), "fc")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Flatten", ["c"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "fc"], ["logits"], name="classifier")]
+    graph = helper.make_graph(nodes, "flat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = calibration_set(model, [{"x": rng.uniform(0, 1, (8, 3, 8, 8)).astype(np.float32)}])
+    result = resize_baseline(model, data, threads=1, batch_size=8, timing_batch=1, repeats=2)
+    assert not result["available"] and not result["points"]
+    assert "cannot take another input size" in result["reason"] and "7x7" in result["reason"]
+
+
+def test_default_accuracy_budget():
+    from onnx_perforate.tuning import DEFAULT_MAX_ACCURACY_DROP
+
+    model, data = _fashion(96)
+    result = onnx_perforate.tune(model, data, ladder=(0.0, 0.6, 0.9), layers=["conv1", "conv2"], repeats=2,
+                                 batch_size=32, timing_batch=4, progress=False, baselines=False)
+    assert result.settings["max_accuracy_drop"] == DEFAULT_MAX_ACCURACY_DROP == 0.10
+    assert all(result.steps[0].top1 - s.top1 <= 0.10 for s in result.steps)
+    assert result.baselines == {}
