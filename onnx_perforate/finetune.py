@@ -248,7 +248,7 @@ class PerforatedTrainer:
         self._forward_sessions = {}
 
     def _session(self, model):
-        return runtime.session(model, self.threads or None, custom_ops=False, allow_spinning=None)
+        return runtime.session(model, self.threads or None, custom_ops=False, allow_spinning=None, quiet=True)
 
     def loss_and_gradients(self, x, target) -> tuple[float, dict]:
         feeds = {self.input_name: x, self.gradient_model.target: target}
@@ -789,6 +789,6 @@ def _bias_parameters(original, masks):
 
 def _class_count(original, x, threads) -> int:
     model = prepare_model(original)
-    session = runtime.session(model, threads or None, custom_ops=False, allow_spinning=None)
+    session = runtime.session(model, threads or None, custom_ops=False, allow_spinning=None, quiet=True)
     out = session.run(None, {session.get_inputs()[0].name: x})[0]
     return int(np.prod(out.shape[1:]))

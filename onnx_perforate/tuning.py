@@ -836,7 +836,7 @@ def compare_with_resize(baseline: dict, label: str = "perforated") -> str:
     theirs = resize_at(baseline, ours["speedup"], key)
     if theirs is None:
         fastest = max(p["speedup"] for p in baseline["points"])
-        return (f"at {ours['speedup']:.2f}x the resize curve has no point (it spans 1.00x to {fastest:.2f}x); "
+        return (f"at {ours['speedup']:.2f}x no smaller input was measured (they span 1.00x to {fastest:.2f}x); "
                 f"perforation's held-out {name} is {ours[key]:.3f}")
     verdict = "perforation is better" if ours[key] > theirs else (
         "resizing the input is better" if ours[key] < theirs else "they are equal")
