@@ -73,6 +73,7 @@ class FinetuneResult:
     after: dict = field(default_factory=dict)  # the same for the returned model
     improved: bool = False  # False: the input model came back unchanged
     settings: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)  # {initializer of the original: the value it now has}
 
     def to_dict(self) -> dict:
         return {"method": self.method, "improved": self.improved, "before": self.before, "after": self.after,
@@ -661,20 +662,41 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
              label_weight: float | None = DEFAULTS["label_weight"], holdout: float = DEFAULTS["holdout"],
              patience: int = DEFAULTS["patience"], augment: str = DEFAULTS["augment"], seed: int = DEFAULTS["seed"],
              threads: int | None = None, checkpoint=None, progress: bool = True,
-             time_budget_s: float | None = None) -> FinetuneResult:
+             time_budget_s: float | None = None, start: Mapping[str, np.ndarray] | None = None) -> FinetuneResult:
     """Recover the accuracy the perforated model lost; see the module docstring.
 
     ``perforated``: a model made by :func:`~onnx_perforate.rewrite` (or ``tune``) from ``original``.
     ``data``: calibration data as :func:`~onnx_perforate.calibration.calibration_set` accepts it, labels
     optional. Every ``1/holdout``-th image (interleaved, never a contiguous slice) is held out: early
     stopping and the before/after numbers use it. ``method``: ``"distill"``, ``"bias_correction"`` or
-    ``"bn_reestimation"``. ``parameters`` (distill): ``"all"``, ``"perforated"`` or ``"biases"``.
+    ``"bn_reestimation"``, or several joined by "+" (applied in turn, e.g. ``"bn_reestimation+distill"``). ``parameters`` (distill): ``"all"``, ``"perforated"`` or ``"biases"``.
     ``label_weight``: the labels' share of the target distribution (default 0.5 with labels, 0 without).
     ``augment``: ``"auto"`` (flips and crops for 4-D image inputs), ``"none"``, ``"flip"``, ``"crop"``,
     ``"flip+crop"``. ``checkpoint``: an .npz written after every epoch; an existing one with the same
-    settings is resumed. Deterministic for a given ``seed`` and thread count.
+    settings is resumed. Deterministic for a given ``seed`` and thread count. ``start``: values of the
+    original's initializers that ``perforated`` already carries (``FinetuneResult.values`` of an earlier
+    recovery); the original network stays the teacher.
     """
     started = time.perf_counter()
+    if isinstance(method, str) and "+" in method:  # a chain, e.g. "bn_reestimation+distill"
+        options = dict(parameters=parameters, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                       label_weight=label_weight, holdout=holdout, patience=patience, augment=augment, seed=seed,
+                       threads=threads, progress=progress, time_budget_s=time_budget_s)
+        steps = method.split("+")
+        if any(step not in METHODS for step in steps):
+            raise PerforateError(f"method must be one of {METHODS} or several joined by '+', got {method!r}")
+        results = []
+        for number, step in enumerate(steps):
+            chained = None if checkpoint is None else Path(checkpoint).with_suffix(f".{number}.npz")
+            results.append(finetune(results[-1].model if results else perforated, original, data, method=step,
+                                    checkpoint=chained, start=results[-1].values if results else start,
+                                    **options))
+        history = [dict(h, method=r.method) for r in results for h in (r.history if r is results[0] else r.history[1:])]
+        settings = dict(results[-1].settings, chain=[r.settings for r in results],
+                        elapsed_s=round(time.perf_counter() - started, 1))
+        return FinetuneResult(model=results[-1].model, method=method, history=history, before=results[0].before,
+                              after=results[-1].after, improved=any(r.improved for r in results), settings=settings,
+                              values=results[-1].values)
     if method not in METHODS:
         raise PerforateError(f"method must be one of {METHODS}, got {method!r}")
     if augment not in AUGMENTATIONS:
@@ -706,7 +728,8 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
             raise PerforateError(f"labels must be class indices in [0, {classes}); got values in "
                                  f"[{everything.labels.min()}, {everything.labels.max()}]")
     sample = everything.inputs[: min(4, len(everything))]
-    check_matches(perforated, original, masks, sample, threads)
+    reference = _with_values(original, start) if start else original  # what perforated was made from
+    check_matches(perforated, reference, masks, sample, threads)
     batch_size = min(int(batch_size), len(train))
     if augment == "auto":
         augment = "flip+crop" if image_layout(everything.inputs.shape) else "none"
@@ -721,7 +744,7 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
         if not names:
             raise PerforateError("bn_reestimation: the model has no BatchNormalization with constant statistics")
     try:
-        trainer = PerforatedTrainer(original, masks, names, batch_size=batch_size, threads=threads)
+        trainer = PerforatedTrainer(reference, masks, names, batch_size=batch_size, threads=threads)
     except GradientError as error:
         raise PerforateError(f"cannot fine-tune: {error}") from error
     trainer.classes = _class_count(original, sample, threads)
@@ -765,13 +788,16 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
             bar.close()
     improved = best_epoch > 0
     if improved:
-        model = apply_parameters(perforated, original, masks, best, sample, threads)
+        model = apply_parameters(perforated, reference, masks, best, sample, threads)
     else:
         model = perforated
         trainer.values = initial
     settings.update(best_epoch=best_epoch, elapsed_s=round(time.perf_counter() - started, 1))
+    values = {k: np.asarray(v) for k, v in (start or {}).items()}
+    if improved:
+        values.update(best)
     return FinetuneResult(model=model, method=method, history=history, before=_metrics(history[0]),
-                          after=_metrics(history[best_epoch]), improved=improved, settings=settings)
+                          after=_metrics(history[best_epoch]), improved=improved, settings=settings, values=values)
 
 
 def _metrics(entry) -> dict:

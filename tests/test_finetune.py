@@ -233,3 +233,13 @@ def test_cli_finetune(sample, tmp_path, capsys):
                  str(tmp_path / "data.npz"), "-o", str(tmp_path / "x.onnx"), "--no-progress"])
     assert code == 1 and "does not match the original" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_methods_chain(sample):
+    original, perforated, _, images, labels = sample
+    result = finetune(perforated, original, _data(images, labels, 100), method="bn_reestimation+distill",
+                      epochs=1, progress=False, threads=1)
+    assert [h.get("method") for h in result.history] == ["bn_reestimation", "bn_reestimation", "distill"]
+    assert result.after["loss"] <= result.history[1]["loss"] < result.before["loss"]
+    with pytest.raises(PerforateError, match="method must be one of"):
+        finetune(perforated, original, _data(images, count=20), method="bn_reestimation+magic", progress=False)
