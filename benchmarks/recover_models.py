@@ -4,7 +4,7 @@
     ONNX_PERFORATE_LIBRARY=... python3 benchmarks/recover_models.py squeezenet --distill-at 1.5
     ONNX_PERFORATE_LIBRARY=... python3 benchmarks/recover_models.py fashion
 
-One greedy tuner run per model (to ``--target``, no accuracy budget, timed at the setup's batch with one
+One greedy tuner run per model (to ``--target``, no accuracy budget (1.0), timed at the setup's batch with one
 thread) gives the perforated models at about 1.25x, 1.5x and 2x (the steps whose predicted speed-up is
 nearest). Each is then recovered by every method of :func:`onnx_perforate.finetune` on the fine-tuning
 images, and every model is measured on held-out images the tuner and the recovery never saw, beside
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import math
 import sys
 import tempfile
 import time
@@ -122,6 +121,9 @@ def main() -> int:
                         help="distill only at these points (default: all; distillation is the slow method)")
     parser.add_argument("--distill-budget", type=float, default=300, help="seconds per distillation (default 300)")
     parser.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds (default 20)")
+    parser.add_argument("--include-1x1", action="store_true", help="let the tuner perforate 1x1 Convs too")
+    parser.add_argument("--methods", nargs="+", help="recovery methods (default: bias_correction, bn_reestimation "
+                        "where the model has BatchNorm, distill)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = parser.parse_args()
     original, calibration, finetune_data, evaluation, batch = setup(args.model)
@@ -130,8 +132,9 @@ def main() -> int:
 
     started = time.perf_counter()
     with bench_lock():
-        tuned = tune(original, calibration, target_speedup=args.target, max_accuracy_drop=math.inf, threads=1,
-                     timing_batch=batch, subset_size=None, baselines=False, progress=False, repeats=10)
+        tuned = tune(original, calibration, target_speedup=args.target, max_accuracy_drop=1.0, threads=1,
+                     timing_batch=batch, subset_size=None, baselines=False, progress=False, repeats=10,
+                     include_1x1=args.include_1x1)
     tune_s = time.perf_counter() - started
     print(f"tuner: {tuned.stopped}, {len(tuned.steps) - 1} steps, {tune_s:.0f} s", flush=True)
 
@@ -148,9 +151,9 @@ def main() -> int:
         models[label] = perforated
         rows.append(dict(point=point, step=step.step, predicted=step.speedup, method="none", seconds=0.0,
                          label=label))
-        methods = ["bias_correction"] + (["bn_reestimation"] if has_bn else [])
-        if args.distill_at is None or any(abs(point - p) < 1e-9 for p in args.distill_at):
-            methods.append("distill")
+        methods = args.methods or ["bias_correction"] + (["bn_reestimation"] if has_bn else []) + ["distill"]
+        if args.distill_at is not None and not any(abs(point - p) < 1e-9 for p in args.distill_at):
+            methods = [m for m in methods if "distill" not in m]
         for method in methods:
             begin = time.perf_counter()
             result = finetune(perforated, original, finetune_data, method=method, threads=1, progress=False,
@@ -214,7 +217,9 @@ def plot(report, path) -> None:
     ax.plot([p["speedup"] for p in resize], [p[key] for p in resize], "s-", color="C7", label="smaller input")
     markers = {"none": ("o", "C0"), "bias_correction": ("v", "C1"), "bn_reestimation": ("^", "C4"),
                "distill": ("*", "C2")}
-    for method, (marker, color) in markers.items():
+    methods = list(dict.fromkeys(r["method"] for r in report["rows"]))
+    for number, method in enumerate(methods):
+        marker, color = markers.get(method, ("P", f"C{5 + number % 4}"))
         pts = [b["models"][r["label"]] for r in report["rows"] if r["method"] == method]
         if pts:
             ax.plot([p["speedup"] for p in pts], [p[key] for p in pts], marker, color=color, markersize=9,
