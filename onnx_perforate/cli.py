@@ -534,9 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(p)
     p.add_argument("-o", "--output", required=True, help="where to write the recovered model")
     p.add_argument("--report", help="JSON history (default: OUTPUT with .json)")
-    p.add_argument("--method", default="distill",
-                   help="distill (default), bias_correction, bn_reestimation, or several joined by + "
-                   "(applied in turn, e.g. bn_reestimation+distill)")
+    p.add_argument("--method", default="auto",
+                   help="distill, bias_correction, bn_reestimation, or several joined by + (applied in turn, "
+                   "e.g. bn_reestimation+distill); default auto: bn_reestimation+distill with BatchNorm, else distill")
     p.add_argument("--parameters", choices=["all", "perforated", "biases"], default="all",
                    help="what trains (distill): every layer, the perforated layers and their consumers, or "
                    "biases and BatchNorm only (default: all)")

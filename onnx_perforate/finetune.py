@@ -53,7 +53,7 @@ PARAMETERS = ("all", "perforated", "biases")
 AUGMENTATIONS = ("auto", "none", "flip", "crop", "flip+crop")
 
 # Defaults measured on the CIFAR-10 CNN and SqueezeNet 1.1 (docs/results.md, "Recovering accuracy").
-DEFAULTS = dict(method="distill", parameters="all", epochs=12, batch_size=32, learning_rate=1e-4,
+DEFAULTS = dict(method="auto", parameters="all", epochs=12, batch_size=32, learning_rate=1e-4,
                 label_weight=None, holdout=0.2, patience=3, augment="auto", seed=0)
 
 # Ops whose float inputs after the first are trainable parameters (input positions).
@@ -669,7 +669,9 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
     ``data``: calibration data as :func:`~onnx_perforate.calibration.calibration_set` accepts it, labels
     optional. Every ``1/holdout``-th image (interleaved, never a contiguous slice) is held out: early
     stopping and the before/after numbers use it. ``method``: ``"distill"``, ``"bias_correction"`` or
-    ``"bn_reestimation"``, or several joined by "+" (applied in turn, e.g. ``"bn_reestimation+distill"``). ``parameters`` (distill): ``"all"``, ``"perforated"`` or ``"biases"``.
+    ``"bn_reestimation"``, or several joined by "+" (applied in turn, e.g. ``"bn_reestimation+distill"``);
+    ``"auto"`` (default) is ``"bn_reestimation+distill"`` for a model with BatchNormalization, else
+    ``"distill"``. ``parameters`` (distill): ``"all"``, ``"perforated"`` or ``"biases"``.
     ``label_weight``: the labels' share of the target distribution (default 0.5 with labels, 0 without).
     ``augment``: ``"auto"`` (flips and crops for 4-D image inputs), ``"none"``, ``"flip"``, ``"crop"``,
     ``"flip+crop"``. ``checkpoint``: an .npz written after every epoch; an existing one with the same
@@ -678,6 +680,13 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
     recovery); the original network stays the teacher.
     """
     started = time.perf_counter()
+    if method == "auto":  # BN re-estimation first where it applies: cheap, and never worse
+        model = load_model(original)
+        constants = _initializers(model)
+        has_bn = any(n.op_type == "BatchNormalization" and all(i in constants for i in n.input[1:5])
+                     for n in model.graph.node)
+        method = "bn_reestimation+distill" if has_bn else "distill"
+        original = model
     if isinstance(method, str) and "+" in method:  # a chain, e.g. "bn_reestimation+distill"
         options = dict(parameters=parameters, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                        label_weight=label_weight, holdout=holdout, patience=patience, augment=augment, seed=seed,

@@ -100,7 +100,8 @@ def _deployed_agreement(model, original, x):
 @needs_library
 def test_distillation_lowers_heldout_loss_in_the_deployed_model(sample):
     original, perforated, masks, images, labels = sample
-    result = finetune(perforated, original, _data(images, labels), epochs=2, progress=False, threads=1)
+    result = finetune(perforated, original, _data(images, labels), method="distill", epochs=2, progress=False,
+                      threads=1)
     assert result.improved
     assert result.after["loss"] < result.before["loss"]
     assert result.after["agreement"] > result.before["agreement"]
@@ -120,8 +121,8 @@ def test_distillation_lowers_heldout_loss_in_the_deployed_model(sample):
 
 def test_never_returns_a_worse_model(sample):
     original, perforated, _, images, labels = sample
-    result = finetune(perforated, original, _data(images, labels, 100), epochs=1, learning_rate=5.0,
-                      progress=False, threads=1)
+    result = finetune(perforated, original, _data(images, labels, 100), method="distill", epochs=1,
+                      learning_rate=5.0, progress=False, threads=1)
     assert not result.improved
     assert result.model.SerializeToString() == perforated.SerializeToString()
     assert result.after == result.before
@@ -138,8 +139,8 @@ def test_training_free_methods(sample, method):
 
 def test_seeded_runs_are_identical(sample):
     original, perforated, _, images, labels = sample
-    runs = [finetune(perforated, original, _data(images, labels, 100), epochs=1, seed=seed, progress=False,
-                     threads=1) for seed in (4, 4, 5)]
+    runs = [finetune(perforated, original, _data(images, labels, 100), method="distill", epochs=1, seed=seed,
+                     progress=False, threads=1) for seed in (4, 4, 5)]
     weights = [{t.name: numpy_helper.to_array(t) for t in r.model.graph.initializer} for r in runs]
     assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert any(not np.array_equal(weights[0][k], weights[2][k]) for k in weights[0])
@@ -151,7 +152,7 @@ def test_resume_continues_after_the_saved_epoch(sample, tmp_path):
     original, perforated, _, images, labels = sample
     data = _data(images, labels, 100)
     checkpoint = tmp_path / "finetune.npz"
-    common = dict(epochs=2, patience=5, seed=1, progress=False, threads=1)
+    common = dict(method="distill", epochs=2, patience=5, seed=1, progress=False, threads=1)
     first = finetune(perforated, original, data, checkpoint=checkpoint, time_budget_s=1e-9, **common)
     assert [h["epoch"] for h in first.history] == [0, 1] and checkpoint.exists()
     resumed = finetune(perforated, original, data, checkpoint=checkpoint, **common)
@@ -241,5 +242,7 @@ def test_methods_chain(sample):
                       epochs=1, progress=False, threads=1)
     assert [h.get("method") for h in result.history] == ["bn_reestimation", "bn_reestimation", "distill"]
     assert result.after["loss"] <= result.history[1]["loss"] < result.before["loss"]
+    auto = finetune(perforated, original, _data(images, labels, 100), epochs=1, progress=False, threads=1)
+    assert auto.method == "bn_reestimation+distill"  # the default for a model with BatchNorm
     with pytest.raises(PerforateError, match="method must be one of"):
         finetune(perforated, original, _data(images, count=20), method="bn_reestimation+magic", progress=False)
