@@ -48,15 +48,15 @@ def test_stops_before_the_accuracy_budget_is_exceeded():
 def test_checkpoint_resumes_where_it_stopped(tmp_path, monkeypatch):
     model = synthetic_cnn()
     checkpoint = tmp_path / "tune.json"
-    settings = dict(ladder=(0.0, 0.3, 0.6), layers=["conv1"], repeats=3, progress=False)
+    settings = dict(ladder=(0.0, 0.3, 0.6), layers=["conv1"], repeats=3, progress=False, baselines=False)
     measured = []  # the models each run measures: the baseline and every candidate it tries
     measure = tuning.NetworkMeter.measure
 
-    def counting_measure(meter, candidate):
+    def counting_measure(meter, candidate, **options):
         if stop_after_checkpoint and checkpoint.exists():
             raise KeyboardInterrupt  # Ctrl-C right after the first step was saved
         measured.append(candidate)
-        return measure(meter, candidate)
+        return measure(meter, candidate, **options)
 
     monkeypatch.setattr(tuning.NetworkMeter, "measure", counting_measure)
     stop_after_checkpoint = False
@@ -147,7 +147,7 @@ def test_tied_regions_share_one_mask():
 
 
 def _fashion(count=160):
-    from conftest import SAMPLE_MODELS
+    from helpers import SAMPLE_MODELS
 
     with np.load(SAMPLE_MODELS / "fashion_mnist_subset.npz") as data:
         idx = np.arange(0, 1000, 1000 // count)[:count]  # every class (the subset is sorted by class)
