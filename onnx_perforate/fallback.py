@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 ATTRIBUTE = "attributes"  # the JSON-packed attribute of the Python-op model
 COMPACT_INPUT_OP = "PerforatedConvCompactInput"  # PerforatedConv with its optional X_index input
 POOL_POSITIONS_OP = "CompactPoolPositions"  # CompactPool with its optional Y_positions input
+QUANTIZED_OP = "PerforatedQLinearConv"
+QUANTIZED_COMPACT_INPUT_OP = "PerforatedQLinearConvCompactInput"  # with its optional X_index input
+NN_INTERPOLATE_UINT8_OP = "NNInterpolateUint8"  # Python ops have one type per input
 _registered = False
 
 
@@ -47,7 +50,9 @@ def to_python_op_model(model) -> onnx.ModelProto:
     """A copy of a perforated model whose custom ops run as onnxruntime-extensions Python ops."""
     model = load_model(model)
     domain = python_domain()
-    shapes = None
+    # Types and shapes of the unconverted model (the loop below changes the nodes one by one).
+    shapes = infer_shapes(model) if any(n.domain == DOMAIN and n.op_type in ("NNInterpolate", QUANTIZED_OP)
+                                        for n in model.graph.node) else None
     for node in model.graph.node:
         if node.domain != DOMAIN:
             continue
@@ -62,15 +67,30 @@ def to_python_op_model(model) -> onnx.ModelProto:
             inputs[2] = bias.name
             del node.input[:]
             node.input.extend(inputs)
+        if node.op_type == QUANTIZED_OP and (len(node.input) < 9 or not node.input[8]):
+            w_shape = shapes.get(node.input[3], (0, None))[1]
+            if not w_shape or not isinstance(w_shape[0], int):
+                raise PerforateError(f"{QUANTIZED_OP} {node.name!r}: the output channel count of {node.input[3]!r} is unknown")
+            bias = numpy_helper.from_array(np.zeros(w_shape[0], np.int32), f"{node.name or node.output[0]}.zero_bias")
+            model.graph.initializer.append(bias)
+            node.input[8] = bias.name
+        if node.op_type == "NNInterpolate":
+            if shapes.get(node.input[0], (0, None))[0] == onnx.TensorProto.UINT8:
+                node.op_type = NN_INTERPOLATE_UINT8_OP
         packed = {a.name: _jsonable(helper.get_attribute_value(a)) for a in node.attribute}
         del node.attribute[:]
+        if node.op_type == QUANTIZED_OP and len(node.input) > 10 and node.input[10]:
+            node.op_type = QUANTIZED_COMPACT_INPUT_OP
+        elif node.op_type == QUANTIZED_OP:
+            del node.input[10:]
         if node.op_type == "PerforatedConv" and len(node.input) > 4 and node.input[4]:
             node.op_type = COMPACT_INPUT_OP  # Python ops have a fixed input count
         if node.op_type == "CompactPool" and len(node.input) > 2 and node.input[2]:
             node.op_type = POOL_POSITIONS_OP
         elif node.op_type == "CompactPool":
             del node.input[2:]
-        if node.op_type in ("PerforatedConv", COMPACT_INPUT_OP, "CompactPool", POOL_POSITIONS_OP):
+        if node.op_type in ("PerforatedConv", COMPACT_INPUT_OP, "CompactPool", POOL_POSITIONS_OP, QUANTIZED_OP,
+                            QUANTIZED_COMPACT_INPUT_OP):
             node.attribute.append(helper.make_attribute(ATTRIBUTE, json.dumps(packed, sort_keys=True)))
         node.domain = domain
     imports = [o for o in model.opset_import if o.domain not in (DOMAIN, domain)]
@@ -120,6 +140,23 @@ def register_python_ops() -> None:
                  attrs={ATTRIBUTE: dt.dt_string})
     def compact_pool_positions(x, x_index, y_positions, **kwargs):
         return ops.compact_pool_reference(x, x_index, y_positions, **json.loads(kwargs.get(ATTRIBUTE) or "{}"))
+
+    quantized_inputs = [dt.dt_uint8, dt.dt_float, dt.dt_uint8, dt.dt_int8, dt.dt_float, dt.dt_int8, dt.dt_float,
+                        dt.dt_uint8, dt.dt_int32, dt.dt_bool]
+
+    @ext.onnx_op(op_type=QUANTIZED_OP, inputs=quantized_inputs, outputs=[dt.dt_uint8], attrs={ATTRIBUTE: dt.dt_string})
+    def perforated_qlinear_conv(*inputs, **kwargs):
+        return ops.perforated_qlinear_conv_reference(*inputs, **json.loads(kwargs.get(ATTRIBUTE) or "{}"))
+
+    @ext.onnx_op(op_type=QUANTIZED_COMPACT_INPUT_OP, inputs=quantized_inputs + [dt.dt_int64], outputs=[dt.dt_uint8],
+                 attrs={ATTRIBUTE: dt.dt_string})
+    def perforated_qlinear_conv_compact_input(*inputs, **kwargs):
+        return ops.perforated_qlinear_conv_reference(*inputs[:10], x_index=inputs[10],
+                                                     **json.loads(kwargs.get(ATTRIBUTE) or "{}"))
+
+    @ext.onnx_op(op_type=NN_INTERPOLATE_UINT8_OP, inputs=[dt.dt_uint8, dt.dt_int64], outputs=[dt.dt_uint8])
+    def nn_interpolate_uint8(yc, index):
+        return ops.nn_interpolate_reference(yc, index)
 
     _registered = True
 

@@ -111,6 +111,12 @@ def test_qdq_perforated_matches_the_reference_evaluator(qdq_model):
     assert not np.allclose(got, run(qdq_model, x)), "perforation should change the output"
 
 
+def test_python_fallback_runs_quantized_models(qdq_model):
+    x = np.random.default_rng(4).uniform(-1, 1, (1, 3, 12, 12)).astype(np.float32)
+    perforated = rewrite(qdq_model, conv_masks(qdq_model, lambda hw: np.asarray(masks.uniform(hw, 0.5, seed=7))))
+    np.testing.assert_array_equal(helpers.run_fallback(perforated, x)[0], run(perforated, x))
+
+
 def test_qlinear_conv_qoperator_format(tmp_path):
     rng = np.random.default_rng(3)
     calibration = rng.uniform(-1, 1, (8, 3, 12, 12)).astype(np.float32)
