@@ -452,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
                    help="keep perforated tensors compact through 1x1 convolutions, concatenations, residual adds "
                    "and global pooling, and let perforated convolutions read compact inputs (default: on; "
-                   "--no-compact gives one NNInterpolate per perforated Conv, the form the CUDA kernels run)")
+                   "--no-compact gives the explicit form, one NNInterpolate per perforated Conv; both run on CPU, CUDA "
+                   "and the Python fallback)")
     p.add_argument("--portable", nargs="?", const="functions", choices=["functions", "expanded"],
                    help="also give each custom op a standard-ONNX function body, so that the model runs (slowly) "
                    "without the library; 'expanded' inlines the bodies: no custom op is left (docs/deployment.md)")

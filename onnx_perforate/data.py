@@ -6,7 +6,7 @@ Both give a :class:`Dataset` that yields float32 batches in the model's layout, 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -95,7 +95,6 @@ class Dataset:
     size: int
     load: "callable"
     labels: np.ndarray | None = None
-    names: list[str] = field(default_factory=list)
     description: str = ""
 
     def __len__(self) -> int:
@@ -188,7 +187,7 @@ def load_folder(folder, spec: PreprocessSpec, *, labels=None, limit: int | None 
         return np.stack(batch)
 
     labels_array = None if values is None else check_labels(np.asarray(values, dtype=np.int64), str(label_file))
-    return Dataset(len(files), load, labels_array, [str(p) for p in files], f"{len(files)} images from {folder}")
+    return Dataset(len(files), load, labels_array, f"{len(files)} images from {folder}")
 
 
 _INPUT_KEYS = ("images", "x", "inputs", "data")
@@ -238,7 +237,7 @@ def load_arrays(path, *, input_name: str | None = None, input_shape=None, limit:
     def load(start, stop):
         return np.ascontiguousarray(x[start:stop], dtype=np.float32)
 
-    return Dataset(len(x), load, None if labels is None else labels[: len(x)], [],
+    return Dataset(len(x), load, None if labels is None else labels[: len(x)],
                    f"{len(x)} arrays from {path.name}")
 
 

@@ -6,7 +6,7 @@ docs/ops.md is the specification; keep the two in step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -34,7 +34,6 @@ class ConvAttributes:
     alpha: float = 0.01
     clip_min: float = -FLOAT32_MAX
     clip_max: float = FLOAT32_MAX
-    extra: dict = field(default_factory=dict)
 
     def to_onnx(self) -> dict:
         attrs = dict(
