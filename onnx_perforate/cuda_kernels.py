@@ -11,7 +11,7 @@ import ctypes
 
 import numpy as np
 
-from ._library import LibraryNotFoundError, cuda_kernels_library_path
+from ._library import LibraryNotFoundError, check_shared_library, cuda_kernels_library_path
 
 ACTIVATIONS = {"": 0, "Relu": 1, "LeakyRelu": 2, "Clip": 3}  # custom_ops/shared/conv_geometry.h order
 # ONNX_PERFORATE_CUDA_CONV_* of kernels.h: the kernel a PerforatedConv launch uses.
@@ -24,6 +24,7 @@ def load(path: str | None = None) -> ctypes.CDLL:
     if path is None:
         raise LibraryNotFoundError("libonnx_perforate_cuda_kernels.so is not built (build with ONNX_PERFORATE_CUDA=ON, "
                                    "or set ONNX_PERFORATE_CUDA_KERNELS)")
+    check_shared_library(path)  # a truncated copy would kill the process (SIGBUS) inside dlopen
     lib = ctypes.CDLL(str(path))
     i32, i64, f32, vp = ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.onnx_perforate_cuda_perforated_conv.argtypes = [vp, vp, vp, vp] + [i32] * 10 + [f32, f32, f32, vp, vp]

@@ -25,7 +25,7 @@ from onnx_perforate.cli import main
 from onnx_perforate.data import PreprocessSpec, check_labels, load_data
 from onnx_perforate.graph import load_model, output_path, save_model
 
-from helpers import REPO, SAMPLE_MODELS, needs_library
+from helpers import REPO, SAMPLE_MODELS, needs_library, shared_file
 
 CLASSES = 5
 
@@ -375,6 +375,37 @@ def test_reference_softmax_has_the_semantics_of_its_opset(op, opset, axis):
     np.testing.assert_allclose(ops.reference_evaluator(model).run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-6)
 
 
+def test_squeezenet_through_onnx_reference_agrees_with_ort():
+    """SqueezeNet 1.1 (opset 7) ends in a Softmax over [1, 1000, 1, 1]: with opset 13's semantics
+    onnx.reference gave all ones there (argmax 0)."""
+    from onnx_perforate.data import PRESETS, load_folder
+
+    model = onnx.load(shared_file("data", "imagenet", "squeezenet1.1.onnx"))
+    x = load_folder(shared_file("data", "imagenet", "val100"), PRESETS["caffe"], limit=1).load(0, 1)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"data_0": x})[0]
+    got = ops.reference_evaluator(model).run(None, {"data_0": x})[0]
+    assert got.argmax() == want.argmax() != 0
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_model_onnx_ad_cannot_differentiate_is_one_error_line(tmp_path, capsys, require_library):
+    """Impact masks need gradients; MaxRoiPool has no reverse rule in onnx-ad."""
+    rng = np.random.default_rng(0)
+    model = classifier()
+    del model.graph.node[1:]
+    model.graph.node.extend([
+        helper.make_node("MaxRoiPool", ["c", "rois"], ["pooled"], pooled_shape=[4, 4], name="roi"),
+        helper.make_node("Flatten", ["pooled"], ["f"], name="flatten"),
+        helper.make_node("MatMul", ["f", "fc"], ["y"], name="fc")])
+    model.graph.initializer.append(numpy_helper.from_array(np.array([[0, 0, 0, 3, 3]], np.float32), "rois"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, tmp_path / "roi.onnx")
+    np.savez(tmp_path / "d.npz", images=rng.normal(size=(4, 2, 6, 6)).astype(np.float32))
+    fails(["tune", str(tmp_path / "roi.onnx"), "--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "t"),
+           "--target-speedup", "3", "--repeats", "1", "--no-progress"], capsys, 1, "MaxRoiPool 'roi'")
+
+
 # ------------------------------------------------------------------------------------------------
 # The library file
 
@@ -395,6 +426,14 @@ def test_truncated_or_foreign_library_files_are_refused(tmp_path, monkeypatch, r
     monkeypatch.setenv("ONNX_PERFORATE_LIBRARY", str(Path(scipy_openblas32.get_lib_dir()) / "libscipy_openblas.so"))
     with pytest.raises(onnx_perforate.InvalidLibraryError, match="cannot register"):
         onnx_perforate.session_options(1)
+
+
+def test_the_cuda_kernels_binding_checks_its_file_too(tmp_path, require_library):
+    from onnx_perforate import cuda_kernels
+
+    (tmp_path / "kernels.so").write_bytes(Path(onnx_perforate.library_path()).read_bytes()[:4096])
+    with pytest.raises(onnx_perforate.InvalidLibraryError, match="truncated"):
+        cuda_kernels.load(str(tmp_path / "kernels.so"))
 
 
 def test_a_truncated_library_does_not_kill_the_process(tmp_path, require_library):
