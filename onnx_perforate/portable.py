@@ -24,7 +24,7 @@ from onnx import helper, version_converter
 
 from ._library import DOMAIN
 from .errors import PerforateError
-from .graph import default_opset, load_model, model_size
+from .graph import default_opset, load_model, model_size, unique_name
 from .opset import definition, gather_positions
 from . import ops
 
@@ -127,12 +127,7 @@ def _without_optional_inputs(model: onnx.ModelProto) -> None:
     taken |= {t.name for t in graph.initializer} | {v.name for v in graph.input}
 
     def fresh(stem: str) -> str:
-        name, i = stem, 1
-        while name in taken:
-            i += 1
-            name = f"{stem}_{i}"
-        taken.add(name)
-        return name
+        return unique_name(stem, taken)
 
     interpolated, nodes = {}, []
     for node in graph.node:

@@ -32,6 +32,7 @@ import onnx_graphsurgeon as gs
 from .. import ops
 from .._library import DOMAIN
 from ..errors import UnsupportedNodeError
+from .activation import clip_bounds
 from .surgery import Surgeon, constant_value, describe
 
 QUANTIZED_OP = "PerforatedQLinearConv"
@@ -195,7 +196,7 @@ def _match_qdq(surgeon: Surgeon, conv: gs.Node, key: str) -> QuantizedConv:
     follower = surgeon.sole_consumer(out)
     if isinstance(follower, gs.Node) and follower.op in ops.QUANTIZED_ACTIVATIONS:
         if follower.op == "Clip":
-            bounds = _clip_bounds(surgeon, follower)
+            bounds = clip_bounds(surgeon, follower)
             if bounds is None:
                 raise UnsupportedNodeError(f"Conv {key!r}: {describe(follower)} has non-constant bounds")
             matched.clip_min, matched.clip_max = bounds
@@ -247,21 +248,6 @@ def _quantized_bias(surgeon: Surgeon, conv: gs.Node, key: str, x_scale, w_scale)
             or not np.allclose(np.broadcast_to(b_scale.reshape(-1), expected.shape), expected, rtol=1e-6, atol=0)):
         raise UnsupportedNodeError(f"Conv {key!r}: bias scale {dq.inputs[1].name!r} is not x_scale * w_scale")
     return b_q
-
-
-def _clip_bounds(surgeon: Surgeon, clip: gs.Node):
-    if surgeon.opset < 11:
-        return float(clip.attrs.get("min", -ops.FLOAT32_MAX)), float(clip.attrs.get("max", ops.FLOAT32_MAX))
-    bounds = []
-    for i, default in ((1, -ops.FLOAT32_MAX), (2, ops.FLOAT32_MAX)):
-        if len(clip.inputs) <= i or not clip.inputs[i].name:
-            bounds.append(default)
-            continue
-        value = constant_value(clip.inputs[i])
-        if value is None or value.size != 1:
-            return None
-        bounds.append(float(value.reshape(())))
-    return bounds[0], bounds[1]
 
 
 _EXPECTED = {  # input position -> (name, dtype, per-channel allowed)
