@@ -14,7 +14,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
-import onnx_perforate
-from onnx_perforate import masks, ops
+from onnx_perforate import masks, ops, runtime
 from onnx_perforate.graph import conv_geometry, infer_shapes
 from onnx_perforate.rewrite import rewrite_with_report
 
@@ -36,22 +34,9 @@ QLINEAR_INPUTS = ["x", "x_scale", "x_zero_point", "w", "w_scale", "w_zero_point"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet"
 
 
-def session(model, threads):
-    options = onnx_perforate.session_options(threads, allow_spinning=False)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def time_interleaved(sessions, feed, repeats, warmup=3):
-    for s in sessions:
-        for _ in range(warmup):
-            s.run(None, feed)
-    times = [[] for _ in sessions]
-    for _ in range(repeats):
-        for i, s in enumerate(sessions):
-            t0 = time.perf_counter()
-            s.run(None, feed)
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+def median_times(sessions, feed, repeats):
+    """Median wall time of each session, timed interleaved (runtime.time_interleaved)."""
+    return [statistics.median(t) for t in runtime.time_interleaved(sessions, feed, repeats, warmup=3).wall]
 
 
 def layer_models(c, hw, m, mask, rng):
@@ -87,8 +72,8 @@ def bench_layers(args, rng):
             mask = np.asarray(masks.uniform((hw, hw), rate, seed=1))
             base, perforated = layer_models(c, hw, m, mask, rng)
             for threads in args.threads:
-                t_base, t_perf = time_interleaved([session(base, threads), session(perforated, threads)], {"x": x},
-                                                  args.repeats)
+                t_base, t_perf = median_times([runtime.session(base, threads), runtime.session(perforated, threads)],
+                                              {"x": x}, args.repeats)
                 theoretical = 1 / mask.mean()
                 print(f"| {name} | {threads} | {rate:.2f} | {t_base * 1e3:.3f} | {t_perf * 1e3:.3f} | "
                       f"{t_base / t_perf:.2f}x | {theoretical:.2f}x | {t_base / t_perf / theoretical:.0%} |", flush=True)
@@ -134,8 +119,8 @@ def bench_squeezenet(args):
         chosen = {g.key: np.asarray(masks.grid(g.out_hw, rate)) for g in geometries}
         perforated, report = rewrite_with_report(int8, chosen)
         for threads in args.threads:
-            t_base, t_perf = time_interleaved([session(int8, threads), session(perforated, threads)],
-                                              {"data_0": x}, args.repeats)
+            t_base, t_perf = median_times([runtime.session(int8, threads), runtime.session(perforated, threads)],
+                                          {"data_0": x}, args.repeats)
             print(f"| grid r={rate:.2f} on every Conv | {threads} | {t_base * 1e3:.2f} | {t_perf * 1e3:.2f} | "
                   f"{t_base / t_perf:.2f}x | {report.mac_reduction:.2f}x | "
                   f"{t_base / t_perf / report.mac_reduction:.2f} |", flush=True)
