@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import onnx
@@ -94,20 +94,24 @@ class Timings(NamedTuple):
     cpu: list
 
 
-def time_interleaved(sessions: Sequence, feeds: dict, repeats: int, *, warmup: int = 5,
+def time_interleaved(sessions: Sequence, feeds: Mapping | Sequence[Mapping], repeats: int, *, warmup: int = 5,
                      progress: Callable | None = None) -> Timings:
     """Time each session ``repeats`` times. The sessions take turns, one run each per round, so
     that drifts in the machine's load hit them alike; ``warmup`` untimed runs each come first.
+    ``feeds`` is one feed for every session, or a list of one per session (inputs of different sizes).
     ``progress`` wraps the range of rounds (a tqdm, for example)."""
-    for s in sessions:
+    per_session = [feeds] * len(sessions) if isinstance(feeds, Mapping) else list(feeds)
+    if len(per_session) != len(sessions):
+        raise ValueError(f"{len(per_session)} feeds for {len(sessions)} sessions")
+    for s, feed in zip(sessions, per_session):
         for _ in range(warmup):
-            s.run(None, feeds)
+            s.run(None, feed)
     timings = Timings([[] for _ in sessions], [[] for _ in sessions])
     rounds = range(repeats)
     for _ in progress(rounds) if progress else rounds:
-        for i, s in enumerate(sessions):
+        for i, (s, feed) in enumerate(zip(sessions, per_session)):
             start, start_cpu = time.perf_counter(), time.process_time()
-            s.run(None, feeds)
+            s.run(None, feed)
             timings.wall[i].append(time.perf_counter() - start)
             timings.cpu[i].append(time.process_time() - start_cpu)
     return timings

@@ -725,20 +725,12 @@ class ImageResizer:
 
 
 def interleaved_times(meter: NetworkMeter, runs, repeats: int) -> list[float]:
-    """Median latency of each (session, input) in ``runs``, timed in alternation round after round so
-    that the machine's slow phases hit every model alike. Unlike runtime.time_interleaved, each session
+    """Median latency of each (session, input) in ``runs``, timed in alternation round after round
+    (runtime.time_interleaved) so that the machine's slow phases hit every model alike; each session
     has its own input (the resize baseline feeds smaller images)."""
     feeds = [{meter.calibration.input_name: inputs} for _, inputs in runs]
-    for (session, _), feed in zip(runs, feeds):
-        for _ in range(3):
-            session.run(None, feed)
-    times = [[] for _ in runs]
-    for _ in range(repeats):
-        for k, ((session, _), feed) in enumerate(zip(runs, feeds)):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times[k].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    wall = runtime.time_interleaved([session for session, _ in runs], feeds, repeats, warmup=3).wall
+    return [statistics.median(t) for t in wall]
 
 
 def interleaved_ratios(meter: NetworkMeter, reference, sessions, repeats: int) -> list[float]:

@@ -62,6 +62,19 @@ def test_time_interleaved_takes_turns():
         assert [len(t) for t in kind] == [3, 3] and all(v >= 0 for t in kind for v in t)
 
 
+def test_time_interleaved_feeds_each_session_its_own_input():
+    fed = []
+
+    class Fake:
+        def run(self, outputs, feeds):
+            fed.append(feeds["x"])
+
+    runtime.time_interleaved([Fake(), Fake()], [{"x": 1}, {"x": 2}], repeats=2, warmup=1)
+    assert fed == [1, 2] + [1, 2] * 2
+    with pytest.raises(ValueError, match="1 feeds for 2 sessions"):
+        runtime.time_interleaved([Fake(), Fake()], [{"x": 1}], repeats=1)
+
+
 def test_session_without_the_custom_ops_runs_standard_graphs():
     session = runtime.session(_relu_model(), 1, custom_ops=False)
     x = np.full((1, 3, 8, 8), -1.0, np.float32)
