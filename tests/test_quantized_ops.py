@@ -9,11 +9,10 @@ import subprocess
 import sys
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import onnx_perforate
+from helpers import expect_error, run_ort
 from onnx_perforate import ops
 
 pytestmark = pytest.mark.usefixtures("require_library")
@@ -72,9 +71,7 @@ def perforated_model(x, params, attrs, mask, x_index=None, interpolate=False, na
 
 
 def run(model, x, threads=2):
-    session = ort.InferenceSession(model.SerializeToString(), onnx_perforate.session_options(threads),
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    return run_ort(model, {"x": x}, threads=threads)[0]
 
 
 def reference(x, params, attrs, mask, x_index=None):
@@ -164,14 +161,6 @@ def test_slower_micro_kernels_match_too(isa):
          "bit_for_bit or reference_and or x_index"],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-
-
-def expect_error(model, x, *fragments):
-    with pytest.raises(Exception) as info:
-        run(model, x)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 def test_bad_quantization_inputs_name_the_node():

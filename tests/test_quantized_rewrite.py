@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
 import helpers
-import onnx_perforate
 from onnx_perforate import masks, ops
 from onnx_perforate.errors import UnsupportedNodeError
 from onnx_perforate.graph import conv_geometry, infer_shapes
@@ -60,9 +58,7 @@ def quantize(model, calibration, path, **options):
 
 
 def run(model, x):
-    session = ort.InferenceSession(model.SerializeToString(), onnx_perforate.session_options(1),
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
+    return helpers.run_ort(model, x)[0]
 
 
 def reference_run(model, x):
