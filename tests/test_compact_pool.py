@@ -231,3 +231,18 @@ def test_cuda_compact_pool_matches_reference(cuda_kernels_lib, name):
         torch.cuda.synchronize()
         want = ops.compact_pool_reference(x, index, y_positions, **attrs).reshape(batch, 5, count)
         np.testing.assert_allclose(y.cpu().numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("require_library")
+@pytest.mark.parametrize("mode", ["max", "average"])
+def test_fixed_width_windows_match_the_explicit_form(mode):
+    """Grid masks give windows of one width: the CPU kernel's fixed-width loop (padded windows)."""
+    mask = masks.grid((27, 27), 0.75).array
+    index = ops.nearest_index(mask)
+    attrs = dict(mode=mode, kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1)
+    x = np.random.default_rng(4).integers(-3, 4, (2, 5, int(mask.sum()))).astype(np.float32)
+    for positions in (None, np.arange(0, 196, 5)):
+        got = run_ort(compact_pool_model(x.shape[2], index, attrs, positions, channels=5), x)[0]
+        want = run_ort(explicit_model(x.shape[2], index, attrs, positions, channels=5), x)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, ops.compact_pool_reference(x, index, positions, **attrs), rtol=1e-5, atol=1e-6)

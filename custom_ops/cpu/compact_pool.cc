@@ -27,6 +27,40 @@ void AveragePlane(const PoolTable& t, const float* __restrict src, float* __rest
   }
 }
 
+// Fixed-width windows (PoolTable::padded_entries): no per-output bounds, the loop unrolls.
+template <int W>
+void MaxPlaneFixed(const PoolTable& t, const float* __restrict src, float* __restrict dst) {
+  const int32_t* e = t.padded_entries.data();
+  for (int64_t o = 0; o < t.count; ++o, e += W) {
+    float m = src[e[0]];
+    for (int j = 1; j < W; ++j) m = std::max(m, src[e[j]]);
+    dst[o] = m;
+  }
+}
+
+template <int W>
+void AveragePlaneFixed(const PoolTable& t, const float* __restrict src, float* __restrict dst) {
+  const int32_t* e = t.padded_entries.data();
+  const float* w = t.padded_weights.data();
+  for (int64_t o = 0; o < t.count; ++o, e += W, w += W) {
+    float s = 0.0f;
+    for (int j = 0; j < W; ++j) s += w[j] * src[e[j]];
+    dst[o] = s;
+  }
+}
+
+using PlaneFn = void (*)(const PoolTable&, const float*, float*);
+
+template <int W>
+PlaneFn FixedFor(PoolMode mode, int width) {
+  if constexpr (W > 9) {
+    return nullptr;
+  } else {
+    if (width == W) return mode == PoolMode::kMax ? &MaxPlaneFixed<W> : &AveragePlaneFixed<W>;
+    return FixedFor<W + 1>(mode, width);
+  }
+}
+
 }  // namespace
 
 void CompactPoolCpu::Compute(PoolMode mode, const PoolTable& t, int64_t planes, const float* x, float* y,
@@ -36,14 +70,15 @@ void CompactPoolCpu::Compute(PoolMode mode, const PoolTable& t, int64_t planes, 
   const int64_t per_plane = std::max<int64_t>(1, static_cast<int64_t>(t.entries.size()));
   const int64_t per_task = std::max<int64_t>(1, (16 * 1024) / per_plane);
   const int64_t tasks = (planes + per_task - 1) / per_task;
+  // Windows of up to 9 distinct entries (3x3 pooling) run a fixed-width loop, unless padding them to
+  // the widest window would add more than a third to the reads.
+  PlaneFn plane = nullptr;
+  if (t.width <= 9 && 3 * t.count * t.width <= 4 * static_cast<int64_t>(t.entries.size()))
+    plane = FixedFor<1>(mode, t.width);
+  if (!plane) plane = mode == PoolMode::kMax ? &MaxPlane : &AveragePlane;
   RunMaybeSerially(parallel, planes * per_plane, static_cast<size_t>(tasks), [&](size_t task) {
     const int64_t first = static_cast<int64_t>(task) * per_task, last = std::min(planes, first + per_task);
-    for (int64_t p = first; p < last; ++p) {
-      if (mode == PoolMode::kMax)
-        MaxPlane(t, x + p * t.compact_size, y + p * t.count);
-      else
-        AveragePlane(t, x + p * t.compact_size, y + p * t.count);
-    }
+    for (int64_t p = first; p < last; ++p) plane(t, x + p * t.compact_size, y + p * t.count);
   });
 }
 

@@ -92,6 +92,16 @@ PoolTable BuildPoolTable(const PoolAttributes& a, const InputIndex& index, const
     }
     t.begin.push_back(static_cast<int32_t>(t.entries.size()));
   }
+  for (int64_t o = 0; o < t.count; ++o) t.width = std::max(t.width, t.begin[o + 1] - t.begin[o]);
+  t.padded_entries.resize(static_cast<size_t>(t.count * t.width));
+  if (a.mode == PoolMode::kAverage) t.padded_weights.assign(static_cast<size_t>(t.count * t.width), 0.0f);
+  for (int64_t o = 0; o < t.count; ++o) {
+    for (int32_t j = 0; j < t.width; ++j) {
+      const int32_t from = t.begin[o] + j < t.begin[o + 1] ? t.begin[o] + j : t.begin[o];
+      t.padded_entries[o * t.width + j] = t.entries[from];
+      if (a.mode == PoolMode::kAverage && from == t.begin[o] + j) t.padded_weights[o * t.width + j] = t.weights[from];
+    }
+  }
   return t;
 }
 

@@ -44,6 +44,11 @@ struct PoolTable {
   std::vector<int32_t> begin;    // [count + 1]
   std::vector<int32_t> entries;  // compact indices in [0, compact_size)
   std::vector<float> weights;    // average only, parallel to entries
+  // The same windows padded to one width (the widest window), output-major [count * width], for
+  // branch-free CPU loops: a max window repeats its first entry, an average window adds weight 0.
+  int32_t width = 0;
+  std::vector<int32_t> padded_entries;
+  std::vector<float> padded_weights;  // average only
 };
 
 // `index`: the validated X_index (ReadInputIndex). `y_positions` (nullable): the row-major output
