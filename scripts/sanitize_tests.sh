@@ -19,7 +19,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$REPORTS/ubsan
 export ONNX_PERFORATE_LIBRARY="$PWD/$BUILD/libonnx_perforate_ops.so"
 export ONNX_PERFORATE_REQUIRE_LIBRARY=1
 status=0
-(cd tests && "$PYTHON" -m pytest -q -p no:cacheprovider "$@" test_ops.py test_kernel_guards.py test_compact_pool.py) || status=$?
+(cd tests && "$PYTHON" -m pytest -q -p no:cacheprovider "$@" test_ops.py test_kernel_guards.py test_compact_pool.py test_quantized_ops.py) || status=$?
 if compgen -G "$REPORTS/*" >/dev/null; then
   echo "sanitizer reports:" >&2
   cat "$REPORTS"/* >&2
