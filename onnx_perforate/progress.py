@@ -29,7 +29,9 @@ def _is_terminal(file) -> bool:
 class LineProgress:
     """The part of tqdm's interface the package uses (iteration, update, set_postfix[_str], close),
     writing one line each time another tenth of ``total`` is done (every 30 s when the total is
-    unknown) and one at the end: at most a dozen lines."""
+    unknown) and one at the end: at most a dozen lines. A line is written at the first postfix change,
+    update or close after the tenth is reached, so that it shows the postfix of that step (the tuner
+    sets the step's result right after counting it)."""
 
     STEPS = 10
     INTERVAL_S = 30.0
@@ -40,6 +42,8 @@ class LineProgress:
         self.postfix = ""
         self.started = self.last_written = time.perf_counter()
         self.written_tenths = 0
+        self.pending = False
+        self.written_n = None
         self.closed = False
 
     def __iter__(self):
@@ -58,31 +62,38 @@ class LineProgress:
 
     def set_postfix_str(self, text: str = "", refresh: bool = True) -> None:
         self.postfix = text
+        self._flush()
 
     def set_postfix(self, ordered_dict=None, refresh: bool = True, **values) -> None:
         values = {**(ordered_dict or {}), **values}
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+        self._flush()
 
     def update(self, n: int = 1) -> None:
+        self._flush()
         self.n += n
-        now = time.perf_counter()
         if self.total:
             tenths = min(self.STEPS, self.n * self.STEPS // self.total)
             if tenths > self.written_tenths:
                 self.written_tenths = tenths
-                self._write(now)
-        elif now - self.last_written >= self.INTERVAL_S:
-            self._write(now)
+                self.pending = True
+        elif time.perf_counter() - self.last_written >= self.INTERVAL_S:
+            self.pending = True
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if not self.total or self.n < self.total:  # the last tenth has not been written
-            self._write(time.perf_counter(), final=True)
+        if self.pending or self.n != self.written_n:  # the last state has not been written yet
+            self._write(final=not self.total or self.n < self.total)
 
-    def _write(self, now: float, final: bool = False) -> None:
-        self.last_written = now
+    def _flush(self) -> None:
+        if self.pending:
+            self._write()
+
+    def _write(self, final: bool = False) -> None:
+        now = self.last_written = time.perf_counter()
+        self.pending, self.written_n = False, self.n
         count = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         percent = f" ({100 * self.n // self.total}%)" if self.total else ""
         postfix = f", {self.postfix}" if self.postfix else ""

@@ -82,3 +82,17 @@ def test_cli_eval_progress_in_a_log(tmp_path, capsys):
     err = capsys.readouterr().err
     progress_lines = [line for line in err.splitlines() if line.startswith("eval:")]
     assert "\r" not in err and 1 <= len(progress_lines) <= 10, err
+
+
+def test_progress_line_shows_the_result_set_after_the_step():
+    out = io.StringIO()
+    bar = progress(desc="tune", total=10, unit="step", file=out)
+    for step in range(4):
+        bar.set_postfix_str(f"trying conv{step}")
+        bar.update(1)
+        bar.set_postfix(speedup=f"1.{step}x")  # the tuner reports the step once it is counted
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split(" in ")[0] for line in lines[:4]] == [f"tune: {k}/10 step ({k}0%)" for k in range(1, 5)]
+    assert [line.rsplit(", ", 1)[1] for line in lines[:4]] == [f"speedup=1.{k}x" for k in range(4)]
+    assert len(lines) == 4  # the last step was written already: closing adds nothing
