@@ -39,6 +39,7 @@ from onnx import helper, numpy_helper
 
 from . import runtime
 from ._library import DOMAIN
+from .analysis import AnalysedModel
 from .calibration import CalibrationSet, calibration_set
 from .errors import PerforateError
 from .gradients import GradientError, build_gradient_model, prepare_model
@@ -665,7 +666,8 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
              time_budget_s: float | None = None, start: Mapping[str, np.ndarray] | None = None) -> FinetuneResult:
     """Recover the accuracy the perforated model lost; see the module docstring.
 
-    ``perforated``: a model made by :func:`~onnx_perforate.rewrite` (or ``tune``) from ``original``.
+    ``perforated``: a model made by :func:`~onnx_perforate.rewrite` (or ``tune``) from ``original``; either
+    may be a path, a ModelProto or an :class:`~onnx_perforate.analysis.AnalysedModel`.
     ``data``: calibration data as :func:`~onnx_perforate.calibration.calibration_set` accepts it, labels
     optional. Every ``1/holdout``-th image (interleaved, never a contiguous slice) is held out: early
     stopping and the before/after numbers use it. ``method``: ``"distill"``, ``"bias_correction"`` or
@@ -680,6 +682,8 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
     recovery); the original network stays the teacher.
     """
     started = time.perf_counter()
+    # an analysed model (from onnx_perforate.analysis) is taken as the model it holds
+    perforated, original = (m.model if isinstance(m, AnalysedModel) else m for m in (perforated, original))
     if method == "auto":  # BN re-estimation first where it applies: cheap, and never worse
         model = load_model(original)
         constants = _initializers(model)

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from onnx_perforate import PerforateError, rewrite
+from onnx_perforate.analysis import analyse
 from onnx_perforate.cli import main
 from onnx_perforate.finetune import PerforatedTrainer, finetune, perforation_masks, trainable_parameters
 from onnx_perforate.inspection import inspect
@@ -126,6 +127,15 @@ def test_never_returns_a_worse_model(sample):
     assert not result.improved
     assert result.model.SerializeToString() == perforated.SerializeToString()
     assert result.after == result.before
+
+
+def test_accepts_analysed_models(sample):
+    original, perforated, _, images, _ = sample
+    plain = finetune(perforated, original, _data(images), method="bias_correction", progress=False, threads=1)
+    analysed = finetune(analyse(perforated), analyse(original), _data(images), method="bias_correction",
+                        progress=False, threads=1)
+    assert analysed.model.SerializeToString() == plain.model.SerializeToString()
+    assert analysed.after == plain.after
 
 
 @pytest.mark.parametrize("method", ["bias_correction", "bn_reestimation"])
