@@ -35,7 +35,7 @@ struct PerforatedConvKernel {
     });
     int is_constant = 0;
     Ort::ConstKernelInfo(info).GetTensorConstantInput(1, &is_constant);
-    constant_weights_ = is_constant != 0;
+    packed_.SetConstant(is_constant != 0);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -56,21 +56,10 @@ struct PerforatedConvKernel {
     });
     auto y = ctx.GetOutput(0, {shape.batch, shape.out_channels, plan->positions.count()});
     const float* weights = in.w.GetTensorData<float>();
-    const auto packed = Packed(shape, weights);
+    const auto packed = packed_.Get([&] { return PerforatedConvCpu::PackWeightsFor(shape, weights); });
     PerforatedConvCpu::Compute(shape, attrs_, *plan, in.x.GetTensorData<float>(), weights, packed.get(),
                                in.b ? in.b.GetTensorData<float>() : nullptr, y.GetTensorMutableData<float>(),
                                MakeParallelRunner(ctx));
-  }
-
-  // Weights that are initializers are packed once; others on every call.
-  std::shared_ptr<const PackedWeights> Packed(const ConvShape& s, const float* w) {
-    if (!constant_weights_) return PerforatedConvCpu::PackWeightsFor(s, w);
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!packed_ready_) {
-      packed_ = PerforatedConvCpu::PackWeightsFor(s, w);
-      packed_ready_ = true;
-    }
-    return packed_;
   }
 
   const OrtApi& api_;
@@ -78,11 +67,8 @@ struct PerforatedConvKernel {
   ConvAttributes attrs_;
   std::shared_ptr<const MaskInput> constant_mask_;
   InputIndexReader input_index_;
-  std::mutex mutex_;
   PlanCache<CpuConvPlan> plans_;
-  bool constant_weights_ = false;
-  bool packed_ready_ = false;
-  std::shared_ptr<const PackedWeights> packed_;
+  PackedWeightsCache<PackedWeights> packed_;
 };
 
 // T: float (after PerforatedConv) or uint8_t (after PerforatedQLinearConv).

@@ -3,7 +3,6 @@
 // perforated_qlinear_conv.cc.
 #include <cmath>
 #include <memory>
-#include <mutex>
 
 #include "cpu_ops.h"
 #include "perforated_qlinear_conv.h"
@@ -81,7 +80,7 @@ struct PerforatedQLinearConvKernel {
     });
     int is_constant = 0;
     Ort::ConstKernelInfo(info).GetTensorConstantInput(kW, &is_constant);
-    constant_weights_ = is_constant != 0;
+    packed_.SetConstant(is_constant != 0);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -114,7 +113,8 @@ struct PerforatedQLinearConvKernel {
     });
     const int64_t count = plan->positions.count();
     auto y = ctx.GetOutput(0, {shape.batch, shape.out_channels, count});
-    const auto packed = Packed(shape, in[kW].GetTensorData<int8_t>());
+    const int8_t* w = in[kW].GetTensorData<int8_t>();
+    const auto packed = packed_.Get([&] { return PerforatedQLinearConvCpu::PackWeights(shape, w, BestQuantizedGemmIsa()); });
     PerforatedQLinearConvCpu::Compute(shape, attrs_, plan->padded, count, plan->input_index.get(),
                                       in[kX].GetTensorData<uint8_t>(), *packed, requant,
                                       y.GetTensorMutableData<uint8_t>(), MakeParallelRunner(ctx));
@@ -151,23 +151,13 @@ struct PerforatedQLinearConvKernel {
     return q;
   }
 
-  std::shared_ptr<const PackedQuantizedWeights> Packed(const ConvShape& s, const int8_t* w) {
-    const QuantizedGemmIsa isa = BestQuantizedGemmIsa();
-    if (!constant_weights_) return PerforatedQLinearConvCpu::PackWeights(s, w, isa);
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (!packed_) packed_ = PerforatedQLinearConvCpu::PackWeights(s, w, isa);
-    return packed_;
-  }
-
   const OrtApi& api_;
   std::string node_;
   ConvAttributes attrs_;
   std::shared_ptr<const MaskInput> constant_mask_;
   InputIndexReader input_index_;
-  bool constant_weights_ = false;
-  std::mutex mutex_;
   PlanCache<QuantizedPlan> plans_;
-  std::shared_ptr<const PackedQuantizedWeights> packed_;
+  PackedWeightsCache<PackedQuantizedWeights> packed_;
 };
 
 struct PerforatedQLinearConvOp : Ort::CustomOpBase<PerforatedQLinearConvOp, PerforatedQLinearConvKernel, true> {
