@@ -164,10 +164,12 @@ def test_other_gemm_paths_match_the_reference(gemm):
         x = rng.standard_normal((2, 40, 11, 11)).astype(np.float32)
         w = rng.standard_normal((24, 20, 3, 3)).astype(np.float32)
         b = rng.standard_normal(24).astype(np.float32)
-        attrs = ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=2, activation="Relu")
         mask = rng.random((11, 11)) < 0.5
-        yc = run_ort(perforated_model(x.shape, w, b, mask, attrs, interpolate=False), {{"x": x}}, threads=2)[0]
-        assert_close_to_reference(yc, x, w, b, mask, attrs)
+        for activation in ops.ACTIVATIONS:  # each fused into the tile store's transposed write
+            attrs = ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=2, activation=activation, alpha=0.2,
+                                       clip_min=-0.5, clip_max=0.7)
+            yc = run_ort(perforated_model(x.shape, w, b, mask, attrs, interpolate=False), {{"x": x}}, threads=2)[0]
+            assert_close_to_reference(yc, x, w, b, mask, attrs)
         for n, k in [(1, 1), (3, 7), (2, 40)]:  # full, half and partial micro-tiles
             mask = np.zeros((11, 11), bool)
             mask.flat[rng.choice(121, k, replace=False)] = True

@@ -1,10 +1,16 @@
 #include "packed_gemm.h"
 
+#include <immintrin.h>
+
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
 #pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12 warns inside its own AVX-512 headers (their _mm512_undefined_ps) when not optimising, as in
+// the sanitizer build: a known false positive (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace onnx_perforate {
 
@@ -80,15 +86,165 @@ PERFORATE_KERNEL(KernelAvx2x2, PERFORATE_AVX2, Vec8, 2, 6)
 PERFORATE_KERNEL(HalfAvx2x1, PERFORATE_AVX2, Vec8, 1, 3)
 PERFORATE_KERNEL(HalfAvx2x2, PERFORATE_AVX2, Vec8, 2, 3)
 
+template <Activation kAct>
+__attribute__((always_inline)) inline float ActivateScalar(float v, const Epilogue& e) {
+  if (kAct == Activation::kRelu) return std::max(v, 0.0f);
+  if (kAct == Activation::kLeakyRelu) return v < 0.0f ? e.alpha * v : v;
+  if (kAct == Activation::kClip) return std::min(std::max(v, e.clip_min), e.clip_max);
+  return v;
+}
+
+// The columns [k0, columns) that do not fill a whole register block.
+template <Activation kAct>
+__attribute__((always_inline)) inline void StoreTail(const float* __restrict tile, int64_t ldt, int64_t rows,
+                                                     int64_t k0, int64_t columns, const Epilogue& e,
+                                                     float* __restrict out, int64_t ldo) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const float b = e.bias ? e.bias[m] : 0.0f;
+    for (int64_t k = k0; k < columns; ++k) out[m * ldo + k] = ActivateScalar<kAct>(tile[k * ldt + m] + b, e);
+  }
+}
+
+template <Activation kAct>
+__attribute__((target(PERFORATE_AVX512), always_inline)) inline __m512 Activate512(__m512 v, const Epilogue& e) {
+  if (kAct == Activation::kRelu) return _mm512_max_ps(v, _mm512_setzero_ps());
+  if (kAct == Activation::kLeakyRelu)
+    return _mm512_mask_mul_ps(v, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), v, _mm512_set1_ps(e.alpha));
+  if (kAct == Activation::kClip)
+    return _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(e.clip_min)), _mm512_set1_ps(e.clip_max));
+  return v;
+}
+
+// r[k] = row k of a 16 x 16 block -> r[m] = column m.
+__attribute__((target(PERFORATE_AVX512), always_inline)) inline void Transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + c], 128-bit lane l: rows 4i..4i+3 of column 4l + c.
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+    r[4 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+  }
+}
+
+template <Activation kAct>
+__attribute__((target(PERFORATE_AVX512))) void StoreAvx512(const float* __restrict tile, int64_t ldt, int64_t rows,
+                                                           int64_t columns, const Epilogue& e, float* __restrict out,
+                                                           int64_t ldo) {
+  int64_t k0 = 0;
+  for (; k0 + 16 <= columns; k0 += 16)
+    for (int64_t m0 = 0; m0 < rows; m0 += 16) {
+      __m512 r[16];
+      for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(tile + (k0 + k) * ldt + m0);
+      Transpose16(r);
+      const int mn = static_cast<int>(std::min<int64_t>(16, rows - m0));
+      for (int m = 0; m < mn; ++m) {
+        const __m512 b = _mm512_set1_ps(e.bias ? e.bias[m0 + m] : 0.0f);
+        _mm512_storeu_ps(out + (m0 + m) * ldo + k0, Activate512<kAct>(_mm512_add_ps(r[m], b), e));
+      }
+    }
+  StoreTail<kAct>(tile, ldt, rows, k0, columns, e, out, ldo);
+}
+
+template <Activation kAct>
+__attribute__((target(PERFORATE_AVX2), always_inline)) inline __m256 Activate256(__m256 v, const Epilogue& e) {
+  if (kAct == Activation::kRelu) return _mm256_max_ps(v, _mm256_setzero_ps());
+  if (kAct == Activation::kLeakyRelu)
+    return _mm256_blendv_ps(v, _mm256_mul_ps(v, _mm256_set1_ps(e.alpha)), _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ));
+  if (kAct == Activation::kClip)
+    return _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(e.clip_min)), _mm256_set1_ps(e.clip_max));
+  return v;
+}
+
+__attribute__((target(PERFORATE_AVX2), always_inline)) inline void Transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
+
+template <Activation kAct>
+__attribute__((target(PERFORATE_AVX2))) void StoreAvx2(const float* __restrict tile, int64_t ldt, int64_t rows,
+                                                       int64_t columns, const Epilogue& e, float* __restrict out,
+                                                       int64_t ldo) {
+  int64_t k0 = 0;
+  for (; k0 + 8 <= columns; k0 += 8)
+    for (int64_t m0 = 0; m0 < rows; m0 += 8) {
+      __m256 r[8];
+      for (int k = 0; k < 8; ++k) r[k] = _mm256_loadu_ps(tile + (k0 + k) * ldt + m0);
+      Transpose8(r);
+      const int mn = static_cast<int>(std::min<int64_t>(8, rows - m0));
+      for (int m = 0; m < mn; ++m) {
+        const __m256 b = _mm256_set1_ps(e.bias ? e.bias[m0 + m] : 0.0f);
+        _mm256_storeu_ps(out + (m0 + m) * ldo + k0, Activate256<kAct>(_mm256_add_ps(r[m], b), e));
+      }
+    }
+  StoreTail<kAct>(tile, ldt, rows, k0, columns, e, out, ldo);
+}
+
+// One entry point per ISA, dispatching on the activation so each loop is specialised for it.
+template <template <Activation> class Impl>
+void DispatchStore(const float* tile, int64_t ldt, int64_t rows, int64_t columns, const Epilogue& e, float* out,
+                   int64_t ldo) {
+  switch (e.activation) {
+    case Activation::kNone:
+      return Impl<Activation::kNone>::Run(tile, ldt, rows, columns, e, out, ldo);
+    case Activation::kRelu:
+      return Impl<Activation::kRelu>::Run(tile, ldt, rows, columns, e, out, ldo);
+    case Activation::kLeakyRelu:
+      return Impl<Activation::kLeakyRelu>::Run(tile, ldt, rows, columns, e, out, ldo);
+    case Activation::kClip:
+      return Impl<Activation::kClip>::Run(tile, ldt, rows, columns, e, out, ldo);
+  }
+}
+template <Activation kAct>
+struct Avx512Store {
+  static void Run(const float* t, int64_t ldt, int64_t r, int64_t c, const Epilogue& e, float* o, int64_t ldo) {
+    StoreAvx512<kAct>(t, ldt, r, c, e, o, ldo);
+  }
+};
+template <Activation kAct>
+struct Avx2Store {
+  static void Run(const float* t, int64_t ldt, int64_t r, int64_t c, const Epilogue& e, float* o, int64_t ldo) {
+    StoreAvx2<kAct>(t, ldt, r, c, e, o, ldo);
+  }
+};
+
 GemmIsa Detect() {
   const std::string forced = std::getenv("ONNX_PERFORATE_GEMM") ? std::getenv("ONNX_PERFORATE_GEMM") : "";
   if (forced == "openblas") return {};
   __builtin_cpu_init();
   if (forced != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
-    return {"avx512", 16, 12, KernelAvx512x1, KernelAvx512x2, HalfAvx512x1, HalfAvx512x2};
+    return {"avx512", 16, 12, KernelAvx512x1, KernelAvx512x2, HalfAvx512x1, HalfAvx512x2, DispatchStore<Avx512Store>};
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {"avx2", 8, 6, KernelAvx2x1, KernelAvx2x2, HalfAvx2x1, HalfAvx2x2};
+    return {"avx2", 8, 6, KernelAvx2x1, KernelAvx2x2, HalfAvx2x1, HalfAvx2x2, DispatchStore<Avx2Store>};
   return {};
 }
 

@@ -5,14 +5,25 @@
 // im2col pass, which cost 12-15% of the time even when written directly in packed order.
 //
 // Micro-kernel: a tile of MR output channels (one or two SIMD vectors) x NR positions, accumulated
-// in registers over a KC-long slice of p. AVX-512: 32 x 12 (24 zmm accumulators); AVX2: 16 x 6.
+// in registers over a KC-long slice of p. AVX-512: 32 x 12 (24 zmm accumulators); AVX2: 16 x 6. The
+// tile is position-major; the ISA's store transposes it in registers into Yc's channel-major rows
+// (a scalar transposition cost up to 40% of the time on layers with short reductions, e.g. conv1).
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <vector>
 
+#include "../shared/conv_geometry.h"
+
 namespace onnx_perforate {
+
+// What the GEMM's output gets on its way out: a per-row bias, then the fused activation.
+struct Epilogue {
+  const float* bias = nullptr;  // per output row, or null
+  Activation activation = Activation::kNone;
+  float alpha = 0.0f, clip_min = 0.0f, clip_max = 0.0f;
+};
 
 struct GemmIsa {
   const char* name = "none";
@@ -26,6 +37,12 @@ struct GemmIsa {
   // The same for NR / 2 positions: a last tile of at most NR / 2 positions wastes no work.
   Kernel half_1v = nullptr;
   Kernel half_2v = nullptr;
+  // store(tile, ldt, rows, columns, epilogue, out, ldo):
+  //   out[m * ldo + k] = act(tile[k * ldt + m] + bias[m])   for m < rows, k < columns
+  // The micro-kernel's position-major tile transposed into channel-major rows, 16 x 16 (AVX-512) or
+  // 8 x 8 (AVX2) blocks at a time in registers. ldt must be a multiple of the vector width.
+  using Store = void (*)(const float*, int64_t, int64_t, int64_t, const Epilogue&, float*, int64_t);
+  Store store = nullptr;
   Kernel Get(int vectors, bool half) const {
     return vectors == 2 ? (half ? half_2v : kernel_2v) : (half ? half_1v : kernel_1v);
   }

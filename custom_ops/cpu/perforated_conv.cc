@@ -61,50 +61,6 @@ void BiasActivation(float* __restrict y, int64_t n, float bias, Activation act, 
   }
 }
 
-template <Activation kAct>
-__attribute__((always_inline)) inline float Activate(float v, float alpha, float lo, float hi) {
-  if (kAct == Activation::kRelu) return std::max(v, 0.0f);
-  if (kAct == Activation::kLeakyRelu) return v < 0.0f ? alpha * v : v;
-  if (kAct == Activation::kClip) return std::min(std::max(v, lo), hi);
-  return v;
-}
-
-// out[m * count + k] = act(tile[k * mpad + m] + bias[m]): the micro-kernel's position-major tile
-// transposed into Yc's channel-major rows, in 16 x 16 blocks so both sides stay in cache.
-template <Activation kAct>
-__attribute__((always_inline)) inline void StoreTileImpl(const float* __restrict tile, int64_t mpad, int64_t mg,
-                                                         int64_t kn, const float* __restrict bias,
-                                                         float* __restrict out, int64_t count, float alpha,
-                                                         float lo, float hi) {
-  constexpr int64_t kBlock = 16;
-  for (int64_t m0 = 0; m0 < mg; m0 += kBlock) {
-    const int64_t m1 = std::min(mg, m0 + kBlock);
-    for (int64_t k0 = 0; k0 < kn; k0 += kBlock) {
-      const int64_t k1 = std::min(kn, k0 + kBlock);
-      for (int64_t m = m0; m < m1; ++m) {
-        const float b = bias ? bias[m] : 0.0f;
-        float* row = out + m * count;
-        for (int64_t k = k0; k < k1; ++k) row[k] = Activate<kAct>(tile[k * mpad + m] + b, alpha, lo, hi);
-      }
-    }
-  }
-}
-
-PERFORATE_MULTIVERSION
-void StoreTile(const float* tile, int64_t mpad, int64_t mg, int64_t kn, const float* bias, float* out,
-               int64_t count, Activation act, float alpha, float lo, float hi) {
-  switch (act) {
-    case Activation::kNone:
-      return StoreTileImpl<Activation::kNone>(tile, mpad, mg, kn, bias, out, count, alpha, lo, hi);
-    case Activation::kRelu:
-      return StoreTileImpl<Activation::kRelu>(tile, mpad, mg, kn, bias, out, count, alpha, lo, hi);
-    case Activation::kLeakyRelu:
-      return StoreTileImpl<Activation::kLeakyRelu>(tile, mpad, mg, kn, bias, out, count, alpha, lo, hi);
-    case Activation::kClip:
-      return StoreTileImpl<Activation::kClip>(tile, mpad, mg, kn, bias, out, count, alpha, lo, hi);
-  }
-}
-
 // Columns (computed positions) per task, a multiple of `unit`. One block per core keeps every core
 // busy when N * group is small; more blocks than that only cost bandwidth, since every block streams
 // all the weights through the cache again. The bounds keep a task's buffers in L2.
@@ -320,11 +276,11 @@ void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIn
         }
       }
       // The block may span images: store each image's part into its own rows of Yc.
+      const Epilogue epilogue{c.bias ? c.bias + g * mg + m0 : nullptr, a.activation, a.alpha, a.clip_min, a.clip_max};
       for (int64_t k = k0; k < k0 + kn;) {
         const int64_t n = k / count, end = std::min(k0 + kn, (n + 1) * count);
-        StoreTile(tile + (k - k0) * width, width, m1 - m0, end - k, c.bias ? c.bias + g * mg + m0 : nullptr,
-                  batch_output + (n * s.out_channels + g * mg + m0) * count + (k - n * count), count,
-                  a.activation, a.alpha, a.clip_min, a.clip_max);
+        isa.store(tile + (k - k0) * width, width, m1 - m0, end - k, epilogue,
+                  batch_output + (n * s.out_channels + g * mg + m0) * count + (k - n * count), count);
         k = end;
       }
     });
