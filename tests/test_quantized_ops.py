@@ -91,6 +91,8 @@ CASES = [
     (1, 12, 9, 9, 24, 3, 1, 1, 1, 3, True, True),  # groups
     (1, 64, 14, 14, 96, 3, 1, 1, 1, 1, True, True),  # several panels of 32 channels
     (1, 5, 9, 8, 7, 5, 1, 2, 1, 1, True, True),  # 5x5, odd channel counts
+    (1, 48, 20, 18, 48, 3, 1, 1, 1, 1, True, True),  # whole 16x16 byte transposes and their edges
+    (2, 32, 17, 17, 40, 3, 1, 1, 1, 1, True, True),  # transposed runs that end at an image boundary
 ]
 
 
@@ -108,7 +110,7 @@ def test_all_ones_mask_matches_ort_qlinear_conv_bit_for_bit(case):
     np.testing.assert_array_equal(reference(x, params, attrs, mask), got)
 
 
-@pytest.mark.parametrize("case", CASES[:5])
+@pytest.mark.parametrize("case", CASES[:5] + CASES[-2:])
 def test_perforated_matches_reference_and_interpolates_uint8(case):
     rng = np.random.default_rng(100 + sum(case))
     x, params, attrs = quantized_case(rng, *case)

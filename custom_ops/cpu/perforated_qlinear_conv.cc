@@ -91,6 +91,59 @@ __attribute__((always_inline, target(PERFORATE_AVX2_INT))) inline void Avx2Tile(
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + j * ldc + v * 8), acc[j][v]);
 }
 
+// out[c * ldo + r] = in[r * ldi + c] for a rows x cols byte block: 16 x 16 blocks through SSE unpacks
+// (AVX2 machines only: `simd` is false on the portable path), the edges element by element. T = int16
+// widens on the way (AVX2's input buffer). Used where the data changes between channel-major and
+// position-major: NCHW -> NHWC for the input, the requantized position-major tile -> Yc's rows.
+template <typename T>
+__attribute__((target(PERFORATE_AVX2_INT))) void TransposeBlock16(const uint8_t* __restrict in, int64_t ldi,
+                                                                  T* __restrict out, int64_t ldo) {
+  __m128i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i * ldi));
+  for (int i = 0; i < 8; ++i) {
+    t[i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
+    t[i + 8] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm_unpacklo_epi16(t[2 * i], t[2 * i + 1]);
+    r[i + 8] = _mm_unpackhi_epi16(t[2 * i], t[2 * i + 1]);
+  }
+  for (int i = 0; i < 8; ++i) {
+    t[i] = _mm_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[i + 8] = _mm_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm_unpacklo_epi64(t[2 * i], t[2 * i + 1]);
+    r[i + 8] = _mm_unpackhi_epi64(t[2 * i], t[2 * i + 1]);
+  }
+  // Four rounds of perfect shuffles leave column c in register bit_reverse(c).
+  constexpr int kBitReversed[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  for (int c = 0; c < 16; ++c) {
+    const __m128i column = r[kBitReversed[c]];
+    if constexpr (sizeof(T) == 1)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c * ldo), column);
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c * ldo), _mm256_cvtepu8_epi16(column));
+  }
+}
+
+template <typename T>
+void TransposeBytes(const uint8_t* in, int64_t ldi, int64_t rows, int64_t cols, T* out, int64_t ldo, bool simd) {
+  if (simd && rows >= 16 && cols >= 16) {
+    // The last block of each direction overlaps the one before: elements written twice get the same value.
+    for (int64_t r = 0; r < rows; r += 16) {
+      const int64_t r0 = std::min(r, rows - 16);
+      for (int64_t c = 0; c < cols; c += 16) {
+        const int64_t c0 = std::min(c, cols - 16);
+        TransposeBlock16(in + r0 * ldi + c0, ldi, out + c0 * ldo + r0, ldo);
+      }
+    }
+    return;
+  }
+  for (int64_t c = 0; c < cols; ++c)
+    for (int64_t r = 0; r < rows; ++r) out[c * ldo + r] = static_cast<T>(in[r * ldi + c]);
+}
+
 // Plain C++ over the VNNI layout: one column at a time.
 void PortableTile(int64_t taps, int64_t steps, int64_t mr, const int8_t* a, const uint8_t* x,
                   const int64_t* columns, const int64_t* tap_offsets, int32_t* c, int64_t ldc, int64_t nr) {
@@ -198,7 +251,8 @@ T* Scratch(std::vector<T>& buffer, size_t size) {
 // C' = group * Cg' (channels of a group padded to whole lanes). Padding pixels hold the zero point.
 template <typename T>
 void PackInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g, const InputIndex* index,
-               const uint8_t* x, int64_t padded_channels, uint8_t zero_point, T* out, const ParallelRunner& parallel) {
+               const uint8_t* x, int64_t padded_channels, uint8_t zero_point, T* out, bool simd,
+               const ParallelRunner& parallel) {
   const int64_t hp = g.padded_h, wp = g.padded_w, cg = s.in_channels_per_group();
   const int64_t stride = s.group * padded_channels;
   const int64_t rows = s.batch * hp;
@@ -218,6 +272,11 @@ void PackInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& 
           std::fill(body + xx * stride + gi * padded_channels + cg, body + xx * stride + (gi + 1) * padded_channels,
                     T(0));
     const int32_t* pixels = index ? index->values.data() + y * s.in_w : nullptr;
+    if (!pixels && padded_channels == cg) {  // channels land contiguously: one [C, W] -> [W, C] transpose
+      TransposeBytes(x + n * s.in_channels * s.in_plane + y * s.in_w, s.in_plane, s.in_channels, s.in_w, body,
+                     stride, simd);
+      return;
+    }
     for (int64_t c = 0; c < s.in_channels; ++c) {
       const uint8_t* src = x + (n * s.in_channels + c) * s.in_plane;
       T* dst = body + (c / cg) * padded_channels + c % cg;
@@ -311,13 +370,14 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
   const uint8_t* bytes = nullptr;
   const int16_t* words = nullptr;
   const uint8_t x_zero = static_cast<uint8_t>(q.x_zero_point);
+  const bool simd = isa != QuantizedGemmIsa::kPortable;  // AVX2 at least: the SSE byte transposes apply
   if (isa == QuantizedGemmIsa::kAvx2) {
     int16_t* buffer = Scratch(tls_input_words, buffer_size);
-    PackInput(s, a, padded, input_index, x, w.padded_channels, x_zero, buffer, parallel);
+    PackInput(s, a, padded, input_index, x, w.padded_channels, x_zero, buffer, simd, parallel);
     words = buffer;
   } else {
     uint8_t* buffer = Scratch(tls_input_bytes, buffer_size);
-    PackInput(s, a, padded, input_index, x, w.padded_channels, x_zero, buffer, parallel);
+    PackInput(s, a, padded, input_index, x, w.padded_channels, x_zero, buffer, simd, parallel);
     bytes = buffer;
   }
 
@@ -376,18 +436,12 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
     for (int64_t k = 0; k < kn; ++k)
       RequantizeRow(tile + k * width, offsets.data() + first, q.scales.data() + first, channels, lo, hi,
                     q.y_zero_point, quantized + k * channels);
-    constexpr int64_t kBlock = 32;
-    for (int64_t c0 = 0; c0 < channels; c0 += kBlock) {
-      const int64_t c1 = std::min(channels, c0 + kBlock);
-      for (int64_t k = 0; k < kn;) {
-        const int64_t column = k0 + k, n = column / count, kk = column % count;
-        const int64_t run = std::min({kn - k, count - kk, kBlock});
-        for (int64_t c = c0; c < c1; ++c) {
-          uint8_t* row = yc + (n * s.out_channels + first + c) * count + kk;
-          for (int64_t r = 0; r < run; ++r) row[r] = quantized[(k + r) * channels + c];
-        }
-        k += run;
-      }
+    for (int64_t k = 0; k < kn;) {  // runs of positions within one image
+      const int64_t column = k0 + k, n = column / count, kk = column % count;
+      const int64_t run = std::min(kn - k, count - kk);
+      TransposeBytes(quantized + k * channels, channels, run, channels, yc + (n * s.out_channels + first) * count + kk,
+                     count, simd);
+      k += run;
     }
   });
   // Large copies (big batches) give their memory back rather than staying pinned to this thread.
