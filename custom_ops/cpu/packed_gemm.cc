@@ -33,13 +33,16 @@ __attribute__((always_inline)) inline void Store(float* p, V v) {
 
 // One template for every ISA: instantiated only inside functions compiled for that ISA, where the
 // vector types map onto zmm / ymm registers.
-template <typename V, int kVectors, int kNr>
+// kPrefetch: also prefetch the weight panel 8 KiB ahead of the loads, for passes whose weights come
+// from L3 or memory rather than L2 (see GemmIsa::Get).
+template <typename V, int kVectors, int kNr, bool kPrefetch>
 __attribute__((always_inline)) inline void MicroKernel(int64_t kc, const float* __restrict a,
                                                        const float* const* __restrict rows,
                                                        const int32_t* __restrict positions, float* __restrict c,
                                                        int64_t ldc, bool first) {
   constexpr int kWidth = sizeof(V) / sizeof(float);
   constexpr int kMr = kVectors * kWidth;
+  constexpr int kPrefetchDistance = 8192 / (kMr * static_cast<int>(sizeof(float)));  // in steps of p
   V acc[kNr][kVectors];
 #pragma GCC unroll 16
   for (int j = 0; j < kNr; ++j)
@@ -51,6 +54,10 @@ __attribute__((always_inline)) inline void MicroKernel(int64_t kc, const float* 
   for (int j = 0; j < kNr; ++j) offset[j] = positions[j];
   for (int64_t p = 0; p < kc; ++p) {
     const float* row = rows[p];
+    if constexpr (kPrefetch) {
+#pragma GCC unroll 2
+      for (int v = 0; v < kVectors; ++v) __builtin_prefetch(a + (p + kPrefetchDistance) * kMr + v * kWidth, 0, 3);
+    }
     V av[kVectors];
 #pragma GCC unroll 2
     for (int v = 0; v < kVectors; ++v) av[v] = Load<V>(a + p * kMr + v * kWidth);
@@ -70,21 +77,28 @@ __attribute__((always_inline)) inline void MicroKernel(int64_t kc, const float* 
 #define PERFORATE_AVX512 "avx512f,avx512vl,avx512dq,avx512bw,fma,avx2"
 #define PERFORATE_AVX2 "avx2,fma"
 
-// One instantiation of the micro-kernel per ISA, vector count and tile width, each compiled for its ISA.
-#define PERFORATE_KERNEL(name, isa, V, vectors, nr)                                                         \
+// One instantiation of the micro-kernel per ISA, vector count, tile width and prefetching, each
+// compiled for its ISA.
+#define PERFORATE_KERNEL(name, isa, V, vectors, nr, prefetch)                                               \
   __attribute__((target(isa))) void name(int64_t kc, const float* a, const float* const* rows,              \
                                          const int32_t* positions, float* c, int64_t ldc, bool first) {     \
-    MicroKernel<V, vectors, nr>(kc, a, rows, positions, c, ldc, first);                                     \
+    MicroKernel<V, vectors, nr, prefetch>(kc, a, rows, positions, c, ldc, first);                           \
   }
+#define PERFORATE_KERNELS(prefix, isa, V, nr)                                     \
+  PERFORATE_KERNEL(prefix##x1, isa, V, 1, nr, false)                              \
+  PERFORATE_KERNEL(prefix##x2, isa, V, 2, nr, false)                              \
+  PERFORATE_KERNEL(prefix##Halfx1, isa, V, 1, nr / 2, false)                      \
+  PERFORATE_KERNEL(prefix##Halfx2, isa, V, 2, nr / 2, false)                      \
+  PERFORATE_KERNEL(prefix##Prefetchx1, isa, V, 1, nr, true)                       \
+  PERFORATE_KERNEL(prefix##Prefetchx2, isa, V, 2, nr, true)                       \
+  PERFORATE_KERNEL(prefix##PrefetchHalfx1, isa, V, 1, nr / 2, true)               \
+  PERFORATE_KERNEL(prefix##PrefetchHalfx2, isa, V, 2, nr / 2, true)               \
+  constexpr GemmIsa::KernelTable prefix##Table = {{                                                         \
+      {{{{prefix##x1, prefix##Prefetchx1}}, {{prefix##Halfx1, prefix##PrefetchHalfx1}}}},                    \
+      {{{{prefix##x2, prefix##Prefetchx2}}, {{prefix##Halfx2, prefix##PrefetchHalfx2}}}}}};
 
-PERFORATE_KERNEL(KernelAvx512x1, PERFORATE_AVX512, Vec16, 1, 12)
-PERFORATE_KERNEL(KernelAvx512x2, PERFORATE_AVX512, Vec16, 2, 12)
-PERFORATE_KERNEL(HalfAvx512x1, PERFORATE_AVX512, Vec16, 1, 6)
-PERFORATE_KERNEL(HalfAvx512x2, PERFORATE_AVX512, Vec16, 2, 6)
-PERFORATE_KERNEL(KernelAvx2x1, PERFORATE_AVX2, Vec8, 1, 6)
-PERFORATE_KERNEL(KernelAvx2x2, PERFORATE_AVX2, Vec8, 2, 6)
-PERFORATE_KERNEL(HalfAvx2x1, PERFORATE_AVX2, Vec8, 1, 3)
-PERFORATE_KERNEL(HalfAvx2x2, PERFORATE_AVX2, Vec8, 2, 3)
+PERFORATE_KERNELS(Avx512, PERFORATE_AVX512, Vec16, 12)
+PERFORATE_KERNELS(Avx2, PERFORATE_AVX2, Vec8, 6)
 
 template <Activation kAct>
 __attribute__((always_inline)) inline float ActivateScalar(float v, const Epilogue& e) {
@@ -242,9 +256,9 @@ GemmIsa Detect() {
   __builtin_cpu_init();
   if (forced != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
-    return {"avx512", 16, 12, KernelAvx512x1, KernelAvx512x2, HalfAvx512x1, HalfAvx512x2, DispatchStore<Avx512Store>};
+    return {"avx512", 16, 12, Avx512Table, DispatchStore<Avx512Store>};
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {"avx2", 8, 6, KernelAvx2x1, KernelAvx2x2, HalfAvx2x1, HalfAvx2x2, DispatchStore<Avx2Store>};
+    return {"avx2", 8, 6, Avx2Table, DispatchStore<Avx2Store>};
   return {};
 }
 

@@ -10,6 +10,7 @@
 // (a scalar transposition cost up to 40% of the time on layers with short reductions, e.g. conv1).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -32,20 +33,18 @@ struct GemmIsa {
   // kernel(kc, a, rows, positions, c, ldc, first):
   //   c[j * ldc + r] (+)= sum_{p < kc} a[p * MR + r] * rows[p][positions[j]]   for r < MR, j < NR
   using Kernel = void (*)(int64_t, const float*, const float* const*, const int32_t*, float*, int64_t, bool);
-  Kernel kernel_1v = nullptr;  // MR = width
-  Kernel kernel_2v = nullptr;  // MR = 2 * width
-  // The same for NR / 2 positions: a last tile of at most NR / 2 positions wastes no work.
-  Kernel half_1v = nullptr;
-  Kernel half_2v = nullptr;
+  // kernels[vectors - 1][half][prefetch]: MR = vectors * width; half: NR / 2 positions (a last tile of
+  // at most NR / 2 positions wastes no work); prefetch: the weight panel is prefetched ahead of its
+  // loads, for passes whose weights are not in L2.
+  using KernelTable = std::array<std::array<std::array<Kernel, 2>, 2>, 2>;
+  KernelTable kernels{};
   // store(tile, ldt, rows, columns, epilogue, out, ldo):
   //   out[m * ldo + k] = act(tile[k * ldt + m] + bias[m])   for m < rows, k < columns
   // The micro-kernel's position-major tile transposed into channel-major rows, 16 x 16 (AVX-512) or
   // 8 x 8 (AVX2) blocks at a time in registers. ldt must be a multiple of the vector width.
   using Store = void (*)(const float*, int64_t, int64_t, int64_t, const Epilogue&, float*, int64_t);
   Store store = nullptr;
-  Kernel Get(int vectors, bool half) const {
-    return vectors == 2 ? (half ? half_2v : kernel_2v) : (half ? half_1v : kernel_1v);
-  }
+  Kernel Get(int vectors, bool half, bool prefetch) const { return kernels[vectors - 1][half][prefetch]; }
 };
 
 // The best micro-kernel this CPU runs, or a GemmIsa with width 0 (then the caller uses OpenBLAS).

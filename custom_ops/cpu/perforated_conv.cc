@@ -97,6 +97,10 @@ T* Scratch(std::vector<T>& buffer, size_t size) {
 // the input pixels of one tile of positions stay in L1 across all of them.
 constexpr int64_t kKc = 256;
 
+// Bytes of weight panels one KC pass may stream and still expect to find in L2 on its next tile: half
+// of a 1 MiB L2.
+constexpr int64_t kL2Share = int64_t{512} << 10;
+
 // X with the convolution's padding made explicit, one plane per task. A compact X is interpolated on
 // the way (through its index): the full input exists only in this per-thread scratch buffer.
 void PadInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g, const InputIndex* index,
@@ -216,7 +220,6 @@ void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIn
   const int64_t patch = s.patch_size();
   const GemmIsa& isa = BestGemmIsa();
   const int64_t nr = isa.nr, mr = packed.mr;
-  const GemmIsa::Kernel kernel = isa.Get(packed.vectors, false), half = isa.Get(packed.vectors, true);
   const int64_t padded_plane = padded.plane;
   const float* input = c.x;
   if (padded.copy_needed) {
@@ -268,8 +271,11 @@ void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIn
       float* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * width));
       for (int64_t pc = 0; pc < patch; pc += kKc) {
         const int64_t kc = std::min(kKc, patch - pc);
+        // The first tile streams the pass's weight panels from L3 or memory (the layers before evicted
+        // them from L2): it prefetches them. The other tiles find them in L2, unless they do not fit.
+        const bool panels_exceed_l2 = width * kc * int64_t{sizeof(float)} > kL2Share;
         for (int64_t j = 0; j < tiles; ++j) {
-          const GemmIsa::Kernel tile_kernel = kn - j * nr <= nr / 2 ? half : kernel;
+          const GemmIsa::Kernel tile_kernel = isa.Get(packed.vectors, kn - j * nr <= nr / 2, j == 0 || panels_exceed_l2);
           for (int64_t i = i0; i < i1; ++i)
             tile_kernel(kc, packed.Panel(g, i) + pc * mr, rows + pc, positions + k0 + j * nr,
                         tile + j * nr * width + (i - i0) * mr, width, pc == 0);
