@@ -128,11 +128,14 @@ def variant_session(key, model_or_path, threads, **settings):
 # Latency
 
 
-def latency(models: dict, threads: int, batch: int, repeats: int, warmup: int = 3, stat=statistics.median) -> tuple[dict, dict]:
-    """({variant: wall ms}, {variant: process CPU ms}), ``stat`` (median) of interleaved runs."""
+def latency(models: dict, threads: int, batch: int, repeats: int, warmup: int = 3, stat=statistics.median,
+            runs_per_turn: int = 1) -> tuple[dict, dict]:
+    """({variant: wall ms}, {variant: process CPU ms}), ``stat`` (median) of interleaved runs
+    (``runs_per_turn``: see runtime.time_interleaved)."""
     sessions = {k: variant_session(k, m, threads) for k, m in models.items()}
     name, x = runtime.timing_input(models["original"], batch)
-    timings = runtime.time_interleaved(list(sessions.values()), {name: x}, repeats, warmup=warmup)
+    timings = runtime.time_interleaved(list(sessions.values()), {name: x}, repeats, warmup=warmup,
+                                       runs_per_turn=runs_per_turn)
     return ({k: stat(v) * 1e3 for k, v in zip(sessions, timings.wall)},
             {k: stat(v) * 1e3 for k, v in zip(sessions, timings.cpu)})
 
@@ -302,6 +305,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     p.add_argument("--repeats", type=int, default=40)
+    p.add_argument("--runs-per-turn", type=int, default=1,
+                   help="1: models alternate run by run, each run starting with the other model's data in the "
+                        "caches; n > 1: n runs per turn, the first untimed (the steady state of a model run "
+                        "repeatedly)")
     p.add_argument("--stat", choices=sorted(STATISTICS), default="median",
                    help="statistic of the interleaved runs and of the per-node profile (p10 or min: the least "
                         "disturbed runs, for a machine other jobs load)")
@@ -338,13 +345,15 @@ def main(argv=None) -> int:
             for k, m in models.items():
                 paths[k] = folder / f"{args.model.stem}.r{rate}.{k}.onnx"
                 onnx.save(m, paths[k])
-            print(f"{args.stat} of {args.repeats} interleaved runs\n")
+            turns = "one run per turn" if args.runs_per_turn == 1 else f"{args.runs_per_turn} runs per turn, the first untimed"
+            print(f"{args.stat} of {args.repeats} interleaved runs ({turns})\n")
             print("| threads | batch | original ms | " + " | ".join(f"{k} ms | {k} speed-up | fraction of R | share of saved time"
                                                           for k in perforated) + " | cpu speed-up (1 thread) |")
             print("|---|---|---|" + "---|---|---|---|" * len(perforated) + "---|")
             for threads in args.threads:
                 for batch in args.batch:
-                    wall, cpu = latency(models, threads, batch, args.repeats, stat=STATISTICS[args.stat])
+                    wall, cpu = latency(models, threads, batch, args.repeats, stat=STATISTICS[args.stat],
+                                        runs_per_turn=args.runs_per_turn)
                     cells = []
                     for k in perforated:
                         speedup = wall["original"] / wall[k]

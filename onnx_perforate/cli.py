@@ -138,9 +138,10 @@ def cmd_bench(args) -> int:
                                  f"{format_shape(dims)}, {paths[1]} takes {other_name!r} "
                                  f"{format_shape(other_dims)}; bench compares a model with its perforated version")
     sessions = [session(m, args.threads) for m in models]
-    times = time_interleaved(sessions, {name: x}, args.repeats, warmup=args.warmup,
+    times = time_interleaved(sessions, {name: x}, args.repeats, warmup=args.warmup, runs_per_turn=args.runs_per_turn,
                              progress=lambda rounds: _progress(rounds, "bench", args)).wall
-    result = {"threads": args.threads, "batch": int(x.shape[0]), "repeats": args.repeats, "models": []}
+    result = {"threads": args.threads, "batch": int(x.shape[0]), "repeats": args.repeats,
+              "runs_per_turn": args.runs_per_turn, "models": []}
     peaks = [peak_memory(p, int(x.shape[0])) if args.memory else None for p in paths]
     for path, bucket, peak in zip(paths, times, peaks):
         median = statistics.median(bucket)
@@ -472,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=1, help="batch size for dynamic-batch inputs (default: 1)")
     p.add_argument("--repeats", type=_positive_int, default=50, help="timed runs per model (default: 50)")
     p.add_argument("--warmup", type=_nonnegative_int, default=5, help="untimed runs per model first (default: 5)")
+    p.add_argument("--runs-per-turn", type=_positive_int, default=1,
+                   help="1 (default): the models alternate run by run, so each run starts with the other "
+                   "model's data in the caches; N > 1: N runs per turn, the first untimed, timing each "
+                   "model in the steady state of a model run repeatedly")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure each model's peak memory while running, in a subprocess (default: on)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")

@@ -95,25 +95,35 @@ class Timings(NamedTuple):
 
 
 def time_interleaved(sessions: Sequence, feeds: Mapping | Sequence[Mapping], repeats: int, *, warmup: int = 5,
-                     progress: Callable | None = None) -> Timings:
-    """Time each session ``repeats`` times. The sessions take turns, one run each per round, so
-    that drifts in the machine's load hit them alike; ``warmup`` untimed runs each come first.
-    ``feeds`` is one feed for every session, or a list of one per session (inputs of different sizes).
-    ``progress`` wraps the range of rounds (a tqdm, for example)."""
+                     runs_per_turn: int = 1, progress: Callable | None = None) -> Timings:
+    """Time each session ``repeats`` times. The sessions take turns, so that drifts in the machine's
+    load hit them alike; ``warmup`` untimed runs each come first. ``feeds`` is one feed for every
+    session, or a list of one per session (inputs of different sizes). ``progress`` wraps the range of
+    rounds (a tqdm, for example).
+
+    ``runs_per_turn=1``: one timed run per turn, so every run starts with the other sessions' data in
+    the caches (the weights of a whole network do not fit in L2). ``runs_per_turn=n > 1``: n runs per
+    turn, the first untimed, so each session is timed in the steady state of a model run repeatedly."""
     per_session = [feeds] * len(sessions) if isinstance(feeds, Mapping) else list(feeds)
     if len(per_session) != len(sessions):
         raise ValueError(f"{len(per_session)} feeds for {len(sessions)} sessions")
+    if runs_per_turn < 1:
+        raise ValueError(f"runs_per_turn must be at least 1, got {runs_per_turn}")
     for s, feed in zip(sessions, per_session):
         for _ in range(warmup):
             s.run(None, feed)
     timings = Timings([[] for _ in sessions], [[] for _ in sessions])
-    rounds = range(repeats)
+    timed_per_turn = max(1, runs_per_turn - 1)
+    rounds = range(-(-repeats // timed_per_turn))
     for _ in progress(rounds) if progress else rounds:
         for i, (s, feed) in enumerate(zip(sessions, per_session)):
-            start, start_cpu = time.perf_counter(), time.process_time()
-            s.run(None, feed)
-            timings.wall[i].append(time.perf_counter() - start)
-            timings.cpu[i].append(time.process_time() - start_cpu)
+            if runs_per_turn > 1:
+                s.run(None, feed)
+            for _ in range(min(timed_per_turn, repeats - len(timings.wall[i]))):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                s.run(None, feed)
+                timings.wall[i].append(time.perf_counter() - start)
+                timings.cpu[i].append(time.process_time() - start_cpu)
     return timings
 
 

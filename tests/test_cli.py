@@ -124,3 +124,7 @@ def test_bench_on_sample_model(perforated_sample, tmp_path):
     model, out = perforated_sample
     assert main(["bench", str(model), str(out), "--repeats", "3", "--no-progress", "--json", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["speedup"] > 0
+    assert main(["bench", str(model), str(out), "--repeats", "4", "--runs-per-turn", "3", "--no-memory", "--no-progress",
+                 "--json", str(tmp_path / "s.json")]) == 0
+    steady = json.loads((tmp_path / "s.json").read_text())
+    assert steady["runs_per_turn"] == 3 and steady["speedup"] > 0

@@ -46,20 +46,33 @@ def test_timing_input_is_uniform_and_a_static_batch_wins():
         runtime.timing_input(_relu_model(("N", 3, "H", 8)))
 
 
+class RecordingSession:
+    """Stands in for an ORT session: appends its name to ``calls`` at every run."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def run(self, outputs, feeds):
+        self.calls.append(self.name)
+
+
 def test_time_interleaved_takes_turns():
     calls = []
-
-    class Fake:
-        def __init__(self, name):
-            self.name = name
-
-        def run(self, outputs, feeds):
-            calls.append(self.name)
-
-    times = runtime.time_interleaved([Fake("a"), Fake("b")], {}, repeats=3, warmup=2)
+    times = runtime.time_interleaved([RecordingSession("a", calls), RecordingSession("b", calls)], {}, repeats=3, warmup=2)
     assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
     for kind in (times.wall, times.cpu):
         assert [len(t) for t in kind] == [3, 3] and all(v >= 0 for t in kind for v in t)
+
+
+def test_time_interleaved_runs_per_turn_times_the_steady_state():
+    calls = []
+    sessions = [RecordingSession("a", calls), RecordingSession("b", calls)]
+    times = runtime.time_interleaved(sessions, {}, repeats=5, warmup=1, runs_per_turn=3)
+    # each turn: one untimed run, then two timed ones; the last turn times only what is left
+    assert calls == ["a", "b"] + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 2 + ["b"] * 2
+    assert [len(t) for t in times.wall] == [5, 5]
+    with pytest.raises(ValueError, match="runs_per_turn"):
+        runtime.time_interleaved(sessions, {}, repeats=1, runs_per_turn=0)
 
 
 def test_time_interleaved_feeds_each_session_its_own_input():
