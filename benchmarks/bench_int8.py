@@ -6,6 +6,12 @@ Sessions are interleaved (medians) with spinning off. Prints Markdown tables: sp
 fraction of the theoretical speed-up (1/(1-r) per layer, the Conv-MAC reduction for the network).
 
     python benchmarks/bench_int8.py --threads 1 --repeats 30
+
+``--only table``: SqueezeNet 1.1 as float32, INT8 (quantize_static, QDQ, per-channel), INT8 + perforation
+tuned by ``onnx_perforate.tune`` on the INT8 model, and INT8 fed smaller images: speed (interleaved
+medians), val100 top-1/top-5 and top-1 agreement with float32 on held-out images. Data split: samples1000
+(sorted, one image per class) even-indexed images calibrate (every 32nd quantize_static, every 16th the
+tuner), odd-indexed ones are held out; val100 is used only for accuracy.
 """
 
 from __future__ import annotations
@@ -79,21 +85,31 @@ def bench_layers(args, rng):
                       f"{t_base / t_perf:.2f}x | {theoretical:.2f}x | {t_base / t_perf / theoretical:.0%} |", flush=True)
 
 
-def quantized_squeezenet(folder: Path) -> onnx.ModelProto:
-    """SqueezeNet 1.1 converted to opset 13, then quantize_static (QDQ, per-channel int8 weights, uint8
-    activations) calibrated on 8 samples1000 images (every 25th)."""
-    from onnxruntime import quantization
-
+def samples1000(indices) -> np.ndarray:
+    """The preprocessed samples1000 images at ``indices`` (sorted file order)."""
     from onnx_perforate import data
 
-    images = data.load_folder(SHARED / "samples1000", data.PRESETS["caffe"], limit=200)
-    x = images.load(0, images.size)
+    images = data.load_folder(SHARED / "samples1000", data.PRESETS["caffe"])
+    return np.concatenate([images.load(i, i + 1) for i in indices])
+
+
+def quantized_squeezenet(folder: Path, x: np.ndarray | None = None) -> onnx.ModelProto:
+    """SqueezeNet 1.1 converted to opset 13 with a free batch size, then quantize_static (QDQ, per-channel int8 weights, uint8
+    activations) calibrated on ``x`` (default: 8 samples1000 images, every 25th of the first 200)."""
+    from onnxruntime import quantization
+
+    if x is None:
+        x = samples1000(range(0, 200, 25))
     source = folder / "squeezenet13.onnx"
-    onnx.save(version_converter.convert_version(onnx.load(str(SHARED / "squeezenet1.1.onnx")), 13), source)
+    model = version_converter.convert_version(onnx.load(str(SHARED / "squeezenet1.1.onnx")), 13)
+    next(v for v in model.graph.input if v.name == "data_0").type.tensor_type.shape.dim[0].dim_param = "N"
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"  # any batch (evaluation, tuning)
+    model.graph.ClearField("value_info")
+    onnx.save(model, source)
 
     class Reader(quantization.CalibrationDataReader):
         def __init__(self):
-            self.items = iter([{"data_0": x[i:i + 1]} for i in range(0, 200, 25)])
+            self.items = iter([{"data_0": x[i:i + 1]} for i in range(len(x))])
 
         def get_next(self):
             return next(self.items, None)
@@ -126,18 +142,78 @@ def bench_squeezenet(args):
                   f"{t_base / t_perf / report.mac_reduction:.2f} |", flush=True)
 
 
+def predictions(model, x, threads, batch=25):
+    session = runtime.session(model, threads)
+    out = np.concatenate([session.run(None, {"data_0": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    return np.argsort(-out.reshape(len(x), -1), axis=1)[:, :5]
+
+
+def bench_table(args):
+    """The SqueezeNet table: float32, INT8, INT8 + tuned perforation, INT8 + resize (see the docstring)."""
+    from onnx_perforate import data, tune
+    from onnx_perforate.tuning import ImageResizer, resized_input_model
+
+    if not (SHARED / "squeezenet1.1.onnx").is_file():
+        print(f"\n(SqueezeNet table skipped: {SHARED} is absent)")
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        int8 = quantized_squeezenet(Path(folder), samples1000(range(0, 1000, 32)))
+        float32 = onnx.load(str(Path(folder) / "squeezenet13.onnx"))
+    tuning_x = samples1000(range(0, 1000, 16))
+    held_out = samples1000(range(1, 1000, 2))
+    val = data.load_folder(SHARED / "val100", data.PRESETS["caffe"])
+    val_x, val_y = val.load(0, val.size), val.labels
+    print(f"\ntuning INT8 SqueezeNet on {len(tuning_x)} calibration images (ladder {args.ladder}, "
+          f"max agreement drop {args.max_drop})", flush=True)
+    result = tune(int8, [{"data_0": tuning_x[i:i + 16]} for i in range(0, len(tuning_x), 16)], ladder=args.ladder,
+                  max_accuracy_drop=args.max_drop, subset_size=None, threads=1, repeats=args.repeats,
+                  baselines=False, progress=True)
+    print(result.summary(), flush=True)
+    resizer = ImageResizer("NCHW")
+    rows = [("float32", float32, None), ("INT8 (QDQ, per-channel)", int8, None),
+            (f"INT8 + perforation (tuned, {len(result.masks)} Convs)", result.model, None)]
+    rows += [(f"INT8 + resize to {s}x{s}", resized_input_model(int8, (s, s), "NCHW"), (s, s)) for s in args.sizes]
+    reference = predictions(float32, held_out, 1)[:, 0]
+    timing = np.random.default_rng(0).uniform(-120, 140, (1, 3, 224, 224)).astype(np.float32)
+    feeds = [{"data_0": timing if size is None else resizer(timing, size)} for _, _, size in rows]
+    sessions = [runtime.session(model, args.threads[0]) for _, model, _ in rows]
+    wall = runtime.time_interleaved(sessions, feeds, args.repeats, warmup=3).wall
+    times = [statistics.median(t) for t in wall]
+    print(f"\n| SqueezeNet 1.1 | ms ({args.threads[0]} thread) | speed-up vs float32 | vs INT8 | val100 top-1 | "
+          "val100 top-5 | held-out agreement with float32 |")
+    print("|---|---|---|---|---|---|---|")
+    for (label, model, size), t in zip(rows, times):
+        val_in = val_x if size is None else resizer(val_x, size)
+        held_in = held_out if size is None else resizer(held_out, size)
+        top = predictions(model, val_in, 1)
+        top1, top5 = (top[:, 0] == val_y).mean(), (top == val_y[:, None]).any(axis=1).mean()
+        agreement = (predictions(model, held_in, 1)[:, 0] == reference).mean()
+        print(f"| {label} | {t * 1e3:.2f} | {times[0] / t:.2f}x | {times[1] / t:.2f}x | {top1:.2f} | {top5:.2f} | "
+              f"{agreement:.3f} |", flush=True)
+    print(f"\nheld-out: {len(held_out)} odd-indexed samples1000 images; calibration: every 32nd "
+          f"(quantize_static) and every 16th (tune) samples1000 image, all even-indexed; tuned rates: "
+          f"{ {k: m.rate for k, m in result.masks.items()} }")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--only", choices=["layers", "squeezenet"], default=None)
+    parser.add_argument("--only", choices=["layers", "squeezenet", "table"], default=None)
+    parser.add_argument("--ladder", type=float, nargs="+", default=[0.0, 0.35, 0.5, 0.7],
+                        help="table: the tuner's ladder")
+    parser.add_argument("--max-drop", type=float, default=0.05,
+                        help="table: the tuner's budget in top-1 agreement with the INT8 model")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[192, 160], help="table: resized input sizes")
     args = parser.parse_args(argv)
     print(f"# PerforatedQLinearConv vs ORT INT8 (onnxruntime {ort.__version__}, median of {args.repeats})\n")
-    if args.only != "squeezenet":
+    if args.only in (None, "layers"):
         bench_layers(args, np.random.default_rng(0))
-    if args.only != "layers":
+    if args.only in (None, "squeezenet"):
         bench_squeezenet(args)
+    if args.only == "table":  # minutes: quantizes, tunes and evaluates on real images
+        bench_table(args)
 
 
 if __name__ == "__main__":

@@ -501,7 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Climb each layer's ladder of perforation rates, one layer a step: the layer "
                        "whose next rung costs the least loss per time saved, (L - L0) / (t0 - t), with t the "
                        "whole network's time measured in ORT. Masks are impact masks from gradients computed "
-                       "in ORT. Writes OUTPUT/model.onnx, report.json, tradeoff.png and masks.png.")
+                       "in ORT (for a QDQ model, on its float twin; the candidates stay INT8 and are timed as "
+                       "such). Writes OUTPUT/model.onnx, report.json, tradeoff.png and masks.png.")
     p.add_argument("model", help="ONNX model file")
     _add_data_arguments(p)
     p.add_argument("-o", "--output", required=True, help="output folder")

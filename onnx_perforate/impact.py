@@ -22,6 +22,7 @@ import numpy as np
 
 from .calibration import CalibrationSet, calibration_set
 from .errors import PerforateError
+from .float_twin import float_twin
 from .gradients import GradientRunner, default_session_options
 from .analysis import analyse
 from .graph import node_key
@@ -69,12 +70,14 @@ def default_loss(calibration: CalibrationSet) -> str:
 class ImpactEstimator:
     """Computes impact maps of chosen Convs on the original or a perforated network.
 
-    The gradient graph of each perforation state is built once per batch size and reused.
+    The gradient graph of each perforation state is built once per batch size and reused. A QDQ model
+    is differentiated through its float twin (:mod:`onnx_perforate.float_twin`: clipped straight-through
+    estimator, INT8 weights).
     """
 
     def __init__(self, model, calibration: CalibrationSet, convs: Mapping[str, str], *, loss: str | None = None,
                  batch_size: int = 16, threads: int | None = None):
-        self.model = analyse(model).model
+        self.model = float_twin(analyse(model).model)
         self.calibration = calibration
         self.convs = dict(convs)
         self.loss = loss or default_loss(calibration)
