@@ -89,7 +89,7 @@ def cmd_perforate(args) -> int:
     for record in layers:
         shape = record.output_shape[2:]
         chosen[record.name] = masks.make(args.mask, shape, args.rate, seed=args.seed, model=model, conv=record.name)
-    passes = dict(fuse=not args.no_fuse, compact=args.compact)
+    passes = dict(fuse=not args.no_fuse, compact=args.compact, skip_unprofitable=args.skip_unprofitable)
     for flag in ("fold_batchnorm", "fuse_activation", "interpolate_late"):
         if getattr(args, f"no_{flag}"):
             passes[flag] = False
@@ -455,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "and global pooling, and let perforated convolutions read compact inputs (default: on; "
                    "--no-compact gives the explicit form, one NNInterpolate per perforated Conv; both run on CPU, CUDA "
                    "and the Python fallback)")
+    p.add_argument("--skip-unprofitable", action="store_true",
+                   help="keep a requested layer as plain Conv where the CPU cost model predicts perforating it cannot "
+                   "pay (its kernel efficiency, interpolation and layout reorders; docs/rewriter.md); the report says "
+                   "which and why")
     p.add_argument("--portable", nargs="?", const="functions", choices=["functions", "expanded"],
                    help="also give each custom op a standard-ONNX function body, so that the model runs (slowly) "
                    "without the library; 'expanded' inlines the bodies: no custom op is left (docs/deployment.md)")

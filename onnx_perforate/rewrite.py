@@ -102,6 +102,10 @@ class RewriteReport:
     total_conv_macs: int = 0  # all Conv nodes of the model, per image
     compact_saved_macs: int = 0  # MACs of unperforated 1x1 Convs that now run on compact tensors
     kept_plain: dict[str, str] = field(default_factory=dict)  # requested layers left as Conv, and why
+    # Tensors ORT's NCHWc transformer is expected to reorder (profitability.nchwc_reorders), in the
+    # rewritten model and in the original.
+    nchwc_reorders: list[str] = field(default_factory=list)
+    nchwc_reorders_original: int = 0
 
     @property
     def perforated_conv_macs(self) -> int:
@@ -122,12 +126,20 @@ class RewriteReport:
             "perforated_conv_macs": self.perforated_conv_macs,
             "conv_mac_reduction": round(self.mac_reduction, 4),
             "kept_plain": dict(self.kept_plain),
+            "nchwc_reorders": list(self.nchwc_reorders),
+            "nchwc_reorders_original": self.nchwc_reorders_original,
         }
 
     def format(self) -> str:
         lines = [line for layer in self.layers for line in layer.lines()]
         lines += [f"{key}: {why}" for key, why in self.kept_plain.items()]
         lines += [f"note: {n}" for n in self.notes]
+        if len(self.nchwc_reorders) > self.nchwc_reorders_original:
+            lines.append(
+                f"layout: ORT's NCHWc transformer stays on (measured faster than off, docs/benchmarks.md); expect "
+                f"{len(self.nchwc_reorders)} layout reorders between its Convs and the custom ops (the original: "
+                f"{self.nchwc_reorders_original}): {', '.join(self.nchwc_reorders)}"
+            )
         lines.append(
             f"conv MACs per image: {self.total_conv_macs:,} -> {self.perforated_conv_macs:,} "
             f"({self.mac_reduction:.2f}x fewer)"
@@ -278,6 +290,8 @@ def _rewrite_plan(analysed, plan, options: RewriteOptions) -> tuple[onnx.ModelPr
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     result = _export(graph, original, report)
     _validate(result)
+    report.nchwc_reorders = profitability.nchwc_reorders(result)
+    report.nchwc_reorders_original = len(profitability.nchwc_reorders(original))
     for line in report.format().splitlines():
         log.debug("%s", line)
     return result, report

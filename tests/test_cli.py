@@ -119,6 +119,19 @@ def test_end_to_end_on_sample_model(perforated_sample, tmp_path):
     assert 0 <= data["model_top1"] <= 1 and data["top1_agreement"] > 0.3
 
 
+def test_perforate_skip_unprofitable(tmp_path):
+    """--skip-unprofitable keeps light layers as plain Conv and says why; the summary lists the layout
+    reorders ORT is expected to add."""
+    model, out = sample_file("fashion_cnn.onnx"), tmp_path / "light.onnx"
+    args = ["perforate", str(model), "--mask", "uniform", "--rate", "0.1", "--layers", "conv2", "-o", str(out)]
+    assert main(args) == 0
+    plain = json.loads(out.with_suffix(".json").read_text())
+    assert not plain["kept_plain"] and len(plain["nchwc_reorders"]) > plain["nchwc_reorders_original"]
+    assert main(args + ["--skip-unprofitable"]) == 0
+    skipped = json.loads(out.with_suffix(".json").read_text())
+    assert "conv2" in skipped["kept_plain"] and skipped["conv_mac_reduction"] == 1.0
+
+
 @needs_library
 def test_bench_on_sample_model(perforated_sample, tmp_path):
     model, out = perforated_sample

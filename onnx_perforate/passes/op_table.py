@@ -44,6 +44,14 @@ _TABLE: dict[str, Semantics] = {
 FUSABLE_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a)
 
 
+# Ops ORT's NCHWc transformer keeps in its blocked layout when all their tensor inputs are blocked
+# (the activations also fuse into the Conv before them); read by passes.profitability.nchwc_reorders.
+NCHWC_FOLLOWERS = frozenset({
+    "Concat", "Add", "Sum", "Mul", "Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "HardSwish",
+    "BatchNormalization", "Dropout", "Identity", "GlobalMaxPool", "GlobalAveragePool",
+})
+
+
 def semantics(op_type: str, domain: str | None = "") -> Semantics | None:
     """The op's row of the table; None for ops it does not know (they need the full tensor)."""
     if domain not in ("", "ai.onnx", None):
@@ -78,5 +86,5 @@ def keeps_grid(node) -> bool:
     return is_position_wise(node.op_type, node.domain)
 
 
-__all__ = ["FUSABLE_ACTIVATIONS", "Semantics", "is_channel_axis", "is_position_wise", "keeps_grid", "ops_with",
-           "semantics"]
+__all__ = ["FUSABLE_ACTIVATIONS", "NCHWC_FOLLOWERS", "Semantics", "is_channel_axis", "is_position_wise", "keeps_grid",
+           "ops_with", "semantics"]
