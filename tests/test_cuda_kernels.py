@@ -726,3 +726,59 @@ def test_ort_cuda_provider_runs_compact_pool(mode, attrs):
         for batch in (1, 3):
             x = rng.standard_normal((batch, 6, k)).astype(np.float32)
             np.testing.assert_allclose(gpu.run(None, {"x": x})[0], cpu.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
+
+
+# --- PerforatedQLinearConv has no CUDA kernel ----------------------------------------------------------
+
+
+def _quantized_model(name="qconv") -> tuple[bytes, np.ndarray]:
+    """One PerforatedQLinearConv (uint8 x int8, per-channel weights) and a uint8 input."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_perforate import ops
+
+    rng = np.random.default_rng(11)
+    c, m, hw = 16, 24, 10
+    mask = rng.random((hw, hw)) < 0.6
+    params = {"x_scale": np.float32(0.02), "x_zero_point": np.uint8(120),
+              "w": rng.integers(-127, 128, (m, c, 3, 3), dtype=np.int8),
+              "w_scale": rng.uniform(0.001, 0.01, m).astype(np.float32), "w_zero_point": np.zeros(m, np.int8),
+              "y_scale": np.float32(0.5), "y_zero_point": np.uint8(128), "mask": mask}
+    node = ops.make_perforated_qlinear_conv_node(
+        ["x", "x_scale", "x_zero_point", "w", "w_scale", "w_zero_point", "y_scale", "y_zero_point", "", "mask"], "yc",
+        ops.ConvAttributes(kernel_shape=(3, 3), pads=(1, 1, 1, 1)), name)
+    graph = helper.make_graph([node], "quantized", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, c, hw, hw])],
+                              [helper.make_tensor_value_info("yc", TensorProto.UINT8, [1, m, int(mask.sum())])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in params.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+    onnx.checker.check_model(model)
+    return model.SerializeToString(), rng.integers(0, 256, (1, c, hw, hw), dtype=np.uint8)
+
+
+def test_cuda_library_still_runs_the_quantized_op_on_the_cpu():
+    """The CUDA ops library registers PerforatedQLinearConv for CUDAExecutionProvider only as a refusal:
+    in a CPU session it must still run the CPU kernel, with the same result as the CPU library."""
+    import onnxruntime as ort
+
+    import onnx_perforate
+
+    try:
+        cuda_options = onnx_perforate.session_options(1, cuda=True)
+    except LibraryNotFoundError as e:
+        pytest.skip(f"the CUDA ops library is not built: {e}")
+    model, x = _quantized_model()
+    cpu = ort.InferenceSession(model, onnx_perforate.session_options(1), providers=["CPUExecutionProvider"])
+    with_cuda_library = ort.InferenceSession(model, cuda_options, providers=["CPUExecutionProvider"])
+    expected = cpu.run(None, {"x": x})[0]
+    assert len(np.unique(expected)) > 10
+    np.testing.assert_array_equal(with_cuda_library.run(None, {"x": x})[0], expected)
+
+
+@pytest.mark.gpu
+def test_ort_cuda_provider_refuses_the_quantized_op_naming_the_node():
+    ort, onnx_perforate = _ort_cuda()
+    model, _ = _quantized_model(name="conv_int8")
+    with pytest.raises(Exception, match="PerforatedQLinearConv node 'conv_int8'.*no CUDA kernel"):
+        ort.InferenceSession(model, onnx_perforate.session_options(cuda=True),
+                             providers=["CUDAExecutionProvider", "CPUExecutionProvider"])

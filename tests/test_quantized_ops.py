@@ -124,14 +124,38 @@ def test_perforated_matches_reference_and_interpolates_uint8(case):
     np.testing.assert_array_equal(full, ops.nn_interpolate_reference(compact, ops.nearest_index(mask)))
 
 
-def test_compact_input_through_x_index():
+def interpolation_mask(kind, shape, rng):
+    mask = np.zeros(shape, bool)
+    if kind == "random":
+        mask = rng.random(shape) < 0.4
+    elif kind == "far rows":  # rows 0 and H-1: 64 consecutive outputs can read sources > 128 bytes apart
+        mask[0], mask[-1] = True, True
+    mask[0, 0] = True
+    return mask
+
+
+@pytest.mark.parametrize("kind, shape", [("random", (5, 7)), ("random", (30, 33)), ("far rows", (70, 70)),
+                                         ("single", (13, 13))])
+def test_nn_interpolate_uint8_matches_the_reference(kind, shape):
+    """Byte gathers: chunks of 64 outputs whose sources fit 128 bytes (vector permutes on AVX-512 VBMI) and
+    wider ones (scalar), partial last chunks and compact planes shorter than a vector."""
+    rng = np.random.default_rng(len(kind) + shape[0])
+    mask = interpolation_mask(kind, shape, rng)
+    index = ops.nearest_index(mask)
+    yc = rng.integers(0, 256, (2, 3, int(mask.sum())), dtype=np.uint8)
+    model = model_of([ops.make_nn_interpolate_node("x", "index", "y", "interpolate")], yc, {}, [("index", index)])
+    np.testing.assert_array_equal(run(model, yc), ops.nn_interpolate_reference(yc, index))
+
+
+@pytest.mark.parametrize("n, c, h, w", [(2, 24, 11, 9), (1, 32, 18, 20)])  # the second: whole 16x16 transposes
+def test_compact_input_through_x_index(n, c, h, w):
     rng = np.random.default_rng(7)
-    x, params, attrs = quantized_case(rng, 2, 24, 11, 9, 32, 3, pad=1)
-    producer = rng.random((11, 9)) < 0.4
+    x, params, attrs = quantized_case(rng, n, c, h, w, 32, 3, pad=1)
+    producer = rng.random((h, w)) < 0.4
     producer[0, 0] = True
     index = ops.nearest_index(producer)
-    compact_x = x.reshape(2, 24, -1)[:, :, np.flatnonzero(producer)]
-    mask = rng.random((11, 9)) < 0.6
+    compact_x = x.reshape(n, c, -1)[:, :, np.flatnonzero(producer)]
+    mask = rng.random((h, w)) < 0.6
     mask[5, 5] = True
     got = run(perforated_model(compact_x, params, attrs, mask, x_index=index), compact_x)
     np.testing.assert_array_equal(got, reference(ops.nn_interpolate_reference(compact_x, index), params, attrs, mask))
@@ -160,7 +184,7 @@ def test_slower_micro_kernels_match_too(isa):
     env = dict(os.environ, ONNX_PERFORATE_GEMM=isa)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "bit_for_bit or reference_and or x_index"],
+         "bit_for_bit or reference_and or x_index or nn_interpolate_uint8"],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 

@@ -14,6 +14,10 @@ void AddCpuOps(Ort::CustomOpDomain& domain);
 // The quantized ops (perforated_qlinear_conv_op.cc), added by AddCpuOps.
 void AddQuantizedCpuOps(Ort::CustomOpDomain& domain);
 
+// PerforatedQLinearConv on CUDAExecutionProvider: a registration whose kernel creation fails naming the
+// node (there is no CUDA kernel), added by AddCudaOps.
+void AddQuantizedCudaRefusal(Ort::CustomOpDomain& domain);
+
 // Packed weights of a convolution kernel: packed once when the weights are an initializer, on every
 // call otherwise. The first packing is kept even when it is null (a strategy that reads W unpacked).
 template <typename Packed>

@@ -240,6 +240,7 @@ thread_local std::vector<int16_t> tls_input_words;
 thread_local std::vector<int64_t> tls_columns;
 thread_local std::vector<int32_t> tls_tile;
 thread_local std::vector<uint8_t> tls_tile_bytes;
+thread_local std::vector<uint8_t> tls_gathered_rows;
 
 template <typename T>
 T* Scratch(std::vector<T>& buffer, size_t size) {
@@ -272,9 +273,19 @@ void PackInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& 
           std::fill(body + xx * stride + gi * padded_channels + cg, body + xx * stride + (gi + 1) * padded_channels,
                     T(0));
     const int32_t* pixels = index ? index->values.data() + y * s.in_w : nullptr;
-    if (!pixels && padded_channels == cg) {  // channels land contiguously: one [C, W] -> [W, C] transpose
-      TransposeBytes(x + n * s.in_channels * s.in_plane + y * s.in_w, s.in_plane, s.in_channels, s.in_w, body,
-                     stride, simd);
+    if (padded_channels == cg) {  // channels land contiguously: one [C, W] -> [W, C] transpose
+      const uint8_t* channel_rows = x + n * s.in_channels * s.in_plane + y * s.in_w;
+      int64_t ldi = s.in_plane;
+      if (pixels) {  // a compact input: gather the row of every channel first (sequential writes)
+        uint8_t* gathered = Scratch(tls_gathered_rows, static_cast<size_t>(s.in_channels * s.in_w));
+        for (int64_t c = 0; c < s.in_channels; ++c) {
+          const uint8_t* src = x + (n * s.in_channels + c) * s.in_plane;
+          for (int64_t xx = 0; xx < s.in_w; ++xx) gathered[c * s.in_w + xx] = src[pixels[xx]];
+        }
+        channel_rows = gathered;
+        ldi = s.in_w;
+      }
+      TransposeBytes(channel_rows, ldi, s.in_channels, s.in_w, body, stride, simd);
       return;
     }
     for (int64_t c = 0; c < s.in_channels; ++c) {

@@ -160,9 +160,11 @@ struct PerforatedQLinearConvKernel {
   PackedWeightsCache<PackedQuantizedWeights> packed_;
 };
 
-struct PerforatedQLinearConvOp : Ort::CustomOpBase<PerforatedQLinearConvOp, PerforatedQLinearConvKernel, true> {
+// The op's signature, for the CPU kernel and for the CUDA refusal below.
+template <typename Derived, typename Kernel>
+struct PerforatedQLinearConvOpBase : Ort::CustomOpBase<Derived, Kernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    return NewKernel<PerforatedQLinearConvKernel>(api, info, kernel, kOpName);
+    return NewKernel<Kernel>(api, info, kernel, kOpName);
   }
   const char* GetName() const { return kOpName; }
   size_t GetInputTypeCount() const { return kInputs; }
@@ -192,11 +194,35 @@ struct PerforatedQLinearConvOp : Ort::CustomOpBase<PerforatedQLinearConvOp, Perf
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8; }
 };
 
+struct PerforatedQLinearConvOp : PerforatedQLinearConvOpBase<PerforatedQLinearConvOp, PerforatedQLinearConvKernel> {};
+
+// There is no CUDA kernel. Without a CUDA registration ORT would quietly run the node on the CPU, with
+// copies to and from the GPU around it; registered for CUDAExecutionProvider, the node is placed there
+// and session creation fails with this message, naming the node (NewKernel adds the op and node names).
+struct CudaRefusalKernel {
+  CudaRefusalKernel(const OrtApi&, const OrtKernelInfo*) {
+    throw OpError(
+        "has no CUDA kernel: INT8 perforation runs on the CPU only (a dp4a/IMMA kernel is not written yet). "
+        "Run this model with providers=['CPUExecutionProvider'], or perforate the float model for the GPU");
+  }
+  OrtStatusPtr ComputeV2(OrtKernelContext*) { return nullptr; }  // never constructed
+};
+
+struct PerforatedQLinearConvCudaRefusal
+    : PerforatedQLinearConvOpBase<PerforatedQLinearConvCudaRefusal, CudaRefusalKernel> {
+  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
+};
+
 }  // namespace
 
 void AddQuantizedCpuOps(Ort::CustomOpDomain& domain) {
   static PerforatedQLinearConvOp perforated_qlinear_conv;
   domain.Add(&perforated_qlinear_conv);
+}
+
+void AddQuantizedCudaRefusal(Ort::CustomOpDomain& domain) {
+  static PerforatedQLinearConvCudaRefusal refusal;
+  domain.Add(&refusal);
 }
 
 }  // namespace onnx_perforate

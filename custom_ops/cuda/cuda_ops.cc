@@ -17,6 +17,7 @@
 #include <memory>
 #include <mutex>
 
+#include "../cpu/cpu_ops.h"
 #include "kernels.h"
 #include "pool_kernels.h"
 
@@ -247,6 +248,7 @@ void AddCudaOps(Ort::CustomOpDomain& domain) {
   domain.Add(&perforated_conv);
   domain.Add(&nn_interpolate);
   domain.Add(&compact_pool);
+  AddQuantizedCudaRefusal(domain);  // INT8: no CUDA kernel, a clear error instead of a silent CPU fallback
 }
 
 }  // namespace onnx_perforate
