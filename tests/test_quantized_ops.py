@@ -93,6 +93,7 @@ CASES = [
     (1, 5, 9, 8, 7, 5, 1, 2, 1, 1, True, True),  # 5x5, odd channel counts
     (1, 48, 20, 18, 48, 3, 1, 1, 1, 1, True, True),  # whole 16x16 byte transposes and their edges
     (2, 32, 17, 17, 40, 3, 1, 1, 1, 1, True, True),  # transposed runs that end at an image boundary
+    (1, 3, 20, 19, 16, 3, 2, 1, 1, 1, True, True),  # RGB: 3 channels interleaved into 4-byte pixels
 ]
 
 

@@ -1,5 +1,7 @@
 #include "perforated_qlinear_conv.h"
 
+#include "nn_interpolate.h"
+
 #include <immintrin.h>
 
 #include <algorithm>
@@ -240,7 +242,7 @@ thread_local std::vector<int16_t> tls_input_words;
 thread_local std::vector<int64_t> tls_columns;
 thread_local std::vector<int32_t> tls_tile;
 thread_local std::vector<uint8_t> tls_tile_bytes;
-thread_local std::vector<uint8_t> tls_gathered_rows;
+thread_local std::vector<uint8_t> tls_interpolated;
 
 template <typename T>
 T* Scratch(std::vector<T>& buffer, size_t size) {
@@ -248,55 +250,69 @@ T* Scratch(std::vector<T>& buffer, size_t size) {
   return buffer.data();
 }
 
+// Up to 4 channel rows (3 for RGB) interleaved into 4-byte pixels, the rest of each pixel zero: the first
+// layer's channels are padded to the VNNI lane width, which the 16x16 transposes do not cover.
+__attribute__((target(PERFORATE_AVX2_INT))) void InterleaveFourChannels(const uint8_t* const rows[4], int64_t width,
+                                                                        uint8_t* __restrict out) {
+  int64_t x = 0;
+  for (; x + 16 <= width; x += 16) {
+    __m128i r[4];
+    for (int c = 0; c < 4; ++c)
+      r[c] = rows[c] ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[c] + x)) : _mm_setzero_si128();
+    const __m128i lo01 = _mm_unpacklo_epi8(r[0], r[1]), hi01 = _mm_unpackhi_epi8(r[0], r[1]);
+    const __m128i lo23 = _mm_unpacklo_epi8(r[2], r[3]), hi23 = _mm_unpackhi_epi8(r[2], r[3]);
+    uint8_t* o = out + x * 4;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_unpacklo_epi16(lo01, lo23));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16), _mm_unpackhi_epi16(lo01, lo23));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 32), _mm_unpacklo_epi16(hi01, hi23));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 48), _mm_unpackhi_epi16(hi01, hi23));
+  }
+  for (; x < width; ++x)
+    for (int c = 0; c < 4; ++c) out[x * 4 + c] = rows[c] ? rows[c][x] : 0;
+}
+
 // X as a padded NHWC buffer: element (n, y, x, g, c) at ((n * Hp + y) * Wp + x) * C' + g * Cg' + c, with
-// C' = group * Cg' (channels of a group padded to whole lanes). Padding pixels hold the zero point.
+// C' = group * Cg' (channels of a group padded to whole lanes). Padding pixels hold the zero point. X is
+// planar here (a compact input was interpolated before). Sizes are copied to locals: the byte stores
+// may alias anything, which would make the compiler reload them in every iteration.
 template <typename T>
-void PackInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g, const InputIndex* index,
-               const uint8_t* x, int64_t padded_channels, uint8_t zero_point, T* out, bool simd,
-               const ParallelRunner& parallel) {
+void PackInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g, const uint8_t* x,
+               int64_t padded_channels, uint8_t zero_point, T* out, bool simd, const ParallelRunner& parallel) {
   const int64_t hp = g.padded_h, wp = g.padded_w, cg = s.in_channels_per_group();
   const int64_t stride = s.group * padded_channels;
-  const int64_t rows = s.batch * hp;
-  RunMaybeSerially(parallel, s.batch * hp * wp * stride / 4, static_cast<size_t>(rows), [&](size_t task) {
-    const int64_t n = task / hp, py = task % hp, y = py - a.pad_top;
+  const int64_t rows = s.batch * hp, in_h = s.in_h, in_w = s.in_w, channels = s.in_channels, plane = s.in_plane;
+  const int64_t pad_top = a.pad_top, pad_left = a.pad_left, group = s.group;
+  const T zero = static_cast<T>(zero_point);
+  RunMaybeSerially(parallel, s.batch * hp * wp * stride / 4, static_cast<size_t>(rows), [=](size_t task) {
+    const int64_t n = task / hp, py = task % hp, y = py - pad_top;
     T* row = out + (n * hp + py) * wp * stride;
-    if (y < 0 || y >= s.in_h) {
-      std::fill(row, row + wp * stride, static_cast<T>(zero_point));
+    if (y < 0 || y >= in_h) {
+      std::fill(row, row + wp * stride, zero);
       return;
     }
-    std::fill(row, row + a.pad_left * stride, static_cast<T>(zero_point));
-    std::fill(row + (a.pad_left + s.in_w) * stride, row + wp * stride, static_cast<T>(zero_point));
-    T* body = row + a.pad_left * stride;
-    if (padded_channels != cg)
-      for (int64_t xx = 0; xx < s.in_w; ++xx)
-        for (int64_t gi = 0; gi < s.group; ++gi)
-          std::fill(body + xx * stride + gi * padded_channels + cg, body + xx * stride + (gi + 1) * padded_channels,
-                    T(0));
-    const int32_t* pixels = index ? index->values.data() + y * s.in_w : nullptr;
+    std::fill(row, row + pad_left * stride, zero);
+    std::fill(row + (pad_left + in_w) * stride, row + wp * stride, zero);
+    T* body = row + pad_left * stride;
+    const uint8_t* channel_rows = x + n * channels * plane + y * in_w;
     if (padded_channels == cg) {  // channels land contiguously: one [C, W] -> [W, C] transpose
-      const uint8_t* channel_rows = x + n * s.in_channels * s.in_plane + y * s.in_w;
-      int64_t ldi = s.in_plane;
-      if (pixels) {  // a compact input: gather the row of every channel first (sequential writes)
-        uint8_t* gathered = Scratch(tls_gathered_rows, static_cast<size_t>(s.in_channels * s.in_w));
-        for (int64_t c = 0; c < s.in_channels; ++c) {
-          const uint8_t* src = x + (n * s.in_channels + c) * s.in_plane;
-          for (int64_t xx = 0; xx < s.in_w; ++xx) gathered[c * s.in_w + xx] = src[pixels[xx]];
-        }
-        channel_rows = gathered;
-        ldi = s.in_w;
-      }
-      TransposeBytes(channel_rows, ldi, s.in_channels, s.in_w, body, stride, simd);
+      TransposeBytes(channel_rows, plane, channels, in_w, body, stride, simd);
       return;
     }
-    for (int64_t c = 0; c < s.in_channels; ++c) {
-      const uint8_t* src = x + (n * s.in_channels + c) * s.in_plane;
-      T* dst = body + (c / cg) * padded_channels + c % cg;
-      if (pixels) {
-        for (int64_t xx = 0; xx < s.in_w; ++xx) dst[xx * stride] = src[pixels[xx]];
-      } else {
-        src += y * s.in_w;
-        for (int64_t xx = 0; xx < s.in_w; ++xx) dst[xx * stride] = src[xx];
+    if constexpr (sizeof(T) == 1) {
+      if (simd && group == 1 && stride == 4) {  // e.g. RGB padded to 4 lanes
+        const uint8_t* sources[4] = {};
+        for (int64_t c = 0; c < channels; ++c) sources[c] = channel_rows + c * plane;
+        InterleaveFourChannels(sources, in_w, body);
+        return;
       }
+    }
+    for (int64_t xx = 0; xx < in_w; ++xx)
+      for (int64_t gi = 0; gi < group; ++gi)
+        std::fill(body + xx * stride + gi * padded_channels + cg, body + xx * stride + (gi + 1) * padded_channels, T(0));
+    for (int64_t c = 0; c < channels; ++c) {
+      const uint8_t* __restrict src = channel_rows + c * plane;
+      T* __restrict dst = body + (c / cg) * padded_channels + c % cg;
+      for (int64_t xx = 0; xx < in_w; ++xx) dst[xx * stride] = src[xx];
     }
   });
 }
@@ -376,6 +392,17 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
   const int64_t pixels = padded.padded_h * padded.padded_w;
   const int64_t steps = w.padded_channels / w.lanes;
 
+  // A compact input is interpolated first (uint8 NNInterpolate: vector byte permutes where the CPU has
+  // them), then packed like a planar one.
+  ConvShape planar = s;
+  if (input_index) {
+    planar.in_plane = s.in_h * s.in_w;
+    uint8_t* full = Scratch(tls_interpolated, static_cast<size_t>(s.batch * s.in_channels * planar.in_plane));
+    NNInterpolateCpu::Compute(s.batch * s.in_channels, s.in_plane, input_index->values.data(), planar.in_plane, x,
+                              full, parallel);
+    x = full;
+  }
+
   // The input, padded and channels-last (int16 for AVX2's vpmaddwd, bytes otherwise).
   const size_t buffer_size = static_cast<size_t>(s.batch * pixels * stride);
   const uint8_t* bytes = nullptr;
@@ -384,11 +411,11 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
   const bool simd = isa != QuantizedGemmIsa::kPortable;  // AVX2 at least: the SSE byte transposes apply
   if (isa == QuantizedGemmIsa::kAvx2) {
     int16_t* buffer = Scratch(tls_input_words, buffer_size);
-    PackInput(s, a, padded, input_index, x, w.padded_channels, x_zero, buffer, simd, parallel);
+    PackInput(planar, a, padded, x, w.padded_channels, x_zero, buffer, simd, parallel);
     words = buffer;
   } else {
     uint8_t* buffer = Scratch(tls_input_bytes, buffer_size);
-    PackInput(s, a, padded, input_index, x, w.padded_channels, x_zero, buffer, simd, parallel);
+    PackInput(planar, a, padded, x, w.padded_channels, x_zero, buffer, simd, parallel);
     bytes = buffer;
   }
 
@@ -459,6 +486,7 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
   constexpr size_t kKeptBytes = size_t{64} << 20;
   if (tls_input_bytes.size() > kKeptBytes) std::vector<uint8_t>().swap(tls_input_bytes);
   if (tls_input_words.size() > kKeptBytes / 2) std::vector<int16_t>().swap(tls_input_words);
+  if (tls_interpolated.size() > kKeptBytes) std::vector<uint8_t>().swap(tls_interpolated);
 }
 
 }  // namespace onnx_perforate

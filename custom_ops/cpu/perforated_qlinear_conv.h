@@ -3,7 +3,8 @@
 //
 // The input is copied once into a padded NHWC buffer (spatial padding filled with the input zero
 // point, so padding contributes exactly 0 after the zero-point correction; a compact input is
-// interpolated on the way). A micro-kernel then broadcasts 4 (VNNI) or 2 (AVX2) consecutive channels of
+// interpolated first, with the uint8 NNInterpolate; the NCHW -> NHWC reorder is 16x16 byte transposes
+// in registers). A micro-kernel then broadcasts 4 (VNNI) or 2 (AVX2) consecutive channels of
 // one pixel and multiplies them with a vector of output channels:
 //   - AVX-512 VNNI: vpdpbusd, u8 x s8 summed over 4 channels into int32 lanes (no saturation);
 //   - AVX2: the input widened to int16 and vpmaddwd (int16 x int16 pairs into int32). vpmaddubsw is not
