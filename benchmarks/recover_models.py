@@ -60,7 +60,7 @@ def bench_lock():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def setup(name):
+def setup(name, finetune_images=None):
     """(original, tune calibration, fine-tuning data, evaluation data, timing batch)."""
     if name == "cifar":
         path = SHARED / "cifar10" / "cifar10_keras_cnn.onnx"
@@ -68,8 +68,8 @@ def setup(name):
             x = archive["images"].transpose(0, 3, 1, 2).astype(np.float32)
             y = archive["labels"].astype(np.int64)
         even = CalibrationSet("input", x[0::2], y[0::2])
-        return (onnx.load(path), even.split(500)[0], even.split(2500)[0], CalibrationSet("input", x[1::2], y[1::2]),
-                32)
+        return (onnx.load(path), even.split(500)[0], even.split(finetune_images or 2500)[0],
+                CalibrationSet("input", x[1::2], y[1::2]), 32)
     if name == "squeezenet":
         from onnx_perforate.data import PRESETS, load_folder
 
@@ -119,21 +119,24 @@ def main() -> int:
     parser.add_argument("--points", type=float, nargs="+", default=POINTS)
     parser.add_argument("--distill-at", type=float, nargs="*",
                         help="distill only at these points (default: all; distillation is the slow method)")
-    parser.add_argument("--distill-budget", type=float, default=300, help="seconds per distillation (default 300)")
+    parser.add_argument("--distill-budget", type=float, help="seconds per distillation (default: no limit)")
+    parser.add_argument("--epochs", type=int, help="distillation epochs (default: finetune's)")
+    parser.add_argument("--finetune-images", type=int,
+                        help="cifar: how many even-indexed images recover (default 2500; at most 5000)")
     parser.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds (default 20)")
     parser.add_argument("--include-1x1", action="store_true", help="let the tuner perforate 1x1 Convs too")
     parser.add_argument("--methods", nargs="+", help="recovery methods (default: bias_correction, bn_reestimation "
                         "where the model has BatchNorm, distill)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = parser.parse_args()
-    original, calibration, finetune_data, evaluation, batch = setup(args.model)
+    original, calibration, finetune_data, evaluation, batch = setup(args.model, args.finetune_images)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
     with bench_lock():
         tuned = tune(original, calibration, target_speedup=args.target, max_accuracy_drop=1.0, threads=1,
-                     timing_batch=batch, subset_size=None, baselines=False, progress=False, repeats=10,
+                     timing_batch=batch, subset_size=None, baselines=False, progress=True, repeats=10,
                      include_1x1=args.include_1x1)
     tune_s = time.perf_counter() - started
     print(f"tuner: {tuned.stopped}, {len(tuned.steps) - 1} steps, {tune_s:.0f} s", flush=True)
@@ -156,8 +159,9 @@ def main() -> int:
             methods = [m for m in methods if "distill" not in m]
         for method in methods:
             begin = time.perf_counter()
-            result = finetune(perforated, original, finetune_data, method=method, threads=1, progress=False,
-                              time_budget_s=args.distill_budget)
+            options = {} if args.epochs is None else {"epochs": args.epochs}
+            result = finetune(perforated, original, finetune_data, method=method, threads=1, progress=True,
+                              time_budget_s=args.distill_budget, **options)
             label = f"{point:g}x/{method}"
             models[label] = result.model
             rows.append(dict(point=point, step=step.step, predicted=step.speedup, method=method,

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import validation
 from .errors import PerforateError
+from .finetune import DEFAULTS as FINETUNE_DEFAULTS
 
 log = logging.getLogger("onnx_perforate.cli")
 
@@ -551,13 +552,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parameters", choices=["all", "perforated", "biases"], default="all",
                    help="what trains (distill): every layer, the perforated layers and their consumers, or "
                    "biases and BatchNorm only (default: all)")
-    p.add_argument("--epochs", type=_positive_int, default=12, help="most epochs (default: 12; early stopping may end sooner)")
-    p.add_argument("--batch", type=_positive_int, default=32, help="training batch size (default: 32)")
-    p.add_argument("--lr", type=_positive_float, default=1e-4, help="peak Adam learning rate, cosine decay (default: 1e-4)")
+    defaults = FINETUNE_DEFAULTS
+    p.add_argument("--epochs", type=_positive_int, default=defaults["epochs"],
+                   help=f"most epochs (default: {defaults['epochs']}; early stopping may end sooner)")
+    p.add_argument("--batch", type=_positive_int, default=defaults["batch_size"],
+                   help=f"training batch size (default: {defaults['batch_size']})")
+    p.add_argument("--lr", type=_positive_float, default=defaults["learning_rate"],
+                   help=f"peak Adam learning rate, cosine decay (default: {defaults['learning_rate']:g})")
     p.add_argument("--label-weight", type=_option(validation.real, minimum=0.0, maximum=1.0),
-                   help="share of the labels in the target distribution (default: 0.5 with labels, else 0)")
-    p.add_argument("--holdout", type=_option(validation.real, minimum=0.0, maximum=1.0, exclusive_minimum=True, exclusive_maximum=True), default=0.2, help="fraction of images held out (default: 0.2)")
-    p.add_argument("--patience", type=_positive_int, default=3, help="epochs without held-out improvement before stopping")
+                   default=defaults["label_weight"],
+                   help=f"share of the labels in the target distribution (default: {defaults['label_weight']:g})")
+    p.add_argument("--holdout", type=_option(validation.real, minimum=0.0, maximum=1.0, exclusive_minimum=True, exclusive_maximum=True), default=defaults["holdout"], help=f"fraction of images held out (default: {defaults['holdout']:g})")
+    p.add_argument("--patience", type=_positive_int, default=defaults["patience"],
+                   help=f"epochs without held-out improvement before stopping (default: {defaults['patience']})")
     p.add_argument("--augment", choices=["auto", "none", "flip", "crop", "flip+crop"], default="auto",
                    help="image augmentation (default auto: flips and crops for 4-D image inputs)")
     p.add_argument("--seed", type=_nonnegative_int, default=0)

@@ -380,6 +380,19 @@ def compact_regions(model: onnx.ModelProto, convs) -> dict[str, list]:
             for members in groups.values()}
 
 
+def next_rung(latency: LatencyTable, ladder, rates: Mapping[str, float], unit: str, rung: int) -> int | None:
+    """The rung ``unit`` moves to from ``rung``: the next one up, or, when the latency table predicts
+    that the next one would not make the network (at ``rates``) faster, the first rung above that does.
+    A first rung often costs more than it saves (the perforated kernel's fixed costs); taking it as a
+    step of its own spends accuracy on a slower network, and the curve zig-zags. None when no rung
+    above ``rung`` makes the network faster: moving that unit would only cost accuracy."""
+    now = latency.predict(rates)
+    for candidate in range(rung + 1, len(ladder)):
+        if latency.predict(dict(rates, **{unit: ladder[candidate]})) < now:
+            return candidate
+    return None
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -388,7 +401,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
          subset_size: int | None = 256, batch_size: int = 16, threads: int | None = None, repeats: int = 15,
          timing_batch: int = 1, refresh_every: int = 4, include_1x1: bool = False, tie: str = "none",
          checkpoint=None, progress: bool = True, finetune: bool | Mapping = False,
-         baselines: bool = True) -> TuneResult:
+         baselines: bool = True, monotone: bool = True) -> TuneResult:
     """Greedy perforation schedule; see the module docstring.
 
     ``data``: calibration data (see :mod:`onnx_perforate.calibration`): ``subset_size`` evenly spaced
@@ -402,7 +415,9 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     ``finetune``: True (or a dict of :func:`~onnx_perforate.finetune.finetune` options) recovers the
     final model's accuracy on the calibration images; ``holdout`` then reports it before and after.
     ``baselines``: also measure, on the held-out images, the original fed smaller inputs
-    (``baselines["resize"]``), timed interleaved with the result.
+    (``baselines["resize"]``), timed interleaved with the result. ``monotone`` (default): every step
+    makes the predicted network faster; a layer whose next rung would not pay jumps to the first rung
+    that does, and a layer with no such rung left is not moved (:func:`next_rung`).
     """
     started = time.perf_counter()
     if max_accuracy_drop is None:
@@ -454,11 +469,12 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     settings = dict(target_speedup=target_speedup, max_accuracy_drop=max_accuracy_drop, ladder=list(ladder),
                     mask_kind=mask_kind, calibration_images=len(meter.calibration), threads=threads,
                     timing_batch=meter.timing_batch,
-                    repeats=repeats, refresh_every=refresh_every, layers=sorted(convs), tie=tie,
+                    repeats=repeats, refresh_every=refresh_every, layers=sorted(convs), tie=tie, monotone=monotone,
                     units={u: m for u, m in units.items() if len(m) > 1},
                     loss="nll" if calibration.labels is not None else "kl")
     # What a checkpoint must match to be resumed: the same search on the same model and data.
     identity = dict(ladder=list(ladder), mask_kind=mask_kind, layers=units, tie=tie, subset_size=subset_size,
+                    monotone=monotone,
                     threads=threads, timing_batch=meter.timing_batch, refresh_every=refresh_every,
                     model=_model_fingerprint(original), data=_data_fingerprint(calibration))
     if checkpoint and Path(checkpoint).exists():
@@ -476,18 +492,20 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             if mask_kind == "impact" and (len(steps) - 1) % refresh_every == 0:
                 ladder_masks.refresh(current)
             best = None
+            now = {k: ladder[v] for k, v in rungs.items() if v}
             for number, name in enumerate(units, 1):
                 if rungs[name] + 1 >= len(ladder):
                     continue
                 if bar is not None:
                     bar.set_postfix_str(f"trying {name} ({number}/{len(units)})")
-                rate = ladder[rungs[name] + 1]
+                rung = next_rung(latency, ladder, now, name, rungs[name]) if monotone else rungs[name] + 1
+                if rung is None:
+                    continue
+                rate = ladder[rung]
                 trial = dict(current, **{name: ladder_masks.mask(name, rate, current[name])})
                 candidate = _perforate(analysed, ladder_masks.expand(trial))
                 measured = meter.measure(candidate, timed=False)
-                trial_rates = {k: ladder[v] for k, v in rungs.items() if v}
-                trial_rates[name] = rate
-                measured["time"] = latency.predict(trial_rates)
+                measured["time"] = latency.predict(dict(now, **{name: rate}))
                 gain = base["time"] - measured["time"]
                 cost = (measured["loss"] - base["loss"]) / gain if gain > 0 else math.inf
                 log.debug("candidate %s -> %.2f: loss %.4f, %.2f ms, cost %.4g", name, rate, measured["loss"],
@@ -496,16 +514,18 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 # take the fastest one, so the search moves towards the rates that do pay.
                 rank = (cost, measured["loss"]) if math.isfinite(cost) else (math.inf, measured["time"])
                 if best is None or rank < best[0]:
-                    best = (rank, name, trial, candidate, measured)
+                    best = (rank, name, rung, trial, candidate, measured)
             if best is None:
+                if any(rung + 1 < len(ladder) for rung in rungs.values()):
+                    stopped = "no layer's next rungs would make the network faster (per-layer latency table)"
                 break
-            (cost, _), name, trial, candidate, measured = best
+            (cost, _), name, rung, trial, candidate, measured = best
             accuracy = measured["top1"] if measured["top1"] is not None else measured["agreement"]
             if max_accuracy_drop is not None and accuracy0 - accuracy > max_accuracy_drop:
-                stopped = (f"the next step ({name} -> {ladder[rungs[name] + 1]:g}) would drop accuracy by "
+                stopped = (f"the next step ({name} -> {ladder[rung]:g}) would drop accuracy by "
                            f"{accuracy0 - accuracy:.3f} > {max_accuracy_drop:g}")
                 break
-            rungs[name] += 1
+            rungs[name] = rung
             current = trial
             rates = {k: ladder[v] for k, v in rungs.items() if v}
             steps.append(_step(len(steps), name, rates, measured, base, cost, started))

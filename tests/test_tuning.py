@@ -48,7 +48,9 @@ def test_stops_before_the_accuracy_budget_is_exceeded():
 def test_checkpoint_resumes_where_it_stopped(tmp_path, monkeypatch):
     model = synthetic_cnn()
     checkpoint = tmp_path / "tune.json"
-    settings = dict(ladder=(0.0, 0.3, 0.6), layers=["conv1"], repeats=3, progress=False, baselines=False)
+    # monotone=False: every rung is a step, whatever the (timed) latency table says
+    settings = dict(ladder=(0.0, 0.3, 0.6), layers=["conv1"], repeats=3, progress=False, baselines=False,
+                    monotone=False)
     measured = []  # the models each run measures: the baseline and every candidate it tries
     measure = tuning.NetworkMeter.measure
 
@@ -208,3 +210,36 @@ def test_default_accuracy_budget():
     assert result.settings["max_accuracy_drop"] == DEFAULT_MAX_ACCURACY_DROP == 0.10
     assert all(result.steps[0].top1 - s.top1 <= 0.10 for s in result.steps)
     assert result.baselines == {}
+
+
+class _FakeLatency:
+    """LatencyTable.predict from fixed savings (ms) per (unit, rate): no timing."""
+
+    def __init__(self, savings):
+        self.savings = savings
+
+    def predict(self, rates):
+        return 10.0 - sum(self.savings[unit][rate] for unit, rate in rates.items() if rate > 0)
+
+
+def test_next_rung_skips_rungs_that_would_slow_the_network_down():
+    ladder = (0.0, 0.2, 0.35, 0.5, 0.8)
+    latency = _FakeLatency({"a": {0.2: -1.0, 0.35: -0.2, 0.5: 0.4, 0.8: 1.0},
+                            "b": {0.2: 0.3, 0.35: 0.5, 0.5: 0.6, 0.8: 0.6},
+                            "c": {0.2: -2.0, 0.35: -1.5, 0.5: -1.0, 0.8: -0.5}})
+    assert tuning.next_rung(latency, ladder, {}, "a", 0) == 3  # 0.2 and 0.35 cost more than they save
+    assert tuning.next_rung(latency, ladder, {"a": 0.5}, "a", 3) == 4
+    assert tuning.next_rung(latency, ladder, {}, "b", 0) == 1  # pays at once: one rung
+    assert tuning.next_rung(latency, ladder, {"b": 0.35}, "b", 2) == 3
+    assert tuning.next_rung(latency, ladder, {"b": 0.5}, "b", 3) is None  # 0.8 saves nothing more
+    assert tuning.next_rung(latency, ladder, {"a": 0.5}, "c", 0) is None  # no rung pays: not moved
+
+
+def test_monotone_steps_make_the_predicted_network_faster_every_time():
+    model, data = _fashion(96)
+    result = onnx_perforate.tune(model, data, ladder=(0.0, 0.2, 0.35, 0.5, 0.65, 0.8), layers=["conv2", "conv4"],
+                                 repeats=2, batch_size=32, timing_batch=4, progress=False, baselines=False,
+                                 max_accuracy_drop=1.0)
+    times = [s.time_ms for s in result.steps]
+    assert all(after < before for before, after in zip(times, times[1:])), times  # never a slower step
+    assert result.settings["monotone"] is True
