@@ -1,4 +1,5 @@
-"""PerforatedConv + NNInterpolate against ONNX Runtime's own Conv, one layer at a time.
+"""PerforatedConv + NNInterpolate against ONNX Runtime's own Conv, one layer at a time (at r = 0 the
+full-mask PerforatedConv alone: its output is the convolution's).
 
 Both run in ORT at ORT_ENABLE_ALL (ORT's NCHWc Conv path included) with the same intra-op thread
 count and spinning off, interleaved so that machine noise hits both alike. Masks are uniform random
@@ -44,22 +45,19 @@ def conv_model(c, hw, m, batch, rng):
 
 
 def perforated_model(c, hw, m, batch, w, b, mask):
+    """PerforatedConv + NNInterpolate; with a full mask PerforatedConv alone, whose [N, M, H*W] output
+    already is the convolution's (how the compact rewrite runs an unperforated layer as our op)."""
     attrs = ops.ConvAttributes(kernel_shape=(3, 3), pads=(1, 1, 1, 1))
-    graph = helper.make_graph(
-        [
-            ops.make_perforated_conv_node(["x", "w", "b", "mask"], "yc", attrs, "conv"),
-            ops.make_nn_interpolate_node("yc", "index", "y", "conv/interpolate"),
-        ],
-        "layer",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, hw, hw])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, m, hw, hw])],
-        [
-            numpy_helper.from_array(w, "w"),
-            numpy_helper.from_array(b, "b"),
-            numpy_helper.from_array(mask, "mask"),
-            numpy_helper.from_array(ops.nearest_index(mask), "index"),
-        ],
-    )
+    full = bool(mask.all())
+    nodes = [ops.make_perforated_conv_node(["x", "w", "b", "mask"], "yc", attrs, "conv")]
+    initializers = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(mask, "mask")]
+    if not full:
+        nodes.append(ops.make_nn_interpolate_node("yc", "index", "y", "conv/interpolate"))
+        initializers.append(numpy_helper.from_array(ops.nearest_index(mask), "index"))
+    output = helper.make_tensor_value_info("yc", TensorProto.FLOAT, [batch, m, hw * hw]) if full else \
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, m, hw, hw])
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, c, hw, hw])],
+                              [output], initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
 
 
@@ -82,7 +80,7 @@ def main(argv=None):
           f"{platform.machine()}, median of {repeats})\n")
     print("| layer | threads | r | ORT Conv ms | perforated ms | speedup | theoretical | fraction |")
     print("|---|---|---|---|---|---|---|---|")
-    worst = 1.0
+    worst, worst_dense = 1.0, 1.0
     for name, c, hw, m in LAYERS:
         base, w, b = conv_model(c, hw, m, args.batch, rng)
         x = runtime.timing_array((args.batch, c, hw, hw))
@@ -98,9 +96,12 @@ def main(argv=None):
                 fraction = speedup / theoretical
                 if rate >= 0.25:
                     worst = min(worst, fraction)
+                else:
+                    worst_dense = min(worst_dense, fraction)
                 print(f"| {name} | {threads} | {rate:.2f} | {t_base * 1e3:.3f} | {t_perf * 1e3:.3f} | "
                       f"{speedup:.2f}x | {theoretical:.2f}x | {fraction:.0%} |", flush=True)
-    print(f"\nworst fraction of the theoretical speedup at r >= 0.25: {worst:.0%} (target 80%)")
+    print(f"\nworst fraction of the theoretical speedup at r >= 0.25: {worst:.0%} (target 90%); "
+          f"worst speed relative to ORT's Conv at r = 0 (full mask, no interpolation): {worst_dense:.0%} (target 97%)")
 
 
 if __name__ == "__main__":
