@@ -283,6 +283,20 @@ class MaskLadder:
         return np.asarray(mask_kinds.uniform(shape, rate, seed=self.seed))
 
 
+def saving_line(rates, savings) -> tuple[float, float]:
+    """(fixed, per unit of rate) of the line through measured (rate, saving) points, robust to a rung
+    timed during a burst of load: the Theil-Sen estimate (median of the pairwise slopes, then the median
+    intercept), with the slope kept >= 0 since skipping more positions does not make a layer slower.
+    A least-squares line let one outlier (a first rung timed 2 ms faster than the rest of its ladder
+    on a shared machine) predict a saving for a layer that never pays."""
+    x, y = np.asarray(rates, np.float64), np.asarray(savings, np.float64)
+    if len(x) == 1:
+        return 0.0, float(max(y[0] / x[0], 0.0))
+    slopes = [(y[j] - y[i]) / (x[j] - x[i]) for i in range(len(x)) for j in range(i + 1, len(x)) if x[j] != x[i]]
+    slope = max(float(np.median(slopes)), 0.0)
+    return float(np.median(y - slope * x)), slope
+
+
 class LatencyTable:
     """The time each (unit, rate) saves, measured once in the whole network and used by every step.
 
@@ -290,8 +304,8 @@ class LatencyTable:
     (on a shared machine the chosen path got slower step after step). Here, the first time a unit is a
     candidate, the network with only that unit perforated is built at every rung of its ladder, and all
     of them are timed in alternation with the original, round after round (median per-round ratio).
-    The savings then get a least-squares line in the rate (a fixed cost of perforating plus a saving
-    proportional to the skipped positions), so one noisy rung cannot reorder the ladder. A
+    The savings then get a robust line in the rate (:func:`saving_line`: a fixed cost of perforating
+    plus a saving proportional to the skipped positions), so one noisy rung cannot reorder the ladder. A
     configuration's time is predicted as the original's time minus the savings of its units: the
     prediction is deterministic and the curve cannot zig-zag. The final model is timed end to end
     (interleaved) to confirm it.
@@ -312,13 +326,7 @@ class LatencyTable:
             sessions.append(self.meter.session(_perforate(self.analysed, self.ladder.expand({unit: mask}))))
         ratios = interleaved_ratios(self.meter, self.reference, sessions, self.repeats)
         self.measured[unit] = {rate: self.base * (1.0 - r) for rate, r in zip(self.rates, ratios)}
-        rates = np.array(self.rates)
-        savings = np.array([self.measured[unit][r] for r in self.rates])
-        if len(rates) > 1:
-            slope, fixed = np.polyfit(rates, savings, 1)
-        else:
-            slope, fixed = savings[0] / rates[0], 0.0
-        self.lines[unit] = (float(fixed), float(slope))
+        self.lines[unit] = saving_line(self.rates, [self.measured[unit][r] for r in self.rates])
 
     def saving(self, unit: str, rate: float) -> float:
         if rate <= 0:

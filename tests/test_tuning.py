@@ -243,3 +243,17 @@ def test_monotone_steps_make_the_predicted_network_faster_every_time():
     times = [s.time_ms for s in result.steps]
     assert all(after < before for before, after in zip(times, times[1:])), times  # never a slower step
     assert result.settings["monotone"] is True
+
+
+def test_saving_line_ignores_a_rung_timed_during_a_burst_of_load():
+    rates = [0.2, 0.35, 0.5, 0.6, 0.7, 0.8]
+    # measured on a shared machine (ms): the layer never pays, but its first rung and 0.7 were
+    # timed during bursts of load; least squares predicted +0.96 ms saved at 0.2
+    savings = [2.03, -0.78, -0.75, -0.55, -3.22, -0.28]
+    fixed, slope = tuning.saving_line(rates, savings)
+    assert all(fixed + slope * r < 0 for r in rates)
+    lsq_slope, lsq_fixed = np.polyfit(rates, savings, 1)
+    assert lsq_fixed + lsq_slope * 0.2 > 0  # what the least-squares line said
+    # clean points: the line through them; the slope is never negative
+    assert tuning.saving_line([0.2, 0.5, 0.8], [-0.4, 0.2, 0.8]) == pytest.approx((-0.8, 2.0))
+    assert tuning.saving_line([0.2, 0.5], [0.3, 0.1])[1] == 0.0
