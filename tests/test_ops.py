@@ -230,6 +230,32 @@ def test_nearest_index_ties_go_to_smallest_row_major_index():
     assert ops.nearest_index(mask)[1, 1] == 0
 
 
+@pytest.mark.parametrize("kind, shape", [("random", (5, 7)), ("random", (30, 33)), ("grid", (55, 55)),
+                                         ("far rows", (40, 40)), ("single", (13, 13))])
+def test_nn_interpolate_float_matches_the_reference(kind, shape):
+    """Float gathers against numpy: random, grid and far-apart sources, compact planes shorter than a
+    SIMD vector, one and two threads."""
+    rng = np.random.default_rng(len(kind) + shape[0])
+    mask = np.zeros(shape, bool)
+    if kind == "random":
+        mask = rng.random(shape) < 0.4
+    elif kind == "grid":
+        mask[::2, ::2] = True
+    elif kind == "far rows":  # 16 consecutive outputs of a middle row read rows 0 and H-1, far apart
+        mask[0], mask[-1] = True, True
+    mask[0, 0] = True
+    index = ops.nearest_index(mask)
+    yc = rng.standard_normal((2, 3, int(mask.sum()))).astype(np.float32)
+    graph = helper.make_graph([ops.make_nn_interpolate_node("yc", "index", "y", "interpolate")], "interpolate",
+                              [helper.make_tensor_value_info("yc", TensorProto.FLOAT, list(yc.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(index, "index")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+    for threads in (1, 2):
+        np.testing.assert_array_equal(run_ort(model, {"yc": yc}, threads=threads)[0],
+                                      ops.nn_interpolate_reference(yc, index))
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: a clear ORT error naming the op, the node and what was expected, never a crash.
 
