@@ -225,6 +225,9 @@ def rewrite_with_report(model, masks: dict, options: RewriteOptions | None = Non
     original, shapes = analysed.model, analysed.shapes
     plan = _plan(original, shapes, masks)
     result, report = _rewrite_profitable(analysed, plan, options)
+    # Once per rewrite (not per attempt of the cost model's loop), on the custom-op form ORT will see.
+    report.nchwc_reorders = profitability.nchwc_reorders(result)
+    report.nchwc_reorders_original = len(profitability.nchwc_reorders(original))
     if upgraded:
         report.notes.append(upgraded)
     if portable_form and report.layers:
@@ -290,8 +293,6 @@ def _rewrite_plan(analysed, plan, options: RewriteOptions) -> tuple[onnx.ModelPr
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     result = _export(graph, original, report)
     _validate(result)
-    report.nchwc_reorders = profitability.nchwc_reorders(result)
-    report.nchwc_reorders_original = len(profitability.nchwc_reorders(original))
     for line in report.format().splitlines():
         log.debug("%s", line)
     return result, report

@@ -16,8 +16,11 @@ and 0.41x at r = 0.75 (efficiency 0.95 plus a fixed 14%), the reorders and dispa
 
 from __future__ import annotations
 
+import functools
+
 import onnx
 
+from ..graph import consumers
 from .op_table import NCHWC_FOLLOWERS, Semantics, semantics
 
 # One interpolated float costs what ORT's Conv spends on this many MACs.
@@ -63,8 +66,9 @@ _POOLS = ("MaxPool", "AveragePool")
 _BLOCK_ALIGNED = ("Concat", "GlobalMaxPool", "GlobalAveragePool")  # and each input's channels a multiple of the block
 
 
+@functools.cache
 def nchwc_block() -> int:
-    """Channels per NCHWc block on this CPU: 16 with AVX-512, else 8."""
+    """Channels per NCHWc block on this CPU: 16 with AVX-512, else 8 (read once)."""
     try:
         with open("/proc/cpuinfo") as f:
             return 16 if " avx512f" in f.read() else 8
@@ -104,14 +108,11 @@ def nchwc_reorders(model: onnx.ModelProto, block: int | None = None) -> list[str
             runs_blocked = False
         if runs_blocked:
             blocked.update(node.output)
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    readers_of = consumers(model)
     outputs = {o.name for o in graph.output}
     reorders = []
     for tensor in [*(i.name for i in graph.input if i.name not in weights), *(o for n in graph.node for o in n.output)]:
-        readers = consumers.get(tensor, [])
+        readers = readers_of.get(tensor, [])
         if tensor in blocked:  # read as NCHW by a plain-layout node or as a graph output
             if tensor in outputs or any(not _runs_blocked(r, blocked) for r in readers):
                 reorders.append(tensor)
