@@ -1,7 +1,8 @@
 """Calibration data for impact masks and the tuner, from whatever the user has.
 
 Accepted: a :class:`~onnx_perforate.data.Dataset` (what ``eval`` loads: image folders with a
-preprocessing spec, ``.npz``/``.npy``), a path to such data, an iterable of input dicts (optionally
+preprocessing spec, ``.npz``/``.npy``), a path to such data, a dict of named arrays as an ``.npz``
+holds them (``{"images": x, "labels": y}`` or ``{input_name: x}``), an iterable of input dicts (optionally
 ``(feeds, labels)`` pairs), or ONNX Runtime's ``CalibrationDataReader`` (anything with ``get_next()``).
 Everything is materialised once as a short list of batches: calibration sets are small, and every
 tuner step reads them again.
@@ -10,11 +11,12 @@ tuner step reads them again.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import onnx
 
-from .data import Dataset, check_labels, load_data
+from .data import Dataset, arrays_dataset, check_labels, load_data
 from .errors import DataError
 from .runtime import model_input
 
@@ -83,6 +85,8 @@ def calibration_set(model: onnx.ModelProto, data, *, subset_size: int | None = N
         data = load_data(data, input_name=name, **load_options)
     if isinstance(data, CalibrationSet):
         return data.split(subset_size)[0]
+    if isinstance(data, Mapping):  # named arrays, as an .npz archive holds them
+        data = arrays_dataset(data, input_name=name, source="the data dict")
     if isinstance(data, Dataset):
         for x, y in data.batches(64):
             add(x, y)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -195,53 +195,65 @@ _LABEL_KEYS = ("labels", "y", "targets")
 
 
 def load_arrays(path, *, input_name: str | None = None, input_shape=None, limit: int | None = None) -> Dataset:
-    """Inputs from ``.npy`` (the array) or ``.npz`` (key ``input_name``, else ``images``/``x``; labels
-    ``labels``/``y``). Values are used as stored (cast to float32). When ``input_shape`` (the model's,
-    with None/str for dynamic dims) is given and the arrays are NHWC where the model wants NCHW (or
-    the reverse), they are transposed; a 3-D array for a 1-channel model gets its channel axis."""
-    limit = validation.optional_integer(limit, "limit")
+    """Inputs from ``.npy`` (the array) or ``.npz`` (see :func:`arrays_dataset` for the keys). Values are
+    used as stored (cast to float32)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
-    labels = None
     if path.suffix == ".npy":
         try:
             x = np.load(path, mmap_mode="r")
         except Exception as exc:
             raise DataError(f"cannot read {path} as a .npy array of numbers: {exc}") from exc
-    elif path.suffix == ".npz":
+        return arrays_dataset({"x": x}, input_name=input_name, input_shape=input_shape, limit=limit,
+                              source=str(path))
+    if path.suffix == ".npz":
         try:
             with np.load(path) as archive:
-                keys = [k for k in ((input_name,) if input_name else ()) + _INPUT_KEYS if k in archive.files]
-                if not keys:
-                    raise DataError(f"{path} has no input array: keys {archive.files}, expected one of "
-                                    f"{[input_name] if input_name else []}{list(_INPUT_KEYS)}")
-                x = archive[keys[0]]
-                label_key = next((k for k in _LABEL_KEYS if k in archive.files), None)
-                labels = check_labels(archive[label_key], f"{path}[{label_key!r}]") if label_key else None
-        except DataError:
-            raise
+                wanted = ((input_name,) if input_name else ()) + _INPUT_KEYS + _LABEL_KEYS
+                # every name (for the message when no input is found), the values only of those read
+                arrays = {**dict.fromkeys(archive.files), **{k: archive[k] for k in wanted if k in archive.files}}
         except Exception as exc:  # not a zip, a truncated member, pickled objects...
             raise DataError(f"cannot read {path} as a .npz archive of numeric arrays: {exc}") from exc
-    else:
-        raise DataError(f"{path}: expected a .npz or .npy file (or an image folder)")
+        return arrays_dataset(arrays, input_name=input_name, input_shape=input_shape, limit=limit,
+                              source=str(path))
+    raise DataError(f"{path}: expected a .npz or .npy file (or an image folder)")
+
+
+def arrays_dataset(arrays: Mapping, *, input_name: str | None = None, input_shape=None,
+                   limit: int | None = None, source: str = "the data") -> Dataset:
+    """Inputs and labels from named arrays (an ``.npz`` archive's, or a dict): the inputs under
+    ``input_name``, else ``images``/``x``/``inputs``/``data``; labels under ``labels``/``y``/``targets``.
+    When ``input_shape`` (the model's, with None/str for dynamic dims) is given and the arrays are NHWC
+    where the model wants NCHW (or the reverse), they are transposed; a 3-D array for a 1-channel model
+    gets its channel axis."""
+    limit = validation.optional_integer(limit, "limit")
+    keys = [k for k in ((input_name,) if input_name else ()) + _INPUT_KEYS if k in arrays]
+    if not keys:
+        raise DataError(f"{source} has no input array: keys {sorted(map(str, arrays))}, expected one of "
+                        f"{[input_name] if input_name else []}{list(_INPUT_KEYS)}")
+    x = arrays[keys[0]]
+    if not hasattr(x, "dtype"):
+        x = np.asarray(x)
     if x.dtype.kind not in "biuf":
-        raise DataError(f"{path}: the input array holds {x.dtype} values, expected numbers")
+        raise DataError(f"{source}[{keys[0]!r}] holds {x.dtype} values, expected numbers")
+    label_key = next((k for k in _LABEL_KEYS if k in arrays), None)
+    labels = check_labels(arrays[label_key], f"{source}[{label_key!r}]") if label_key else None
     if limit:
         x = x[:limit]
         labels = labels[:limit] if labels is not None else None
     if labels is not None and len(labels) < len(x):
-        raise DataError(f"{path}: {len(labels)} labels for {len(x)} inputs")
-    x = _fit_layout(x, input_shape, path)
+        raise DataError(f"{source}: {len(labels)} labels for {len(x)} inputs")
+    x = _fit_layout(x, input_shape, source)
 
     def load(start, stop):
         return np.ascontiguousarray(x[start:stop], dtype=np.float32)
 
     return Dataset(len(x), load, None if labels is None else labels[: len(x)],
-                   f"{len(x)} arrays from {path.name}")
+                   f"{len(x)} arrays from {source}")
 
 
-def _fit_layout(x, input_shape, path):
+def _fit_layout(x, input_shape, source: str):
     if input_shape is None or len(input_shape) != 4:
         return x
     want = tuple(input_shape[1:])
@@ -252,14 +264,14 @@ def _fit_layout(x, input_shape, path):
     if x.ndim == 3 and want[0] == 1:
         x = x[:, None]
     if x.ndim != 4:
-        raise DataError(f"{path}: arrays have shape {list(x.shape)}, expected [N, {', '.join(map(str, want))}]")
+        raise DataError(f"{source}: arrays have shape {list(x.shape)}, expected [N, {', '.join(map(str, want))}]")
     if fits(x.shape[1:]):
         return x
     for perm, name in (((0, 3, 1, 2), "NHWC -> NCHW"), ((0, 2, 3, 1), "NCHW -> NHWC")):
         if fits(tuple(x.shape[i] for i in perm[1:])):
-            log.info("%s: transposing the arrays %s to fit the model input", path.name, name)
+            log.info("%s: transposing the arrays %s to fit the model input", source, name)
             return x.transpose(perm)
-    raise DataError(f"{path}: arrays have shape {list(x.shape)}, the model wants [N, {', '.join(map(str, want))}]")
+    raise DataError(f"{source}: arrays have shape {list(x.shape)}, the model wants [N, {', '.join(map(str, want))}]")
 
 
 def load_data(path, *, spec: PreprocessSpec | None = None, labels=None, input_name=None, input_shape=None,

@@ -47,6 +47,22 @@ def test_npz_path_and_dataset(tmp_path):
     assert from_path.inputs.dtype == np.float32 and len(from_path.labels) == 10
 
 
+def test_dict_of_named_arrays(tmp_path):
+    """A dict as an .npz holds it (what np.load gives, or arrays in memory) is data, not an iterable of
+    its keys."""
+    x = synthetic_input(6)
+    model = synthetic_cnn()
+    labelled = calibration_set(model, {"images": x, "labels": np.arange(6) % 2})
+    np.testing.assert_array_equal(labelled.inputs, x)
+    np.testing.assert_array_equal(labelled.labels, np.arange(6) % 2)
+    by_input_name = calibration_set(model, {"x": x})
+    assert by_input_name.labels is None and len(by_input_name) == 6
+    with pytest.raises(DataError, match=r"no input array: keys \['pixels'\]"):
+        calibration_set(model, {"pixels": x})
+    with pytest.raises(DataError, match="labels must be integer class indices"):
+        calibration_set(model, {"x": x, "labels": np.full(6, 0.5)})
+
+
 def test_subset_is_evenly_spaced_and_split_holds_out_the_rest():
     """Sorted-by-class data (common) must not give a calibration set of the first classes only."""
     labels = np.repeat(np.arange(5), 20)  # 100 images sorted by class
