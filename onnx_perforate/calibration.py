@@ -95,7 +95,10 @@ def calibration_set(model: onnx.ModelProto, data, *, subset_size: int | None = N
             add(feeds[name], None)
     else:
         for item in data:
-            feeds, y = item if isinstance(item, tuple) else (item, None)
+            feeds, y = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
+            if not isinstance(feeds, Mapping):
+                raise DataError(f"a calibration item is a {type(feeds).__name__}, expected a dict of inputs "
+                                f"{{'{name}': array}} or a (dict, labels) pair")
             if name not in feeds:
                 raise DataError(f"a calibration item has inputs {sorted(feeds)}, expected '{name}'")
             add(feeds[name], y)

@@ -61,6 +61,8 @@ def test_dict_of_named_arrays(tmp_path):
         calibration_set(model, {"pixels": x})
     with pytest.raises(DataError, match="labels must be integer class indices"):
         calibration_set(model, {"x": x, "labels": np.full(6, 0.5)})
+    with pytest.raises(DataError, match=r"a calibration item is a ndarray, expected a dict of inputs \{'x': array\}"):
+        calibration_set(model, [x[:3], x[3:]])
 
 
 def test_subset_is_evenly_spaced_and_split_holds_out_the_rest():
