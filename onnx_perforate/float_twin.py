@@ -26,13 +26,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from . import ops
 from .errors import PerforateError
-from .graph import graph_names, unique_name
+from .graph import constant_node_value, graph_names, node_attributes, unique_name
 
 __all__ = ["float_twin", "is_qdq"]
-
-_QUANTIZED_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127),
-                     np.dtype(np.uint16): (0, 65535), np.dtype(np.int16): (-32768, 32767)}
 
 
 def is_qdq(model: onnx.ModelProto) -> bool:
@@ -50,33 +48,6 @@ def _refuse_qoperator(model: onnx.ModelProto) -> None:
                 "compute the masks on the float model")
 
 
-def _axis_shape(scale: np.ndarray, axis: int, rank: int) -> tuple:
-    """The shape that broadcasts a per-axis scale or zero point along ``axis`` of a rank-``rank`` tensor."""
-    if scale.ndim == 0 or scale.size == 1:
-        return ()
-    shape = [1] * rank
-    shape[axis % rank] = scale.size
-    return tuple(shape)
-
-
-def _dequantize(node, q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None) -> np.ndarray:
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-    shape = _axis_shape(scale, axis, q.ndim)
-    zero = np.zeros((), np.int64) if zero is None else zero.astype(np.int64)
-    return ((q.astype(np.int64) - zero.reshape(shape or zero.shape)).astype(np.float32)
-            * scale.astype(np.float32).reshape(shape or scale.shape))
-
-
-def _quantize(node, x: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    """QuantizeLinear: round half to even, saturate to the zero point's type."""
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-    shape = _axis_shape(scale, axis, x.ndim)
-    lo, hi = _QUANTIZED_RANGES[zero.dtype]
-    q = np.rint(x / scale.astype(np.float32).reshape(shape or scale.shape)) + zero.astype(np.float32).reshape(
-        shape or zero.shape)
-    return np.clip(q, lo, hi).astype(zero.dtype)
-
-
 def float_twin(model: onnx.ModelProto) -> onnx.ModelProto:
     """The float network of a QDQ model (see the module docstring); other models are returned unchanged."""
     _refuse_qoperator(model)
@@ -87,8 +58,9 @@ def float_twin(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = twin.graph
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     for node in graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        value = constant_node_value(node.attribute) if node.op_type == "Constant" else None
+        if value is not None:
+            constants[node.output[0]] = value
     producers = {o: n for n in graph.node for o in n.output}
     taken = graph_names(graph)
 
@@ -107,18 +79,23 @@ def float_twin(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)  # a computed scale: not something quantize_static writes; left to the gradient
             continue
         if source in constants:
-            folded.append(numpy_helper.from_array(_dequantize(node, constants[source], scale, zero), node.output[0]))
-        elif quantizer is not None and quantizer.input[0] in constants:  # a constant quantized in the graph
-            q_scale, q_zero = constant(quantizer.input[1]), constant(quantizer.input[2])
-            q = _quantize(quantizer, constants[quantizer.input[0]], q_scale, q_zero)
-            folded.append(numpy_helper.from_array(_dequantize(node, q, scale, zero), node.output[0]))
+            dequantized = ops.dequantize_linear(constants[source], scale, zero, node_attributes(node).get("axis", 1))
+            folded.append(numpy_helper.from_array(dequantized, node.output[0]))
+        elif quantizer is not None and quantizer.input[0] in constants and constant(quantizer.input[1]) is not None:
+            # a constant quantized in the graph
+            q_zero = constant(quantizer.input[2]) if len(quantizer.input) > 2 else None
+            attrs = node_attributes(quantizer)
+            q = ops.quantize_linear(constants[quantizer.input[0]], constant(quantizer.input[1]), q_zero,
+                                    attrs.get("axis", 1), attrs.get("output_dtype", 0))
+            dequantized = ops.dequantize_linear(q, scale, zero, node_attributes(node).get("axis", 1))
+            folded.append(numpy_helper.from_array(dequantized, node.output[0]))
             dropped_quantizers.add(quantizer.output[0])
         elif quantizer is not None:
             if scale.size != 1:
                 raise PerforateError(f"DequantizeLinear node {node.name or node.output[0]!r}: per-axis scales on "
                                      f"activation {source!r} are not supported (expected one scale per tensor)")
             zero = np.zeros((), np.uint8) if zero is None else zero
-            lo, hi = _QUANTIZED_RANGES[zero.dtype]
+            lo, hi = np.iinfo(zero.dtype).min, np.iinfo(zero.dtype).max
             bounds = [(np.float32(v) - np.float32(zero.ravel()[0])) * np.float32(scale.ravel()[0]) for v in (lo, hi)]
             names = [unique_name(f"{node.output[0]}_clip_{side}", taken) for side in ("min", "max")]
             folded += [numpy_helper.from_array(np.asarray(b, np.float32), n) for b, n in zip(bounds, names)]

@@ -219,6 +219,49 @@ def requantize(acc: np.ndarray, scale: np.ndarray, zero_point: int, out_min: int
     return (np.rint(v).astype(np.int32) + zero_point).astype(np.uint8)
 
 
+def _per_axis_shape(parameter: np.ndarray, axis: int, rank: int) -> tuple:
+    """The shape that broadcasts a QuantizeLinear/DequantizeLinear scale or zero point (one value, or
+    one per index of ``axis``) against a rank-``rank`` tensor."""
+    if parameter.size == 1:
+        return ()
+    shape = [1] * rank
+    shape[axis % rank] = parameter.size
+    return tuple(shape)
+
+
+def quantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None, axis: int = 1,
+                    output_dtype: int = 0) -> np.ndarray:
+    """ONNX QuantizeLinear (per tensor or per axis): ``saturate(round_half_to_even(x / scale) + zero_point)``,
+    the division in float32 as ORT computes it. The result has the zero point's type, else the
+    ``output_dtype`` attribute's (an ONNX type code; opset 21), else uint8."""
+    x = np.asarray(x, np.float32)
+    scale = np.asarray(scale, np.float32)
+    if zero_point is not None:
+        dtype = np.asarray(zero_point).dtype
+    else:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(output_dtype) if output_dtype else np.uint8)
+    zero = np.zeros((), np.float64) if zero_point is None else np.asarray(zero_point, np.float64)
+    if dtype.kind not in "iu":
+        raise ValueError(f"QuantizeLinear to {dtype} is not supported (integer types only)")
+    info = np.iinfo(dtype)
+    if scale.size > 1 and (scale.ndim != 1 or x.ndim == 0 or scale.size != x.shape[axis % x.ndim]):
+        raise ValueError(f"scale of shape {list(scale.shape)} is neither a scalar nor one value per index of axis "
+                         f"{axis} of a tensor of shape {list(x.shape)}")
+    rounded = np.rint(x / scale.reshape(_per_axis_shape(scale, axis, x.ndim))).astype(np.float64)
+    zero = zero.reshape(_per_axis_shape(zero, axis, x.ndim))
+    return np.clip(rounded + zero, info.min, info.max).astype(dtype)
+
+
+def dequantize_linear(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None,
+                      axis: int = 1) -> np.ndarray:
+    """ONNX DequantizeLinear (per tensor or per axis): ``(q - zero_point) * scale`` in float32."""
+    q = np.asarray(q)
+    scale = np.asarray(scale, np.float32)
+    zero = np.zeros((), np.int64) if zero_point is None else np.asarray(zero_point, np.int64)
+    centred = q.astype(np.int64) - zero.reshape(_per_axis_shape(zero, axis, q.ndim))
+    return centred.astype(np.float32) * scale.reshape(_per_axis_shape(scale, axis, q.ndim))
+
+
 def quantized_activation_bounds(activation: str, y_scale: float, y_zero_point: int, clip_min: float = -FLOAT32_MAX,
                                 clip_max: float = FLOAT32_MAX) -> tuple[int, int]:
     """The uint8 range of PerforatedQLinearConv's output after its fused activation (docs/ops.md)."""

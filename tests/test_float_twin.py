@@ -24,8 +24,8 @@ quantization = pytest.importorskip("onnxruntime.quantization")
 
 
 def float_cnn() -> onnx.ModelProto:
-    """helpers.synthetic_cnn with conv2's Constant weight as an initializer (the quantized rewrite needs
-    constant int8 weights, which quantize_static writes only for initializers)."""
+    """helpers.synthetic_cnn with conv2's Constant weight as an initializer (quantize_static quantizes a
+    Constant-node weight like an activation, asymmetric uint8, which the quantized rewrite refuses)."""
     model = synthetic_cnn()
     constant = next(n for n in model.graph.node if n.op_type == "Constant")
     model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(constant.attribute[0].t), "w2"))

@@ -211,3 +211,32 @@ def test_bad_quantization_inputs_name_the_node():
     expect_error(perforated_model(x, int8_x, attrs, mask, name="conv12"), x, "conv12")
     with pytest.raises(ValueError, match="LeakyRelu"):
         ops.make_perforated_qlinear_conv_node(["x"], "y", ops.ConvAttributes((3, 3), activation="LeakyRelu"), "n")
+
+
+@pytest.mark.parametrize("dtype,axis", [(np.int8, 0), (np.uint8, 1), (np.int8, None)])
+def test_quantize_linear_rounds_and_saturates_as_onnx_runtime(dtype, axis):
+    """ops.quantize_linear (what the rewriter folds a QuantizeLinear of constants with): exact halves
+    round to even, values beyond the type saturate, per tensor and per axis, as ORT's QuantizeLinear."""
+    rng = np.random.default_rng(11)
+    shape = (4, 5, 3, 3)
+    scale = np.float32(2.0 ** -6) if axis is None else (2.0 ** -rng.integers(4, 8, shape[axis])).astype(np.float32)
+    zero = np.asarray(3 if axis is None else rng.integers(-5, 5, shape[axis]) + (128 if dtype == np.uint8 else 0),
+                      dtype)
+    broadcast = () if axis is None else tuple(shape[axis] if i == axis else 1 for i in range(4))
+    halves = rng.integers(-600, 600, shape) / 2  # every other value is a tie, some far beyond the type
+    x = (halves * np.reshape(scale, broadcast)).astype(np.float32)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["y"], **({} if axis is None else {"axis": axis}))]
+    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)],
+                              [numpy_helper.from_array(np.asarray(scale), "scale"), numpy_helper.from_array(zero, "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    expected = run_ort(model, {"x": x}, library=False)[0]
+    got = ops.quantize_linear(x, scale, zero, 1 if axis is None else axis)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, expected)
+    info = np.iinfo(dtype)
+    assert (got == info.min).any() and (got == info.max).any(), "the case should saturate"
+    inside = (got != info.min) & (got != info.max)
+    centred = got.astype(int) - np.broadcast_to(zero.reshape(broadcast), shape).astype(int)
+    assert (halves[inside] % 1 != 0).any(), "the case should hold exact halves"
+    np.testing.assert_array_equal(centred[inside], np.rint(halves[inside]))  # halves to even

@@ -51,9 +51,9 @@ class Reader(quantization.CalibrationDataReader):
 def quantize(model, calibration, path, **options):
     source = path.with_suffix(".float.onnx")
     onnx.save(model, source)
-    quantization.quantize_static(str(source), str(path), Reader(calibration), quant_format=options.pop(
-        "quant_format", quantization.QuantFormat.QDQ), per_channel=True, activation_type=quantization.QuantType.QUInt8,
-        weight_type=quantization.QuantType.QInt8, **options)
+    settings = dict(quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+                    activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8)
+    quantization.quantize_static(str(source), str(path), Reader(calibration), **{**settings, **options})
     return onnx.load(str(path))
 
 
@@ -147,6 +147,142 @@ def test_unsupported_schemes_name_the_node(qdq_model):
     # the model is untouched by a refused rewrite: the same request without conv2 works
     partial = {k: v for k, v in ones(asymmetric).items() if k != "conv2"}
     assert [n.op_type for n in rewrite(asymmetric, partial).graph.node].count("PerforatedQLinearConv") == 2
+
+
+def producer(model, tensor):
+    return next(n for n in model.graph.node if tensor in n.output)
+
+
+def conv_node(model, name):
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def as_constant_nodes(model, names):
+    """``model`` with the initializers ``names`` turned into Constant nodes."""
+    inits = {t.name: t for t in model.graph.initializer}
+    constants = [helper.make_node("Constant", [], [name], value=inits[name]) for name in names]
+    kept = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    nodes = constants + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def quantized_in_graph(model, conv, *, constant_node, q_scale_factor=1.0, seed=0):
+    """``conv``'s int8 weight replaced by ``QuantizeLinear(float weight)`` (a Constant node or an
+    initializer) feeding its DequantizeLinear, as QAT exports write weights: the float weight is the
+    dequantized one plus noise, with some values far out of range so that quantization saturates. The
+    QuantizeLinear's scale is ``q_scale_factor`` times the DequantizeLinear's."""
+    rng = np.random.default_rng(seed)
+    dq = producer(model, conv_node(model, conv).input[1])
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    q, scale = inits[dq.input[0]], inits[dq.input[1]]
+    w = ((q + rng.uniform(-0.5, 0.5, q.shape)) * scale.reshape(-1, 1, 1, 1)).astype(np.float32)
+    w.flat[::7] *= 3
+    q_scale = (scale * np.float32(q_scale_factor)).astype(np.float32)
+    kept = [t for t in model.graph.initializer if t.name != dq.input[0]]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept + [numpy_helper.from_array(q_scale, f"{conv}_q_scale")])
+    source = helper.make_node("Constant", [], [f"{conv}_w_float"], value=numpy_helper.from_array(w, "v"))
+    if not constant_node:
+        model.graph.initializer.append(numpy_helper.from_array(w, f"{conv}_w_float"))
+    quantize = helper.make_node("QuantizeLinear", [f"{conv}_w_float", f"{conv}_q_scale", dq.input[2]], [dq.input[0]],
+                                name=f"{conv}_w_QuantizeLinear", axis=0)
+    nodes = ([source] if constant_node else []) + [quantize] + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def test_constants_however_expressed(qdq_model):
+    """conv1's parameters as Constant nodes, conv2's weight a QuantizeLinear of a float Constant node,
+    conv3's a QuantizeLinear of a float initializer with another scale than its DequantizeLinear's: the
+    rewrite folds them (round half to even, saturate) and reproduces ORT's INT8 model exactly."""
+    model = onnx.ModelProto.FromString(qdq_model.SerializeToString())
+    conv1 = conv_node(model, "conv1")
+    initializers = {t.name for t in model.graph.initializer}
+    names = {i for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in conv1.input
+             for i in n.input if i in initializers}
+    model = as_constant_nodes(model, sorted(names))
+    model = quantized_in_graph(model, "conv2", constant_node=True)
+    model = quantized_in_graph(model, "conv3", constant_node=False, q_scale_factor=0.5, seed=1)
+    onnx.checker.check_model(model)
+    assert {"conv1_w_quantized", "x_scale", "conv1_b_quantized"} <= {n.output[0] for n in model.graph.node
+                                                                      if n.op_type == "Constant"}
+    x = np.random.default_rng(5).uniform(-1, 1, (1, 3, 12, 12)).astype(np.float32)
+    ones = rewrite(model, conv_masks(model, lambda hw: np.ones(hw, bool)))
+    kinds = [n.op_type for n in ones.graph.node]
+    assert kinds.count("PerforatedQLinearConv") == 3 and "Conv" not in kinds
+    assert not [n for n in ones.graph.node if n.op_type == "QuantizeLinear" and "_w_" in n.name]
+    np.testing.assert_array_equal(run(ones, x), run(model, x))
+    half = rewrite(model, conv_masks(model, lambda hw: np.asarray(masks.grid(hw, 0.5))))
+    np.testing.assert_allclose(run(half, x), reference_run(half, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["per-tensor weights", "uint8 weights, zero point 128"])
+def test_other_schemes_that_run_exactly(tmp_path, scheme):
+    """Per-tensor int8 weights, and uint8 weights (quantize_static gives them zero point 128, so
+    w - 128 fits int8 and the rewrite centres them): all-ones masks reproduce ORT's INT8 model."""
+    rng = np.random.default_rng(6)
+    calibration = rng.uniform(-1, 1, (8, 3, 12, 12)).astype(np.float32)
+    options = ({"per_channel": False} if scheme.startswith("per-tensor")
+               else {"weight_type": quantization.QuantType.QUInt8})
+    model = quantize(float_model(rng), calibration, tmp_path / "q.onnx", **options)
+    weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_w_quantized")]
+    assert all(w.dtype == (np.int8 if scheme.startswith("per-tensor") else np.uint8) for w in weights)
+    x = rng.uniform(-1, 1, (1, 3, 12, 12)).astype(np.float32)
+    ones = rewrite(model, conv_masks(model, lambda hw: np.ones(hw, bool)))
+    assert [n.op_type for n in ones.graph.node].count("PerforatedQLinearConv") == 3
+    np.testing.assert_array_equal(run(ones, x), run(model, x))
+
+
+def test_mismatched_activation_scales_between_a_quantize_and_its_dequantize(qdq_model):
+    """conv1's output quantized with one scale and dequantized with another before conv2 and conv3: the
+    uint8 tensor is what it is and the readers use their DequantizeLinear's scale, as ORT does; their
+    int32 biases must then be in units of that scale times the weight's, else the rewrite refuses."""
+    model = onnx.ModelProto.FromString(qdq_model.SerializeToString())
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "conv1_relu_QuantizeLinear_Output")
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    other = (inits[dq.input[1]] * np.float32(1.3)).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(other, "other_scale"))
+    dq.input[1] = "other_scale"
+    ones = lambda model: conv_masks(model, lambda hw: np.ones(hw, bool))  # noqa: E731
+    with pytest.raises(UnsupportedNodeError, match="'conv2': bias scale 'conv2_b_quantized_scale' is not x_scale \\* w_scale"):
+        rewrite(model, ones(model))
+    for conv in ("conv2", "conv3"):
+        model = with_initializer(model, f"{conv}_b_quantized_scale", (other * inits[f"{conv}_w_scale"]).astype(np.float32))
+    x = np.random.default_rng(8).uniform(-1, 1, (1, 3, 12, 12)).astype(np.float32)
+    perforated = rewrite(model, ones(model))
+    np.testing.assert_array_equal(run(perforated, x), run(model, x))
+    assert not np.array_equal(run(model, x), run(qdq_model, x)), "the scale change should matter"
+
+
+def test_schemes_that_are_refused_name_the_node_and_what_is_supported(tmp_path, qdq_model):
+    rng = np.random.default_rng(9)
+    calibration = rng.uniform(-1, 1, (8, 3, 12, 12)).astype(np.float32)
+    ones = lambda model: conv_masks(model, lambda hw: np.ones(hw, bool))  # noqa: E731
+    s8s8 = quantize(float_model(rng), calibration, tmp_path / "s8s8.onnx", activation_type=quantization.QuantType.QInt8)
+    with pytest.raises(UnsupportedNodeError, match="'conv1'.*is int8, expected uint8.*only uint8 activations"):
+        rewrite(s8s8, ones(s8s8))
+    # quantize_static quantizes a weight that is a Constant node like an activation: asymmetric uint8.
+    onnx.save(helpers.synthetic_cnn(), tmp_path / "cnn.onnx")
+    quantization.quantize_static(str(tmp_path / "cnn.onnx"), str(tmp_path / "cnn_q.onnx"),
+                                 Reader(helpers.synthetic_input(8)), quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=True, activation_type=quantization.QuantType.QUInt8,
+                                 weight_type=quantization.QuantType.QInt8)
+    cnn = onnx.load(str(tmp_path / "cnn_q.onnx"))
+    with pytest.raises(UnsupportedNodeError, match="'conv2'.*w2_zero_point.*asymmetric uint8.*beyond int8.*supported"):
+        rewrite(cnn, ones(cnn))
+    # per-channel weight scale and zero point along the input channels (axis 1)
+    wrong_axis = onnx.ModelProto.FromString(qdq_model.SerializeToString())
+    dq = producer(wrong_axis, conv_node(wrong_axis, "conv2").input[1])
+    next(a for a in dq.attribute if a.name == "axis").i = 1
+    wrong_axis = with_initializer(with_initializer(wrong_axis, dq.input[1], np.full(16, 0.01, np.float32)),
+                                  dq.input[2], np.zeros(16, np.int8))
+    with pytest.raises(UnsupportedNodeError, match="'conv2'.*per axis 1, expected per output channel"):
+        rewrite(wrong_axis, ones(wrong_axis))
 
 
 def test_dequantized_conv_without_quantized_output_is_refused():

@@ -12,8 +12,12 @@ QLinearConv's) output tensor, so the rest of the graph is untouched; a Relu or C
 and the QuantizeLinear is fused (it is a clamp of the quantized value). The INT8 arithmetic is the one
 ORT runs for the same pattern (its QDQ fusion turns it into QLinearConv), bit for bit.
 
+Parameters may be initializers or Constant nodes; a weight or bias written as QuantizeLinear of constants
+is folded here (:func:`onnx_perforate.ops.quantize_linear`). Weights with a nonzero zero point become
+``w - w_zero_point`` in int8 where that fits (uint8 weights with zero point 128), exactly.
+
 Anything else is refused with an :class:`~onnx_perforate.errors.UnsupportedNodeError` naming the Conv
-and what was found: uint8 or asymmetric weights, int8 activations, per-channel activation parameters, a
+and what was found: other asymmetric weights, int8 activations, per-channel activation parameters, a
 bias whose scale is not x_scale * w_scale, a Conv whose output is not quantized. ConvInteger is refused
 by :func:`onnx_perforate.graph.conv_geometry`.
 
@@ -64,6 +68,8 @@ def match(surgeon: Surgeon, conv: gs.Node, key: str) -> QuantizedConv:
         matched = _match_qlinear_conv(conv, key)
     else:
         matched = _match_qdq(surgeon, conv, key)
+    matched.inputs[3] = _folded(surgeon, matched.inputs[3], key, "w")
+    _centre_weights(surgeon, matched, key)
     _check_parameters(matched, key)
     return matched
 
@@ -178,6 +184,30 @@ def _dequantized(tensor, what: str, key: str):
     return dq, dq.inputs[0], dq.inputs[1], zero
 
 
+def _folded(surgeon: Surgeon, tensor, key: str, what: str):
+    """``tensor``, or for a QuantizeLinear of constants (how quantize_static writes a weight that is a
+    Constant node, and how QAT exports write every weight) a new initializer holding its value, computed
+    as ONNX does (round half to even, saturate). Anything else is returned as it is, for
+    :func:`_check_parameters` to accept or refuse."""
+    quantizer = _producer(tensor, "QuantizeLinear")
+    if quantizer is None:
+        return tensor
+    operands = [constant_value(t) if t.name else None for t in quantizer.inputs[:3]]
+    value, scale = operands[0], operands[1]
+    zero = operands[2] if len(operands) > 2 else None
+    if value is None or scale is None or (len(quantizer.inputs) > 2 and quantizer.inputs[2].name and zero is None):
+        return tensor
+    if quantizer.attrs.get("block_size", 0):
+        raise UnsupportedNodeError(f"Conv {key!r}: {describe(quantizer)} quantizes {what} {tensor.name!r} by "
+                                   "blocks (block_size); expected per tensor or per output channel")
+    try:
+        folded = ops.quantize_linear(value, scale, zero, int(quantizer.attrs.get("axis", 1)),
+                                     int(quantizer.attrs.get("output_dtype", 0)))
+    except ValueError as exc:
+        raise UnsupportedNodeError(f"Conv {key!r}: cannot fold {describe(quantizer)} of {what} {tensor.name!r}: {exc}") from exc
+    return surgeon.constant(f"{key}.{what}_quantized", folded)
+
+
 def _match_qdq(surgeon: Surgeon, conv: gs.Node, key: str) -> QuantizedConv:
     _, x_q, x_scale, x_zero = _dequantized(conv.inputs[0], "input", key)
     w_dq, w_q, w_scale, w_zero = _dequantized(conv.inputs[1], "weight", key)
@@ -241,13 +271,38 @@ def _quantized_bias(surgeon: Surgeon, conv: gs.Node, key: str, x_scale, w_scale)
             raise UnsupportedNodeError(f"Conv {key!r}: bias {bias.name!r} is neither constant nor dequantized")
         quantized = np.rint(value.astype(np.float64) / expected.astype(np.float64)).astype(np.int32)
         return surgeon.constant(f"{key}.bias_quantized", quantized)
-    b_q, b_scale = dq.inputs[0], constant_value(dq.inputs[1])
+    b_q, b_scale = _folded(surgeon, dq.inputs[0], key, "B"), constant_value(dq.inputs[1])
     if b_q.dtype is not None and np.dtype(b_q.dtype) != np.int32:
         raise UnsupportedNodeError(f"Conv {key!r}: bias {b_q.name!r} is {np.dtype(b_q.dtype)}, expected int32")
     if (b_scale is None or b_scale.size not in (1, expected.size)
             or not np.allclose(np.broadcast_to(b_scale.reshape(-1), expected.shape), expected, rtol=1e-6, atol=0)):
         raise UnsupportedNodeError(f"Conv {key!r}: bias scale {dq.inputs[1].name!r} is not x_scale * w_scale")
     return b_q
+
+
+def _centre_weights(surgeon: Surgeon, matched: QuantizedConv, key: str) -> None:
+    """Asymmetric weights (a nonzero w_zero_point, int8 or uint8) become symmetric int8 ``w - w_zero_point``
+    where every such value fits int8 (uint8 weights with zero point 128, which symmetric uint8
+    quantization writes): the same integers, so the same result. Others are left for
+    :func:`_check_parameters` to refuse."""
+    w_tensor, zero_tensor = matched.inputs[3], matched.inputs[5]
+    w = None if w_tensor is None else constant_value(w_tensor)
+    zero = None if zero_tensor is None else constant_value(zero_tensor)
+    if w is None or zero is None or w.dtype not in (np.int8, np.uint8) or zero.dtype != w.dtype or w.ndim != 4:
+        return
+    if not np.any(zero != 0) and w.dtype == np.int8:
+        return
+    if zero.size not in (1, w.shape[0]):
+        return
+    centred = w.astype(np.int16) - zero.astype(np.int16).reshape(-1, 1, 1, 1)
+    low, high = int(centred.min()), int(centred.max())
+    if low < -128 or high > 127:
+        raise UnsupportedNodeError(
+            f"Conv {key!r}: weight zero point {zero_tensor.name!r} is not 0 (asymmetric {w.dtype} weights) and "
+            f"w - w_zero_point spans [{low}, {high}], beyond int8: supported are symmetric int8 weights, or "
+            "weights whose centred values fit int8 (uint8 with zero point 128); quantize with weight_type=QInt8")
+    matched.inputs[3] = surgeon.constant(f"{key}.w_centred", centred.astype(np.int8))
+    matched.inputs[5] = surgeon.constant(f"{key}.w_zero_point", np.zeros(zero.shape, np.int8))
 
 
 _EXPECTED = {  # input position -> (name, dtype, per-channel allowed)
@@ -260,10 +315,14 @@ _EXPECTED = {  # input position -> (name, dtype, per-channel allowed)
 def _check_parameters(matched: QuantizedConv, key: str) -> None:
     """The scheme PerforatedQLinearConv runs: constant parameters of the right types, uint8 activations,
     symmetric int8 weights, per-tensor activation parameters."""
-    x_q = matched.inputs[0]
-    if x_q.dtype is not None and np.dtype(x_q.dtype) != np.uint8:
-        raise UnsupportedNodeError(f"Conv {key!r}: quantized input {x_q.name!r} is {np.dtype(x_q.dtype)}, expected "
-                                   "uint8 (asymmetric activations; quantize with activation_type=QUInt8)")
+    x_q, x_zero = matched.inputs[0], matched.inputs[2]
+    # The input's type, else its zero point's (a QDQ model need not declare intermediate types).
+    zero_value = None if x_zero is None else constant_value(x_zero)
+    x_type = x_q.dtype if x_q.dtype is not None else getattr(zero_value, "dtype", None)
+    if x_type is not None and np.dtype(x_type) != np.uint8:
+        raise UnsupportedNodeError(f"Conv {key!r}: quantized input {x_q.name!r} is {np.dtype(x_type)}, expected uint8: "
+                                   "only uint8 activations are supported (U8S8, not S8S8; quantize with "
+                                   "activation_type=QUInt8)")
     if matched.inputs[2] is None:
         raise UnsupportedNodeError(f"Conv {key!r}: the input's DequantizeLinear has no zero point (uint8 expected)")
     channels = None
@@ -271,7 +330,14 @@ def _check_parameters(matched: QuantizedConv, key: str) -> None:
         tensor = matched.inputs[position]
         value = None if tensor is None else constant_value(tensor)
         if value is None:
-            raise UnsupportedNodeError(f"Conv {key!r}: {name} is missing or not constant")
+            if tensor is None or not tensor.name:
+                found = "missing"
+            elif tensor.inputs:
+                found = f"{tensor.name!r}, computed by {describe(tensor.inputs[0])}"
+            else:
+                found = f"graph input {tensor.name!r}"
+            raise UnsupportedNodeError(f"Conv {key!r}: {name} is {found}; expected a constant (an initializer, a "
+                                       "Constant node, or a QuantizeLinear of constants)")
         if value.dtype != dtype:
             hint = " (quantize weights with weight_type=QInt8)" if name.startswith("w") else ""
             raise UnsupportedNodeError(f"Conv {key!r}: {name} {tensor.name!r} is {value.dtype}, expected "
