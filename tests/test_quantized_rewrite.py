@@ -221,21 +221,30 @@ def test_constants_however_expressed(qdq_model):
     np.testing.assert_allclose(run(half, x), reference_run(half, x), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("scheme", ["per-tensor weights", "uint8 weights, zero point 128"])
+@pytest.mark.parametrize("scheme", ["per-tensor weights", "uint8 weights, zero point 128", "QLinearConv, uint8 weights"])
 def test_other_schemes_that_run_exactly(tmp_path, scheme):
     """Per-tensor int8 weights, and uint8 weights (quantize_static gives them zero point 128, so
-    w - 128 fits int8 and the rewrite centres them): all-ones masks reproduce ORT's INT8 model."""
+    w - 128 fits int8 and the rewrite centres them), in QDQ and QOperator form: all-ones masks reproduce
+    ORT's INT8 model."""
     rng = np.random.default_rng(6)
     calibration = rng.uniform(-1, 1, (8, 3, 12, 12)).astype(np.float32)
-    options = ({"per_channel": False} if scheme.startswith("per-tensor")
-               else {"weight_type": quantization.QuantType.QUInt8})
+    options = {"per_channel": False} if scheme.startswith("per-tensor") else {"weight_type": quantization.QuantType.QUInt8}
+    if scheme.startswith("QLinearConv"):  # quantize_static writes int8 weights there: shift them to uint8
+        options = dict(quant_format=quantization.QuantFormat.QOperator, op_types_to_quantize=["Conv"])
     model = quantize(float_model(rng), calibration, tmp_path / "q.onnx", **options)
+    if scheme.startswith("QLinearConv"):
+        for conv in (n for n in model.graph.node if n.op_type == "QLinearConv"):
+            inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+            model = with_initializer(model, conv.input[3], (inits[conv.input[3]].astype(np.int16) + 128).astype(np.uint8))
+            model = with_initializer(model, conv.input[5], (inits[conv.input[5]].astype(np.int16) + 128).astype(np.uint8))
     weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_w_quantized")]
-    assert all(w.dtype == (np.int8 if scheme.startswith("per-tensor") else np.uint8) for w in weights)
+    assert weights and all(w.dtype == (np.int8 if scheme.startswith("per-tensor") else np.uint8) for w in weights)
     x = rng.uniform(-1, 1, (1, 3, 12, 12)).astype(np.float32)
     ones = rewrite(model, conv_masks(model, lambda hw: np.ones(hw, bool)))
     assert [n.op_type for n in ones.graph.node].count("PerforatedQLinearConv") == 3
     np.testing.assert_array_equal(run(ones, x), run(model, x))
+    half = rewrite(model, conv_masks(model, lambda hw: np.asarray(masks.grid(hw, 0.5))))
+    np.testing.assert_allclose(run(half, x), reference_run(half, x), rtol=0, atol=1e-5)
 
 
 def test_mismatched_activation_scales_between_a_quantize_and_its_dequantize(qdq_model):
@@ -283,6 +292,17 @@ def test_schemes_that_are_refused_name_the_node_and_what_is_supported(tmp_path, 
                                   dq.input[2], np.zeros(16, np.int8))
     with pytest.raises(UnsupportedNodeError, match="'conv2'.*per axis 1, expected per output channel"):
         rewrite(wrong_axis, ones(wrong_axis))
+    # per-channel activation parameters
+    per_channel_x = onnx.ModelProto.FromString(qdq_model.SerializeToString())
+    dq = producer(per_channel_x, conv_node(per_channel_x, "conv2").input[0])
+    dq.attribute.append(helper.make_attribute("axis", 1))
+    inits = {t.name: numpy_helper.to_array(t) for t in per_channel_x.graph.initializer}
+    per_channel_x.graph.initializer.extend([
+        numpy_helper.from_array(np.full(16, inits[dq.input[1]], np.float32), "x_scales"),
+        numpy_helper.from_array(np.full(16, inits[dq.input[2]], np.uint8), "x_zero_points")])
+    dq.input[1], dq.input[2] = "x_scales", "x_zero_points"
+    with pytest.raises(UnsupportedNodeError, match="'conv2': x_scale 'x_scales' has shape \\[16\\], expected a scalar"):
+        rewrite(per_channel_x, ones(per_channel_x))
 
 
 def test_dequantized_conv_without_quantized_output_is_refused():

@@ -71,6 +71,8 @@ def match(surgeon: Surgeon, conv: gs.Node, key: str) -> QuantizedConv:
     matched.inputs[3] = _folded(surgeon, matched.inputs[3], key, "w")
     _centre_weights(surgeon, matched, key)
     _check_parameters(matched, key)
+    if conv.op == "Conv":  # the bias once the scales it is measured in are known to be valid
+        matched.inputs[8] = _quantized_bias(surgeon, conv, key, matched.inputs[1], matched.inputs[4])
     return matched
 
 
@@ -243,8 +245,7 @@ def _match_qdq(surgeon: Surgeon, conv: gs.Node, key: str) -> QuantizedConv:
     y_zero = follower.inputs[2] if len(follower.inputs) > 2 and follower.inputs[2].name else None
     if y_zero is None:
         raise UnsupportedNodeError(f"Conv {key!r}: {describe(follower)} has no zero point (uint8 output expected)")
-    bias = _quantized_bias(surgeon, conv, key, x_scale, w_scale)
-    matched.inputs = [x_q, x_scale, x_zero, w_q, w_scale, w_zero, follower.inputs[1], y_zero, bias]
+    matched.inputs = [x_q, x_scale, x_zero, w_q, w_scale, w_zero, follower.inputs[1], y_zero, gs.Variable.empty()]
     matched.output = follower.outputs[0]
     return matched
 
