@@ -7,6 +7,9 @@ fraction of the theoretical speed-up (1/(1-r) per layer, the Conv-MAC reduction 
 
     python benchmarks/bench_int8.py --threads 1 --repeats 30
 
+``--only interpolate``: the uint8 NNInterpolate alone on SqueezeNet's output sizes, against
+``--baseline-library`` (another build of the library) in the same process when given.
+
 ``--only table``: SqueezeNet 1.1 as float32, INT8 (quantize_static, QDQ, per-channel), INT8 + perforation
 tuned by ``onnx_perforate.tune`` on the INT8 model, and INT8 fed smaller images: speed (interleaved
 medians), val100 top-1/top-5 and top-1 agreement with float32 on held-out images. Data split: samples1000
@@ -86,6 +89,45 @@ def bench_layers(args, rng):
                 theoretical = 1 / mask.mean()
                 print(f"| {name} | {threads} | {rate:.2f} | {t_base * 1e3:.3f} | {t_perf * 1e3:.3f} | "
                       f"{t_base / t_perf:.2f}x | {theoretical:.2f}x | {t_base / t_perf / theoretical:.0%} |", flush=True)
+
+
+INTERPOLATE_SHAPES = [  # SqueezeNet 1.1's uint8 Conv outputs (channels, H=W) that NNInterpolate fills
+    ("conv1 64x111x111", 64, 111), ("fire2 expand 64x55x55", 64, 55), ("fire4 expand 128x27x27", 128, 27),
+    ("fire8 expand 256x13x13", 256, 13),
+]
+
+
+def bench_interpolate(args, rng):
+    """NNInterpolate on uint8 alone (grid masks), with the library in use and, side by side in the same
+    process (interleaved), with ``--baseline-library`` when given."""
+    import onnxruntime as ort
+
+    def session(model, path=None):
+        options = runtime.session_options(args.threads[0], custom_ops=path is None)
+        if path is not None:
+            options.register_custom_ops_library(path)
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    baseline = args.baseline_library
+    print("| uint8 NNInterpolate | r | K | " + ("baseline ms | " if baseline else "") + "ms |"
+          + (" speed-up |" if baseline else ""))
+    print("|---|---|---|" + ("---|" if baseline else "") + "---|" + ("---|" if baseline else ""))
+    for name, c, hw in INTERPOLATE_SHAPES:
+        for rate in args.rates:
+            mask = np.asarray(masks.grid((hw, hw), rate))
+            k = int(mask.sum())
+            graph = helper.make_graph(
+                [ops.make_nn_interpolate_node("yc", "index", "y", "interpolate")], "interpolate",
+                [helper.make_tensor_value_info("yc", TensorProto.UINT8, [1, c, k])],
+                [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+                [numpy_helper.from_array(ops.nearest_index(mask), "index")])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+            sessions = ([session(model, baseline)] if baseline else []) + [session(model)]
+            times = median_times(sessions, {"yc": rng.integers(0, 256, (1, c, k), dtype=np.uint8)}, args.repeats,
+                                 args.stat)
+            cells = " | ".join(f"{t * 1e3:.4f}" for t in times)
+            ratio = f" {times[0] / times[1]:.2f}x |" if baseline else ""
+            print(f"| {name} | {1 - mask.mean():.2f} | {k} | {cells} |{ratio}", flush=True)
 
 
 def samples1000(indices) -> np.ndarray:
@@ -205,7 +247,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--stat", choices=sorted(STAT), default="median",
                         help="per session: median of the interleaved runs, or min (on a loaded machine)")
-    parser.add_argument("--only", choices=["layers", "squeezenet", "table"], default=None)
+    parser.add_argument("--only", choices=["layers", "squeezenet", "table", "interpolate"], default=None)
+    parser.add_argument("--baseline-library", default=None,
+                        help="interpolate: another build of the custom-op library, timed side by side")
     parser.add_argument("--ladder", type=float, nargs="+", default=[0.0, 0.35, 0.5, 0.7],
                         help="table: the tuner's ladder")
     parser.add_argument("--max-drop", type=float, default=0.05,
@@ -219,6 +263,8 @@ def main(argv=None):
         bench_squeezenet(args)
     if args.only == "table":  # minutes: quantizes, tunes and evaluates on real images
         bench_table(args)
+    if args.only == "interpolate":
+        bench_interpolate(args, np.random.default_rng(0))
 
 
 if __name__ == "__main__":

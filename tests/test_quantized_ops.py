@@ -9,10 +9,12 @@ import subprocess
 import sys
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from helpers import expect_error, run_ort
+import onnx_perforate
 from onnx_perforate import ops
 
 pytestmark = pytest.mark.usefixtures("require_library")
@@ -240,3 +242,37 @@ def test_quantize_linear_rounds_and_saturates_as_onnx_runtime(dtype, axis):
     centred = got.astype(int) - np.broadcast_to(zero.reshape(broadcast), shape).astype(int)
     assert (halves[inside] % 1 != 0).any(), "the case should hold exact halves"
     np.testing.assert_array_equal(centred[inside], np.rint(halves[inside]))  # halves to even
+
+
+def test_non_constant_mask_and_indices_follow_every_run():
+    """The byte-permute plans (NNInterpolate's, and the compact input's of PerforatedQLinearConv) are
+    built once per index: with the mask, X_index and index fed as graph inputs that change between runs
+    of one session (144 positions: three 64-byte chunks), every run still matches the reference."""
+    rng = np.random.default_rng(13)
+    x, params, attrs = quantized_case(rng, 2, 8, 12, 12, 16, 3, pad=1)
+    inputs = QLINEAR_INPUTS + ["B", "mask", "x_index"]
+    nodes = [ops.make_perforated_qlinear_conv_node(inputs, "yc", attrs, "qconv"),
+             ops.make_nn_interpolate_node("yc", "index", "y", "qconv/interpolate")]
+    graph = helper.make_graph(
+        nodes, "dynamic",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, None),
+         helper.make_tensor_value_info("mask", TensorProto.BOOL, None),
+         helper.make_tensor_value_info("x_index", TensorProto.INT64, None),
+         helper.make_tensor_value_info("index", TensorProto.INT64, None)],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in params.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+    session = ort.InferenceSession(model.SerializeToString(), onnx_perforate.session_options(2),
+                                   providers=["CPUExecutionProvider"])
+    # (mask seed, producer seed): equal seeds give equal values in fresh buffers (a plan is reused); the
+    # mask and X_index change one at a time, so a plan that ignored either would give wrong results.
+    for mask_seed, producer_seed in [(0, 0), (0, 0), (1, 0), (1, 1), (1, 1), (0, 1)]:
+        producer = np.zeros((12, 12), bool)  # always 80 positions: K_in alone does not tell them apart
+        producer.flat[np.random.default_rng(200 + producer_seed).choice(144, 80, replace=False)] = True
+        mask = np.random.default_rng(100 + mask_seed).random((12, 12)) < 0.5
+        mask[0, 0] = True
+        x_index, index = ops.nearest_index(producer), ops.nearest_index(mask)
+        compact = x.reshape(2, 8, -1)[:, :, np.flatnonzero(producer)].copy()
+        y = session.run(None, {"x": compact, "mask": mask.copy(), "x_index": x_index.copy(), "index": index.copy()})[0]
+        yc = reference(ops.nn_interpolate_reference(compact, x_index), params, attrs, mask)
+        np.testing.assert_array_equal(y, ops.nn_interpolate_reference(yc, index))

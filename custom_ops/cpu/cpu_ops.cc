@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <mutex>
+#include <type_traits>
 
 #include "compact_pool.h"
 #include "nn_interpolate.h"
@@ -78,8 +79,29 @@ struct NNInterpolateKernel : NNInterpolateKernelBase<NNInterpolateKernel<T>, T> 
 
   void Interpolate(const Ort::KernelContext& ctx, const std::shared_ptr<const InterpolationIndex>& index,
                    const T* yc, T* y, int64_t planes, int64_t count) {
-    NNInterpolateCpu::Compute(planes, count, index->values.data(), index->positions(), yc, y, MakeParallelRunner(ctx));
+    if constexpr (std::is_same_v<T, uint8_t>) {
+      const auto plan = BytePlan(index);
+      NNInterpolateCpu::Compute(planes, count, index->values.data(), index->positions(), yc, y,
+                                MakeParallelRunner(ctx), plan.get());
+    } else {
+      NNInterpolateCpu::Compute(planes, count, index->values.data(), index->positions(), yc, y, MakeParallelRunner(ctx));
+    }
   }
+
+  // Planned once per index object: the base hands back the same object while the index values are
+  // unchanged (see NNInterpolateKernelBase), so the address identifies the values.
+  std::shared_ptr<const BytePermutePlan> BytePlan(const std::shared_ptr<const InterpolationIndex>& index) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (planned_index_ != index) {
+      byte_plan_ = NNInterpolateCpu::PlanBytes(index->values.data(), index->positions());
+      planned_index_ = index;
+    }
+    return byte_plan_;
+  }
+
+  std::mutex mutex_;
+  std::shared_ptr<const InterpolationIndex> planned_index_;
+  std::shared_ptr<const BytePermutePlan> byte_plan_;
 };
 
 struct CompactPoolKernel : CompactPoolKernelBase<CompactPoolKernel> {

@@ -10,6 +10,15 @@
 
 namespace onnx_perforate {
 
+// uint8 planes (after PerforatedQLinearConv) with AVX-512 VBMI byte permutes: the output positions are
+// taken 64 at a time, and when a chunk's sources lie within 128 bytes of the compact plane (the rule for
+// nearest-neighbour interpolation: 64 consecutive positions are about one output row), one vpermi2b per
+// plane replaces 64 scalar loads and stores. Chunks whose sources spread wider keep the scalar loop.
+struct BytePermutePlan {
+  std::vector<int32_t> base;  // per chunk: first source byte, or -1 for a scalar chunk
+  std::vector<uint8_t> permutation;  // per chunk: 64 source offsets from base (bit 6 selects the 2nd half)
+};
+
 namespace {
 
 // A plain scalar loop: hardware gathers (AVX2/AVX-512) measured 5-15% slower on this Zen 4 class CPU.
@@ -31,15 +40,6 @@ void Interpolate(int64_t planes, int64_t count, const int32_t* index, int64_t po
   });
 }
 
-// uint8 planes (after PerforatedQLinearConv) with AVX-512 VBMI byte permutes: the output positions are
-// taken 64 at a time, and when a chunk's sources lie within 128 bytes of the compact plane (the rule for
-// nearest-neighbour interpolation: 64 consecutive positions are about one output row), one vpermi2b per
-// plane replaces 64 scalar loads and stores. Chunks whose sources spread wider keep the scalar loop.
-struct ByteChunks {
-  std::vector<int32_t> base;  // per chunk: first source byte, or -1 for a scalar chunk
-  std::vector<uint8_t> permutation;  // per chunk: 64 source offsets from base (bit 6 selects the 2nd half)
-};
-
 bool HaveVbmi() {
   static const bool have = [] {
     const char* env = std::getenv("ONNX_PERFORATE_GEMM");  // forcing a slower GEMM path turns this off too
@@ -52,9 +52,9 @@ bool HaveVbmi() {
   return have;
 }
 
-ByteChunks PlanByteChunks(const int32_t* index, int64_t positions) {
+BytePermutePlan PlanByteChunks(const int32_t* index, int64_t positions) {
   const int64_t chunks = (positions + 63) / 64;
-  ByteChunks plan;
+  BytePermutePlan plan;
   plan.base.assign(static_cast<size_t>(chunks), -1);
   plan.permutation.assign(static_cast<size_t>(chunks * 64), 0);
   for (int64_t c = 0; c < chunks; ++c) {
@@ -70,7 +70,7 @@ ByteChunks PlanByteChunks(const int32_t* index, int64_t positions) {
 
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void GatherBytePlane(
     const uint8_t* __restrict src, int64_t count, const int32_t* __restrict index, int64_t positions,
-    const ByteChunks& plan, uint8_t* __restrict dst) {
+    const BytePermutePlan& plan, uint8_t* __restrict dst) {
   const int64_t chunks = static_cast<int64_t>(plan.base.size());
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t p0 = c * 64, n = std::min<int64_t>(64, positions - p0);
@@ -101,19 +101,27 @@ void NNInterpolateCpu::Compute(int64_t planes, int64_t count, const int32_t* ind
 }
 
 void NNInterpolateCpu::Compute(int64_t planes, int64_t count, const int32_t* index, int64_t positions,
-                               const uint8_t* yc, uint8_t* y, const ParallelRunner& parallel) {
+                               const uint8_t* yc, uint8_t* y, const ParallelRunner& parallel,
+                               const BytePermutePlan* given) {
   if (planes == 0 || positions == 0) return;
   if (!HaveVbmi()) {
     Interpolate(planes, count, index, positions, yc, y, parallel);
     return;
   }
-  const ByteChunks plan = PlanByteChunks(index, positions);
+  BytePermutePlan own;
+  if (!given) own = PlanByteChunks(index, positions);
+  const BytePermutePlan& plan = given ? *given : own;
   const int64_t per_task = std::max<int64_t>(1, (64 * 1024) / positions);  // about 64 KiB of output per task
   const int64_t tasks = (planes + per_task - 1) / per_task;
   RunMaybeSerially(parallel, planes * positions / 4, static_cast<size_t>(tasks), [&](size_t t) {
     const int64_t first = static_cast<int64_t>(t) * per_task, last = std::min(planes, first + per_task);
     for (int64_t p = first; p < last; ++p) GatherBytePlane(yc + p * count, count, index, positions, plan, y + p * positions);
   });
+}
+
+std::shared_ptr<const BytePermutePlan> NNInterpolateCpu::PlanBytes(const int32_t* index, int64_t positions) {
+  if (!HaveVbmi()) return nullptr;
+  return std::make_shared<const BytePermutePlan>(PlanByteChunks(index, positions));
 }
 
 }  // namespace onnx_perforate

@@ -381,7 +381,8 @@ std::shared_ptr<const PackedQuantizedWeights> PerforatedQLinearConvCpu::PackWeig
 }
 
 void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes& a, const PaddedGather& padded,
-                                       int64_t count, const InputIndex* input_index, const uint8_t* x,
+                                       int64_t count, const InputIndex* input_index,
+                                       const BytePermutePlan* input_bytes, const uint8_t* x,
                                        const PackedQuantizedWeights& w, const Requantization& q, uint8_t* yc,
                                        const ParallelRunner& parallel) {
   if (s.batch == 0 || s.out_channels == 0) return;
@@ -399,7 +400,7 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
     planar.in_plane = s.in_h * s.in_w;
     uint8_t* full = Scratch(tls_interpolated, static_cast<size_t>(s.batch * s.in_channels * planar.in_plane));
     NNInterpolateCpu::Compute(s.batch * s.in_channels, s.in_plane, input_index->values.data(), planar.in_plane, x,
-                              full, parallel);
+                              full, parallel, input_bytes);
     x = full;
   }
 

@@ -20,6 +20,7 @@
 #include <memory>
 #include <vector>
 
+#include "nn_interpolate.h"
 #include "perforated_conv.h"
 
 namespace onnx_perforate {
@@ -54,11 +55,13 @@ struct PerforatedQLinearConvCpu {
   static std::shared_ptr<const PackedQuantizedWeights> PackWeights(const ConvShape& shape, const int8_t* w,
                                                                    QuantizedGemmIsa isa);
 
-  // x [N, C, H, W] uint8 (or compact [N, C, K_in] read through input_index) -> yc [N, M, K] uint8.
+  // x [N, C, H, W] uint8 (or compact [N, C, K_in] read through input_index, interpolated with
+  // input_bytes = NNInterpolateCpu::PlanBytes of it, or nullptr to plan per call) -> yc [N, M, K] uint8.
   // `padded` comes from BuildPaddedGather(shape, attrs, mask) without an index: positions and taps as
   // pixel offsets in the padded plane.
   static void Compute(const ConvShape& shape, const ConvAttributes& attrs, const PaddedGather& padded,
-                      int64_t count, const InputIndex* input_index, const uint8_t* x,
+                      int64_t count, const InputIndex* input_index, const BytePermutePlan* input_bytes,
+                      const uint8_t* x,
                       const PackedQuantizedWeights& weights, const Requantization& requant, uint8_t* yc,
                       const ParallelRunner& parallel);
 };

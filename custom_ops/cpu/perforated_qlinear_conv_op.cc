@@ -64,6 +64,7 @@ void SetActivationBounds(const ConvAttributes& a, float y_scale, int32_t y_zero,
 // The computed positions, and where each one's pixels lie in the kernel's padded NHWC copy of X.
 struct QuantizedPlan {
   std::shared_ptr<const InputIndex> input_index;
+  std::shared_ptr<const BytePermutePlan> input_bytes;  // interpolating a compact X: NNInterpolateCpu::PlanBytes
   MaskPositions positions;
   PaddedGather padded;
 };
@@ -106,6 +107,8 @@ struct PerforatedQLinearConvKernel {
     const auto plan = plans_.Get(MakePlanKey(shape, std::move(mask), std::move(input_index)), [&](const PlanKey& key) {
       auto plan = std::make_shared<QuantizedPlan>();
       plan->input_index = key.input_index;
+      if (key.input_index)
+        plan->input_bytes = NNInterpolateCpu::PlanBytes(key.input_index->values.data(), shape.in_h * shape.in_w);
       plan->positions = ComputeMaskPositions(key.mask->values.data(), key.mask->shape, shape.out_h, shape.out_w);
       // The kernel packs X itself: positions and taps are pixel offsets in the padded plane.
       plan->padded = BuildPaddedGather(shape, attrs_, plan->positions, nullptr);
@@ -116,7 +119,7 @@ struct PerforatedQLinearConvKernel {
     const int8_t* w = in[kW].GetTensorData<int8_t>();
     const auto packed = packed_.Get([&] { return PerforatedQLinearConvCpu::PackWeights(shape, w, BestQuantizedGemmIsa()); });
     PerforatedQLinearConvCpu::Compute(shape, attrs_, plan->padded, count, plan->input_index.get(),
-                                      in[kX].GetTensorData<uint8_t>(), *packed, requant,
+                                      plan->input_bytes.get(), in[kX].GetTensorData<uint8_t>(), *packed, requant,
                                       y.GetTensorMutableData<uint8_t>(), MakeParallelRunner(ctx));
   }
 
