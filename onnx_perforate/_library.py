@@ -12,7 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from .errors import InvalidLibraryError
-from .validation import integer
+from .validation import threads
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def session_options(
     options.graph_optimization_level = graph_optimization_level
     options.inter_op_num_threads = 1
     if intra_op_num_threads is not None:
-        options.intra_op_num_threads = integer(intra_op_num_threads, "intra_op_num_threads")
+        options.intra_op_num_threads = threads(intra_op_num_threads, "intra_op_num_threads")
     if allow_spinning is not None:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     for key, value in settings.items():

@@ -16,7 +16,7 @@ from typing import Mapping
 import numpy as np
 import onnx
 
-from .data import Dataset, arrays_dataset, check_labels, load_data
+from .data import Dataset, arrays_dataset, check_finite, check_labels, load_data
 from .errors import DataError
 from .runtime import model_input
 
@@ -72,7 +72,7 @@ def calibration_set(model: onnx.ModelProto, data, *, subset_size: int | None = N
             x = np.asarray(x, dtype=np.float32)
         except (TypeError, ValueError) as exc:
             raise DataError(f"calibration input {name!r} is not numeric: {exc}") from exc
-        inputs.append(x)
+        inputs.append(check_finite(x, f"calibration input {name!r}", sum(map(len, inputs))))
         if y is None:
             has_labels = False
         else:

@@ -56,8 +56,10 @@ def _parse_kernel(text: str) -> tuple[int, int]:
 def select_layers(records, patterns=None, kernel=None) -> list:
     """Perforable Conv records whose name matches one of ``patterns`` (globs; default: all) and, if
     given, whose kernel is ``kernel``. A pattern that matches nothing is an error."""
-    from .errors import UnknownNodeError
+    from .errors import UnknownNodeError, UnsupportedNodeError
 
+    if not records:
+        raise UnsupportedNodeError("the model has no convolution (Conv or QLinearConv node): nothing to perforate")
     chosen = []
     for pattern in patterns or ["*"]:
         hits = [r for r in records if fnmatch.fnmatchcase(r.name, pattern)]
@@ -74,7 +76,12 @@ def select_layers(records, patterns=None, kernel=None) -> list:
             if record not in chosen:
                 chosen.append(record)
     if not chosen:
-        raise PerforateError("no convolution is selected (check --layers and --kernel)")
+        why = []
+        if kernel:
+            kernels = sorted({"x".join(map(str, r.kernel)) for r in records if r.perforable})
+            why.append(f"none has --kernel {kernel[0]}x{kernel[1]} (perforable kernels: {', '.join(kernels) or 'none'})")
+        why += [r.reason for r in records if not r.perforable]
+        raise UnsupportedNodeError("no convolution is selected: " + "; ".join(why))
     return chosen
 
 
@@ -107,7 +114,7 @@ def cmd_perforate(args) -> int:
         "portable": args.portable,
         **report.to_dict(),
     }
-    summary_path = args.summary or Path(args.output).with_suffix(".json")
+    summary_path = _outputs(args)["--summary"]
     save_model(result, args.output, external_data=True if args.external_data else None,
                json_files={summary_path: summary})
     print(f"wrote {args.output} ({len(layers)} Conv perforated, conv MACs {report.mac_reduction:.2f}x fewer) "
@@ -327,7 +334,7 @@ def cmd_finetune(args) -> int:
         checkpoint=args.checkpoint, progress=not args.no_progress, time_budget_s=args.time_budget,
     )
     save_model(result.model, args.output)
-    report = args.report or str(Path(args.output).with_suffix(".json"))
+    report = _outputs(args)["--report"]
     write_json(result.to_dict(), report)
     print(result.summary())
     print(f"model in {args.output}, history in {report}")
@@ -356,10 +363,13 @@ def _option(check, **bounds):
     from .errors import SettingError
 
     def parse(text):
-        try:
-            value = float(text) if check is not validation.integer else int(text, 10)
-        except ValueError:
-            value = text
+        value = text
+        for number in (lambda t: int(t, 10), float):  # an integer stays one; the check refuses what does not fit
+            try:
+                value = number(text)
+                break
+            except (TypeError, ValueError):  # TypeError: a number already (a list item of _floats_option)
+                pass
         try:
             return check(value, "the value", **bounds)
         except SettingError as exc:
@@ -380,6 +390,7 @@ def _floats_option(check, **bounds):
 
 _rate = _option(validation.rate)
 _positive_int = _option(validation.integer, minimum=1)
+_threads = _option(validation.threads)
 _nonnegative_int = _option(validation.integer, minimum=0)
 _positive_float = _option(validation.real, minimum=0.0, exclusive_minimum=True)
 
@@ -474,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "median latency and the speed-up.")
     p.add_argument("model", help="the original ONNX model")
     p.add_argument("perforated", nargs="?", help="the perforated model (optional)")
-    p.add_argument("--threads", type=_positive_int, default=1, help="intra-op threads for both models (default: 1)")
+    p.add_argument("--threads", type=_threads, default=1, help="intra-op threads for both models (default: 1)")
     p.add_argument("--batch", type=_positive_int, default=1, help="batch size for dynamic-batch inputs (default: 1)")
     p.add_argument("--repeats", type=_positive_int, default=50, help="timed runs per model (default: 50)")
     p.add_argument("--warmup", type=_nonnegative_int, default=5, help="untimed runs per model first (default: 5)")
@@ -497,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(p)
     p.add_argument("--compare", metavar="MODEL", help="another model (e.g. the original) to measure agreement with")
     p.add_argument("--batch", type=_positive_int, default=32, help="batch size for dynamic-batch inputs (default: 32)")
-    p.add_argument("--threads", type=_positive_int, help="intra-op threads")
+    p.add_argument("--threads", type=_threads, help="intra-op threads")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -526,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tie", choices=["none", "regions"], default="none",
                    help="regions: Convs that can run compact end to end (e.g. a SqueezeNet Fire module, "
                    "1x1 convs included) share one mask and climb one ladder (default: none)")
-    p.add_argument("--threads", type=_positive_int, help="intra-op threads for timing")
+    p.add_argument("--threads", type=_threads, help="intra-op threads for timing")
     p.add_argument("--batch", type=_positive_int, default=1, help="batch size latency is measured at (default: 1)")
     p.add_argument("--repeats", type=_positive_int, default=15, help="timed runs per candidate (median)")
     p.add_argument("--checkpoint", help="JSON file written after every step; resumes from it if it exists")
@@ -568,11 +579,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=["auto", "none", "flip", "crop", "flip+crop"], default="auto",
                    help="image augmentation (default auto: flips and crops for 4-D image inputs)")
     p.add_argument("--seed", type=_nonnegative_int, default=0)
-    p.add_argument("--threads", type=_positive_int, help="intra-op threads")
+    p.add_argument("--threads", type=_threads, help="intra-op threads")
     p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", help="stop after the epoch that passes this")
     p.add_argument("--checkpoint", help=".npz written after every epoch; resumes from it if it exists")
     p.set_defaults(func=cmd_finetune)
     return parser
+
+
+# What each command reads and writes, checked before any work (graph.check_outputs): an output must not
+# be one of the inputs, which writing it would destroy.
+_INPUTS = {"model": "the input model", "perforated": "the perforated model", "original": "the original model",
+           "compare": "the --compare model", "data": "the --data file", "labels": "the --labels file"}
+
+
+def _outputs(args) -> dict:
+    """{option: path} of every file the command will write (None where an optional one is not given)."""
+    if args.command == "perforate":
+        return {"--output": args.output, "--summary": args.summary or Path(args.output).with_suffix(".json"),
+                "the external data": f"{args.output}.data" if args.external_data else None}
+    if args.command == "tune":
+        from .tuning import TuneResult
+
+        if Path(args.output).exists() and not Path(args.output).is_dir():
+            raise PerforateError(f"-o {args.output!r} is a file; tune writes into a folder (created if needed)")
+        paths = {f"{path.name} in -o": path for path in TuneResult.output_paths(args.output).values()}
+        return {**paths, "--checkpoint": args.checkpoint}
+    if args.command == "finetune":
+        return {"--output": args.output, "--report": args.report or Path(args.output).with_suffix(".json"),
+                "--checkpoint": args.checkpoint}
+    return {"--json": args.json}
+
+
+def check_paths(args) -> None:
+    from .graph import check_outputs
+
+    inputs = {label: getattr(args, name) for name, label in _INPUTS.items() if getattr(args, name, None)}
+    check_outputs(_outputs(args), inputs)
 
 
 def main(argv=None) -> int:
@@ -584,6 +626,7 @@ def main(argv=None) -> int:
 
         show_ort_warnings()
     try:
+        check_paths(args)
         return args.func(args)
     except KeyboardInterrupt:
         return 130

@@ -130,6 +130,17 @@ def check_labels(labels, source: str = "labels", *, classes: int | None = None) 
     return array.astype(np.int64)
 
 
+def check_finite(x: np.ndarray, source: str, first: int = 0) -> np.ndarray:
+    """``x`` (inputs ``first``, ``first + 1``...) unless it holds NaN or an infinity, which would give
+    NaN outputs and a meaningless accuracy or loss."""
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = np.argwhere(~finite)[0]
+        raise DataError(f"{source}: input {first + int(bad[0])} holds {x[tuple(bad)]} at index {bad[1:].tolist()}; "
+                        "inputs must be finite numbers")
+    return x
+
+
 def read_labels(path) -> dict[str, int]:
     """A labels file: lines ``FILE CLASS_INDEX`` (blank lines and ``#`` comments ignored)."""
     labels = {}
@@ -235,22 +246,26 @@ def arrays_dataset(arrays: Mapping, *, input_name: str | None = None, input_shap
     x = arrays[keys[0]]
     if not hasattr(x, "dtype"):
         x = np.asarray(x)
+    name = f"{source}[{keys[0]!r}]"
     if x.dtype.kind not in "biuf":
-        raise DataError(f"{source}[{keys[0]!r}] holds {x.dtype} values, expected numbers")
+        raise DataError(f"{name} holds {x.dtype} values, expected numbers")
+    if x.ndim == 0 or len(x) == 0:
+        raise DataError(f"{name} has shape {list(x.shape)}: expected inputs stacked along a first axis, [N, ...] "
+                        "with N >= 1")
     label_key = next((k for k in _LABEL_KEYS if k in arrays), None)
     labels = check_labels(arrays[label_key], f"{source}[{label_key!r}]") if label_key else None
+    if labels is not None and len(labels) != len(x):
+        raise DataError(f"{source}: {len(labels)} labels ({label_key!r}) for {len(x)} inputs ({keys[0]!r}); "
+                        "expected one label per input")
     if limit:
         x = x[:limit]
         labels = labels[:limit] if labels is not None else None
-    if labels is not None and len(labels) < len(x):
-        raise DataError(f"{source}: {len(labels)} labels for {len(x)} inputs")
     x = _fit_layout(x, input_shape, source)
 
     def load(start, stop):
-        return np.ascontiguousarray(x[start:stop], dtype=np.float32)
+        return check_finite(np.ascontiguousarray(x[start:stop], dtype=np.float32), name, start)
 
-    return Dataset(len(x), load, None if labels is None else labels[: len(x)],
-                   f"{len(x)} arrays from {source}")
+    return Dataset(len(x), load, labels, f"{len(x)} arrays from {source}")
 
 
 def _fit_layout(x, input_shape, source: str):

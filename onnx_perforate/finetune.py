@@ -346,8 +346,8 @@ def _batches(n, batch_size, order):
     """Index arrays of exactly ``batch_size`` (the last one wraps around to the start of ``order``)."""
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
-        if len(idx) < batch_size:
-            idx = np.concatenate([idx, order[: batch_size - len(idx)]])
+        if len(idx) < batch_size:  # np.resize repeats ``order`` as often as needed: it may be shorter still
+            idx = np.concatenate([idx, np.resize(order, batch_size - len(idx))])
         yield idx, min(batch_size, n - start)
 
 

@@ -122,6 +122,38 @@ def output_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_outputs(outputs: dict, inputs: dict | None = None) -> None:
+    """Before any work, refuse outputs that would fail or destroy something: ``outputs`` and ``inputs``
+    map a label (``"--output"``, ``"the input model"``) to a path (None: not given). An output must not
+    be an input (writing it would destroy the input), nor another output, nor something that is not a
+    regular file (:func:`output_path`), and must lie in a folder that exists or can be made."""
+    given = {label: output_path(path) for label, path in outputs.items() if path is not None}
+    seen: dict[Path, str] = {}
+    for label, final in given.items():
+        if final in seen:
+            raise PerforateError(f"{label} and {seen[final]} are the same file {str(final)!r}; "
+                                 "give each output its own path")
+        seen[final] = label
+        for input_label, source in (inputs or {}).items():
+            if source is not None and _same_file(final, Path(source)):
+                raise PerforateError(f"refusing to write {label} {str(final)!r}: it is {input_label} "
+                                     f"{str(source)!r}, which writing would destroy; choose another path")
+        folder = final.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise PerforateError(f"cannot write {label} {str(final)!r}: {str(folder)!r} is not a folder")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PerforateError(f"cannot write {label} {str(final)!r}: folder {str(folder)!r} is not writable")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist
+        return False
+
+
 def _new_file_mode(final: Path) -> int:
     """The mode a new file gets from open(2) and the umask, or the mode of the file it replaces."""
     try:
@@ -143,8 +175,11 @@ def atomic_outputs(*paths: str | os.PathLike):
     temporaries: list[Path] = []
     try:
         for final in finals:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+            try:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+            except OSError as exc:  # the message would name the temporary file, not the output
+                raise PerforateError(f"cannot write {str(final)!r}: {exc.strerror or exc}") from exc
             os.close(fd)
             temporaries.append(Path(name))
         yield temporaries

@@ -42,7 +42,13 @@ def model_input(model: onnx.ModelProto) -> ModelInput:
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise DataError(f"onnx-perforate feeds models with one input; this one has {[i.name for i in inputs]}")
-    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim)
+    tensor = inputs[0].type.tensor_type
+    if not inputs[0].type.HasField("tensor_type") or tensor.elem_type != onnx.TensorProto.FLOAT:
+        kind = (onnx.TensorProto.DataType.Name(tensor.elem_type) if inputs[0].type.HasField("tensor_type")
+                else inputs[0].type.WhichOneof("value") or "untyped")
+        raise DataError(f"input {inputs[0].name!r} of the model is {kind}; onnx-perforate feeds float32 (FLOAT) "
+                        "tensors")
+    dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
     return ModelInput(inputs[0].name, dims)
 
 

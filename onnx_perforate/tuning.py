@@ -155,12 +155,16 @@ class TuneResult:
                         f"{s.loss:.4f} | {fmt(s.top1)} | {fmt(s.top5)} | {s.agreement:.3f} |")
         return "\n".join(rows)
 
+    @staticmethod
+    def output_paths(output_dir) -> dict:
+        """What :meth:`save` writes into ``output_dir``."""
+        out = Path(output_dir)
+        return {"model": out / "model.onnx", "report": out / "report.json",
+                "plot": out / "tradeoff.png", "masks": out / "masks.png"}
+
     def save(self, output_dir) -> dict:
         """Writes model.onnx, report.json, tradeoff.png and masks.png; returns their paths."""
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"model": out / "model.onnx", "report": out / "report.json",
-                 "plot": out / "tradeoff.png", "masks": out / "masks.png"}
+        paths = self.output_paths(output_dir)
         save_model(self.model, paths["model"], json_files={paths["report"]: self.to_dict()})
         plot_tradeoff(self.steps, paths["plot"], self.baselines.get("resize"))
         plot_masks(self.masks, paths["masks"])

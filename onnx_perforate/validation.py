@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 
 import numpy as np
 
@@ -22,6 +23,16 @@ def integer(value, name: str, *, minimum: int | None = 1, maximum: int | None = 
     if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
         raise SettingError(f"{name} must be an integer{_range(minimum, maximum)}, got {number}")
     return number
+
+
+# More intra-op threads than this only slow a session down, and creating thousands takes ORT minutes
+# (a hundred thousand get the process killed).
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+
+
+def threads(value, name: str = "threads") -> int:
+    """A thread count in [1, MAX_THREADS]."""
+    return integer(value, name, minimum=1, maximum=MAX_THREADS)
 
 
 def optional_integer(value, name: str, **bounds) -> int | None:

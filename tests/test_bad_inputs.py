@@ -147,7 +147,9 @@ def test_an_invalid_input_model_is_not_called_an_internal_error():
 @pytest.mark.parametrize("argv, words", [
     (["bench", "M", "--repeats", "0"], [">= 1"]),
     (["bench", "M", "--batch", "-1"], [">= 1"]),
-    (["bench", "M", "--threads", "-1"], [">= 1"]),
+    (["bench", "M", "--threads", "-1"], ["[1, "]),
+    (["bench", "M", "--threads", "100000"], ["[1, "]),
+    (["eval", "M", "--data", "D", "--threads", "2.5"], ["integer"]),
     (["bench", "M", "--warmup", "-2"], [">= 0"]),
     (["eval", "M", "--data", "D", "--batch", "0"], [">= 1"]),
     (["eval", "M", "--data", "D", "--limit", "-5"], [">= 1"]),
@@ -187,6 +189,7 @@ def test_numeric_options_are_checked_by_the_parser(argv, words, capsys):
     (lambda m, d: PreprocessSpec(size=-3), "size"),
     (lambda m, d: load_data(d, limit=-1), "limit"),
     (lambda m, d: onnx_perforate.session_options(-1), "intra_op_num_threads"),
+    (lambda m, d: onnx_perforate.session_options(100_000), "intra_op_num_threads"),
     (lambda m, d: masks.uniform((4, 4), float("nan")), "rate"),
     (lambda m, d: masks.grid((4, 4), 1.5), "rate"),
 ])
@@ -232,6 +235,62 @@ def test_unreadable_npz_files(tmp_path, model_path, capsys):
     fails(["eval", str(model_path), "--data", str(tmp_path / "str.npz")], capsys, 1, "expected numbers")
     with pytest.raises(onnx_perforate.DataError, match="not numeric"):
         calibration_set(classifier(), [{"x": np.array([["a"]])}])
+
+
+@pytest.mark.parametrize("images, labels, words", [
+    (np.full((12, 2, 6, 6), np.nan, np.float32), "good", ["input 0 holds nan", "finite"]),
+    (np.where(np.arange(12 * 72).reshape(12, 2, 6, 6) == 2 * 72 + 7, np.inf, 0.5), "good",
+     ["input 2 holds inf at index [0, 1, 1]"]),
+    (np.zeros((0, 2, 6, 6), np.float32), np.zeros(0, np.int64), ["shape [0, 2, 6, 6]", "N >= 1"]),
+    (np.float32(3), None, ["shape []", "N >= 1"]),
+    (np.zeros((12, 2, 6, 6), np.float32), np.arange(24) % CLASSES, ["24 labels", "12 inputs"]),
+    (np.zeros((12, 2, 6, 6), np.float32), np.arange(5) % CLASSES, ["5 labels", "12 inputs"]),
+])
+def test_inputs_that_would_give_a_meaningless_answer(images, labels, words, tmp_path, model_path, capsys):
+    data = npz(tmp_path / "d.npz", labels=labels, images=images)
+    fails(["eval", str(model_path), "--data", str(data), "--no-progress"], capsys, 1, "d.npz", *words)
+    fails(["eval", str(model_path), "--data", str(data), "--limit", "3", "--no-progress"], capsys, 1, *words[:1])
+
+
+def test_calibration_inputs_must_be_finite():
+    x = np.zeros((4, 2, 6, 6), np.float32)
+    bad = x.copy()
+    bad[1, 0, 2, 3] = np.nan
+    with pytest.raises(onnx_perforate.DataError, match=r"calibration input 'x': input 5 holds nan at index \[0, 2, 3\]"):
+        calibration_set(classifier(), [{"x": x}, {"x": bad}])
+
+
+def test_a_model_input_that_is_not_float_is_named(tmp_path, capsys):
+    model = classifier()
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.INT64
+    model.graph.node.insert(0, helper.make_node("Cast", ["x"], ["x_float"], to=TensorProto.FLOAT))
+    model.graph.node[1].input[0] = "x_float"
+    onnx.save(model, tmp_path / "int.onnx")
+    for argv in (["eval", str(tmp_path / "int.onnx"), "--data", str(npz(tmp_path / "d.npz"))],
+                 ["bench", str(tmp_path / "int.onnx"), "--repeats", "1", "--no-memory"]):
+        fails(argv, capsys, 1, "input 'x'", "INT64", "float32")
+
+
+def test_nothing_to_perforate_says_why(tmp_path, capsys):
+    relu = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                             [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 6, 6])],
+                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 6, 6])])
+    onnx.save(helper.make_model(relu, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "relu.onnx")
+    dynamic = classifier()
+    for dim in dynamic.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "side"
+    del dynamic.graph.node[2:]
+    dynamic.graph.output[0].CopyFrom(helper.make_tensor_value_info("r", TensorProto.FLOAT, None))
+    del dynamic.graph.initializer[1]
+    onnx.save(dynamic, tmp_path / "dynamic.onnx")
+    out = ["-o", str(tmp_path / "p.onnx"), "--rate", "0.5"]
+    fails(["perforate", str(tmp_path / "relu.onnx"), *out], capsys, 1, "has no convolution")
+    fails(["perforate", str(tmp_path / "dynamic.onnx"), *out], capsys, 1, "Conv 'conv'", "not static")
+    fails(["perforate", str(tmp_path / "dynamic.onnx"), *out, "--layers", "co*"], capsys, 1, "not static")
+    fails(["perforate", str(tmp_path / "relu.onnx"), *out, "--kernel", "5x5"], capsys, 1, "has no convolution")
+    onnx.save(classifier(), tmp_path / "m.onnx")
+    fails(["perforate", str(tmp_path / "m.onnx"), *out, "--kernel", "5x5"], capsys, 1, "--kernel 5x5",
+          "perforable kernels: 3x3")
 
 
 def test_eval_agreement_ignores_the_rows_that_pad_a_static_batch(tmp_path, capsys):
@@ -310,6 +369,49 @@ def test_model_and_summary_are_written_both_or_neither(tmp_path, model_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "summary_dir"]
 
 
+def test_outputs_never_overwrite_an_input(tmp_path, model_path, capsys):
+    data = npz(tmp_path / "d.npz")
+    (tmp_path / "hard.onnx").hardlink_to(model_path)
+    (tmp_path / "perforated.onnx").write_bytes(model_path.read_bytes())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    m, d = str(model_path), str(data)
+    cases = [
+        (["perforate", m, "--rate", "0.5", "-o", m], "--output"),
+        (["perforate", m, "--rate", "0.5", "-o", str(tmp_path / "q.onnx"), "--summary", m], "--summary"),
+        (["perforate", str(tmp_path / "hard.onnx"), "--rate", "0.5", "-o", m], "the input model"),
+        (["inspect", m, "--json", m], "--json"),
+        (["bench", m, str(tmp_path / "perforated.onnx"), "--json", str(tmp_path / "perforated.onnx")],
+         "the perforated model"),
+        (["eval", m, "--data", d, "--json", d], "the --data file"),
+        (["tune", m, "--data", d, "-o", str(tmp_path), "--target-speedup", "2"], "model.onnx in -o"),
+        (["tune", m, "--data", d, "-o", str(tmp_path / "t"), "--target-speedup", "2", "--checkpoint", m],
+         "--checkpoint"),
+        (["finetune", m, "--original", str(tmp_path / "perforated.onnx"), "--data", d,
+          "-o", str(tmp_path / "perforated.onnx")], "the original model"),
+        (["finetune", m, "--original", m, "--data", d, "-o", str(tmp_path / "f.onnx"), "--report", d], "--report"),
+    ]
+    for argv, words in cases:
+        fails(argv, capsys, 1, "refusing to write", "would destroy", words)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing replaced
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, model_path, capsys):
+    data = str(npz(tmp_path / "d.npz"))
+    m = str(model_path)
+    fails(["perforate", m, "--rate", "0.5", "-o", str(model_path / "p.onnx")], capsys, 1, "is not a folder")
+    fails(["tune", m, "--data", data, "-o", m, "--target-speedup", "2"], capsys, 1, "is a file", "folder")
+    fails(["perforate", m, "--rate", "0.5", "-o", str(tmp_path / "p.onnx"), "--summary", str(tmp_path / "p.onnx")],
+          capsys, 1, "--summary and --output are the same file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "model.onnx"]
+
+
+def test_a_failed_write_names_the_output_not_its_temporary_file(tmp_path, model_path, capsys):
+    # /proc refuses new files: the error must name the file asked for
+    err = fails(["inspect", str(model_path), "--json", "/proc/no_such_dir/records.json"], capsys, 1,
+                "/proc/no_such_dir/records.json")
+    assert ".tmp" not in err
+
+
 # ------------------------------------------------------------------------------------------------
 # Masks, the tuner's checkpoint
 
@@ -347,6 +449,18 @@ def test_resume_refuses_a_different_search(tmp_path, require_library):
         onnx_perforate.tune(classifier(), [{"x": x}], ladder=(0.0, 0.5), subset_size=4, **options)
     again = onnx_perforate.tune(classifier(), [{"x": x}], ladder=(0.0, 0.5), **options)  # the same search resumes
     assert len(again.steps) == len(saved["steps"])
+
+
+def test_finetune_with_fewer_held_out_images_than_half_a_batch(tmp_path, require_library):
+    """10 images, 2 held out, batch 8: the held-out batch repeats its images to fill the fixed batch."""
+    model = classifier()
+    mask = np.ones((4, 4), bool)
+    mask[::2, ::2] = False
+    perforated = onnx_perforate.rewrite(model, {"conv": mask})
+    x = np.random.default_rng(0).normal(size=(10, 2, 6, 6)).astype(np.float32)
+    result = onnx_perforate.finetune(perforated, model, [{"x": x}], method="distill", epochs=1, batch_size=8,
+                                     progress=False)
+    assert result.history[0]["agreement"] in (0.0, 0.5, 1.0)  # over the 2 held-out images
 
 
 def test_a_batch_larger_than_the_data(require_library):
