@@ -295,13 +295,12 @@ def perforated_qlinear_conv_reference(
         raise ValueError(f"X must be uint8 and W int8, got {x.dtype} and {w.dtype}")
     m = w.shape[0]
     w_zero = np.broadcast_to(np.asarray(w_zero_point, np.int64).reshape(-1), (m,))
-    if np.any(w_zero != 0):
-        raise ValueError("w_zero_point must be 0 (symmetric weights)")
     x_zero = int(np.asarray(x_zero_point).reshape(()))
     y_zero = int(np.asarray(y_zero_point).reshape(()))
     centred = x.astype(np.float64) - x_zero  # exact: integers below 2^53
+    centred_w = w.astype(np.float64) - w_zero.reshape(-1, 1, 1, 1)
     acc = perforated_conv_reference(
-        centred, w.astype(np.float64), None, mask, kernel_shape=kernel_shape, strides=strides, pads=pads,
+        centred, centred_w, None, mask, kernel_shape=kernel_shape, strides=strides, pads=pads,
         dilations=dilations, group=group, accumulate=np.float64,
     )
     acc = np.rint(acc).astype(np.int64)

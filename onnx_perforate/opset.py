@@ -487,15 +487,15 @@ OPERATORS: tuple[OperatorDefinition, ...] = (
     OperatorDefinition(
         name="PerforatedQLinearConv",
         since_version=1,
-        doc="ONNX QLinearConv computed only at the nonzero positions of `mask` (uint8 x int8, symmetric "
-        "weights), returning them compact [N, M, K] uint8, requantized as ORT's QLinearConv. See docs/ops.md.",
+        doc="ONNX QLinearConv computed only at the nonzero positions of `mask` (uint8 x int8), returning them "
+        "compact [N, M, K] uint8, requantized as ORT's QLinearConv. See docs/ops.md.",
         inputs=(
             Parameter("x", "T1", "uint8 input [N, C, H, W]; compact [N, C, K_in] when X_index is given"),
             Parameter("x_scale", "tensor(float)", "scalar"),
             Parameter("x_zero_point", "T1", "scalar"),
             Parameter("w", "T2", "int8 weights [M, C/group, kH, kW]"),
             Parameter("w_scale", "tensor(float)", "scalar or [M]"),
-            Parameter("w_zero_point", "T2", "scalar or [M], all 0"),
+            Parameter("w_zero_point", "T2", "scalar or [M]; nonzero: asymmetric weights"),
             Parameter("y_scale", "tensor(float)", "scalar"),
             Parameter("y_zero_point", "T1", "scalar"),
             Parameter("B", "tensor(int32)", "bias [M], scale x_scale * w_scale", optional=True),

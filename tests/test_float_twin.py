@@ -24,8 +24,9 @@ quantization = pytest.importorskip("onnxruntime.quantization")
 
 
 def float_cnn() -> onnx.ModelProto:
-    """helpers.synthetic_cnn with conv2's Constant weight as an initializer (quantize_static quantizes a
-    Constant-node weight like an activation, asymmetric uint8, which the quantized rewrite refuses)."""
+    """helpers.synthetic_cnn with conv2's Constant weight as an initializer, so that quantize_static gives
+    it per-channel int8 weights (a Constant-node weight is quantized like an activation: per tensor,
+    asymmetric uint8)."""
     model = synthetic_cnn()
     constant = next(n for n in model.graph.node if n.op_type == "Constant")
     model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(constant.attribute[0].t), "w2"))

@@ -180,6 +180,32 @@ def test_fused_activation_is_a_clamp_of_the_quantized_output(activation):
     assert (got == lo).any(), "the activation should clamp some outputs"
 
 
+@pytest.mark.parametrize("case", [(1, 16, 10, 10, 32, 3, 1, 1, 1, 1), (2, 13, 9, 11, 40, 3, 2, 1, 1, 1),
+                                  (1, 12, 9, 9, 24, 3, 1, 1, 1, 3), (1, 3, 20, 19, 16, 3, 2, 1, 1, 1)])
+def test_asymmetric_weights(case):
+    """Nonzero weight zero points: per tensor and per channel, the all-ones mask matches ORT's
+    QLinearConv bit for bit, and any mask matches the reference (groups, stride 2, a compact input)."""
+    n, c, h, w, m, k, stride, pad, dilation, group = case
+    rng = np.random.default_rng(sum(case))
+    x, params, attrs = quantized_case(rng, n, c, h, w, m, k, stride, pad, dilation, group)
+    per_tensor = dict(params, w_zero_point=np.int8(-37), w_scale=np.float32(params["w_scale"][0]))
+    varying = dict(params, w_zero_point=rng.integers(-100, 100, m).astype(np.int8))
+    ones = np.ones(ops.conv_output_size((h, w), (k, k), (stride,) * 2, (pad,) * 4, (dilation,) * 2), bool)
+    for asymmetric in (per_tensor, varying):
+        got = run(perforated_model(x, asymmetric, attrs, ones, interpolate=True), x)
+        np.testing.assert_array_equal(got, run(qlinear_conv_model(x, asymmetric, attrs), x))
+    assert not np.array_equal(got, run(qlinear_conv_model(x, params, attrs), x)), "the zero points should matter"
+    mask = rng.random(ones.shape) < 0.6
+    mask[0, 0] = True
+    np.testing.assert_array_equal(run(perforated_model(x, varying, attrs, mask), x), reference(x, varying, attrs, mask))
+    producer = rng.random((h, w)) < 0.5
+    producer[0, 0] = True
+    index = ops.nearest_index(producer)
+    compact = x.reshape(n, c, -1)[:, :, np.flatnonzero(producer)].copy()
+    np.testing.assert_array_equal(run(perforated_model(compact, varying, attrs, mask, x_index=index), compact),
+                                  reference(ops.nn_interpolate_reference(compact, index), varying, attrs, mask))
+
+
 @pytest.mark.skipif(os.environ.get("ONNX_PERFORATE_GEMM") is not None, reason="already forcing a micro-kernel")
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
 def test_slower_micro_kernels_match_too(isa):
@@ -187,7 +213,7 @@ def test_slower_micro_kernels_match_too(isa):
     env = dict(os.environ, ONNX_PERFORATE_GEMM=isa)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "bit_for_bit or reference_and or x_index or nn_interpolate_uint8"],
+         "bit_for_bit or reference_and or x_index or nn_interpolate_uint8 or asymmetric"],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 
@@ -196,9 +222,6 @@ def test_bad_quantization_inputs_name_the_node():
     rng = np.random.default_rng(3)
     x, params, attrs = quantized_case(rng, 1, 8, 6, 6, 16, 3, pad=1)
     mask = np.ones((6, 6), bool)
-    asymmetric = dict(params, w_zero_point=np.full(16, 3, np.int8))
-    expect_error(perforated_model(x, asymmetric, attrs, mask, name="conv7"), x,
-                 "PerforatedQLinearConv node 'conv7'", "w_zero_point", "symmetric")
     wrong_scales = dict(params, w_scale=np.full(5, 0.01, np.float32))
     expect_error(perforated_model(x, wrong_scales, attrs, mask, name="conv8"), x,
                  "node 'conv8'", "w_scale", "16")

@@ -136,17 +136,25 @@ def with_initializer(model, name, value):
 
 def test_unsupported_schemes_name_the_node(qdq_model):
     ones = lambda model: conv_masks(model, lambda hw: np.ones(hw, bool))  # noqa: E731
-    zero_point = next(t.name for t in qdq_model.graph.initializer if t.name.startswith("conv2_w") and "zero_point" in t.name)
-    asymmetric = with_initializer(qdq_model, zero_point, np.full(8, 3, np.int8))
-    with pytest.raises(UnsupportedNodeError, match="'conv2'.*asymmetric"):
-        rewrite(asymmetric, ones(asymmetric))
     scale = next(t.name for t in qdq_model.graph.initializer if t.name.startswith("conv2_w") and t.name.endswith("scale"))
     wrong = with_initializer(qdq_model, scale, np.full(5, 0.01, np.float32))
     with pytest.raises(UnsupportedNodeError, match="'conv2'"):
         rewrite(wrong, ones(wrong))
     # the model is untouched by a refused rewrite: the same request without conv2 works
-    partial = {k: v for k, v in ones(asymmetric).items() if k != "conv2"}
-    assert [n.op_type for n in rewrite(asymmetric, partial).graph.node].count("PerforatedQLinearConv") == 2
+    partial = {k: v for k, v in ones(wrong).items() if k != "conv2"}
+    assert [n.op_type for n in rewrite(wrong, partial).graph.node].count("PerforatedQLinearConv") == 2
+
+
+def test_asymmetric_int8_weights(qdq_model):
+    """conv2's int8 weights with zero point 3 (w - 3 does not fit int8): the op corrects for the zero
+    point, and all-ones masks reproduce ORT's INT8 model."""
+    zero_point = next(t.name for t in qdq_model.graph.initializer if t.name.startswith("conv2_w") and "zero_point" in t.name)
+    asymmetric = with_initializer(qdq_model, zero_point, np.full(8, 3, np.int8))
+    x = np.random.default_rng(10).uniform(-1, 1, (1, 3, 12, 12)).astype(np.float32)
+    ones = rewrite(asymmetric, conv_masks(asymmetric, lambda hw: np.ones(hw, bool)))
+    assert [n.op_type for n in ones.graph.node].count("PerforatedQLinearConv") == 3
+    np.testing.assert_array_equal(run(ones, x), run(asymmetric, x))
+    assert not np.array_equal(run(asymmetric, x), run(qdq_model, x)), "the zero point should matter"
 
 
 def producer(model, tensor):
@@ -247,6 +255,29 @@ def test_other_schemes_that_run_exactly(tmp_path, scheme):
     np.testing.assert_allclose(run(half, x), reference_run(half, x), rtol=0, atol=1e-5)
 
 
+def test_constant_node_weight_quantized_like_an_activation(tmp_path):
+    """quantize_static quantizes a weight that is a Constant node (helpers.synthetic_cnn's conv2) as it
+    quantizes activations: a QuantizeLinear in the graph to asymmetric uint8, per tensor. The rewrite
+    folds it, shifts it to int8 and reproduces ORT's INT8 model; perforated, it matches the reference."""
+    onnx.save(helpers.synthetic_cnn(), tmp_path / "cnn.onnx")
+    quantization.quantize_static(str(tmp_path / "cnn.onnx"), str(tmp_path / "cnn_q.onnx"),
+                                 Reader(helpers.synthetic_input(8)), quant_format=quantization.QuantFormat.QDQ,
+                                 per_channel=True, activation_type=quantization.QuantType.QUInt8,
+                                 weight_type=quantization.QuantType.QInt8)
+    cnn = onnx.load(str(tmp_path / "cnn_q.onnx"))
+    quantizer = producer(cnn, producer(cnn, conv_node(cnn, "conv2").input[1]).input[0])
+    assert quantizer.op_type == "QuantizeLinear" and producer(cnn, quantizer.input[0]).op_type == "Constant"
+    zero = numpy_helper.to_array(next(t for t in cnn.graph.initializer if t.name == quantizer.input[2]))
+    assert zero.dtype == np.uint8 and zero != 128
+    x = helpers.synthetic_input(4, seed=3)
+    ones = rewrite(cnn, conv_masks(cnn, lambda hw: np.ones(hw, bool)))
+    assert [n.op_type for n in ones.graph.node].count("PerforatedQLinearConv") == 2
+    np.testing.assert_array_equal(run(ones, x), run(cnn, x))
+    half = rewrite(cnn, conv_masks(cnn, lambda hw: np.asarray(masks.grid(hw, 0.5))))
+    # the Python fallback runs the op as the numpy reference (and ORT's NhwcMaxPool, unknown to onnx.reference)
+    np.testing.assert_array_equal(run(half, x), helpers.run_fallback(half, x)[0])
+
+
 def test_mismatched_activation_scales_between_a_quantize_and_its_dequantize(qdq_model):
     """conv1's output quantized with one scale and dequantized with another before conv2 and conv3: the
     uint8 tensor is what it is and the readers use their DequantizeLinear's scale, as ORT does; their
@@ -275,15 +306,6 @@ def test_schemes_that_are_refused_name_the_node_and_what_is_supported(tmp_path, 
     s8s8 = quantize(float_model(rng), calibration, tmp_path / "s8s8.onnx", activation_type=quantization.QuantType.QInt8)
     with pytest.raises(UnsupportedNodeError, match="'conv1'.*is int8, expected uint8.*only uint8 activations"):
         rewrite(s8s8, ones(s8s8))
-    # quantize_static quantizes a weight that is a Constant node like an activation: asymmetric uint8.
-    onnx.save(helpers.synthetic_cnn(), tmp_path / "cnn.onnx")
-    quantization.quantize_static(str(tmp_path / "cnn.onnx"), str(tmp_path / "cnn_q.onnx"),
-                                 Reader(helpers.synthetic_input(8)), quant_format=quantization.QuantFormat.QDQ,
-                                 per_channel=True, activation_type=quantization.QuantType.QUInt8,
-                                 weight_type=quantization.QuantType.QInt8)
-    cnn = onnx.load(str(tmp_path / "cnn_q.onnx"))
-    with pytest.raises(UnsupportedNodeError, match="'conv2'.*w2_zero_point.*asymmetric uint8.*beyond int8.*supported"):
-        rewrite(cnn, ones(cnn))
     # per-channel weight scale and zero point along the input channels (axis 1)
     wrong_axis = onnx.ModelProto.FromString(qdq_model.SerializeToString())
     dq = producer(wrong_axis, conv_node(wrong_axis, "conv2").input[1])

@@ -232,6 +232,30 @@ void RequantizeRow(const int32_t* __restrict acc, const int32_t* __restrict offs
   }
 }
 
+// S[g][column] = sum over the taps and group g's channels of (x - x_zero_point) at a computed position:
+// the input side of the asymmetric-weight correction. T: the padded copy's element (uint8 or int16).
+template <typename T>
+void ReceptiveFieldSums(const T* buffer, int64_t group, int64_t padded_channels, int64_t cg, const int64_t* columns,
+                        int64_t count, const std::vector<int64_t>& taps, int32_t x_zero_point, int32_t* sums,
+                        const ParallelRunner& parallel) {
+  const int64_t tap_count = static_cast<int64_t>(taps.size());
+  const int32_t centre = static_cast<int32_t>(tap_count * cg) * x_zero_point;
+  constexpr int64_t kPerTask = 256;
+  const int64_t blocks = (count + kPerTask - 1) / kPerTask;
+  RunMaybeSerially(parallel, group * count * tap_count * cg, static_cast<size_t>(group * blocks), [&](size_t task) {
+    const int64_t g = static_cast<int64_t>(task) / blocks, first = static_cast<int64_t>(task) % blocks * kPerTask;
+    const int64_t last = std::min(count, first + kPerTask);
+    for (int64_t k = first; k < last; ++k) {
+      int32_t sum = 0;
+      for (int64_t t = 0; t < tap_count; ++t) {
+        const T* pixel = buffer + columns[k] + taps[t] + g * padded_channels;
+        for (int64_t c = 0; c < cg; ++c) sum += pixel[c];
+      }
+      sums[g * count + k] = sum - centre;
+    }
+  });
+}
+
 int64_t Cores() {
   static const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
   return cores;
@@ -243,6 +267,7 @@ thread_local std::vector<int64_t> tls_columns;
 thread_local std::vector<int32_t> tls_tile;
 thread_local std::vector<uint8_t> tls_tile_bytes;
 thread_local std::vector<uint8_t> tls_interpolated;
+thread_local std::vector<int32_t> tls_input_sums;
 
 template <typename T>
 T* Scratch(std::vector<T>& buffer, size_t size) {
@@ -430,6 +455,20 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
   std::vector<int64_t> tap_offsets(padded.tap_offsets.size());
   for (size_t t = 0; t < tap_offsets.size(); ++t) tap_offsets[t] = int64_t{padded.tap_offsets[t]} * stride;
 
+  // Asymmetric weights: the receptive-field sums of every group and column.
+  const bool asymmetric = !q.w_zero_points.empty();
+  int32_t* input_sums = nullptr;
+  if (asymmetric) {
+    input_sums = Scratch(tls_input_sums, static_cast<size_t>(s.group * columns));
+    const int64_t cg = s.in_channels_per_group();
+    if (words)
+      ReceptiveFieldSums(words, s.group, w.padded_channels, cg, column_offsets, columns, tap_offsets, q.x_zero_point,
+                         input_sums, parallel);
+    else
+      ReceptiveFieldSums(bytes, s.group, w.padded_channels, cg, column_offsets, columns, tap_offsets, q.x_zero_point,
+                         input_sums, parallel);
+  }
+
   // The int32 offset of every output channel: bias minus the input zero point times the weights' sum.
   std::vector<int32_t> offsets(static_cast<size_t>(s.out_channels));
   for (int64_t m = 0; m < s.out_channels; ++m) offsets[m] = q.bias[m] - q.x_zero_point * w.row_sums[m];
@@ -472,6 +511,13 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
     // Requantize position by position (channels contiguous in the tile), then transpose into Yc's rows.
     const int64_t channels = m1 - m0, first = g * mg + m0;
     uint8_t* quantized = Scratch(tls_tile_bytes, static_cast<size_t>(kn * channels));
+    if (asymmetric) {
+      for (int64_t k = 0; k < kn; ++k) {
+        const int32_t sum = input_sums[g * columns + k0 + k];
+        int32_t* row = tile + k * width;
+        for (int64_t c = 0; c < channels; ++c) row[c] -= q.w_zero_points[first + c] * sum;
+      }
+    }
     for (int64_t k = 0; k < kn; ++k)
       RequantizeRow(tile + k * width, offsets.data() + first, q.scales.data() + first, channels, lo, hi,
                     q.y_zero_point, quantized + k * channels);

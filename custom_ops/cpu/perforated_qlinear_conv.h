@@ -13,7 +13,9 @@
 //   - portable C++ otherwise (and with ONNX_PERFORATE_GEMM=portable).
 // acc[m, k] = sum w * x - x_zero_point * sum_p w[m, p] + bias[m], exact in int32; then MLAS's
 // requantization: float(acc) * (x_scale * w_scale[m] / y_scale), clamped, rounded to nearest even,
-// plus y_zero_point. Weights must be symmetric (zero point 0).
+// plus y_zero_point. Asymmetric weights (a nonzero w_zero_point) add - w_zero_point[m] * S[k], with
+// S[k] = sum_p (x - x_zero_point) over position k's receptive field (in its group), computed from the
+// same padded copy of X.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +38,7 @@ struct Requantization {
   int32_t x_zero_point = 0, y_zero_point = 0;
   std::vector<float> scales;  // [M]: x_scale * w_scale[m] / y_scale, computed in float as ORT does
   std::vector<int32_t> bias;  // [M], zeros when B is absent
+  std::vector<int32_t> w_zero_points;  // [M] when some weight zero point is nonzero; empty: symmetric weights
   int32_t out_min = 0, out_max = 255;  // the uint8 range, narrowed by Relu / Clip
 };
 

@@ -1,6 +1,7 @@
 // ORT side of PerforatedQLinearConv on CPU: reads and checks the quantization inputs, caches what
 // depends only on constant inputs (packed weights, the mask's positions) and calls the math in
 // perforated_qlinear_conv.cc.
+#include <algorithm>
 #include <cmath>
 #include <memory>
 
@@ -138,10 +139,10 @@ struct PerforatedQLinearConvKernel {
     };
     per_channel(w_scales.size(), kWScale);
     per_channel(w_zeros.size(), kWZero);
-    for (int8_t z : w_zeros)
-      if (z != 0)
-        throw OpError("input w_zero_point has a nonzero value " + std::to_string(z) +
-                      ", expected 0 (symmetric int8 weights; quantize with symmetric weights)");
+    if (std::any_of(w_zeros.begin(), w_zeros.end(), [](int8_t z) { return z != 0; })) {
+      q.w_zero_points.resize(static_cast<size_t>(m));
+      for (int64_t i = 0; i < m; ++i) q.w_zero_points[i] = w_zeros[w_zeros.size() == 1 ? 0 : i];
+    }
     q.scales.resize(static_cast<size_t>(m));
     for (int64_t i = 0; i < m; ++i) {
       const float w_scale = w_scales[w_scales.size() == 1 ? 0 : i];

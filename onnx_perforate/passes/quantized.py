@@ -1,7 +1,7 @@
 """Quantized convolutions: the QDQ pattern and QLinearConv become PerforatedQLinearConv (docs/rewriter.md).
 
-Two forms are recognised, both with uint8 activations and symmetric int8 weights (per tensor or per
-output channel), ORT's ``quantize_static`` defaults:
+Two forms are recognised, both with uint8 activations and 8-bit weights (per tensor or per output
+channel; ORT's ``quantize_static`` defaults are symmetric int8):
 
 - QDQ: ``DequantizeLinear(x_q) -> Conv(DequantizeLinear(w_q), DequantizeLinear(b_q)?) -> [Relu | Clip]
   -> QuantizeLinear`` (the Conv is the node the mask names);
@@ -13,13 +13,13 @@ and the QuantizeLinear is fused (it is a clamp of the quantized value). The INT8
 ORT runs for the same pattern (its QDQ fusion turns it into QLinearConv), bit for bit.
 
 Parameters may be initializers or Constant nodes; a weight or bias written as QuantizeLinear of constants
-is folded here (:func:`onnx_perforate.ops.quantize_linear`). Weights with a nonzero zero point become
-``w - w_zero_point`` in int8 where that fits (uint8 weights with zero point 128), exactly.
+is folded here (:func:`onnx_perforate.ops.quantize_linear`). Weights with a nonzero zero point (int8, or
+uint8 shifted to int8) run as they are, or as symmetric ``w - w_zero_point`` where that fits int8.
 
 Anything else is refused with an :class:`~onnx_perforate.errors.UnsupportedNodeError` naming the Conv
-and what was found: other asymmetric weights, int8 activations, per-channel activation parameters, a
-bias whose scale is not x_scale * w_scale, a Conv whose output is not quantized. ConvInteger is refused
-by :func:`onnx_perforate.graph.conv_geometry`.
+and what was found: int8 activations, per-channel activation parameters, per-axis weight parameters on
+another axis than 0, a bias whose scale is not x_scale * w_scale, a Conv whose output is not quantized.
+ConvInteger is refused by :func:`onnx_perforate.graph.conv_geometry`.
 
 :func:`read_compact_inputs` then lets a perforated quantized convolution read its producer's compact
 uint8 output through ``X_index`` (implicit interpolation), so that NNInterpolate disappears where only
@@ -282,10 +282,11 @@ def _quantized_bias(surgeon: Surgeon, conv: gs.Node, key: str, x_scale, w_scale)
 
 
 def _centre_weights(surgeon: Surgeon, matched: QuantizedConv, key: str) -> None:
-    """Asymmetric weights (a nonzero w_zero_point, int8 or uint8) become symmetric int8 ``w - w_zero_point``
-    where every such value fits int8 (uint8 weights with zero point 128, which symmetric uint8
-    quantization writes): the same integers, so the same result. Others are left for
-    :func:`_check_parameters` to refuse."""
+    """Weights with a nonzero zero point (int8 or uint8), the same integers in the form the op runs best:
+    symmetric int8 ``w - w_zero_point`` where every such value fits int8 (uint8 weights with zero point
+    128, which symmetric uint8 quantization writes); otherwise uint8 weights become int8 ``w - 128`` with
+    zero point ``w_zero_point - 128`` (the op corrects for a nonzero zero point). Exact either way.
+    Anything else is left for :func:`_check_parameters` to accept or refuse."""
     w_tensor, zero_tensor = matched.inputs[3], matched.inputs[5]
     w = None if w_tensor is None else constant_value(w_tensor)
     zero = None if zero_tensor is None else constant_value(zero_tensor)
@@ -296,14 +297,14 @@ def _centre_weights(surgeon: Surgeon, matched: QuantizedConv, key: str) -> None:
     if zero.size not in (1, w.shape[0]):
         return
     centred = w.astype(np.int16) - zero.astype(np.int16).reshape(-1, 1, 1, 1)
-    low, high = int(centred.min()), int(centred.max())
-    if low < -128 or high > 127:
-        raise UnsupportedNodeError(
-            f"Conv {key!r}: weight zero point {zero_tensor.name!r} is not 0 (asymmetric {w.dtype} weights) and "
-            f"w - w_zero_point spans [{low}, {high}], beyond int8: supported are symmetric int8 weights, or "
-            "weights whose centred values fit int8 (uint8 with zero point 128); quantize with weight_type=QInt8")
-    matched.inputs[3] = surgeon.constant(f"{key}.w_centred", centred.astype(np.int8))
-    matched.inputs[5] = surgeon.constant(f"{key}.w_zero_point", np.zeros(zero.shape, np.int8))
+    if centred.min() >= -128 and centred.max() <= 127:
+        w, zero = centred.astype(np.int8), np.zeros(zero.shape, np.int8)
+    elif w.dtype == np.uint8:
+        w, zero = (w.astype(np.int16) - 128).astype(np.int8), (zero.astype(np.int16) - 128).astype(np.int8)
+    else:
+        return
+    matched.inputs[3] = surgeon.constant(f"{key}.w_int8", w)
+    matched.inputs[5] = surgeon.constant(f"{key}.w_zero_point", zero)
 
 
 _EXPECTED = {  # input position -> (name, dtype, per-channel allowed)
@@ -315,7 +316,7 @@ _EXPECTED = {  # input position -> (name, dtype, per-channel allowed)
 
 def _check_parameters(matched: QuantizedConv, key: str) -> None:
     """The scheme PerforatedQLinearConv runs: constant parameters of the right types, uint8 activations,
-    symmetric int8 weights, per-tensor activation parameters."""
+    int8 weights (after :func:`_centre_weights`), per-tensor activation parameters."""
     x_q, x_zero = matched.inputs[0], matched.inputs[2]
     # The input's type, else its zero point's (a QDQ model need not declare intermediate types).
     zero_value = None if x_zero is None else constant_value(x_zero)
@@ -351,9 +352,6 @@ def _check_parameters(matched: QuantizedConv, key: str) -> None:
         elif per_channel and value.size not in (1, channels):
             raise UnsupportedNodeError(f"Conv {key!r}: {name} {tensor.name!r} has {value.size} values, expected 1 "
                                        f"or {channels} (one per output channel)")
-        if name == "w_zero_point" and np.any(value != 0):
-            raise UnsupportedNodeError(f"Conv {key!r}: weight zero point {tensor.name!r} is not 0: asymmetric "
-                                       "weights are not supported (quantize with symmetric weights)")
         if "scale" in name and not np.all(np.isfinite(value) & (value > 0)):
             raise UnsupportedNodeError(f"Conv {key!r}: {name} {tensor.name!r} has non-positive or non-finite values")
 
