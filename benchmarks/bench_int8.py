@@ -51,11 +51,11 @@ def median_times(sessions, feed, repeats, stat="median"):
     return [STAT[stat](t) for t in runtime.time_interleaved(sessions, feed, repeats, warmup=3).wall]
 
 
-def layer_models(c, hw, m, mask, rng):
+def layer_models(c, hw, m, mask, rng, w_zero_point=0):
     params = {
         "x_scale": np.float32(0.02), "x_zero_point": np.uint8(128),
         "w": rng.integers(-127, 128, (m, c, 3, 3), dtype=np.int8),
-        "w_scale": rng.uniform(0.001, 0.01, m).astype(np.float32), "w_zero_point": np.zeros(m, np.int8),
+        "w_scale": rng.uniform(0.001, 0.01, m).astype(np.float32), "w_zero_point": np.full(m, w_zero_point, np.int8),
         "y_scale": np.float32(2.0), "y_zero_point": np.uint8(128),
         "B": rng.integers(-1000, 1000, m).astype(np.int32),
     }
@@ -82,7 +82,7 @@ def bench_layers(args, rng):
         x = rng.integers(0, 256, (1, c, hw, hw), dtype=np.uint8)
         for rate in args.rates:
             mask = np.asarray(masks.uniform((hw, hw), rate, seed=1))
-            base, perforated = layer_models(c, hw, m, mask, rng)
+            base, perforated = layer_models(c, hw, m, mask, rng, args.w_zero_point)
             for threads in args.threads:
                 t_base, t_perf = median_times([runtime.session(base, threads), runtime.session(perforated, threads)],
                                               {"x": x}, args.repeats, args.stat)
@@ -248,6 +248,8 @@ def main(argv=None):
     parser.add_argument("--stat", choices=sorted(STAT), default="median",
                         help="per session: median of the interleaved runs, or min (on a loaded machine)")
     parser.add_argument("--only", choices=["layers", "squeezenet", "table", "interpolate"], default=None)
+    parser.add_argument("--w-zero-point", type=int, default=0,
+                        help="layers: the weights' zero point (nonzero: asymmetric weights, in both models)")
     parser.add_argument("--baseline-library", default=None,
                         help="interpolate: another build of the custom-op library, timed side by side")
     parser.add_argument("--ladder", type=float, nargs="+", default=[0.0, 0.35, 0.5, 0.7],

@@ -233,26 +233,37 @@ void RequantizeRow(const int32_t* __restrict acc, const int32_t* __restrict offs
 }
 
 // S[g][column] = sum over the taps and group g's channels of (x - x_zero_point) at a computed position:
-// the input side of the asymmetric-weight correction. T: the padded copy's element (uint8 or int16).
+// the input side of the asymmetric-weight correction. Each padded pixel's channel sum is taken once
+// (pixel_sums [pixel][group]), then S adds the taps' pixel sums: the channels are read once per pixel,
+// not once per tap. T: the padded copy's element (uint8 or int16); offsets are in elements, multiples
+// of `stride` (elements per pixel).
 template <typename T>
-void ReceptiveFieldSums(const T* buffer, int64_t group, int64_t padded_channels, int64_t cg, const int64_t* columns,
-                        int64_t count, const std::vector<int64_t>& taps, int32_t x_zero_point, int32_t* sums,
-                        const ParallelRunner& parallel) {
+void ReceptiveFieldSums(const T* buffer, int64_t pixels, int64_t stride, int64_t group, int64_t padded_channels,
+                        int64_t cg, const int64_t* columns, int64_t count, const std::vector<int64_t>& taps,
+                        int32_t x_zero_point, int32_t* pixel_sums, int32_t* sums, const ParallelRunner& parallel) {
+  constexpr int64_t kPerTask = 1024;
+  const int64_t pixel_blocks = (pixels + kPerTask - 1) / kPerTask;
+  RunMaybeSerially(parallel, pixels * group * cg, static_cast<size_t>(pixel_blocks), [&](size_t task) {
+    const int64_t first = static_cast<int64_t>(task) * kPerTask, last = std::min(pixels, first + kPerTask);
+    for (int64_t p = first; p < last; ++p)
+      for (int64_t g = 0; g < group; ++g) {
+        const T* channels = buffer + p * stride + g * padded_channels;
+        int32_t sum = 0;
+        for (int64_t c = 0; c < cg; ++c) sum += channels[c];
+        pixel_sums[p * group + g] = sum;
+      }
+  });
   const int64_t tap_count = static_cast<int64_t>(taps.size());
   const int32_t centre = static_cast<int32_t>(tap_count * cg) * x_zero_point;
-  constexpr int64_t kPerTask = 256;
   const int64_t blocks = (count + kPerTask - 1) / kPerTask;
-  RunMaybeSerially(parallel, group * count * tap_count * cg, static_cast<size_t>(group * blocks), [&](size_t task) {
-    const int64_t g = static_cast<int64_t>(task) / blocks, first = static_cast<int64_t>(task) % blocks * kPerTask;
-    const int64_t last = std::min(count, first + kPerTask);
-    for (int64_t k = first; k < last; ++k) {
-      int32_t sum = 0;
-      for (int64_t t = 0; t < tap_count; ++t) {
-        const T* pixel = buffer + columns[k] + taps[t] + g * padded_channels;
-        for (int64_t c = 0; c < cg; ++c) sum += pixel[c];
+  RunMaybeSerially(parallel, count * group * tap_count, static_cast<size_t>(blocks), [&](size_t task) {
+    const int64_t first = static_cast<int64_t>(task) * kPerTask, last = std::min(count, first + kPerTask);
+    for (int64_t k = first; k < last; ++k)
+      for (int64_t g = 0; g < group; ++g) {
+        int32_t sum = 0;
+        for (int64_t t = 0; t < tap_count; ++t) sum += pixel_sums[(columns[k] + taps[t]) / stride * group + g];
+        sums[g * count + k] = sum - centre;
       }
-      sums[g * count + k] = sum - centre;
-    }
   });
 }
 
@@ -459,14 +470,15 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
   const bool asymmetric = !q.w_zero_points.empty();
   int32_t* input_sums = nullptr;
   if (asymmetric) {
-    input_sums = Scratch(tls_input_sums, static_cast<size_t>(s.group * columns));
-    const int64_t cg = s.in_channels_per_group();
+    input_sums = Scratch(tls_input_sums, static_cast<size_t>(s.group * (columns + s.batch * pixels)));
+    int32_t* pixel_sums = input_sums + s.group * columns;
+    const int64_t cg = s.in_channels_per_group(), all_pixels = s.batch * pixels;
     if (words)
-      ReceptiveFieldSums(words, s.group, w.padded_channels, cg, column_offsets, columns, tap_offsets, q.x_zero_point,
-                         input_sums, parallel);
+      ReceptiveFieldSums(words, all_pixels, stride, s.group, w.padded_channels, cg, column_offsets, columns,
+                         tap_offsets, q.x_zero_point, pixel_sums, input_sums, parallel);
     else
-      ReceptiveFieldSums(bytes, s.group, w.padded_channels, cg, column_offsets, columns, tap_offsets, q.x_zero_point,
-                         input_sums, parallel);
+      ReceptiveFieldSums(bytes, all_pixels, stride, s.group, w.padded_channels, cg, column_offsets, columns,
+                         tap_offsets, q.x_zero_point, pixel_sums, input_sums, parallel);
   }
 
   // The int32 offset of every output channel: bias minus the input zero point times the weights' sum.
