@@ -132,6 +132,9 @@ BAD = [
     ({"mode": "max", "kernel_shape": [2, 2], "auto_pad": "SAME_UPPER"}, None, "'auto_pad' is 'SAME_UPPER'"),
     ({"mode": "max", "kernel_shape": [20, 2]}, None, "does not fit the input grid"),
     ({"mode": "max", "kernel_shape": [2, 2]}, [0, 1000], "input Y_positions has value 1000"),
+    ({"mode": "max", "kernel_shape": [2, 2]}, [], "input Y_positions has shape [0]"),  # gave every position
+    ({"mode": "max", "kernel_shape": [2**62, 2], "dilations": [4, 1]}, None, "overflows 64-bit integers"),
+    ({"mode": "max", "kernel_shape": [2**16, 2**15]}, None, "2^31 taps"),
 ]
 
 

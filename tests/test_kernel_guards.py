@@ -130,6 +130,7 @@ def geometry_model(attrs: ops.ConvAttributes, x_shape=(1, 2, 6, 6), w_shape=(3, 
     (ops.ConvAttributes((3, 3), pads=(0, 2**62, 0, 2**62 - 1)), "overflows 64-bit integers"),
     (ops.ConvAttributes((3, 3), pads=(2**40, 0, 0, 0)), "2^31"),
     (ops.ConvAttributes((3, 3), dilations=(2**40, 1)), "smaller than the dilated kernel"),
+    (ops.ConvAttributes((0, 0)), "'kernel_shape' is [0, 0], expected 2 positive values"),  # was read as W's 3x3
 ])
 def test_geometry_overflow_is_a_clear_error(attrs, fragment):
     model, feeds = geometry_model(attrs)

@@ -123,6 +123,8 @@ ConvAttributes ReadConvAttributes(const KernelAttributes& attrs) {
   const auto kernel = attrs.Ints("kernel_shape");
   if (!kernel.empty()) {
     const auto k = PairOr(kernel, "kernel_shape", 0);
+    if (k[0] < 1 || k[1] < 1)  // 0 would read as "from W" below
+      throw OpError("attribute 'kernel_shape' is " + ShapeToString(k) + ", expected 2 positive values (W's kH, kW)");
     a.kernel_h = k[0];
     a.kernel_w = k[1];
   }
@@ -208,7 +210,8 @@ std::shared_ptr<const PoolTable> ReadPoolTable(const PoolAttributes& attrs, cons
   const InputIndex index = ReadInputIndex(in.x_index.GetTensorData<int64_t>(), ShapeOf(in.x_index), in.x_shape);
   if (!in.y_positions) return std::make_shared<const PoolTable>(BuildPoolTable(attrs, index, nullptr, 0));
   const auto shape = ShapeOf(in.y_positions);
-  if (shape.size() != 1) throw OpError("input Y_positions has shape " + ShapeToString(shape) + ", expected 1-D [K_out]");
+  if (shape.size() != 1 || shape[0] < 1)
+    throw OpError("input Y_positions has shape " + ShapeToString(shape) + ", expected 1-D [K_out] with K_out >= 1");
   return std::make_shared<const PoolTable>(
       BuildPoolTable(attrs, index, in.y_positions.GetTensorData<int64_t>(), shape[0]));
 }

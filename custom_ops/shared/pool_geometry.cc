@@ -1,6 +1,7 @@
 #include "pool_geometry.h"
 
 #include <algorithm>
+#include <limits>
 
 namespace onnx_perforate {
 
@@ -18,7 +19,14 @@ void PoolAttributes::Validate() const {
     throw OpError("attributes 'strides' and 'dilations' must be >= 1");
   if (pad_top < 0 || pad_left < 0 || pad_bottom < 0 || pad_right < 0)
     throw OpError("attribute 'pads' must be >= 0");
-  const int64_t extent_h = (kernel_h - 1) * dilation_h + 1, extent_w = (kernel_w - 1) * dilation_w + 1;
+  // Attributes are arbitrary int64 values: the window's extent is checked, as conv geometry is.
+  const int64_t extent_h = CheckedAdd(CheckedMul(kernel_h - 1, dilation_h, "(kernel_h - 1) * dilation_h"), 1,
+                                      "the dilated window height");
+  const int64_t extent_w = CheckedAdd(CheckedMul(kernel_w - 1, dilation_w, "(kernel_w - 1) * dilation_w"), 1,
+                                      "the dilated window width");
+  if (CheckedMul(kernel_h, kernel_w, "the window size") >= std::numeric_limits<int32_t>::max())
+    throw OpError("attribute 'kernel_shape' [" + std::to_string(kernel_h) + ", " + std::to_string(kernel_w) +
+                  "] has 2^31 taps or more, which is not supported");
   if (pad_top >= extent_h || pad_bottom >= extent_h || pad_left >= extent_w || pad_right >= extent_w)
     throw OpError("attribute 'pads' must be smaller than the window ([" + std::to_string(extent_h) + ", " +
                   std::to_string(extent_w) + "] with dilations)");
@@ -28,10 +36,14 @@ void PoolAttributes::Validate() const {
 
 int64_t PoolOutputSize(int64_t in, int64_t kernel, int64_t stride, int64_t pad_begin, int64_t pad_end,
                        int64_t dilation, bool ceil_mode) {
-  const int64_t span = in + pad_begin + pad_end - ((kernel - 1) * dilation + 1);
+  // Overflow-free for the validated attributes (non-negative pads, positive strides, the window's extent
+  // checked by Validate); the padded size is checked.
+  const int64_t padded = CheckedAdd(CheckedAdd(in, pad_begin, "the input size + pad_begin"), pad_end, "the padded size");
+  const int64_t span = padded - ((kernel - 1) * dilation + 1);
   if (span < 0) return 0;
-  int64_t out = (ceil_mode ? (span + stride - 1) / stride : span / stride) + 1;
-  if (ceil_mode && (out - 1) * stride >= in + pad_begin) --out;
+  int64_t out = span / stride + 1;
+  // ceil_mode adds the partial last window, unless it would start in the end padding
+  if (ceil_mode && span % stride != 0 && CheckedMul(out, stride, "the ceil_mode window start") < in + pad_begin) ++out;
   return out;
 }
 
