@@ -15,6 +15,7 @@ import numpy as np
 from . import validation
 from .errors import PerforateError
 from .finetune import DEFAULTS as FINETUNE_DEFAULTS
+from .tuning import DEFAULT_LADDER
 
 log = logging.getLogger("onnx_perforate.cli")
 
@@ -288,7 +289,7 @@ def cmd_tune(args) -> int:
         model, dataset, target_speedup=args.target_speedup, max_accuracy_drop=args.max_accuracy_drop,
         ladder=args.ladder, layers=args.layers, mask_kind=args.mask_kind, subset_size=args.subset_size,
         threads=args.threads, repeats=args.repeats, timing_batch=args.batch, include_1x1=args.include_1x1,
-        tie=args.tie,
+        tie=args.tie, step_recovery=args.step_recovery,
         checkpoint=args.checkpoint, progress=not args.no_progress,
         finetune=_finetune_options(args.finetune),
     )
@@ -529,8 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset-size", type=_positive_int, default=256,
                    help="calibration images, evenly spaced; the rest are held out for the final evaluation "
                    "(default: 256)")
-    p.add_argument("--ladder", type=_floats_option(validation.rate), default=(0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8),
-                   help="rates each layer climbs through (default: 0,0.2,0.35,0.5,0.6,0.7,0.8)")
+    p.add_argument("--ladder", type=_floats_option(validation.rate), default=DEFAULT_LADDER,
+                   help=f"rates each layer climbs through (default: {','.join(f'{r:g}' for r in DEFAULT_LADDER)})")
     p.add_argument("--mask-kind", choices=["impact", "uniform", "grid"], default="impact")
     p.add_argument("--layers", nargs="+", help="tune only these Conv nodes (default: every spatial Conv)")
     p.add_argument("--include-1x1", action="store_true", help="also perforate 1x1 convolutions")
@@ -544,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune", nargs="?", const="", metavar="KEY=VALUE,...",
                    help="recover the final model's accuracy on the calibration images (see `finetune`); "
                    "optional options, e.g. method=bn_reestimation,epochs=6")
+    p.add_argument("--step-recovery", choices=["none", "bn_reestimation", "bias_correction"], default="none",
+                   help="apply this training-free recovery after every step, so that the next step's candidates "
+                   "are judged on the recovered network (default: none)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("finetune", parents=[common], epilog=EPILOG,

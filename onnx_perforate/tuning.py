@@ -43,12 +43,16 @@ from .rewrite import rewrite
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LADDER = (0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8)
+# Up to 0.9: the tuner can then reach its target by perforating the layers that cost least accuracy
+# very heavily instead of spreading perforation over more layers; on the main job's model that
+# recovered better (docs/results.md, "The ladder's top rung").
+DEFAULT_LADDER = (0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
 # The accuracy budget when none is given: the search stops before a step would drop calibration top-1
 # (agreement with the original on unlabelled data) by more than 10 points. Fine-tuning recovers part of
 # that; a user who wants a tighter result sets a smaller budget.
 DEFAULT_MAX_ACCURACY_DROP = 0.10
 MASK_KINDS = ("impact", "uniform", "grid")
+STEP_RECOVERIES = ("none", "bn_reestimation", "bias_correction")
 
 
 @dataclass
@@ -413,7 +417,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
          subset_size: int | None = 256, batch_size: int = 16, threads: int | None = None, repeats: int = 15,
          timing_batch: int = 1, refresh_every: int = 4, include_1x1: bool = False, tie: str = "none",
          checkpoint=None, progress: bool = True, finetune: bool | Mapping = False,
-         baselines: bool = True, monotone: bool = True) -> TuneResult:
+         baselines: bool = True, monotone: bool = True, step_recovery: str = "none") -> TuneResult:
     """Greedy perforation schedule; see the module docstring.
 
     ``data``: calibration data (see :mod:`onnx_perforate.calibration`): ``subset_size`` evenly spaced
@@ -430,6 +434,11 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     (``baselines["resize"]``), timed interleaved with the result. ``monotone`` (default): every step
     makes the predicted network faster; a layer whose next rung would not pay jumps to the first rung
     that does, and a layer with no such rung left is not moved (:func:`next_rung`).
+    ``step_recovery``: ``"none"`` (default), ``"bn_reestimation"`` or ``"bias_correction"``: after every
+    step, that training-free recovery (:func:`~onnx_perforate.finetune.finetune`) is applied to the
+    network so far, and the next step's candidates are judged on the recovered network. Both methods
+    depend only on the current masks, so a resumed search recomputes them. ``TuneResult.model_at``
+    gives the curve's points without it.
     """
     started = time.perf_counter()
     if max_accuracy_drop is None:
@@ -451,6 +460,8 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
         raise validation.SettingError(f"mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
     if tie not in ("none", "regions"):
         raise validation.SettingError(f"tie must be 'none' or 'regions', got {tie!r}")
+    if step_recovery not in STEP_RECOVERIES:
+        raise validation.SettingError(f"step_recovery must be one of {STEP_RECOVERIES}, got {step_recovery!r}")
     analysed = analyse(model)  # loaded, checked and inferred once for every rewrite below
     original = analysed.model
     calibration, holdout = calibration_set(original, data).split(subset_size)
@@ -482,16 +493,21 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                     mask_kind=mask_kind, calibration_images=len(meter.calibration), threads=threads,
                     timing_batch=meter.timing_batch,
                     repeats=repeats, refresh_every=refresh_every, layers=sorted(convs), tie=tie, monotone=monotone,
+                    step_recovery=step_recovery,
                     units={u: m for u, m in units.items() if len(m) > 1},
                     loss="nll" if calibration.labels is not None else "kl")
     # What a checkpoint must match to be resumed: the same search on the same model and data.
     identity = dict(ladder=list(ladder), mask_kind=mask_kind, layers=units, tie=tie, subset_size=subset_size,
-                    monotone=monotone,
+                    monotone=monotone, step_recovery=step_recovery,
                     threads=threads, timing_batch=meter.timing_batch, refresh_every=refresh_every,
                     model=_model_fingerprint(original), data=_data_fingerprint(calibration))
     if checkpoint and Path(checkpoint).exists():
         rungs, current, steps, step_masks = _resume(checkpoint, identity, ladder_masks.shapes)
         log.info("resumed from %s at step %d", checkpoint, len(steps) - 1)
+    # The network the candidates are built from: the original, or with its step recovery's values.
+    working, values = analysed, {}
+    if step_recovery != "none" and any(rungs.values()):
+        working, values = _recover_step(analysed, ladder_masks.expand(current), calibration, step_recovery, threads)
 
     stopped = "every layer reached the top of its ladder"
     bar = _progress(progress, target_speedup, total=len(units) * (len(ladder) - 1))
@@ -515,7 +531,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                     continue
                 rate = ladder[rung]
                 trial = dict(current, **{name: ladder_masks.mask(name, rate, current[name])})
-                candidate = _perforate(analysed, ladder_masks.expand(trial))
+                candidate = _perforate(working, ladder_masks.expand(trial))
                 measured = meter.measure(candidate, timed=False)
                 measured["time"] = latency.predict(dict(now, **{name: rate}))
                 gain = base["time"] - measured["time"]
@@ -540,6 +556,12 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             rungs[name] = rung
             current = trial
             rates = {k: ladder[v] for k, v in rungs.items() if v}
+            if step_recovery != "none":
+                working, values = _recover_step(analysed, ladder_masks.expand(current), calibration, step_recovery,
+                                                threads)
+                time_predicted = measured["time"]
+                measured = meter.measure(_perforate(working, ladder_masks.expand(current)), timed=False)
+                measured["time"] = time_predicted
             steps.append(_step(len(steps), name, rates, measured, base, cost, started))
             step_masks.append({k: v for k, v in ladder_masks.expand(current).items() if not v.all()})
             if bar is not None:
@@ -557,7 +579,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
         member: Mask(current[unit], kind=mask_kind, rate=ladder[rungs[unit]])
         for unit, members in units.items() if rungs[unit] > 0 for member in members
     }
-    final_model = _perforate(analysed, final_masks)
+    final_model = _perforate(working, final_masks)
     if final_masks:  # the prediction, confirmed end to end
         ratio = interleaved_ratios(meter, latency.reference, [meter.session(final_model)], 2 * repeats)[0]
         settings["measured_speedup"] = round(1.0 / ratio, 3)
@@ -566,6 +588,8 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
         from .finetune import finetune as recover
 
         options = dict(threads=threads, progress=progress, **({} if finetune is True else dict(finetune)))
+        if values:  # the step recovery's values are where the fine-tuning starts
+            options.setdefault("start", values)
         outcome = recover(final_model, original, calibration, **options)
         recovered, recovery = outcome.model, outcome.to_dict()
         log.info("%s", outcome.summary())
@@ -608,6 +632,24 @@ def _evaluate_holdout(original, models: Mapping, holdout: CalibrationSet | None,
 
 def _output_of(model, key):
     return next(n.output[0] for n in model.graph.node if node_key(n) == key)
+
+
+def _recover_step(analysed, masks: Mapping[str, np.ndarray], calibration, method: str, threads):
+    """(the analysed original with the values ``method`` gives the network perforated with ``masks``,
+    those values); the original itself when the recovery gains nothing on its held-out images."""
+    from .finetune import finetune as recover, with_values
+
+    masks = {k: v for k, v in masks.items() if not np.asarray(v, bool).all()}
+    if not masks:
+        return analysed, {}
+    try:
+        outcome = recover(rewrite(analysed, masks), analysed.model, calibration, method=method, threads=threads,
+                          progress=False)
+    except PerforateError as error:  # e.g. bn_reestimation on a model without BatchNormalization
+        raise PerforateError(f"step_recovery={method!r}: {error}") from error
+    if not outcome.improved:
+        return analysed, {}
+    return analyse(with_values(analysed.model, outcome.values)), outcome.values
 
 
 def _perforate(analysed, masks: Mapping[str, np.ndarray]) -> onnx.ModelProto:

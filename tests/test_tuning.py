@@ -12,7 +12,7 @@ import onnx_perforate
 from onnx_perforate import tuning
 from onnx_perforate.errors import PerforateError
 
-from helpers import GraphBuilder, fire, labelled_batches, needs_library, synthetic_cnn, synthetic_input
+from helpers import GraphBuilder, fire, labelled_batches, needs_library, run_ort, synthetic_cnn, synthetic_input
 
 pytestmark = needs_library
 
@@ -265,3 +265,41 @@ def test_saving_line_ignores_a_rung_timed_during_a_burst_of_load():
     # clean points: the line through them; the slope is never negative
     assert tuning.saving_line([0.2, 0.5, 0.8], [-0.4, 0.2, 0.8]) == pytest.approx((-0.8, 2.0))
     assert tuning.saving_line([0.2, 0.5], [0.3, 0.1])[1] == 0.0
+
+
+def test_step_recovery_judges_candidates_on_the_recovered_network(monkeypatch):
+    """After every step the BatchNorm statistics are re-estimated on the network so far; the next
+    candidates are rewritten from the original carrying them, and so is the final model."""
+    from onnx_perforate.finetune import with_values
+
+    model = synthetic_cnn()
+    recoveries = []
+    recover_step = tuning._recover_step
+
+    def recording(analysed, masks, calibration, method, threads):
+        working, values = recover_step(analysed, masks, calibration, method, threads)
+        recoveries.append((sorted(k for k, v in masks.items() if not np.asarray(v, bool).all()), values))
+        return working, values
+
+    monkeypatch.setattr(tuning, "_recover_step", recording)
+    model, data = _fashion()
+    result = onnx_perforate.tune(model, data, ladder=(0.0, 0.5), layers=["conv4", "conv5"], subset_size=96,
+                                 repeats=3, batch_size=32, timing_batch=8, progress=False, monotone=False,
+                                 baselines=False, step_recovery="bn_reestimation")
+    assert len(recoveries) == len(result.steps) - 1 >= 1  # once per step
+    assert result.settings["step_recovery"] == "bn_reestimation"
+    layers, values = recoveries[-1]
+    assert layers == sorted(result.masks)
+    batchnorm = {name for n in model.graph.node if n.op_type == "BatchNormalization" for name in n.input[1:5]}
+    assert values and set(values) <= batchnorm  # only BatchNormalization was recovered
+    x = data[0][0]["image"][:8]
+    expected = onnx_perforate.rewrite(with_values(model, values), result.masks)
+    without = onnx_perforate.rewrite(model, result.masks)
+    got = run_ort(result.model, {"image": x})[0]
+    np.testing.assert_allclose(got, run_ort(expected, {"image": x})[0], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got, run_ort(without, {"image": x})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_step_recovery_setting_is_checked():
+    with pytest.raises(PerforateError, match="step_recovery must be one of"):
+        onnx_perforate.tune(synthetic_cnn(), labelled_batches(), step_recovery="distill", progress=False)
