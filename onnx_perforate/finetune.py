@@ -400,7 +400,8 @@ def _chunks(x, size):
 # Writing the trained values into the perforated model
 
 
-def _with_values(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+def with_values(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``values`` hold those arrays (float32)."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
     for tensor in result.graph.initializer:
@@ -441,7 +442,7 @@ def apply_parameters(perforated, original, masks, values: Mapping[str, np.ndarra
     perforated model that rewrite produces (folded BatchNorm weights included) takes the new value. The
     result is checked against the rewrite on ``x``; if the perforated model was made with other rewrite
     options and does not match, the rewrite itself is returned."""
-    rebuilt = rewrite(_with_values(original, values), masks)
+    rebuilt = rewrite(with_values(original, values), masks)
     fresh = _initializers(rebuilt)
     result = onnx.ModelProto()
     result.CopyFrom(perforated)
@@ -750,7 +751,7 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
             raise PerforateError(f"labels must be class indices in [0, {classes}); got values in "
                                  f"[{everything.labels.min()}, {everything.labels.max()}]")
     sample = everything.inputs[: min(4, len(everything))]
-    reference = _with_values(original, start) if start else original  # what perforated was made from
+    reference = with_values(original, start) if start else original  # what perforated was made from
     check_matches(perforated, reference, masks, sample, threads)
     batch_size = min(int(batch_size), len(train))
     if augment == "auto":
