@@ -185,13 +185,13 @@ def _spec(args, input_dims):
     channels = input_dims[1] if layout == "NCHW" else input_dims[3]
     values = dict(base.__dict__)
     values.update(layout=layout, channels=channels if channels in (1, 3) else 3)
+    if values["channels"] == 1:  # a preset's per-channel values, for a grayscale model
+        values["mean"], values["std"] = values["mean"][:1], values["std"][:1]
     for key in ("size", "crop", "mean", "std", "scale"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if args.bgr:
         values["bgr"] = True
-    if values["channels"] == 1:
-        values["mean"], values["std"] = values["mean"][:1], values["std"][:1]
     return PreprocessSpec(**values)
 
 
@@ -201,12 +201,23 @@ def _topk_hits(scores, labels, k):
 
 
 def _load_dataset(args, model):
-    """The --data of eval and tune: an image folder with the preprocessing options, or arrays."""
+    """The --data of eval, tune and finetune: an image folder with the preprocessing options, or arrays."""
     from .data import load_data
+    from .errors import DataError
     from .runtime import model_input
 
     name, dims = model_input(model)
-    spec = _spec(args, dims) if Path(args.data).is_dir() else None
+    if Path(args.data).is_dir():
+        spec = _spec(args, dims)
+    else:
+        spec = None
+        given = [option for option, value in (("--labels", args.labels), ("--preset", args.preset), ("--size", args.size),
+                                              ("--crop", args.crop), ("--mean", args.mean), ("--std", args.std),
+                                              ("--scale", args.scale), ("--bgr", args.bgr),
+                                              ("--layout", args.layout != "auto")) if value]
+        if given:
+            raise DataError(f"{' '.join(given)} apply to an image folder; --data {args.data} is not a folder (arrays "
+                            "are used as stored, labels come from the archive)")
     dataset = load_data(args.data, spec=spec, labels=args.labels, input_name=name, input_shape=dims, limit=args.limit)
     log.info("data: %s", dataset.description)
     return dataset

@@ -52,7 +52,8 @@ class PreprocessSpec:
             bounds = dict(minimum=0.0, exclusive_minimum=True) if name == "std" else {}
             values = tuple(validation.real(v, f"a {name} value", **bounds) for v in np.atleast_1d(getattr(self, name)))
             if len(values) not in (1, self.channels):
-                raise DataError(f"{name} has {len(values)} values, expected 1 or {self.channels}")
+                raise DataError(f"{name} has {len(values)} values, expected "
+                                + ("1 (the model takes 1 channel)" if self.channels == 1 else f"1 or {self.channels}"))
             setattr(self, name, values)
 
     def apply(self, image) -> np.ndarray:
@@ -144,7 +145,14 @@ def check_finite(x: np.ndarray, source: str, first: int = 0) -> np.ndarray:
 def read_labels(path) -> dict[str, int]:
     """A labels file: lines ``FILE CLASS_INDEX`` (blank lines and ``#`` comments ignored)."""
     labels = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    if not Path(path).is_file():
+        raise DataError(f"labels file {path} " + ("is a folder, expected a text file" if Path(path).is_dir()
+                                                 else "does not exist"))
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read labels file {path} as text (lines 'FILE CLASS_INDEX'): {exc}") from exc
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -156,10 +164,11 @@ def read_labels(path) -> dict[str, int]:
     return labels
 
 
-def load_folder(folder, spec: PreprocessSpec, *, labels=None, limit: int | None = None) -> Dataset:
+def load_folder(folder, spec: PreprocessSpec, *, labels=None, limit: int | None = None, input_shape=None) -> Dataset:
     """Images under ``folder`` in sorted order. Labels come from ``labels`` (a ``FILE CLASS_INDEX``
     file; the default is ``folder/labels.txt`` when present) or, failing that, from class
-    subfolders (sorted subfolder names are the class indices)."""
+    subfolders (sorted subfolder names are the class indices). Every preprocessed image must have the
+    static dims of ``input_shape`` (the model's, batch first) when given, else the first image's shape."""
     limit = validation.optional_integer(limit, "limit")
     folder = Path(folder)
     if not folder.is_dir():
@@ -177,7 +186,7 @@ def load_folder(folder, spec: PreprocessSpec, *, labels=None, limit: int | None 
             raise DataError(f"{label_file} has no label for {len(missing)} image(s), e.g. {missing[0]!r}")
         values = [table.get(k, table.get(Path(k).name)) for k in keyed]
     elif labels:
-        raise DataError(f"labels file {labels} does not exist")
+        read_labels(labels)  # says what is wrong with it
     elif all(p.parent != folder for p in files):
         classes = sorted({p.relative_to(folder).parts[0] for p in files})
         values = [classes.index(p.relative_to(folder).parts[0]) for p in files]
@@ -192,10 +201,25 @@ def load_folder(folder, spec: PreprocessSpec, *, labels=None, limit: int | None 
         for path in files[start:stop]:
             try:
                 with Image.open(path) as image:
-                    batch.append(spec.apply(image))
+                    array = spec.apply(image)
             except OSError as exc:
                 raise DataError(f"cannot read image {path}: {exc}") from exc
+            if not fits(array.shape):
+                raise DataError(f"image {path} becomes {list(array.shape)} ({spec.layout}) after preprocessing, "
+                                f"expected {list(wanted)} ({origin}); check --layout, and set --size and --crop "
+                                "(or a --preset) so that every image gets the model's input size")
+            batch.append(array)
         return np.stack(batch)
+
+    wanted = tuple(input_shape[1:]) if input_shape is not None and len(input_shape) == 4 else None
+    origin = "the model input" if wanted and all(isinstance(d, int) for d in wanted) else f"the size of {files[0]}"
+
+    def fits(shape) -> bool:
+        nonlocal wanted
+        if not _fits(shape, wanted or shape):
+            return False
+        wanted = tuple(shape)  # dynamic dims take the first image's size: a batch stacks equal shapes
+        return True
 
     labels_array = None if values is None else check_labels(np.asarray(values, dtype=np.int64), str(label_file))
     return Dataset(len(files), load, labels_array, f"{len(files)} images from {folder}")
@@ -268,13 +292,18 @@ def arrays_dataset(arrays: Mapping, *, input_name: str | None = None, input_shap
     return Dataset(len(x), load, labels, f"{len(x)} arrays from {source}")
 
 
+def _fits(shape, want) -> bool:
+    """Whether ``shape`` has ``want``'s rank and static dims (a dim of ``want`` that is not an int: any)."""
+    return len(shape) == len(want) and all(not isinstance(w, int) or w == d for w, d in zip(want, shape))
+
+
 def _fit_layout(x, input_shape, source: str):
     if input_shape is None or len(input_shape) != 4:
         return x
     want = tuple(input_shape[1:])
 
     def fits(shape):
-        return len(shape) == 3 and all(not isinstance(w, int) or w == s for w, s in zip(want, shape))
+        return _fits(shape, want)
 
     if x.ndim == 3 and want[0] == 1:
         x = x[:, None]
@@ -296,5 +325,5 @@ def load_data(path, *, spec: PreprocessSpec | None = None, labels=None, input_na
     if path.is_dir():
         if spec is None:
             raise DataError(f"{path} is an image folder: a preprocessing spec is needed")
-        return load_folder(path, spec, labels=labels, limit=limit)
+        return load_folder(path, spec, labels=labels, limit=limit, input_shape=input_shape)
     return load_arrays(path, input_name=input_name, input_shape=input_shape, limit=limit)

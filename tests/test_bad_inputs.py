@@ -293,6 +293,33 @@ def test_nothing_to_perforate_says_why(tmp_path, capsys):
           "perforable kernels: 3x3")
 
 
+def test_image_folders_that_do_not_fit_the_model(tmp_path, capsys):
+    """fashion_cnn takes [N, 1, 28, 28]: images of other sizes, or preprocessing to another size or layout,
+    are named before ONNX Runtime (or numpy's stacking) fails on them."""
+    from PIL import Image
+
+    model = str(SAMPLE_MODELS / "fashion_cnn.onnx")
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, width in enumerate((28, 28, 30)):
+        Image.fromarray(rng.integers(0, 256, (28, width), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "labels.txt").write_text("0.png 1\n1.png 2\n2.png 3\n")
+    data = ["--data", str(folder), "--no-progress"]
+    fails(["eval", model, *data], capsys, 1, "image", "2.png", "[1, 28, 30]", "[1, 28, 28] (the model input)")
+    fails(["eval", model, *data, "--preset", "caffe"], capsys, 1, "0.png", "[1, 224, 224]")
+    fails(["eval", model, *data, "--layout", "NHWC"], capsys, 1, "--layout")
+    fails(["eval", model, *data, "--mean", "1,2"], capsys, 1, "mean has 2 values", "1 channel")
+    assert main(["eval", model, *data, "--size", "28", "--crop", "28", "--no-progress"]) == 0
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00garbage")
+    fails(["eval", model, *data, "--labels", str(tmp_path / "binary.txt")], capsys, 1, "cannot read labels file")
+    fails(["eval", model, *data, "--labels", str(folder)], capsys, 1, "is a folder")
+    arrays = str(npz(tmp_path / "d.npz"))
+    fails(["eval", model, "--data", arrays, "--labels", str(folder / "labels.txt")], capsys, 1, "--labels",
+          "image folder")
+    fails(["eval", model, "--data", arrays, "--preset", "caffe", "--size", "28"], capsys, 1, "--preset --size")
+
+
 def test_eval_agreement_ignores_the_rows_that_pad_a_static_batch(tmp_path, capsys):
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     onnx.save(classifier(batch=16, seed=0), a)
