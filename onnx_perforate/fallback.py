@@ -29,6 +29,8 @@ POOL_POSITIONS_OP = "CompactPoolPositions"  # CompactPool with its optional Y_po
 QUANTIZED_OP = "PerforatedQLinearConv"
 QUANTIZED_COMPACT_INPUT_OP = "PerforatedQLinearConvCompactInput"  # with its optional X_index input
 NN_INTERPOLATE_UINT8_OP = "NNInterpolateUint8"  # Python ops have one type per input
+NN_INTERPOLATE_INT8_OP = "NNInterpolateInt8"
+INT8_SUFFIX = "Int8"  # the quantized Python ops for int8 activations: PerforatedQLinearConvInt8, ...
 _registered = False
 
 
@@ -74,9 +76,12 @@ def to_python_op_model(model) -> onnx.ModelProto:
             bias = numpy_helper.from_array(np.zeros(w_shape[0], np.int32), f"{node.name or node.output[0]}.zero_bias")
             model.graph.initializer.append(bias)
             node.input[8] = bias.name
+        activations = shapes.get(node.input[0], (0, None))[0] if shapes else 0
         if node.op_type == "NNInterpolate":
-            if shapes.get(node.input[0], (0, None))[0] == onnx.TensorProto.UINT8:
+            if activations == onnx.TensorProto.UINT8:
                 node.op_type = NN_INTERPOLATE_UINT8_OP
+            elif activations == onnx.TensorProto.INT8:
+                node.op_type = NN_INTERPOLATE_INT8_OP
         packed = {a.name: _jsonable(helper.get_attribute_value(a)) for a in node.attribute}
         del node.attribute[:]
         if node.op_type == QUANTIZED_OP and len(node.input) > 10 and node.input[10]:
@@ -92,6 +97,8 @@ def to_python_op_model(model) -> onnx.ModelProto:
         if node.op_type in ("PerforatedConv", COMPACT_INPUT_OP, "CompactPool", POOL_POSITIONS_OP, QUANTIZED_OP,
                             QUANTIZED_COMPACT_INPUT_OP):
             node.attribute.append(helper.make_attribute(ATTRIBUTE, json.dumps(packed, sort_keys=True)))
+        if node.op_type in (QUANTIZED_OP, QUANTIZED_COMPACT_INPUT_OP) and activations == onnx.TensorProto.INT8:
+            node.op_type += INT8_SUFFIX
         node.domain = domain
     imports = [o for o in model.opset_import if o.domain not in (DOMAIN, domain)]
     del model.opset_import[:]
@@ -141,21 +148,29 @@ def register_python_ops() -> None:
     def compact_pool_positions(x, x_index, y_positions, **kwargs):
         return ops.compact_pool_reference(x, x_index, y_positions, **json.loads(kwargs.get(ATTRIBUTE) or "{}"))
 
-    quantized_inputs = [dt.dt_uint8, dt.dt_float, dt.dt_uint8, dt.dt_int8, dt.dt_float, dt.dt_int8, dt.dt_float,
-                        dt.dt_uint8, dt.dt_int32, dt.dt_bool]
+    def quantized_ops(activation, suffix):
+        inputs = [activation, dt.dt_float, activation, dt.dt_int8, dt.dt_float, dt.dt_int8, dt.dt_float, activation,
+                  dt.dt_int32, dt.dt_bool]
 
-    @ext.onnx_op(op_type=QUANTIZED_OP, inputs=quantized_inputs, outputs=[dt.dt_uint8], attrs={ATTRIBUTE: dt.dt_string})
-    def perforated_qlinear_conv(*inputs, **kwargs):
-        return ops.perforated_qlinear_conv_reference(*inputs, **json.loads(kwargs.get(ATTRIBUTE) or "{}"))
+        @ext.onnx_op(op_type=QUANTIZED_OP + suffix, inputs=inputs, outputs=[activation], attrs={ATTRIBUTE: dt.dt_string})
+        def perforated_qlinear_conv(*inputs, **kwargs):
+            return ops.perforated_qlinear_conv_reference(*inputs, **json.loads(kwargs.get(ATTRIBUTE) or "{}"))
 
-    @ext.onnx_op(op_type=QUANTIZED_COMPACT_INPUT_OP, inputs=quantized_inputs + [dt.dt_int64], outputs=[dt.dt_uint8],
-                 attrs={ATTRIBUTE: dt.dt_string})
-    def perforated_qlinear_conv_compact_input(*inputs, **kwargs):
-        return ops.perforated_qlinear_conv_reference(*inputs[:10], x_index=inputs[10],
-                                                     **json.loads(kwargs.get(ATTRIBUTE) or "{}"))
+        @ext.onnx_op(op_type=QUANTIZED_COMPACT_INPUT_OP + suffix, inputs=inputs + [dt.dt_int64], outputs=[activation],
+                     attrs={ATTRIBUTE: dt.dt_string})
+        def perforated_qlinear_conv_compact_input(*inputs, **kwargs):
+            return ops.perforated_qlinear_conv_reference(*inputs[:10], x_index=inputs[10],
+                                                         **json.loads(kwargs.get(ATTRIBUTE) or "{}"))
+
+    quantized_ops(dt.dt_uint8, "")
+    quantized_ops(dt.dt_int8, INT8_SUFFIX)
 
     @ext.onnx_op(op_type=NN_INTERPOLATE_UINT8_OP, inputs=[dt.dt_uint8, dt.dt_int64], outputs=[dt.dt_uint8])
     def nn_interpolate_uint8(yc, index):
+        return ops.nn_interpolate_reference(yc, index)
+
+    @ext.onnx_op(op_type=NN_INTERPOLATE_INT8_OP, inputs=[dt.dt_int8, dt.dt_int64], outputs=[dt.dt_int8])
+    def nn_interpolate_int8(yc, index):
         return ops.nn_interpolate_reference(yc, index)
 
     _registered = True

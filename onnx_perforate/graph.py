@@ -443,11 +443,11 @@ def conv_geometry(node: onnx.NodeProto, shapes: dict) -> ConvGeometry:
             f"Conv {key!r} is a {rank - 2}-D convolution (weight {weight!r} has rank {rank}); "
             "only 2-D convolutions can be perforated"
         )
-    expected_type = onnx.TensorProto.UINT8 if quantized else onnx.TensorProto.FLOAT
-    if x_type and x_type != expected_type:
+    expected_types = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8) if quantized else (onnx.TensorProto.FLOAT,)
+    if x_type and x_type not in expected_types:
         raise UnsupportedNodeError(
             f"{node.op_type} {key!r}: input {node.input[0]!r} is {onnx.TensorProto.DataType.Name(x_type)}, "
-            f"expected {onnx.TensorProto.DataType.Name(expected_type)}"
+            f"expected {' or '.join(onnx.TensorProto.DataType.Name(t) for t in expected_types)}"
         )
     if w_shape is None or any(not isinstance(d, int) for d in w_shape):
         raise DynamicShapeError(f"Conv {key!r}: the shape of weight {weight!r} is not static")

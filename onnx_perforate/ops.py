@@ -211,12 +211,13 @@ def perforated_conv_reference(
     return _activate(out, activation, alpha, clip_min, clip_max).astype(accumulate)
 
 
-def requantize(acc: np.ndarray, scale: np.ndarray, zero_point: int, out_min: int = 0, out_max: int = 255) -> np.ndarray:
-    """int32 sums -> uint8 as ORT's MLAS does on x86: ``float32(acc) * scale`` (float32), clamped to
-    ``[out_min, out_max] - zero_point``, rounded to nearest even, plus ``zero_point``."""
+def requantize(acc: np.ndarray, scale: np.ndarray, zero_point: int, out_min: int = 0, out_max: int = 255,
+               dtype=np.uint8) -> np.ndarray:
+    """int32 sums -> uint8 (or ``dtype``) as ORT's MLAS does on x86: ``float32(acc) * scale`` (float32),
+    clamped to ``[out_min, out_max] - zero_point``, rounded to nearest even, plus ``zero_point``."""
     v = acc.astype(np.float32) * np.asarray(scale, np.float32)
     v = np.clip(v, np.float32(out_min - zero_point), np.float32(out_max - zero_point))
-    return (np.rint(v).astype(np.int32) + zero_point).astype(np.uint8)
+    return (np.rint(v).astype(np.int32) + zero_point).astype(dtype)
 
 
 def _per_axis_shape(parameter: np.ndarray, axis: int, rank: int) -> tuple:
@@ -263,15 +264,17 @@ def dequantize_linear(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray |
 
 
 def quantized_activation_bounds(activation: str, y_scale: float, y_zero_point: int, clip_min: float = -FLOAT32_MAX,
-                                clip_max: float = FLOAT32_MAX) -> tuple[int, int]:
-    """The uint8 range of PerforatedQLinearConv's output after its fused activation (docs/ops.md)."""
+                                clip_max: float = FLOAT32_MAX, dtype=np.uint8) -> tuple[int, int]:
+    """The range of PerforatedQLinearConv's output (uint8 or int8) after its fused activation (docs/ops.md)."""
+    low, high = int(np.iinfo(dtype).min), int(np.iinfo(dtype).max)
+
     def quantize(v):
-        return int(min(255.0, max(0.0, np.rint(float(v) / float(y_scale)) + y_zero_point)))
+        return int(min(float(high), max(float(low), np.rint(float(v) / float(y_scale)) + y_zero_point)))
 
     if activation in ("", None):
-        return 0, 255
+        return low, high
     if activation == "Relu":
-        return int(y_zero_point), 255
+        return int(y_zero_point), high
     if activation == "Clip":
         return quantize(clip_min), quantize(clip_max)
     raise ValueError(f"activation {activation!r} is not supported by PerforatedQLinearConv; expected '', 'Relu' or 'Clip'")
@@ -283,7 +286,7 @@ def perforated_qlinear_conv_reference(
     activation: str = "", clip_min: float = -FLOAT32_MAX, clip_max: float = FLOAT32_MAX,
     x_index: np.ndarray | None = None, **unused,
 ) -> np.ndarray:
-    """PerforatedQLinearConv in numpy: uint8 X, int8 W -> Yc uint8 [N, M, K].
+    """PerforatedQLinearConv in numpy: uint8 (or int8) X, int8 W -> Yc [N, M, K] of X's type.
 
     The integer sums are exact (int64); requantization is :func:`requantize` with the per-channel scale
     ``float32(x_scale * w_scale[m]) / y_scale`` computed in float32, ORT's order."""
@@ -291,8 +294,8 @@ def perforated_qlinear_conv_reference(
         x = nn_interpolate_reference(x, x_index)
     x = np.asarray(x)
     w = np.asarray(w)
-    if x.dtype != np.uint8 or w.dtype != np.int8:
-        raise ValueError(f"X must be uint8 and W int8, got {x.dtype} and {w.dtype}")
+    if x.dtype not in (np.uint8, np.int8) or w.dtype != np.int8:
+        raise ValueError(f"X must be uint8 or int8 and W int8, got {x.dtype} and {w.dtype}")
     m = w.shape[0]
     w_zero = np.broadcast_to(np.asarray(w_zero_point, np.int64).reshape(-1), (m,))
     x_zero = int(np.asarray(x_zero_point).reshape(()))
@@ -308,8 +311,9 @@ def perforated_qlinear_conv_reference(
         acc += np.asarray(b, np.int64)[None, :, None]
     w_scales = np.broadcast_to(np.asarray(w_scale, np.float32).reshape(-1), (m,))
     scale = (np.float32(np.asarray(x_scale).reshape(())) * w_scales) / np.float32(np.asarray(y_scale).reshape(()))
-    lo, hi = quantized_activation_bounds(activation, float(np.asarray(y_scale).reshape(())), y_zero, clip_min, clip_max)
-    return requantize(acc.astype(np.int32), scale.astype(np.float32)[None, :, None], y_zero, lo, hi)
+    lo, hi = quantized_activation_bounds(activation, float(np.asarray(y_scale).reshape(())), y_zero, clip_min, clip_max,
+                                         x.dtype)
+    return requantize(acc.astype(np.int32), scale.astype(np.float32)[None, :, None], y_zero, lo, hi, x.dtype)
 
 
 def nn_interpolate_reference(yc: np.ndarray, index: np.ndarray) -> np.ndarray:

@@ -487,10 +487,10 @@ OPERATORS: tuple[OperatorDefinition, ...] = (
     OperatorDefinition(
         name="PerforatedQLinearConv",
         since_version=1,
-        doc="ONNX QLinearConv computed only at the nonzero positions of `mask` (uint8 x int8), returning them "
-        "compact [N, M, K] uint8, requantized as ORT's QLinearConv. See docs/ops.md.",
+        doc="ONNX QLinearConv computed only at the nonzero positions of `mask` (uint8 or int8 activations x int8 "
+        "weights), returning them compact [N, M, K], requantized as ORT's QLinearConv. See docs/ops.md.",
         inputs=(
-            Parameter("x", "T1", "uint8 input [N, C, H, W]; compact [N, C, K_in] when X_index is given"),
+            Parameter("x", "T1", "input [N, C, H, W]; compact [N, C, K_in] when X_index is given"),
             Parameter("x_scale", "tensor(float)", "scalar"),
             Parameter("x_zero_point", "T1", "scalar"),
             Parameter("w", "T2", "int8 weights [M, C/group, kH, kW]"),
@@ -503,8 +503,8 @@ OPERATORS: tuple[OperatorDefinition, ...] = (
             Parameter("X_index", "tensor(int64)", "[H, W]: input pixel (y, x) is x[n, c, X_index[y, x]]",
                       optional=True),
         ),
-        outputs=(Parameter("Yc", "T1", "[N, M, K] uint8, K = number of nonzero mask entries"),),
-        type_constraints=(("T1", ("tensor(uint8)",), "activations"), ("T2", ("tensor(int8)",), "weights"),
+        outputs=(Parameter("Yc", "T1", "[N, M, K], K = number of nonzero mask entries"),),
+        type_constraints=(("T1", ("tensor(uint8)", "tensor(int8)"), "activations"), ("T2", ("tensor(int8)",), "weights"),
                           ("T_MASK", ("tensor(bool)", "tensor(uint8)"), "mask type")),
         attributes=_CONV_ATTRIBUTES + (
             Attribute("activation", "string", "", '"", "Relu" or "Clip": a clamp of the quantized output'),
@@ -523,7 +523,8 @@ OPERATORS: tuple[OperatorDefinition, ...] = (
             Parameter("index", "tensor(int64)", "[Ho, Wo], values in [0, K); a constant initializer"),
         ),
         outputs=(Parameter("Y", "T", "[N, M, Ho, Wo]"),),
-        type_constraints=(("T", ("tensor(float)", "tensor(uint8)"), "float32, or uint8 after PerforatedQLinearConv"),),
+        type_constraints=(("T", ("tensor(float)", "tensor(uint8)", "tensor(int8)"),
+                           "float32, or uint8 / int8 after PerforatedQLinearConv"),),
         attributes=(),
         infer=_infer_nn_interpolate,
         function=_nn_interpolate_function,

@@ -49,10 +49,11 @@ def quantized_case(rng, n, c, h, w, m, k, stride=1, pad=0, dilation=1, group=1, 
 def model_of(nodes, x, params, extra=(), output="y"):
     initializers = [numpy_helper.from_array(np.asarray(v), name) for name, v in params.items()]
     initializers += [numpy_helper.from_array(np.asarray(v), name) for name, v in extra]
+    x_type = {np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.int8): TensorProto.INT8}.get(x.dtype, TensorProto.FLOAT)
     graph = helper.make_graph(
-        nodes, "quantized", [helper.make_tensor_value_info("x", TensorProto.UINT8 if x.dtype == np.uint8 else
-                                                             TensorProto.FLOAT, list(x.shape))],
-        [helper.make_tensor_value_info(output, TensorProto.UINT8, None)], initializers)
+        nodes, "quantized", [helper.make_tensor_value_info("x", x_type, list(x.shape))],
+        [helper.make_tensor_value_info(output, TensorProto.INT8 if x.dtype == np.int8 else TensorProto.UINT8, None)],
+        initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
 
 
@@ -180,6 +181,43 @@ def test_fused_activation_is_a_clamp_of_the_quantized_output(activation):
     assert (got == lo).any(), "the activation should clamp some outputs"
 
 
+def as_int8(x, params):
+    """The same case with int8 activations (S8S8): x - 128 and the activation zero points - 128."""
+    def signed(v):
+        return (np.asarray(v).astype(np.int16) - 128).astype(np.int8)
+
+    return signed(x), dict(params, x_zero_point=signed(params["x_zero_point"]), y_zero_point=signed(params["y_zero_point"]))
+
+
+@pytest.mark.parametrize("case", [(1, 16, 10, 10, 32, 3, 1, 1, 1, 1), (2, 13, 9, 11, 40, 3, 2, 1, 1, 1),
+                                  (1, 12, 9, 9, 24, 3, 1, 1, 1, 3), (1, 3, 20, 19, 16, 3, 2, 1, 1, 1)])
+@pytest.mark.parametrize("activation", ["", "Relu", "Clip"])
+def test_int8_activations(case, activation):
+    """int8 input and output (S8S8): the all-ones mask matches ORT's QLinearConv bit for bit, any mask the
+    reference (also through X_index and the int8 NNInterpolate), fused activations included."""
+    n, c, h, w, m, k, stride, pad, dilation, group = case
+    rng = np.random.default_rng(sum(case) + len(activation))
+    x, params, attrs = quantized_case(rng, n, c, h, w, m, k, stride, pad, dilation, group)
+    x, params = as_int8(x, params)
+    attrs.activation = activation
+    attrs.clip_min, attrs.clip_max = (-0.5, 2.0) if activation == "Clip" else (attrs.clip_min, attrs.clip_max)
+    ones = np.ones(ops.conv_output_size((h, w), (k, k), (stride,) * 2, (pad,) * 4, (dilation,) * 2), bool)
+    got = run(perforated_model(x, params, attrs, ones, interpolate=True), x)
+    assert got.dtype == np.int8
+    if not activation:  # QLinearConv has no fused activation
+        np.testing.assert_array_equal(got, run(qlinear_conv_model(x, params, attrs), x))
+    np.testing.assert_array_equal(got.reshape(n, m, -1), reference(x, params, attrs, ones))
+    mask = rng.random(ones.shape) < 0.6
+    mask[0, 0] = True
+    producer = rng.random((h, w)) < 0.5
+    producer[0, 0] = True
+    index = ops.nearest_index(producer)
+    compact = x.reshape(n, c, -1)[:, :, np.flatnonzero(producer)].copy()
+    got = run(perforated_model(compact, params, attrs, mask, x_index=index, interpolate=True), compact)
+    expected = reference(ops.nn_interpolate_reference(compact, index), params, attrs, mask)
+    np.testing.assert_array_equal(got, ops.nn_interpolate_reference(expected, ops.nearest_index(mask)))
+
+
 @pytest.mark.parametrize("case", [(1, 16, 10, 10, 32, 3, 1, 1, 1, 1), (2, 13, 9, 11, 40, 3, 2, 1, 1, 1),
                                   (1, 12, 9, 9, 24, 3, 1, 1, 1, 3), (1, 3, 20, 19, 16, 3, 2, 1, 1, 1)])
 def test_asymmetric_weights(case):
@@ -213,7 +251,7 @@ def test_slower_micro_kernels_match_too(isa):
     env = dict(os.environ, ONNX_PERFORATE_GEMM=isa)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "bit_for_bit or reference_and or x_index or nn_interpolate_uint8 or asymmetric"],
+         "bit_for_bit or reference_and or x_index or nn_interpolate_uint8 or asymmetric or int8_activations"],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 

@@ -229,30 +229,38 @@ def test_constants_however_expressed(qdq_model):
     np.testing.assert_allclose(run(half, x), reference_run(half, x), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("scheme", ["per-tensor weights", "uint8 weights, zero point 128", "QLinearConv, uint8 weights"])
+@pytest.mark.parametrize("scheme", ["per-tensor weights", "uint8 weights, zero point 128", "QLinearConv, uint8 weights",
+                                    "S8S8", "QLinearConv, S8S8"])
 def test_other_schemes_that_run_exactly(tmp_path, scheme):
-    """Per-tensor int8 weights, and uint8 weights (quantize_static gives them zero point 128, so
-    w - 128 fits int8 and the rewrite centres them), in QDQ and QOperator form: all-ones masks reproduce
-    ORT's INT8 model."""
+    """Per-tensor int8 weights; uint8 weights (quantize_static gives them zero point 128, so w - 128
+    fits int8 and the rewrite centres them); int8 activations (S8S8, quantize_static's default), in QDQ
+    and QOperator form: all-ones masks reproduce ORT's INT8 model, perforated ones the reference."""
     rng = np.random.default_rng(6)
     calibration = rng.uniform(-1, 1, (8, 3, 12, 12)).astype(np.float32)
     options = {"per_channel": False} if scheme.startswith("per-tensor") else {"weight_type": quantization.QuantType.QUInt8}
-    if scheme.startswith("QLinearConv"):  # quantize_static writes int8 weights there: shift them to uint8
+    if scheme.endswith("S8S8"):
+        options = {"activation_type": quantization.QuantType.QInt8}
+    if scheme == "QLinearConv, S8S8":
+        options.update(quant_format=quantization.QuantFormat.QOperator, op_types_to_quantize=["Conv"])
+    elif scheme.startswith("QLinearConv"):  # quantize_static writes int8 weights there: shift them to uint8
         options = dict(quant_format=quantization.QuantFormat.QOperator, op_types_to_quantize=["Conv"])
     model = quantize(float_model(rng), calibration, tmp_path / "q.onnx", **options)
-    if scheme.startswith("QLinearConv"):
+    if scheme == "QLinearConv, uint8 weights":
         for conv in (n for n in model.graph.node if n.op_type == "QLinearConv"):
             inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
             model = with_initializer(model, conv.input[3], (inits[conv.input[3]].astype(np.int16) + 128).astype(np.uint8))
             model = with_initializer(model, conv.input[5], (inits[conv.input[5]].astype(np.int16) + 128).astype(np.uint8))
     weights = [numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_w_quantized")]
-    assert weights and all(w.dtype == (np.int8 if scheme.startswith("per-tensor") else np.uint8) for w in weights)
+    assert weights and all(w.dtype == (np.uint8 if "uint8" in scheme else np.int8) for w in weights)
+    activations = {numpy_helper.to_array(t).dtype for t in model.graph.initializer if t.name == "x_zero_point"}
+    assert activations == {np.dtype(np.int8 if scheme.endswith("S8S8") else np.uint8)}
     x = rng.uniform(-1, 1, (1, 3, 12, 12)).astype(np.float32)
     ones = rewrite(model, conv_masks(model, lambda hw: np.ones(hw, bool)))
     assert [n.op_type for n in ones.graph.node].count("PerforatedQLinearConv") == 3
     np.testing.assert_array_equal(run(ones, x), run(model, x))
     half = rewrite(model, conv_masks(model, lambda hw: np.asarray(masks.grid(hw, 0.5))))
     np.testing.assert_allclose(run(half, x), reference_run(half, x), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(helpers.run_fallback(half, x)[0], run(half, x))
 
 
 def test_constant_node_weight_quantized_like_an_activation(tmp_path):
@@ -303,9 +311,13 @@ def test_schemes_that_are_refused_name_the_node_and_what_is_supported(tmp_path, 
     rng = np.random.default_rng(9)
     calibration = rng.uniform(-1, 1, (8, 3, 12, 12)).astype(np.float32)
     ones = lambda model: conv_masks(model, lambda hw: np.ones(hw, bool))  # noqa: E731
-    s8s8 = quantize(float_model(rng), calibration, tmp_path / "s8s8.onnx", activation_type=quantization.QuantType.QInt8)
-    with pytest.raises(UnsupportedNodeError, match="'conv1'.*is int8, expected uint8.*only uint8 activations"):
-        rewrite(s8s8, ones(s8s8))
+    # a uint8 input with an int8 output
+    mixed = onnx.ModelProto.FromString(qdq_model.SerializeToString())
+    q = next(n for n in mixed.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "conv2_out")
+    mixed.graph.initializer.append(numpy_helper.from_array(np.int8(0), "int8_zero"))
+    q.input[2] = "int8_zero"
+    with pytest.raises(UnsupportedNodeError, match="'conv2': y_zero_point 'int8_zero' is int8 but the input is uint8"):
+        rewrite(mixed, ones(mixed))
     # per-channel weight scale and zero point along the input channels (axis 1)
     wrong_axis = onnx.ModelProto.FromString(qdq_model.SerializeToString())
     dq = producer(wrong_axis, conv_node(wrong_axis, "conv2").input[1])

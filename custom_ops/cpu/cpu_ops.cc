@@ -79,9 +79,10 @@ struct NNInterpolateKernel : NNInterpolateKernelBase<NNInterpolateKernel<T>, T> 
 
   void Interpolate(const Ort::KernelContext& ctx, const std::shared_ptr<const InterpolationIndex>& index,
                    const T* yc, T* y, int64_t planes, int64_t count) {
-    if constexpr (std::is_same_v<T, uint8_t>) {
+    if constexpr (std::is_same_v<T, uint8_t> || std::is_same_v<T, int8_t>) {  // a byte gather either way
       const auto plan = BytePlan(index);
-      NNInterpolateCpu::Compute(planes, count, index->values.data(), index->positions(), yc, y,
+      NNInterpolateCpu::Compute(planes, count, index->values.data(), index->positions(),
+                                reinterpret_cast<const uint8_t*>(yc), reinterpret_cast<uint8_t*>(y),
                                 MakeParallelRunner(ctx), plan.get());
     } else {
       NNInterpolateCpu::Compute(planes, count, index->values.data(), index->positions(), yc, y, MakeParallelRunner(ctx));
@@ -133,6 +134,8 @@ struct PerforatedConvOp : PerforatedConvOpBase<PerforatedConvOp, PerforatedConvK
 struct NNInterpolateOp : NNInterpolateOpBase<NNInterpolateOp, NNInterpolateKernel<float>> {};
 struct NNInterpolateUint8Op
     : NNInterpolateOpBase<NNInterpolateUint8Op, NNInterpolateKernel<uint8_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8> {};
+struct NNInterpolateInt8Op
+    : NNInterpolateOpBase<NNInterpolateInt8Op, NNInterpolateKernel<int8_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8> {};
 struct CompactPoolOp : CompactPoolOpBase<CompactPoolOp, CompactPoolKernel> {};
 
 }  // namespace
@@ -141,10 +144,12 @@ void AddCpuOps(Ort::CustomOpDomain& domain) {
   static PerforatedConvOp perforated_conv;
   static NNInterpolateOp nn_interpolate;
   static NNInterpolateUint8Op nn_interpolate_uint8;  // one op, a kernel per element type
+  static NNInterpolateInt8Op nn_interpolate_int8;
   static CompactPoolOp compact_pool;
   domain.Add(&perforated_conv);
   domain.Add(&nn_interpolate);
   domain.Add(&nn_interpolate_uint8);
+  domain.Add(&nn_interpolate_int8);
   domain.Add(&compact_pool);
   AddQuantizedCpuOps(domain);
 }

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <vector>
 
 #include "cpu_ops.h"
 #include "perforated_qlinear_conv.h"
@@ -46,6 +47,13 @@ float Scale(const Ort::ConstValue& value, size_t input) {
                   ", expected a positive finite scale");
   return scale;
 }
+
+// Bytes with the sign bit flipped: int8 <-> uint8 shifted by 128 (in place when out == in).
+void FlipSignBits(const uint8_t* in, size_t size, uint8_t* out) {
+  for (size_t i = 0; i < size; ++i) out[i] = in[i] ^ 0x80;
+}
+
+thread_local std::vector<uint8_t> tls_shifted_input;
 
 // Integer output bounds of the fused activation: Relu and Clip commute with the monotone quantization,
 // so they become a clamp of the quantized value.
@@ -99,11 +107,15 @@ struct PerforatedQLinearConvKernel {
     for (size_t i : {kX, kXScale, kXZero, kW, kWScale, kWZero, kYScale, kYZero, kMask})
       if (!in[i]) throw OpError(std::string("input ") + InputName(i) + " is required");
 
+    // int8 activations (S8S8) run as uint8: x ^ 0x80 = x + 128 with zero point + 128, and likewise the
+    // output (the requantization is the same, shifted by 128, so the result is exact).
+    const bool signed_activations =
+        in[kX].GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
     const auto x_shape = ShapeOf(in[kX]), w_shape = ShapeOf(in[kW]);
     const auto b_shape = in[kB] ? ShapeOf(in[kB]) : std::vector<int64_t>{};
     auto input_index = in[kXIndex] ? input_index_.Read(in[kXIndex], x_shape) : nullptr;
     const ConvShape shape = ComputeConvShape(x_shape, w_shape, in[kB] ? &b_shape : nullptr, attrs_, input_index.get());
-    const Requantization requant = ReadRequantization(in, shape);
+    const Requantization requant = ReadRequantization(in, shape, signed_activations);
     auto mask = constant_mask_ ? constant_mask_ : std::make_shared<const MaskInput>(ReadMaskInput(in[kMask]));
     const auto plan = plans_.Get(MakePlanKey(shape, std::move(mask), std::move(input_index)), [&](const PlanKey& key) {
       auto plan = std::make_shared<QuantizedPlan>();
@@ -119,16 +131,30 @@ struct PerforatedQLinearConvKernel {
     auto y = ctx.GetOutput(0, {shape.batch, shape.out_channels, count});
     const int8_t* w = in[kW].GetTensorData<int8_t>();
     const auto packed = packed_.Get([&] { return PerforatedQLinearConvCpu::PackWeights(shape, w, BestQuantizedGemmIsa()); });
+    const uint8_t* x = in[kX].GetTensorData<uint8_t>();
+    uint8_t* yc = y.GetTensorMutableData<uint8_t>();
+    if (signed_activations) {
+      const size_t size = in[kX].GetTensorTypeAndShapeInfo().GetElementCount();
+      if (tls_shifted_input.size() < size) tls_shifted_input.resize(size);
+      FlipSignBits(x, size, tls_shifted_input.data());
+      x = tls_shifted_input.data();
+    }
     PerforatedQLinearConvCpu::Compute(shape, attrs_, plan->padded, count, plan->input_index.get(),
-                                      plan->input_bytes.get(), in[kX].GetTensorData<uint8_t>(), *packed, requant,
-                                      y.GetTensorMutableData<uint8_t>(), MakeParallelRunner(ctx));
+                                      plan->input_bytes.get(), x, *packed, requant, yc, MakeParallelRunner(ctx));
+    if (signed_activations) FlipSignBits(yc, static_cast<size_t>(shape.batch * shape.out_channels * count), yc);
   }
 
-  Requantization ReadRequantization(const std::vector<Ort::ConstValue>& in, const ConvShape& s) const {
+  Requantization ReadRequantization(const std::vector<Ort::ConstValue>& in, const ConvShape& s,
+                                    bool signed_activations) const {
     Requantization q;
     const float x_scale = Scale(in[kXScale], kXScale), y_scale = Scale(in[kYScale], kYScale);
-    q.x_zero_point = Scalar<uint8_t>(in[kXZero], kXZero);
-    q.y_zero_point = Scalar<uint8_t>(in[kYZero], kYZero);
+    if (signed_activations) {  // the uint8 equivalents: zero point + 128 (see Compute)
+      q.x_zero_point = Scalar<int8_t>(in[kXZero], kXZero) + 128;
+      q.y_zero_point = Scalar<int8_t>(in[kYZero], kYZero) + 128;
+    } else {
+      q.x_zero_point = Scalar<uint8_t>(in[kXZero], kXZero);
+      q.y_zero_point = Scalar<uint8_t>(in[kYZero], kYZero);
+    }
     const auto w_scales = ReadValues<float>(in[kWScale]);
     const auto w_zeros = ReadValues<int8_t>(in[kWZero]);
     const int64_t m = s.out_channels;
@@ -164,8 +190,9 @@ struct PerforatedQLinearConvKernel {
   PackedWeightsCache<PackedQuantizedWeights> packed_;
 };
 
-// The op's signature, for the CPU kernel and for the CUDA refusal below.
-template <typename Derived, typename Kernel>
+// The op's signature, for the CPU kernel and for the CUDA refusal below; one registration per
+// activation type (uint8, int8), like NNInterpolate's per element type.
+template <typename Derived, typename Kernel, ONNXTensorElementDataType kActivation = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8>
 struct PerforatedQLinearConvOpBase : Ort::CustomOpBase<Derived, Kernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     return NewKernel<Kernel>(api, info, kernel, kOpName);
@@ -177,7 +204,7 @@ struct PerforatedQLinearConvOpBase : Ort::CustomOpBase<Derived, Kernel, true> {
       case kX:
       case kXZero:
       case kYZero:
-        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+        return kActivation;
       case kW:
       case kWZero:
         return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
@@ -195,10 +222,13 @@ struct PerforatedQLinearConvOpBase : Ort::CustomOpBase<Derived, Kernel, true> {
     return i == kB || i == kXIndex ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return kActivation; }
 };
 
 struct PerforatedQLinearConvOp : PerforatedQLinearConvOpBase<PerforatedQLinearConvOp, PerforatedQLinearConvKernel> {};
+struct PerforatedQLinearConvInt8Op
+    : PerforatedQLinearConvOpBase<PerforatedQLinearConvInt8Op, PerforatedQLinearConvKernel,
+                                  ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8> {};
 
 // There is no CUDA kernel. Without a CUDA registration ORT would quietly run the node on the CPU, with
 // copies to and from the GPU around it; registered for CUDAExecutionProvider, the node is placed there
@@ -212,8 +242,9 @@ struct CudaRefusalKernel {
   OrtStatusPtr ComputeV2(OrtKernelContext*) { return nullptr; }  // never constructed
 };
 
+template <ONNXTensorElementDataType kActivation>
 struct PerforatedQLinearConvCudaRefusal
-    : PerforatedQLinearConvOpBase<PerforatedQLinearConvCudaRefusal, CudaRefusalKernel> {
+    : PerforatedQLinearConvOpBase<PerforatedQLinearConvCudaRefusal<kActivation>, CudaRefusalKernel, kActivation> {
   const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
 };
 
@@ -221,12 +252,16 @@ struct PerforatedQLinearConvCudaRefusal
 
 void AddQuantizedCpuOps(Ort::CustomOpDomain& domain) {
   static PerforatedQLinearConvOp perforated_qlinear_conv;
+  static PerforatedQLinearConvInt8Op perforated_qlinear_conv_int8;
   domain.Add(&perforated_qlinear_conv);
+  domain.Add(&perforated_qlinear_conv_int8);
 }
 
 void AddQuantizedCudaRefusal(Ort::CustomOpDomain& domain) {
-  static PerforatedQLinearConvCudaRefusal refusal;
+  static PerforatedQLinearConvCudaRefusal<ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8> refusal;
+  static PerforatedQLinearConvCudaRefusal<ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8> refusal_int8;
   domain.Add(&refusal);
+  domain.Add(&refusal_int8);
 }
 
 }  // namespace onnx_perforate

@@ -1,13 +1,13 @@
 """Quantized convolutions: the QDQ pattern and QLinearConv become PerforatedQLinearConv (docs/rewriter.md).
 
-Two forms are recognised, both with uint8 activations and 8-bit weights (per tensor or per output
-channel; ORT's ``quantize_static`` defaults are symmetric int8):
+Two forms are recognised, both with uint8 or int8 activations (U8S8, S8S8) and 8-bit weights (per
+tensor or per output channel):
 
 - QDQ: ``DequantizeLinear(x_q) -> Conv(DequantizeLinear(w_q), DequantizeLinear(b_q)?) -> [Relu | Clip]
   -> QuantizeLinear`` (the Conv is the node the mask names);
 - QOperator: ``QLinearConv``.
 
-Either becomes ``PerforatedQLinearConv -> NNInterpolate`` on uint8, producing the QuantizeLinear's (or
+Either becomes ``PerforatedQLinearConv -> NNInterpolate`` on uint8 (or int8), producing the QuantizeLinear's (or
 QLinearConv's) output tensor, so the rest of the graph is untouched; a Relu or Clip between the Conv
 and the QuantizeLinear is fused (it is a clamp of the quantized value). The INT8 arithmetic is the one
 ORT runs for the same pattern (its QDQ fusion turns it into QLinearConv), bit for bit.
@@ -17,7 +17,7 @@ is folded here (:func:`onnx_perforate.ops.quantize_linear`). Weights with a nonz
 uint8 shifted to int8) run as they are, or as symmetric ``w - w_zero_point`` where that fits int8.
 
 Anything else is refused with an :class:`~onnx_perforate.errors.UnsupportedNodeError` naming the Conv
-and what was found: int8 activations, per-channel activation parameters, per-axis weight parameters on
+and what was found: mixed activation types, per-channel activation parameters, per-axis weight parameters on
 another axis than 0, a bias whose scale is not x_scale * w_scale, a Conv whose output is not quantized.
 ConvInteger is refused by :func:`onnx_perforate.graph.conv_geometry`.
 
@@ -47,7 +47,7 @@ class QuantizedConv:
     """A matched quantized convolution: QLinearConv's nine inputs, what it replaces and what it writes."""
 
     inputs: list  # x_q, x_scale, x_zero_point, w_q, w_scale, w_zero_point, y_scale, y_zero_point, B or empty
-    output: gs.Variable  # the uint8 tensor the rewrite produces (the QuantizeLinear's output)
+    output: gs.Variable  # the 8-bit tensor the rewrite produces (the QuantizeLinear's output)
     replaced: list = field(default_factory=list)  # nodes removed: Conv / QLinearConv, activation, QuantizeLinear
     activation: str = ""
     clip_min: float = -ops.FLOAT32_MAX
@@ -84,14 +84,15 @@ def perforate(surgeon: Surgeon, matched: QuantizedConv, name: str, key: str, att
     attrs.activation, attrs.clip_min, attrs.clip_max = matched.activation, matched.clip_min, matched.clip_max
     batch, channels = output_shape[0], output_shape[1]
     out = matched.output
-    compact = gs.Variable(surgeon.unique(f"{out.name}.compact"), dtype=np.uint8,
+    dtype = activation_type(matched)
+    compact = gs.Variable(surgeon.unique(f"{out.name}.compact"), dtype=dtype,
                           shape=[batch, channels, int(mask.sum())])
     inputs = list(matched.inputs) + [surgeon.constant(f"{key}.mask", mask.astype(bool))]
     surgeon.names.add(name)
     surgeon.graph.nodes.append(gs.Node(QUANTIZED_OP, name=name, domain=DOMAIN, attrs=attrs.to_onnx(),
                                        inputs=inputs, outputs=[compact]))
     index = surgeon.constant(f"{key}.nn_index", ops.nearest_index(mask))
-    out.dtype, out.shape = np.uint8, list(output_shape)
+    out.dtype, out.shape = dtype, list(output_shape)
     interpolate = gs.Node("NNInterpolate", name=surgeon.unique(f"{name}/interpolate"), domain=DOMAIN,
                           inputs=[compact, index], outputs=[out])
     surgeon.graph.nodes.append(interpolate)
@@ -214,8 +215,8 @@ def _match_qdq(surgeon: Surgeon, conv: gs.Node, key: str) -> QuantizedConv:
     _, x_q, x_scale, x_zero = _dequantized(conv.inputs[0], "input", key)
     w_dq, w_q, w_scale, w_zero = _dequantized(conv.inputs[1], "weight", key)
     # DequantizeLinear's zero point defaults to 0 of the quantized type.
-    if x_zero is None and x_q.dtype is not None and np.dtype(x_q.dtype) == np.uint8:
-        x_zero = surgeon.constant(f"{key}.x_zero_point", np.zeros((), np.uint8))
+    if x_zero is None and x_q.dtype is not None and np.dtype(x_q.dtype) in ACTIVATION_TYPES:
+        x_zero = surgeon.constant(f"{key}.x_zero_point", np.zeros((), x_q.dtype))
     if w_zero is None:
         w_zero = surgeon.constant(f"{key}.w_zero_point", np.zeros((), np.int8))
     axis = int(w_dq.attrs.get("axis", 1))
@@ -244,7 +245,8 @@ def _match_qdq(surgeon: Surgeon, conv: gs.Node, key: str) -> QuantizedConv:
     matched.replaced.append(follower)
     y_zero = follower.inputs[2] if len(follower.inputs) > 2 and follower.inputs[2].name else None
     if y_zero is None:
-        raise UnsupportedNodeError(f"Conv {key!r}: {describe(follower)} has no zero point (uint8 output expected)")
+        raise UnsupportedNodeError(f"Conv {key!r}: {describe(follower)} has no zero point (a uint8 or int8 output "
+                                   "with an explicit zero point expected)")
     matched.inputs = [x_q, x_scale, x_zero, w_q, w_scale, w_zero, follower.inputs[1], y_zero, gs.Variable.empty()]
     matched.output = follower.outputs[0]
     return matched
@@ -307,26 +309,36 @@ def _centre_weights(surgeon: Surgeon, matched: QuantizedConv, key: str) -> None:
     matched.inputs[5] = surgeon.constant(f"{key}.w_zero_point", zero)
 
 
-_EXPECTED = {  # input position -> (name, dtype, per-channel allowed)
-    1: ("x_scale", np.float32, False), 2: ("x_zero_point", np.uint8, False),
+_EXPECTED = {  # input position -> (name, dtype, per-channel allowed); None: the activations' type
+    1: ("x_scale", np.float32, False), 2: ("x_zero_point", None, False),
     3: ("w", np.int8, True), 4: ("w_scale", np.float32, True), 5: ("w_zero_point", np.int8, True),
-    6: ("y_scale", np.float32, False), 7: ("y_zero_point", np.uint8, False),
+    6: ("y_scale", np.float32, False), 7: ("y_zero_point", None, False),
 }
+ACTIVATION_TYPES = (np.dtype(np.uint8), np.dtype(np.int8))
+
+
+def activation_type(matched: QuantizedConv) -> np.dtype | None:
+    """The activations' type (uint8 or int8 for a matched convolution): the input's, else its zero
+    point's (a QDQ model need not declare intermediate types)."""
+    x_q, x_zero = matched.inputs[0], matched.inputs[2]
+    if x_q.dtype is not None:
+        return np.dtype(x_q.dtype)
+    zero_value = None if x_zero is None else constant_value(x_zero)
+    return None if zero_value is None else zero_value.dtype
 
 
 def _check_parameters(matched: QuantizedConv, key: str) -> None:
-    """The scheme PerforatedQLinearConv runs: constant parameters of the right types, uint8 activations,
-    int8 weights (after :func:`_centre_weights`), per-tensor activation parameters."""
-    x_q, x_zero = matched.inputs[0], matched.inputs[2]
-    # The input's type, else its zero point's (a QDQ model need not declare intermediate types).
-    zero_value = None if x_zero is None else constant_value(x_zero)
-    x_type = x_q.dtype if x_q.dtype is not None else getattr(zero_value, "dtype", None)
-    if x_type is not None and np.dtype(x_type) != np.uint8:
-        raise UnsupportedNodeError(f"Conv {key!r}: quantized input {x_q.name!r} is {np.dtype(x_type)}, expected uint8: "
-                                   "only uint8 activations are supported (U8S8, not S8S8; quantize with "
-                                   "activation_type=QUInt8)")
+    """The scheme PerforatedQLinearConv runs: constant parameters of the right types, uint8 or int8
+    activations (the output of the input's type), int8 weights (after :func:`_centre_weights`),
+    per-tensor activation parameters."""
+    x_q = matched.inputs[0]
+    activations = activation_type(matched)
+    if activations is not None and activations not in ACTIVATION_TYPES:
+        raise UnsupportedNodeError(f"Conv {key!r}: quantized input {x_q.name!r} is {activations}, expected uint8 or "
+                                   "int8 activations")
     if matched.inputs[2] is None:
-        raise UnsupportedNodeError(f"Conv {key!r}: the input's DequantizeLinear has no zero point (uint8 expected)")
+        raise UnsupportedNodeError(f"Conv {key!r}: the input's DequantizeLinear has no zero point (uint8 or int8 "
+                                   "expected)")
     channels = None
     for position, (name, dtype, per_channel) in _EXPECTED.items():
         tensor = matched.inputs[position]
@@ -340,7 +352,14 @@ def _check_parameters(matched: QuantizedConv, key: str) -> None:
                 found = f"graph input {tensor.name!r}"
             raise UnsupportedNodeError(f"Conv {key!r}: {name} is {found}; expected a constant (an initializer, a "
                                        "Constant node, or a QuantizeLinear of constants)")
-        if value.dtype != dtype:
+        if dtype is None and value.dtype not in ACTIVATION_TYPES:
+            raise UnsupportedNodeError(f"Conv {key!r}: {name} {tensor.name!r} is {value.dtype}, expected uint8 or int8")
+        if dtype is None and activations is not None and value.dtype != activations:
+            raise UnsupportedNodeError(f"Conv {key!r}: {name} {tensor.name!r} is {value.dtype} but the input is "
+                                       f"{activations}: input and output must have one type (U8S8 or S8S8)")
+        if dtype is None:
+            activations = value.dtype
+        elif value.dtype != dtype:
             hint = " (quantize weights with weight_type=QInt8)" if name.startswith("w") else ""
             raise UnsupportedNodeError(f"Conv {key!r}: {name} {tensor.name!r} is {value.dtype}, expected "
                                        f"{np.dtype(dtype).name}{hint}")
