@@ -11,13 +11,15 @@ tuner step reads them again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import onnx
 
-from .data import Dataset, arrays_dataset, check_finite, check_labels, load_data
+from . import validation
+from .data import Dataset, arrays_dataset, check_finite, check_labels, load_data, shape_fits
 from .errors import DataError
+from .graph import format_shape
 from .runtime import model_input
 
 
@@ -59,10 +61,15 @@ class CalibrationSet:
         return self.take(chosen), self.take(rest)
 
 
+def _describe(feeds) -> str:
+    return f"inputs {sorted(map(str, feeds))}" if isinstance(feeds, Mapping) else f"a {type(feeds).__name__}"
+
+
 def calibration_set(model: onnx.ModelProto, data, *, subset_size: int | None = None, **load_options) -> CalibrationSet:
     """Materialise ``data`` for ``model`` (see the module docstring for what ``data`` may be); with
     ``subset_size``, keep that many evenly spaced images (see :meth:`CalibrationSet.split`)."""
-    name = model_input(model).name
+    name, dims = model_input(model)
+    subset_size = validation.optional_integer(subset_size, "subset_size")
     inputs, labels = [], []
     has_labels = True
 
@@ -72,6 +79,12 @@ def calibration_set(model: onnx.ModelProto, data, *, subset_size: int | None = N
             x = np.asarray(x, dtype=np.float32)
         except (TypeError, ValueError) as exc:
             raise DataError(f"calibration input {name!r} is not numeric: {exc}") from exc
+        # the model's static dims, and within the data one shape (the batches are concatenated)
+        want = (None, *dims[1:]) if not inputs else (None, *inputs[0].shape[1:])
+        if not shape_fits(x.shape, want):
+            raise DataError(f"calibration input {name!r} has shape {list(x.shape)}, expected "
+                            f"{format_shape(want).replace('?', 'N', 1)}"
+                            + (f" like the inputs before it" if inputs else " (the model input)"))
         inputs.append(check_finite(x, f"calibration input {name!r}", sum(map(len, inputs))))
         if y is None:
             has_labels = False
@@ -92,7 +105,13 @@ def calibration_set(model: onnx.ModelProto, data, *, subset_size: int | None = N
             add(x, y)
     elif hasattr(data, "get_next"):  # onnxruntime.quantization.CalibrationDataReader
         while (feeds := data.get_next()) is not None:
+            if not isinstance(feeds, Mapping) or name not in feeds:
+                raise DataError(f"the CalibrationDataReader gave {_describe(feeds)}, expected a dict with the input "
+                                f"{name!r}")
             add(feeds[name], None)
+    elif not isinstance(data, Iterable):
+        raise DataError(f"calibration data is a {type(data).__name__}; expected a data set, a path, a dict of arrays, "
+                        "an iterable of input dicts or a CalibrationDataReader (see onnx_perforate.calibration)")
     else:
         for item in data:
             feeds, y = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
@@ -100,7 +119,7 @@ def calibration_set(model: onnx.ModelProto, data, *, subset_size: int | None = N
                 raise DataError(f"a calibration item is a {type(feeds).__name__}, expected a dict of inputs "
                                 f"{{'{name}': array}} or a (dict, labels) pair")
             if name not in feeds:
-                raise DataError(f"a calibration item has inputs {sorted(feeds)}, expected '{name}'")
+                raise DataError(f"a calibration item has {_describe(feeds)}, expected '{name}'")
             add(feeds[name], y)
     if not inputs:
         raise DataError("the calibration data is empty")

@@ -319,17 +319,27 @@ def cmd_tune(args) -> int:
 
 def _finetune_options(text):
     """--finetune: off (None), on with the defaults (""), or KEY=VALUE,... options of finetune()."""
+    import inspect
+
+    from .finetune import finetune
+
     if text is None:
         return False
+    # checked before the search, which may take long, rather than when the options are used
+    known = sorted(name for name, p in inspect.signature(finetune).parameters.items()
+                   if p.kind is p.KEYWORD_ONLY and name not in ("threads", "progress", "start"))
     options = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
         if not sep:
             raise PerforateError(f"--finetune options are KEY=VALUE separated by commas, got {item!r}")
+        if key not in known:
+            raise PerforateError(f"--finetune: unknown option {key!r}; options: {', '.join(known)}")
         try:
-            options[key.strip().replace("-", "_")] = json.loads(value)
+            options[key] = json.loads(value)
         except ValueError:
-            options[key.strip().replace("-", "_")] = value.strip()
+            options[key] = value.strip()
     return options or True
 
 

@@ -216,7 +216,7 @@ def load_folder(folder, spec: PreprocessSpec, *, labels=None, limit: int | None 
 
     def fits(shape) -> bool:
         nonlocal wanted
-        if not _fits(shape, wanted or shape):
+        if not shape_fits(shape, wanted or shape):
             return False
         wanted = tuple(shape)  # dynamic dims take the first image's size: a batch stacks equal shapes
         return True
@@ -292,7 +292,7 @@ def arrays_dataset(arrays: Mapping, *, input_name: str | None = None, input_shap
     return Dataset(len(x), load, labels, f"{len(x)} arrays from {source}")
 
 
-def _fits(shape, want) -> bool:
+def shape_fits(shape, want) -> bool:
     """Whether ``shape`` has ``want``'s rank and static dims (a dim of ``want`` that is not an int: any)."""
     return len(shape) == len(want) and all(not isinstance(w, int) or w == d for w, d in zip(want, shape))
 
@@ -303,7 +303,7 @@ def _fit_layout(x, input_shape, source: str):
     want = tuple(input_shape[1:])
 
     def fits(shape):
-        return _fits(shape, want)
+        return shape_fits(shape, want)
 
     if x.ndim == 3 and want[0] == 1:
         x = x[:, None]

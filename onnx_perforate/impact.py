@@ -20,6 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
+from . import validation
 from .calibration import CalibrationSet, calibration_set
 from .errors import PerforateError
 from .float_twin import float_twin
@@ -118,11 +119,10 @@ def impact(model, data, rates, *, steps: int = 1, loss: str | None = None, subse
         unknown = sorted(set(rates) - set(available))
         if unknown:
             raise PerforateError(f"no perforable spatial Conv named {unknown}; candidates: {sorted(available)}")
-        targets = {name: float(rate) for name, rate in rates.items()}
+        targets = {name: validation.rate(rate, f"the rate of {name!r}") for name, rate in rates.items()}
     else:
-        targets = {name: float(rates) for name in available}
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        targets = {name: validation.rate(rates) for name in available}
+    steps = validation.integer(steps, "steps")
     estimator = ImpactEstimator(analysed, calibration, {n: available[n] for n in targets}, loss=loss,
                                 batch_size=batch_size, threads=threads)
     shapes = {r.name: tuple(r.output_shape[2:]) for r in inspect(analysed) if r.name in targets}

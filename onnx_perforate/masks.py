@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import EmptyMaskError, MaskError, PerforateError, UnknownNodeError
+from . import validation
+from .errors import EmptyMaskError, MaskError, PerforateError, SettingError, UnknownNodeError
 from .graph import conv_geometry, consumers, find_node, infer_shapes, load_model, node_attributes
 from .passes.op_table import keeps_grid
 
@@ -95,11 +96,13 @@ def as_mask(value) -> Mask:
 
 
 def _check(shape, rate) -> tuple[int, int]:
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 2 or min(shape) <= 0:
+    try:
+        shape = tuple(validation.integer(s, "a mask size") for s in shape)
+        validation.rate(rate)
+    except (SettingError, TypeError) as exc:  # TypeError: a shape that is not a sequence
+        raise MaskError(f"{exc} (mask shape {shape!r}, rate {rate!r})") from None
+    if len(shape) != 2:
         raise MaskError(f"mask shape must be two positive sizes [Ho, Wo], got {shape}")
-    if not 0.0 <= float(rate) < 1.0:
-        raise MaskError(f"rate is the fraction of positions skipped and must lie in [0, 1), got {rate}")
     return shape  # type: ignore[return-value]
 
 
@@ -113,7 +116,7 @@ def uniform(shape, rate: float, seed: int = 0) -> Mask:
     """Exactly ``computed_count(shape, rate)`` positions chosen uniformly at random with ``seed``."""
     shape = _check(shape, rate)
     count = computed_count(shape, rate)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(validation.integer(seed, "seed", minimum=0))
     flat = np.zeros(shape[0] * shape[1], dtype=bool)
     flat[rng.choice(flat.size, size=count, replace=False)] = True
     return Mask(flat.reshape(shape), kind="uniform", rate=float(rate), seed=int(seed))
@@ -233,7 +236,7 @@ def pooling_structure(model, conv: str, rate: float, *, seed: int = 0, fallback:
         return Mask(base.array, kind="uniform", rate=float(rate), seed=seed, note="no pooling follows: uniform fallback")
     shape = _check(weights.shape, rate)
     count = computed_count(shape, rate)
-    tiebreak = np.random.default_rng(seed).permutation(weights.size)
+    tiebreak = np.random.default_rng(validation.integer(seed, "seed", minimum=0)).permutation(weights.size)
     order = np.lexsort((tiebreak, -weights.ravel()))  # by weight, descending, then the permutation
     flat = np.zeros(weights.size, dtype=bool)
     flat[order[:count]] = True

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_perforate
-from onnx_perforate import masks, ops
+from onnx_perforate import impact, masks, ops
 from onnx_perforate.calibration import calibration_set
 from onnx_perforate.cli import main
 from onnx_perforate.data import PreprocessSpec, check_labels, load_data
@@ -192,6 +192,13 @@ def test_numeric_options_are_checked_by_the_parser(argv, words, capsys):
     (lambda m, d: onnx_perforate.session_options(100_000), "intra_op_num_threads"),
     (lambda m, d: masks.uniform((4, 4), float("nan")), "rate"),
     (lambda m, d: masks.grid((4, 4), 1.5), "rate"),
+    (lambda m, d: masks.grid((4.5, 4), 0.5), "mask size"),
+    (lambda m, d: masks.uniform((4, 4), 0.5, seed=-1), "seed"),
+    (lambda m, d: masks.uniform((4, 4), 0.5, seed="a"), "seed"),
+    (lambda m, d: impact.impact(m, d, 1.0), "rate"),
+    (lambda m, d: impact.impact(m, d, {"conv": 2}), "the rate of 'conv'"),
+    (lambda m, d: impact.impact(m, d, 0.5, steps=0), "steps"),
+    (lambda m, d: calibration_set(m, d, subset_size=0), "subset_size"),
 ])
 def test_numeric_arguments_are_checked_by_the_api(call, words, tmp_path):
     with pytest.raises(onnx_perforate.PerforateError, match=words):
@@ -250,6 +257,46 @@ def test_inputs_that_would_give_a_meaningless_answer(images, labels, words, tmp_
     data = npz(tmp_path / "d.npz", labels=labels, images=images)
     fails(["eval", str(model_path), "--data", str(data), "--no-progress"], capsys, 1, "d.npz", *words)
     fails(["eval", str(model_path), "--data", str(data), "--limit", "3", "--no-progress"], capsys, 1, *words[:1])
+
+
+@pytest.mark.parametrize("data, words", [
+    (None, "calibration data is a NoneType"),
+    (5, "calibration data is a int"),
+    ([{"x": np.zeros((4, 2, 5, 6), np.float32)}], "shape [4, 2, 5, 6], expected [N, 2, 6, 6] (the model input)"),
+    ([{"x": np.zeros((4, 6, 6), np.float32)}], "shape [4, 6, 6]"),
+    ([{"x": np.zeros((4, 2, 6, 6), np.float32)}, {"x": np.zeros((4, 2, 6), np.float32)}], "shape [4, 2, 6]"),
+])
+def test_calibration_data_of_the_wrong_kind_or_shape(data, words):
+    with pytest.raises(onnx_perforate.DataError) as info:
+        calibration_set(classifier(), data)
+    assert words in str(info.value)
+
+
+def test_calibration_data_of_the_wrong_shape_for_a_dynamic_model():
+    model = classifier()
+    for dim in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "side"
+    with pytest.raises(onnx_perforate.DataError, match=r"shape \[1, 2, 7, 7\], expected \[N, 2, 6, 6\] like"):
+        calibration_set(model, [{"x": np.zeros((3, 2, 6, 6), np.float32)}, {"x": np.zeros((1, 2, 7, 7), np.float32)}])
+
+
+def test_a_calibration_data_reader_without_the_input():
+    class Reader:  # onnxruntime.quantization.CalibrationDataReader's protocol
+        def __init__(self):
+            self.items = [{"image": np.zeros((2, 2, 6, 6), np.float32)}]
+
+        def get_next(self):
+            return self.items.pop() if self.items else None
+
+    with pytest.raises(onnx_perforate.DataError, match=r"CalibrationDataReader gave inputs \['image'\].*'x'"):
+        calibration_set(classifier(), Reader())
+
+
+def test_unknown_finetune_options_are_refused_before_the_search(tmp_path, model_path, capsys):
+    fails(["tune", str(model_path), "--data", str(npz(tmp_path / "d.npz")), "-o", str(tmp_path / "t"),
+           "--target-speedup", "2", "--finetune", "epochs=2,learning-rate=1e-3,bogus=1", "--no-progress"], capsys, 1,
+          "--finetune: unknown option 'bogus'", "learning_rate")
+    assert not (tmp_path / "t").exists()
 
 
 def test_calibration_inputs_must_be_finite():
