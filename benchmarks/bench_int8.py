@@ -51,20 +51,25 @@ def median_times(sessions, feed, repeats, stat="median"):
     return [STAT[stat](t) for t in runtime.time_interleaved(sessions, feed, repeats, warmup=3).wall]
 
 
-def layer_models(c, hw, m, mask, rng, w_zero_point=0):
+def layer_models(c, hw, m, mask, rng, w_zero_point=0, activations=np.uint8):
+    """QLinearConv and PerforatedQLinearConv + NNInterpolate of one layer; ``activations``: uint8 (zero
+    points 128) or int8 (zero points 0, the same real values)."""
+    zero = activations(128 if activations == np.uint8 else 0)
     params = {
-        "x_scale": np.float32(0.02), "x_zero_point": np.uint8(128),
+        "x_scale": np.float32(0.02), "x_zero_point": zero,
         "w": rng.integers(-127, 128, (m, c, 3, 3), dtype=np.int8),
         "w_scale": rng.uniform(0.001, 0.01, m).astype(np.float32), "w_zero_point": np.full(m, w_zero_point, np.int8),
-        "y_scale": np.float32(2.0), "y_zero_point": np.uint8(128),
+        "y_scale": np.float32(2.0), "y_zero_point": zero,
         "B": rng.integers(-1000, 1000, m).astype(np.int32),
     }
     inits = [numpy_helper.from_array(np.asarray(v), k) for k, v in params.items()]
     attrs = ops.ConvAttributes(kernel_shape=(3, 3), pads=(1, 1, 1, 1))
 
+    element = helper.np_dtype_to_tensor_dtype(np.dtype(activations))
+
     def model(nodes, extra=()):
-        graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, c, hw, hw])],
-                                  [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits + list(extra))
+        graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", element, [1, c, hw, hw])],
+                                  [helper.make_tensor_value_info("y", element, None)], inits + list(extra))
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
 
     base = model([helper.make_node("QLinearConv", QLINEAR_INPUTS, ["y"], **attrs.to_onnx())])
@@ -79,10 +84,11 @@ def bench_layers(args, rng):
     print("| layer | threads | r | ORT QLinearConv ms | perforated ms | speed-up | theoretical | fraction |")
     print("|---|---|---|---|---|---|---|---|")
     for name, c, hw, m in LAYERS:
-        x = rng.integers(0, 256, (1, c, hw, hw), dtype=np.uint8)
+        activations = np.dtype(args.activations).type
+        x = rng.integers(np.iinfo(activations).min, np.iinfo(activations).max + 1, (1, c, hw, hw), dtype=activations)
         for rate in args.rates:
             mask = np.asarray(masks.uniform((hw, hw), rate, seed=1))
-            base, perforated = layer_models(c, hw, m, mask, rng, args.w_zero_point)
+            base, perforated = layer_models(c, hw, m, mask, rng, args.w_zero_point, activations)
             for threads in args.threads:
                 t_base, t_perf = median_times([runtime.session(base, threads), runtime.session(perforated, threads)],
                                               {"x": x}, args.repeats, args.stat)
@@ -138,9 +144,9 @@ def samples1000(indices) -> np.ndarray:
     return np.concatenate([images.load(i, i + 1) for i in indices])
 
 
-def quantized_squeezenet(folder: Path, x: np.ndarray | None = None) -> onnx.ModelProto:
+def quantized_squeezenet(folder: Path, x: np.ndarray | None = None, activations: str = "uint8") -> onnx.ModelProto:
     """SqueezeNet 1.1 converted to opset 13 with a free batch size, then quantize_static (QDQ, per-channel int8 weights, uint8
-    activations) calibrated on ``x`` (default: 8 samples1000 images, every 25th of the first 200)."""
+    or int8 activations) calibrated on ``x`` (default: 8 samples1000 images, every 25th of the first 200)."""
     from onnxruntime import quantization
 
     if x is None:
@@ -160,8 +166,9 @@ def quantized_squeezenet(folder: Path, x: np.ndarray | None = None) -> onnx.Mode
             return next(self.items, None)
 
     quantization.quantize_static(str(source), str(folder / "q.onnx"), Reader(), quant_format=quantization.QuantFormat.QDQ,
-                                 per_channel=True, activation_type=quantization.QuantType.QUInt8,
-                                 weight_type=quantization.QuantType.QInt8)
+                                 per_channel=True, weight_type=quantization.QuantType.QInt8,
+                                 activation_type=quantization.QuantType.QInt8 if activations == "int8"
+                                 else quantization.QuantType.QUInt8)
     return onnx.load(str(folder / "q.onnx"))
 
 
@@ -170,7 +177,7 @@ def bench_squeezenet(args):
         print(f"\n(SqueezeNet skipped: {SHARED} is absent)")
         return
     with tempfile.TemporaryDirectory() as folder:
-        int8 = quantized_squeezenet(Path(folder))
+        int8 = quantized_squeezenet(Path(folder), activations=args.activations)
     shapes = infer_shapes(int8)
     geometries = [conv_geometry(n, shapes) for n in int8.graph.node if n.op_type == "Conv"]
     x = np.random.default_rng(0).uniform(-120, 140, (1, 3, 224, 224)).astype(np.float32)
@@ -250,6 +257,8 @@ def main(argv=None):
     parser.add_argument("--only", choices=["layers", "squeezenet", "table", "interpolate"], default=None)
     parser.add_argument("--w-zero-point", type=int, default=0,
                         help="layers: the weights' zero point (nonzero: asymmetric weights, in both models)")
+    parser.add_argument("--activations", choices=["uint8", "int8"], default="uint8",
+                        help="layers, squeezenet: the activation type (int8: S8S8, in both models)")
     parser.add_argument("--baseline-library", default=None,
                         help="interpolate: another build of the custom-op library, timed side by side")
     parser.add_argument("--ladder", type=float, nargs="+", default=[0.0, 0.35, 0.5, 0.7],

@@ -289,7 +289,7 @@ def _rewrite_plan(analysed, plan, options: RewriteOptions) -> tuple[onnx.ModelPr
             quantized.read_compact_inputs(surgeon, quantized_seeds)
         pools = quantized.pool_channels_last(surgeon)
         if pools:
-            report.notes.append("uint8 MaxPool run channels-last (com.microsoft.NhwcMaxPool): " + ", ".join(pools))
+            report.notes.append("8-bit MaxPool run channels-last (com.microsoft.NhwcMaxPool): " + ", ".join(pools))
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     result = _export(graph, original, report)
     _validate(result)

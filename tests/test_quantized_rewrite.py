@@ -263,23 +263,27 @@ def test_other_schemes_that_run_exactly(tmp_path, scheme):
     np.testing.assert_array_equal(helpers.run_fallback(half, x)[0], run(half, x))
 
 
-def test_constant_node_weight_quantized_like_an_activation(tmp_path):
+@pytest.mark.parametrize("activations", ["uint8", "int8"])
+def test_constant_node_weight_quantized_like_an_activation(tmp_path, activations):
     """quantize_static quantizes a weight that is a Constant node (helpers.synthetic_cnn's conv2) as it
-    quantizes activations: a QuantizeLinear in the graph to asymmetric uint8, per tensor. The rewrite
-    folds it, shifts it to int8 and reproduces ORT's INT8 model; perforated, it matches the reference."""
+    quantizes activations: a QuantizeLinear in the graph to an asymmetric 8-bit tensor, per tensor. The
+    rewrite folds it (uint8: shifted to int8) and reproduces ORT's INT8 model, U8S8 and S8S8, with the
+    MaxPool between them run channels-last; perforated, it matches the Python fallback (the reference)."""
     onnx.save(helpers.synthetic_cnn(), tmp_path / "cnn.onnx")
     quantization.quantize_static(str(tmp_path / "cnn.onnx"), str(tmp_path / "cnn_q.onnx"),
                                  Reader(helpers.synthetic_input(8)), quant_format=quantization.QuantFormat.QDQ,
-                                 per_channel=True, activation_type=quantization.QuantType.QUInt8,
-                                 weight_type=quantization.QuantType.QInt8)
+                                 per_channel=True, weight_type=quantization.QuantType.QInt8,
+                                 activation_type=quantization.QuantType.QUInt8 if activations == "uint8"
+                                 else quantization.QuantType.QInt8)
     cnn = onnx.load(str(tmp_path / "cnn_q.onnx"))
     quantizer = producer(cnn, producer(cnn, conv_node(cnn, "conv2").input[1]).input[0])
     assert quantizer.op_type == "QuantizeLinear" and producer(cnn, quantizer.input[0]).op_type == "Constant"
     zero = numpy_helper.to_array(next(t for t in cnn.graph.initializer if t.name == quantizer.input[2]))
-    assert zero.dtype == np.uint8 and zero != 128
+    assert zero.dtype == np.dtype(activations) and zero not in (0, 128)
     x = helpers.synthetic_input(4, seed=3)
     ones = rewrite(cnn, conv_masks(cnn, lambda hw: np.ones(hw, bool)))
-    assert [n.op_type for n in ones.graph.node].count("PerforatedQLinearConv") == 2
+    kinds = [n.op_type for n in ones.graph.node]
+    assert kinds.count("PerforatedQLinearConv") == 2 and "NhwcMaxPool" in kinds and "MaxPool" not in kinds
     np.testing.assert_array_equal(run(ones, x), run(cnn, x))
     half = rewrite(cnn, conv_masks(cnn, lambda hw: np.asarray(masks.grid(hw, 0.5))))
     # the Python fallback runs the op as the numpy reference (and ORT's NhwcMaxPool, unknown to onnx.reference)

@@ -40,6 +40,7 @@ from .activation import clip_bounds
 from .surgery import Surgeon, constant_value, describe
 
 QUANTIZED_OP = "PerforatedQLinearConv"
+ACTIVATION_TYPES = (np.dtype(np.uint8), np.dtype(np.int8))  # U8S8 and S8S8
 
 
 @dataclass
@@ -124,7 +125,7 @@ def read_compact_inputs(surgeon: Surgeon, seeds) -> None:
 
 
 def pool_channels_last(surgeon: Surgeon) -> list[str]:
-    """Every ``DequantizeLinear -> MaxPool -> QuantizeLinear`` with equal uint8 parameters becomes
+    """Every ``DequantizeLinear -> MaxPool -> QuantizeLinear`` with equal uint8 (or int8) parameters becomes
     ``Transpose -> com.microsoft.NhwcMaxPool -> Transpose``; returns the MaxPools rewritten.
 
     ORT drops such a DQ/Q pair and max-pools the uint8 tensor itself, exactly; in an all-INT8 model its
@@ -139,7 +140,8 @@ def pool_channels_last(surgeon: Surgeon) -> list[str]:
         if dq is None or not isinstance(q, gs.Node) or q.op != "QuantizeLinear" or len(dq.inputs) < 3 or len(q.inputs) < 3:
             continue
         params = [constant_value(t) for t in (dq.inputs[1], dq.inputs[2], q.inputs[1], q.inputs[2])]
-        if any(p is None or p.size != 1 for p in params) or params[1].dtype != np.uint8 or params[3].dtype != np.uint8:
+        if (any(p is None or p.size != 1 for p in params) or params[1].dtype not in ACTIVATION_TYPES
+                or params[3].dtype != params[1].dtype):
             continue
         if params[0].reshape(()) != params[2].reshape(()) or params[1].reshape(()) != params[3].reshape(()):
             continue
@@ -150,8 +152,8 @@ def pool_channels_last(surgeon: Surgeon) -> list[str]:
         q.outputs.clear()
         surgeon.detach(pool)
         surgeon.detach(q)
-        nhwc_in = gs.Variable(surgeon.unique(f"{name}.nhwc_input"), dtype=np.uint8)
-        nhwc_out = gs.Variable(surgeon.unique(f"{name}.nhwc_output"), dtype=np.uint8)
+        nhwc_in = gs.Variable(surgeon.unique(f"{name}.nhwc_input"), dtype=params[1].dtype)
+        nhwc_out = gs.Variable(surgeon.unique(f"{name}.nhwc_output"), dtype=params[1].dtype)
         attrs = {k: v for k, v in pool.attrs.items() if k in ("kernel_shape", "strides", "pads", "dilations", "ceil_mode")}
         surgeon.graph.nodes.extend([
             gs.Node("Transpose", name=surgeon.unique(f"{name}/to_nhwc"), attrs={"perm": [0, 2, 3, 1]},
@@ -314,7 +316,6 @@ _EXPECTED = {  # input position -> (name, dtype, per-channel allowed); None: the
     3: ("w", np.int8, True), 4: ("w_scale", np.float32, True), 5: ("w_zero_point", np.int8, True),
     6: ("y_scale", np.float32, False), 7: ("y_zero_point", None, False),
 }
-ACTIVATION_TYPES = (np.dtype(np.uint8), np.dtype(np.int8))
 
 
 def activation_type(matched: QuantizedConv) -> np.dtype | None:
