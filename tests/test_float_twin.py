@@ -118,6 +118,21 @@ def test_tune_on_a_qdq_model_perforates_and_times_the_int8_model(qdq):
     assert len(result.steps) > 1 and result.settings["latency_table"]
 
 
+def test_tune_on_an_s8s8_model_with_a_constant_node_weight(tmp_path):
+    """quantize_static's default activations (int8), and conv2's weight left a Constant node (quantized
+    in the graph, asymmetric int8): the twin, the masks and the INT8 rewrite handle them all."""
+    onnx.save(synthetic_cnn(), tmp_path / "float.onnx")
+    quantization.quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "s8s8.onnx"), Reader(synthetic_input(16)),
+                                 quant_format=quantization.QuantFormat.QDQ, per_channel=True,
+                                 activation_type=quantization.QuantType.QInt8, weight_type=quantization.QuantType.QInt8)
+    model = onnx.load(str(tmp_path / "s8s8.onnx"))
+    result = onnx_perforate.tune(model, labelled_batches(), ladder=(0.0, 0.5), repeats=2, progress=False,
+                                 max_accuracy_drop=1.0, baselines=False)
+    kinds = [n.op_type for n in result.model.graph.node]
+    assert "PerforatedQLinearConv" in kinds and "PerforatedConv" not in kinds and len(result.steps) > 1
+    assert np.asarray(run_ort(result.model, {"x": synthetic_input(2)})[0]).shape == (2, 5)
+
+
 def test_cli_tune_accepts_a_qdq_model(qdq, tmp_path, capsys, monkeypatch):
     # Every rung pays, whatever the load: the test is about the QDQ model, not the timings.
     monkeypatch.setattr(tuning.LatencyTable, "saving", lambda table, unit, rate: 1e-4 * rate)
