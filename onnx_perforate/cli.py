@@ -653,7 +653,8 @@ def main(argv=None) -> int:
     try:
         check_paths(args)
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outputs are written whole or not at all (graph.atomic_outputs)
+        print(f"onnx-perforate {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # every failure is one line on stderr; --log-level DEBUG adds the traceback
         log.debug("traceback:", exc_info=True)

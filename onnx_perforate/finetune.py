@@ -570,12 +570,17 @@ class _Checkpoint:
             return None
         import json
 
-        with np.load(self.path, allow_pickle=False) as saved:
-            meta = json.loads(str(saved["meta"]))
-            if meta["fingerprint"] != self.fingerprint:
-                raise PerforateError(f"checkpoint {self.path} was written with other settings: "
-                                     f"{meta['fingerprint']} != {self.fingerprint}")
-            arrays = {k: saved[k] for k in saved.files if k != "meta"}
+        try:
+            with np.load(self.path, allow_pickle=False) as saved:
+                meta = json.loads(str(saved["meta"]))
+                arrays = {k: saved[k] for k in saved.files if k != "meta"}
+            fingerprint = meta["fingerprint"]
+        except Exception as exc:  # not an .npz, truncated, another archive
+            raise PerforateError(f"checkpoint {self.path} is not a complete finetune checkpoint ({type(exc).__name__}: "
+                                 f"{' '.join(str(exc).split())}); give another path, or delete it to start over") from exc
+        if fingerprint != self.fingerprint:
+            raise PerforateError(f"checkpoint {self.path} was written with other settings: "
+                                 f"{fingerprint} != {self.fingerprint}")
         state = {part: {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(part + "/")}
                  for part in ("values", "m", "v", "best")}
         return meta, state

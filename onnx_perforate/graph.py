@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import stat
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +129,13 @@ def check_outputs(outputs: dict, inputs: dict | None = None) -> None:
     map a label (``"--output"``, ``"the input model"``) to a path (None: not given). An output must not
     be an input (writing it would destroy the input), nor another output, nor something that is not a
     regular file (:func:`output_path`), and must lie in a folder that exists or can be made."""
-    given = {label: output_path(path) for label, path in outputs.items() if path is not None}
+    given = {}
+    for label, path in outputs.items():
+        if path is not None:
+            try:
+                given[label] = output_path(path)
+            except PerforateError as exc:
+                raise PerforateError(f"{label}: {exc}") from None
     seen: dict[Path, str] = {}
     for label, final in given.items():
         if final in seen:
@@ -165,6 +173,25 @@ def _new_file_mode(final: Path) -> int:
 
 
 @contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM received during the block act when it ends (Python handles signals in the main
+    thread only; other threads run the block as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {number: signal.signal(number, lambda number, frame: received.append(number))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        for number in received[:1]:
+            signal.raise_signal(number)  # now handled as it would have been
+
+
+@contextmanager
 def atomic_outputs(*paths: str | os.PathLike):
     """Write several files all or none: yields temporary paths beside ``paths`` (see :func:`output_path`);
     when the block succeeds they are renamed over the final ones, with the mode a plain ``open`` would
@@ -183,10 +210,11 @@ def atomic_outputs(*paths: str | os.PathLike):
             os.close(fd)
             temporaries.append(Path(name))
         yield temporaries
-        for temporary, final in zip(temporaries, finals):
-            os.chmod(temporary, _new_file_mode(final))
-        for temporary, final in zip(temporaries, finals):
-            os.replace(temporary, final)
+        with _signals_deferred():  # a Ctrl-C between two renames would leave one output without the other
+            for temporary, final in zip(temporaries, finals):
+                os.chmod(temporary, _new_file_mode(final))
+            for temporary, final in zip(temporaries, finals):
+                os.replace(temporary, final)
     finally:
         for temporary in temporaries:
             temporary.unlink(missing_ok=True)

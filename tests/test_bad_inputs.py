@@ -299,6 +299,24 @@ def test_unknown_finetune_options_are_refused_before_the_search(tmp_path, model_
     assert not (tmp_path / "t").exists()
 
 
+@pytest.mark.parametrize("content", [b"not a zip", None, "other archive"])
+def test_a_file_that_is_not_a_finetune_checkpoint(content, tmp_path, require_library):
+    model = classifier()
+    mask = np.ones((4, 4), bool)
+    mask[::2, ::2] = False
+    checkpoint = tmp_path / "ck.npz"
+    if content is None:
+        np.savez(checkpoint, meta=np.array([object()], dtype=object))
+    elif content == "other archive":
+        np.savez(checkpoint, images=np.zeros(3))
+    else:
+        checkpoint.write_bytes(content)
+    x = np.random.default_rng(0).normal(size=(10, 2, 6, 6)).astype(np.float32)
+    with pytest.raises(onnx_perforate.PerforateError, match="ck.npz is not a complete finetune checkpoint"):
+        onnx_perforate.finetune(onnx_perforate.rewrite(model, {"conv": mask}), model, [{"x": x}], method="distill",
+                                epochs=1, batch_size=8, checkpoint=checkpoint, progress=False)
+
+
 def test_calibration_inputs_must_be_finite():
     x = np.zeros((4, 2, 6, 6), np.float32)
     bad = x.copy()
@@ -472,11 +490,47 @@ def test_outputs_never_overwrite_an_input(tmp_path, model_path, capsys):
 def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, model_path, capsys):
     data = str(npz(tmp_path / "d.npz"))
     m = str(model_path)
+    fails(["tune", m, "--data", data, "-o", str(tmp_path / "t"), "--target-speedup", "2", "--checkpoint",
+           str(tmp_path)], capsys, 1, "--checkpoint: refusing", "directory")
     fails(["perforate", m, "--rate", "0.5", "-o", str(model_path / "p.onnx")], capsys, 1, "is not a folder")
     fails(["tune", m, "--data", data, "-o", m, "--target-speedup", "2"], capsys, 1, "is a file", "folder")
     fails(["perforate", m, "--rate", "0.5", "-o", str(tmp_path / "p.onnx"), "--summary", str(tmp_path / "p.onnx")],
           capsys, 1, "--summary and --output are the same file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "model.onnx"]
+
+
+def test_ctrl_c_while_writing_keeps_the_old_output(tmp_path, model_path, capsys, monkeypatch):
+    out = tmp_path / "p.onnx"
+    out.write_text("the previous output")
+
+    def interrupted_save(model, path, *args, **kwargs):
+        Path(path).write_bytes(model.SerializeToString()[:100])  # half written, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, "save_model", interrupted_save)
+    assert main(["perforate", str(model_path), "--rate", "0.5", "-o", str(out)]) == 130
+    assert "onnx-perforate perforate: interrupted" in capsys.readouterr().err
+    assert out.read_text() == "the previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "p.onnx"]  # no summary, no temporary
+
+
+def test_ctrl_c_between_the_renames_waits_for_both(tmp_path, monkeypatch):
+    import signal
+
+    from onnx_perforate.graph import atomic_outputs
+
+    replace = os.replace
+
+    def replace_then_interrupt(source, target):
+        replace(source, target)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_outputs(tmp_path / "model.onnx", tmp_path / "summary.json") as temporaries:
+            for temporary in temporaries:
+                temporary.write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "summary.json"]
 
 
 def test_a_failed_write_names_the_output_not_its_temporary_file(tmp_path, model_path, capsys):
