@@ -360,7 +360,8 @@ def test_dequantized_conv_without_quantized_output_is_refused():
 
 
 @pytest.mark.shared
-def test_qdq_squeezenet_all_ones_reproduces_the_int8_model(tmp_path):
+@pytest.mark.parametrize("activations", ["uint8", "int8"])
+def test_qdq_squeezenet_all_ones_reproduces_the_int8_model(tmp_path, activations):
     path = helpers.shared_file("data", "imagenet", "squeezenet1.1.onnx")
     from onnx_perforate import data
 
@@ -376,13 +377,24 @@ def test_qdq_squeezenet_all_ones_reproduces_the_int8_model(tmp_path):
                                      "it": iter([{"data_0": x[i:i + 1]} for i in range(0, 6, 2)]),
                                      "get_next": lambda self: next(self.it, None)})(),
                                  quant_format=quantization.QuantFormat.QDQ, per_channel=True,
-                                 activation_type=quantization.QuantType.QUInt8,
+                                 activation_type=quantization.QuantType.QUInt8 if activations == "uint8"
+                                 else quantization.QuantType.QInt8,
                                  weight_type=quantization.QuantType.QInt8)
     int8 = onnx.load(str(tmp_path / "q.onnx"))
     perforated, report = rewrite_with_report(int8, conv_masks(int8, lambda hw: np.ones(hw, bool)))
     assert [n.op_type for n in perforated.graph.node].count("PerforatedQLinearConv") == 26
+    last = producer(int8, int8.graph.output[0].name)  # the DequantizeLinear of the probabilities
+    step = float(numpy_helper.to_array(next(t for t in int8.graph.initializer if t.name == last.input[1])))
     for i in (1, 3, 5):  # held out from the calibration images
-        np.testing.assert_array_equal(run(perforated, x[i:i + 1]), run(int8, x[i:i + 1]))
+        got, expected = run(perforated, x[i:i + 1]), run(int8, x[i:i + 1])
+        if activations == "uint8":
+            np.testing.assert_array_equal(got, expected)
+        else:
+            # ORT runs most S8S8 Convs as float Conv between DequantizeLinear and QuantizeLinear (it fuses
+            # only U8S8 ones here): its float sums round differently in rare ties (docs/ops.md).
+            off = np.abs(got - expected) > step / 2
+            assert np.abs(got - expected).max() <= 4 * step and off.mean() < 0.01, (off.sum(), np.abs(got - expected).max())
+            assert got.argmax() == expected.argmax()
     grid, report = rewrite_with_report(int8, conv_masks(int8, lambda hw: np.asarray(masks.grid(hw, 0.5))))
     assert report.mac_reduction > 1.8
     assert run(grid, x[1:2]).shape == (1, 1000, 1, 1)
