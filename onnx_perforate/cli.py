@@ -233,7 +233,7 @@ def cmd_eval(args) -> int:
     from .fallback import session
     from .graph import format_shape
     from .graph import load_model
-    from .runtime import model_input
+    from .runtime import class_scores, model_input
 
     model = load_model(args.model)
     name, dims = model_input(model)
@@ -250,6 +250,7 @@ def cmd_eval(args) -> int:
                                  f"{format_shape(dims)}; both models must take the same inputs")
         sessions.append(session(other, args.threads))
         feed_names.append(other_name)
+    paths = [args.model] + ([args.compare] if args.compare else [])
     predictions = [[] for _ in sessions]
     hits1 = [[] for _ in sessions]
     hits5 = [[] for _ in sessions]
@@ -259,15 +260,13 @@ def cmd_eval(args) -> int:
         if dims[0] and count < batch:
             x = np.concatenate([x, np.repeat(x[-1:], batch - count, axis=0)])
         for i, (sess, feed_name) in enumerate(zip(sessions, feed_names)):
-            scores = sess.run(None, {feed_name: x})[0]
-            scores = scores.reshape(scores.shape[0], -1)[:count]
+            scores = class_scores(sess.run(None, {feed_name: x})[0], f"the output of {paths[i]}")[:count]
             predictions[i].append(scores.argmax(axis=1))
             if labels is not None:
                 check_labels(labels, f"the labels of {args.data}", classes=scores.shape[1])
                 hits1[i].append(_topk_hits(scores, labels, 1))
                 hits5[i].append(_topk_hits(scores, labels, min(5, scores.shape[1])))
     result = {"model": str(args.model), "data": str(args.data), "count": len(dataset)}
-    paths = [args.model] + ([args.compare] if args.compare else [])
     for i, path in enumerate(paths):
         key = "model" if i == 0 else "compare"
         if dataset.labels is not None:

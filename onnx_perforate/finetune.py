@@ -844,5 +844,5 @@ def _bias_parameters(original, masks):
 def _class_count(original, x, threads) -> int:
     model = prepare_model(original)
     session = runtime.session(model, threads or None, custom_ops=False, allow_spinning=None, quiet=True)
-    out = session.run(None, {session.get_inputs()[0].name: x})[0]
-    return int(np.prod(out.shape[1:]))
+    out = runtime.class_scores(session.run(None, {session.get_inputs()[0].name: x})[0], "the original model's output")
+    return out.shape[1]

@@ -52,6 +52,17 @@ def model_input(model: onnx.ModelProto) -> ModelInput:
     return ModelInput(inputs[0].name, dims)
 
 
+def class_scores(outputs: np.ndarray, source: str = "the model's output") -> np.ndarray:
+    """A classifier's output as [N, classes]: one axis of classes beside the batch ([N, K], [N, K, 1, 1],
+    [N, 1, K]). Anything else (a segmentation map, features) is refused: an accuracy, a loss or an
+    agreement over its flattened values would mean nothing."""
+    outputs = np.asarray(outputs)
+    if outputs.ndim < 2 or sum(d > 1 for d in outputs.shape[1:]) > 1:
+        raise DataError(f"{source} has shape {list(outputs.shape)}; expected class scores [N, classes] (or [N, classes, "
+                        "1, 1]): accuracy, agreement and the tuner's loss are defined for classifiers")
+    return outputs.reshape(outputs.shape[0], -1)
+
+
 def timing_array(shape, seed: int = 0) -> np.ndarray:
     """The values timing runs feed: float32 U(0, 1)."""
     return np.random.default_rng(seed).uniform(0, 1, size=tuple(shape)).astype(np.float32)

@@ -181,7 +181,7 @@ class TuneResult:
 
 def as_probabilities(outputs: np.ndarray) -> np.ndarray:
     """[N, classes] probabilities from logits or probabilities (detected: rows of a simplex)."""
-    x = outputs.reshape(outputs.shape[0], -1).astype(np.float64)
+    x = runtime.class_scores(outputs).astype(np.float64)
     if x.min() >= 0 and np.allclose(x.sum(axis=1), 1.0, atol=1e-3):
         return np.clip(x, 1e-12, 1.0)
     x = np.exp(x - x.max(axis=1, keepdims=True))

@@ -385,6 +385,24 @@ def test_image_folders_that_do_not_fit_the_model(tmp_path, capsys):
     fails(["eval", model, "--data", arrays, "--preset", "caffe", "--size", "28"], capsys, 1, "--preset --size")
 
 
+def test_a_model_that_is_not_a_classifier_is_named(tmp_path, capsys, require_library):
+    """Its output is a map [N, 4, 4, 4]: an accuracy over flattened maps would mean nothing."""
+    model = classifier()
+    del model.graph.node[2:]
+    del model.graph.initializer[1]
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("r", TensorProto.FLOAT, ["N", 4, 4, 4]))
+    onnx.save(model, tmp_path / "maps.onnx")
+    data = str(npz(tmp_path / "d.npz"))
+    words = ("shape [", "4, 4, 4]", "expected class scores [N, classes]")
+    fails(["eval", str(tmp_path / "maps.onnx"), "--data", data, "--no-progress"], capsys, 1, "maps.onnx", *words)
+    fails(["tune", str(tmp_path / "maps.onnx"), "--data", data, "-o", str(tmp_path / "t"), "--target-speedup", "2",
+           "--mask-kind", "grid", "--repeats", "1", "--no-progress"], capsys, 1, *words)
+    onnx.save(onnx_perforate.rewrite(model, {"conv": np.eye(4, dtype=bool) | np.eye(4, dtype=bool)[::-1]}),
+              tmp_path / "p.onnx")
+    fails(["finetune", str(tmp_path / "p.onnx"), "--original", str(tmp_path / "maps.onnx"), "--data", data, "-o",
+           str(tmp_path / "f.onnx"), "--epochs", "1", "--no-progress"], capsys, 1, *words)
+
+
 def test_eval_agreement_ignores_the_rows_that_pad_a_static_batch(tmp_path, capsys):
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     onnx.save(classifier(batch=16, seed=0), a)
