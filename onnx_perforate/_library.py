@@ -26,8 +26,9 @@ _CUDA_KERNELS_NAME = "libonnx_perforate_cuda_kernels.so"
 # ORT's log severities: the package's own sessions log errors only. ORT warns about what those
 # sessions do on purpose (a derived graph leaves initializers unused, say), dozens of lines per session
 # on real models; the debug switch turns the warnings back on.
-ORT_WARNING, ORT_ERROR = 2, 3
+ORT_WARNING, ORT_ERROR, ORT_FATAL = 2, 3, 4
 _ort_warnings = os.environ.get("ONNX_PERFORATE_ORT_WARNINGS", "") not in ("", "0")
+_ort_errors = True
 
 
 def show_ort_warnings(enabled: bool = True) -> None:
@@ -37,9 +38,16 @@ def show_ort_warnings(enabled: bool = True) -> None:
     _ort_warnings = bool(enabled)
 
 
+def hide_ort_errors(hidden: bool = True) -> None:
+    """Keep ORT's error log lines off stderr (the CLI does: every ORT error also comes back as the
+    exception it reports, in one line)."""
+    global _ort_errors
+    _ort_errors = not hidden
+
+
 def ort_log_severity() -> int:
     """The ``log_severity_level`` of the package's ORT sessions."""
-    return ORT_WARNING if _ort_warnings else ORT_ERROR
+    return ORT_WARNING if _ort_warnings else ORT_ERROR if _ort_errors else ORT_FATAL
 
 
 def plain_session_options() -> ort.SessionOptions:

@@ -645,10 +645,12 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level), format="%(levelname)s: %(message)s", stream=sys.stderr)
-    if args.log_level == "DEBUG":
-        from ._library import show_ort_warnings
+    from ._library import hide_ort_errors, show_ort_warnings
 
+    if args.log_level == "DEBUG":
         show_ort_warnings()
+    else:
+        hide_ort_errors()  # each one is the exception reported below
     try:
         check_paths(args)
         return args.func(args)
@@ -667,6 +669,10 @@ def error_message(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, (PerforateError, OSError)):
         return text
+    if type(exc).__module__.startswith("onnxruntime"):  # e.g. a custom op refusing an input: it names the node
+        if "Status Message: " in text:  # a kernel's own message, after ORT's preamble
+            return f"ONNX Runtime: {text.split('Status Message: ', 1)[1]}"
+        return f"ONNX Runtime: {text.split(' : ', 3)[-1] if text.startswith('[ONNXRuntimeError]') else text}"
     return f"unexpected {type(exc).__name__}: {text} (run with --log-level DEBUG for the traceback)"
 
 

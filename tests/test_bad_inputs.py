@@ -403,6 +403,24 @@ def test_a_model_that_is_not_a_classifier_is_named(tmp_path, capsys, require_lib
            str(tmp_path / "f.onnx"), "--epochs", "1", "--no-progress"], capsys, 1, *words)
 
 
+def test_an_op_refusing_its_input_is_one_line_naming_the_node(tmp_path, capfd, require_library):
+    """A perforated model whose interpolation index was edited out of range: the kernel's error, once
+    (ORT's own log line of it stays off stderr), as a foreseen error, not an 'unexpected' one."""
+    mask = np.ones((4, 4), bool)
+    mask[::2, ::2] = False
+    model = onnx_perforate.rewrite(classifier(), {"conv": mask}, compact=False)
+    index = next(t for t in model.graph.initializer if t.data_type == TensorProto.INT64 and len(t.dims) == 2)
+    values = numpy_helper.to_array(index).copy()
+    values[0, 0] = 10**6
+    index.CopyFrom(numpy_helper.from_array(values, index.name))
+    onnx.save(model, tmp_path / "edited.onnx")
+    assert main(["eval", str(tmp_path / "edited.onnx"), "--data", str(npz(tmp_path / "d.npz")), "--no-progress"]) == 1
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "rror" in line]
+    assert len(lines) == 1 and lines[0].startswith("onnx-perforate eval: error: ONNX Runtime: NNInterpolate node"), err
+    assert "value 1000000" in lines[0] and "unexpected" not in lines[0]
+
+
 def test_eval_agreement_ignores_the_rows_that_pad_a_static_batch(tmp_path, capsys):
     a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
     onnx.save(classifier(batch=16, seed=0), a)
