@@ -661,6 +661,8 @@ def main(argv=None) -> int:
         log.debug("traceback:", exc_info=True)
         print(f"onnx-perforate {args.command}: error: {error_message(exc)}", file=sys.stderr)
         return 1
+    finally:
+        hide_ort_errors(False)  # for a caller that goes on in this process (the Python API logs ORT's errors)
 
 
 def error_message(exc: BaseException) -> str:
