@@ -22,6 +22,7 @@ import numpy as np
 
 from . import validation
 from .calibration import CalibrationSet, calibration_set
+from .data import check_labels
 from .errors import PerforateError
 from .float_twin import float_twin
 from .gradients import GradientRunner, default_session_options
@@ -114,6 +115,10 @@ def impact(model, data, rates, *, steps: int = 1, loss: str | None = None, subse
     analysed = analyse(model)
     model = analysed.model
     calibration = calibration_set(model, data, subset_size=subset_size)
+    output_dims = analysed.shapes.get(model.graph.output[0].name, (0, None))[1]
+    if calibration.labels is not None and output_dims and all(isinstance(d, int) for d in output_dims[1:]):
+        # the labels' loss reads the scores at each label: one past the classes fails in ORT's gradient graph
+        check_labels(calibration.labels, "calibration labels", classes=int(np.prod(output_dims[1:])))
     available = spatial_convs(analysed)
     if isinstance(rates, Mapping):
         unknown = sorted(set(rates) - set(available))
