@@ -239,10 +239,14 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
             data_tmp = temporaries[1]
             copy = onnx.ModelProto()
             copy.CopyFrom(model)
+            # onnx refuses a location that exists, looking for it in the working directory (as it is when
+            # writing beside the working directory): the temporary name is free again until onnx writes it
+            data_tmp.unlink()
             onnx.external_data_helper.convert_model_to_external_data(
                 copy, all_tensors_to_one_file=True, location=data_tmp.name, size_threshold=1024
             )
             onnx.save_model(copy, str(model_tmp))
+            data_tmp.touch()  # no tensor above the threshold: an empty data file, so that both outputs exist
             _relocate_external_data(str(model_tmp), data_tmp.name, outputs[1].name)
         else:
             onnx.save_model(model, str(model_tmp))

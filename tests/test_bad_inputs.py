@@ -132,6 +132,23 @@ def test_missing_external_data_is_named(tmp_path):
         load_model(path)
 
 
+def test_external_data_written_into_the_working_directory(tmp_path, monkeypatch, capsys):
+    """onnx looks for an existing external data file in the working directory: writing beside it failed
+    ('External data file exists'), the CLI's --external-data with it."""
+    monkeypatch.chdir(tmp_path)
+    onnx.save(classifier(), "model.onnx")
+    assert main(["perforate", "model.onnx", "--rate", "0.5", "-o", "p.onnx", "--external-data"]) == 0, \
+        capsys.readouterr().err
+    assert Path("p.onnx.data").stat().st_size > 1024 and load_model("p.onnx").graph.node
+    small = classifier()
+    del small.graph.initializer[1]  # no tensor above onnx's 1 KiB threshold: the data file is empty
+    small.graph.input.append(helper.make_tensor_value_info("fc", TensorProto.FLOAT, [64, CLASSES]))
+    save_model(small, "small.onnx", external_data=True)
+    assert Path("small.onnx.data").stat().st_size == 0 and load_model("small.onnx").graph.node
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "p.json", "p.onnx", "p.onnx.data",
+                                                          "small.onnx", "small.onnx.data"]
+
+
 def test_an_invalid_input_model_is_not_called_an_internal_error():
     model = classifier()
     model.graph.node[1].input[0] = "nobody_makes_this"
