@@ -469,6 +469,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     if include_1x1 or tie == "regions":
         convs = {r.name: _output_of(original, r.name) for r in inspect(analysed) if r.perforable}
     if layers:
+        layers = [layers] if isinstance(layers, str) else list(layers)  # one name, not its letters
         missing = sorted(set(layers) - set(convs))
         if missing:
             raise PerforateError(f"cannot tune {missing}: candidates are {sorted(convs)}")

@@ -646,6 +646,13 @@ def test_finetune_with_fewer_held_out_images_than_half_a_batch(tmp_path, require
     assert result.history[0]["agreement"] in (0.0, 0.5, 1.0)  # over the 2 held-out images
 
 
+def test_tune_takes_one_layer_name_as_a_string(require_library):
+    x = np.random.default_rng(0).normal(size=(4, 2, 6, 6)).astype(np.float32)
+    result = onnx_perforate.tune(classifier(), [{"x": x}], layers="conv", ladder=(0.0, 0.5), mask_kind="grid",
+                                 repeats=1, progress=False, baselines=False)
+    assert result.settings["layers"] == ["conv"]  # was refused: cannot tune ['c', 'n', 'o', 'v']
+
+
 def test_a_batch_larger_than_the_data(require_library):
     x = np.random.default_rng(0).normal(size=(3, 2, 6, 6)).astype(np.float32)
     result = onnx_perforate.tune(classifier(), [{"x": x}], batch_size=4, ladder=(0.0, 0.5), mask_kind="grid",
