@@ -555,9 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-kind", choices=["impact", "uniform", "grid"], default="impact")
     p.add_argument("--layers", nargs="+", help="tune only these Conv nodes (default: every spatial Conv)")
     p.add_argument("--include-1x1", action="store_true", help="also perforate 1x1 convolutions")
-    p.add_argument("--tie", choices=["none", "regions"], default="none",
+    p.add_argument("--tie", choices=["none", "regions", "auto"], default="none",
                    help="regions: Convs that can run compact end to end (e.g. a SqueezeNet Fire module, "
-                   "1x1 convs included) share one mask and climb one ladder (default: none)")
+                   "1x1 convs included) share one mask and climb one ladder; auto: every step may move a Conv "
+                   "alone or such a region, whichever costs less loss per time saved (default: none)")
     p.add_argument("--threads", type=_threads, help="intra-op threads for timing")
     p.add_argument("--batch", type=_positive_int, default=1, help="batch size latency is measured at (default: 1)")
     p.add_argument("--repeats", type=_positive_int, default=15, help="timed runs per candidate (median)")

@@ -52,6 +52,7 @@ DEFAULT_LADDER = (0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
 # that; a user who wants a tighter result sets a smaller budget.
 DEFAULT_MAX_ACCURACY_DROP = 0.10
 MASK_KINDS = ("impact", "uniform", "grid")
+TIES = ("none", "regions", "auto")
 STEP_RECOVERIES = ("none", "bn_reestimation", "bias_correction")
 
 
@@ -275,8 +276,15 @@ class MaskLadder:
                        for unit, members in self.units.items()}
 
     def expand(self, masks: Mapping[str, np.ndarray]) -> dict:
-        """{unit: mask} -> {Conv: mask}."""
-        return {member: mask for unit, mask in masks.items() for member in self.units[unit]}
+        """{unit: mask} -> {Conv: mask}. Units may overlap (``tie="auto"``: a Conv alone and its region);
+        a perforated unit's mask wins over an untouched one's all-ones mask."""
+        expanded = {}
+        for unit, mask in masks.items():
+            untouched = bool(np.asarray(mask, bool).all())
+            for member in self.units[unit]:
+                if not untouched or member not in expanded:
+                    expanded[member] = mask
+        return expanded
 
     def mask(self, unit: str, rate: float, current: np.ndarray) -> np.ndarray:
         shape = self.shapes[unit]
@@ -424,7 +432,10 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     images calibrate, the rest (if any) are held out and the final model is evaluated on them.
     ``timing_batch``: the batch size latency is measured at (a fixed batch in the model wins).
     ``tie="regions"`` makes every :func:`compact_regions` group (1x1 Convs included) one candidate
-    with one shared mask, so that whole regions run compact; ``"none"`` tunes each Conv alone. ``max_accuracy_drop`` is in top-1 accuracy on labelled data, else in top-1
+    with one shared mask, so that whole regions run compact; ``"none"`` tunes each Conv alone;
+    ``"auto"`` offers both moves at every step, each Conv alone and each region of several Convs under
+    one mask, and takes whichever costs least loss per time saved; once a Conv has moved, alone or
+    with its region, the other kind of move that includes it is no longer offered. ``max_accuracy_drop`` is in top-1 accuracy on labelled data, else in top-1
     agreement with the original network; it defaults to DEFAULT_MAX_ACCURACY_DROP (pass 1.0 for no
     budget). ``checkpoint``: a JSON path written after every step; if it
     exists, the tuner resumes from it. Ctrl-C stops the search and returns what was found so far.
@@ -458,25 +469,36 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     refresh_every = validation.integer(refresh_every, "refresh_every")
     if mask_kind not in MASK_KINDS:
         raise validation.SettingError(f"mask_kind must be one of {MASK_KINDS}, got {mask_kind!r}")
-    if tie not in ("none", "regions"):
-        raise validation.SettingError(f"tie must be 'none' or 'regions', got {tie!r}")
+    if tie not in TIES:
+        raise validation.SettingError(f"tie must be one of {TIES}, got {tie!r}")
     if step_recovery not in STEP_RECOVERIES:
         raise validation.SettingError(f"step_recovery must be one of {STEP_RECOVERIES}, got {step_recovery!r}")
     analysed = analyse(model)  # loaded, checked and inferred once for every rewrite below
     original = analysed.model
     calibration, holdout = calibration_set(original, data).split(subset_size)
-    convs = spatial_convs(analysed)
-    if include_1x1 or tie == "regions":
+    # singles: the Convs tuned alone; convs: every Conv a unit may hold (regions take 1x1 Convs too)
+    convs = singles = spatial_convs(analysed)
+    if include_1x1 or tie != "none":
         convs = {r.name: _output_of(original, r.name) for r in inspect(analysed) if r.perforable}
+    if include_1x1:
+        singles = convs
     if layers:
         layers = [layers] if isinstance(layers, str) else list(layers)  # one name, not its letters
         missing = sorted(set(layers) - set(convs))
         if missing:
             raise PerforateError(f"cannot tune {missing}: candidates are {sorted(convs)}")
         convs = {k: v for k, v in convs.items() if k in layers}
+        singles = {k: v for k, v in singles.items() if k in layers}
     if not convs:
         raise PerforateError("the model has no perforable Conv with a spatial kernel")
-    units = compact_regions(analysed, convs) if tie == "regions" else {name: [name] for name in convs}
+    if tie == "regions":
+        units = compact_regions(analysed, convs)
+    elif tie == "auto":  # every Conv alone (as tie="none" would), and every region of several Convs
+        units = {name: [name] for name in singles}
+        units.update({name: members for name, members in compact_regions(analysed, convs).items()
+                      if len(members) > 1})
+    else:
+        units = {name: [name] for name in convs}
 
     meter = NetworkMeter(original, calibration, threads=threads, batch_size=batch_size, repeats=repeats,
                          timing_batch=timing_batch)
@@ -522,9 +544,12 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 ladder_masks.refresh(current)
             best = None
             now = {k: ladder[v] for k, v in rungs.items() if v}
+            moved = {member: unit for unit in now for member in units[unit]}
             for number, name in enumerate(units, 1):
                 if rungs[name] + 1 >= len(ladder):
                     continue
+                if any(moved.get(member, name) != name for member in units[name]):
+                    continue  # tie="auto": a member already moved with another unit
                 if bar is not None:
                     bar.set_postfix_str(f"trying {name} ({number}/{len(units)})")
                 rung = next_rung(latency, ladder, now, name, rungs[name]) if monotone else rungs[name] + 1

@@ -303,3 +303,41 @@ def test_step_recovery_judges_candidates_on_the_recovered_network(monkeypatch):
 def test_step_recovery_setting_is_checked():
     with pytest.raises(PerforateError, match="step_recovery must be one of"):
         onnx_perforate.tune(synthetic_cnn(), labelled_batches(), step_recovery="distill", progress=False)
+
+
+def test_auto_tie_offers_single_convs_and_whole_regions(monkeypatch):
+    """tie="auto": candidates are each 3x3 Conv alone and each region of several Convs; a Conv moves with
+    one unit only, and the steps stay predicted faster one after the other."""
+    g = GraphBuilder(channels=4, hw=10)
+    f2 = fire(g, "x", 4, "fire2")
+    f3 = fire(g, f2, 8, "fire3")
+    out = g.op("GlobalAveragePool", [f3], "gap")
+    model = g.model([out])
+    # every move pays in proportion to the MACs it skips, whatever the machine's load
+    macs = {r.name: r.macs for r in onnx_perforate.inspect(model)}
+
+    def saving(table, unit, rate):
+        return 1e-9 * rate * sum(macs[m] for m in table.ladder.units[unit])
+
+    monkeypatch.setattr(tuning.LatencyTable, "saving", saving)
+    x = np.random.default_rng(0).uniform(0.1, 1.0, (16, 4, 10, 10)).astype(np.float32)
+    tried = []
+    expand = tuning.MaskLadder.expand
+
+    def recording(ladder, masks):
+        tried.append({u for u, m in masks.items() if not np.asarray(m, bool).all()})
+        return expand(ladder, masks)
+
+    monkeypatch.setattr(tuning.MaskLadder, "expand", recording)
+    result = onnx_perforate.tune(model, [{"x": x}], ladder=(0.0, 0.3, 0.6), tie="auto", repeats=3,
+                                 progress=False, max_accuracy_drop=1.0, baselines=False)
+    region = "fire2_sq (+5)"
+    assert {"fire2_e3", "fire3_e3", region} <= set().union(*tried)  # both kinds of move were candidates
+    for step in result.steps[1:]:  # never a Conv in two moved units
+        members = [m for unit in step.rates for m in ([unit] if unit != region else tuning.compact_regions(
+            model, [r.name for r in onnx_perforate.inspect(model) if r.perforable])[region])]
+        assert len(members) == len(set(members))
+    times = [s.time_ms for s in result.steps]
+    assert all(b < a for a, b in zip(times, times[1:]))
+    with pytest.raises(PerforateError, match="tie must be one of"):
+        onnx_perforate.tune(model, [{"x": x}], tie="everything", progress=False)
