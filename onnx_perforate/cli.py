@@ -353,6 +353,7 @@ def cmd_finetune(args) -> int:
         batch_size=args.batch, learning_rate=args.lr, label_weight=args.label_weight, holdout=args.holdout,
         patience=args.patience, augment=args.augment, seed=args.seed, threads=args.threads,
         checkpoint=args.checkpoint, progress=not args.no_progress, time_budget_s=args.time_budget,
+        lr_backoff=args.lr_backoff,
     )
     save_model(result.model, args.output)
     report = _outputs(args)["--report"]
@@ -595,6 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"training batch size (default: {defaults['batch_size']})")
     p.add_argument("--lr", type=_positive_float, default=defaults["learning_rate"],
                    help=f"peak Adam learning rate, cosine decay (default: {defaults['learning_rate']:g})")
+    p.add_argument("--no-lr-backoff", dest="lr_backoff", action="store_false",
+                   help="keep the learning rate even when the first epoch more than doubles the held-out loss "
+                   "(by default training then restarts at a tenth of it)")
     p.add_argument("--label-weight", type=_option(validation.real, minimum=0.0, maximum=1.0),
                    default=defaults["label_weight"],
                    help=f"share of the labels in the target distribution (default: {defaults['label_weight']:g})")

@@ -45,6 +45,7 @@ from .errors import PerforateError
 from .gradients import GradientError, build_gradient_model, prepare_model
 from .graph import consumers, find_node, load_model, node_key
 from .impact import interpolation_index
+from .inspection import inspect
 from .rewrite import rewrite
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ AUGMENTATIONS = ("auto", "none", "flip", "crop", "flip+crop")
 # the recovery recipe"): 30 epochs at a peak learning rate of 1e-3, the original's distribution alone as
 # the target (mixing in the labels did not help held-out accuracy on either), flips and crops.
 DEFAULTS = dict(method="auto", parameters="all", epochs=30, batch_size=32, learning_rate=1e-3,
-                label_weight=0.0, holdout=0.2, patience=10, augment="auto", seed=0)
+                label_weight=0.0, holdout=0.2, patience=10, augment="auto", seed=0, lr_backoff=True)
 
 # Ops whose float inputs after the first are trainable parameters (input positions).
 _PARAMETER_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2)}
@@ -101,8 +102,11 @@ class FinetuneResult:
 
 
 def perforation_masks(perforated: onnx.ModelProto, original: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """{Conv key of ``original``: bool mask} read from the PerforatedConv nodes of ``perforated``."""
+    """{Conv key of ``original``: bool mask} read from the PerforatedConv nodes of ``perforated``: the
+    masks that rewriting ``original`` needs to give ``perforated`` again."""
     constants = {t.name: t for t in perforated.graph.initializer}
+    producers = {o: n for n in perforated.graph.node for o in n.output}
+    shapes = None
     masks = {}
     for node in perforated.graph.node:
         if node.domain != DOMAIN or node.op_type != "PerforatedConv":
@@ -115,10 +119,34 @@ def perforation_masks(perforated: onnx.ModelProto, original: onnx.ModelProto) ->
         mask_name = node.input[3] if len(node.input) > 3 else ""
         if mask_name not in constants:
             raise PerforateError(f"PerforatedConv {key!r}: its mask {mask_name!r} is not an initializer")
-        masks[node_key(target)] = numpy_helper.to_array(constants[mask_name]).astype(bool)
+        mask = numpy_helper.to_array(constants[mask_name]).astype(bool)
+        if mask.all():
+            # A Conv the compact rewrite runs on a compact input: a 1x1 Conv on the [N, C, 1, K] view,
+            # or a spatial one reading X_index. It computes its input's positions; those are a mask of
+            # their own only when a CompactPool pooled just them for this Conv (Y_positions).
+            if shapes is None:
+                shapes = {r.name: tuple(r.output_shape[2:]) for r in inspect(original)}
+            positions = _pooled_positions(node.input[0], producers, constants)
+            if positions is None:
+                continue
+            mask = np.zeros(shapes[node_key(target)], bool)
+            mask.reshape(-1)[positions] = True
+        masks[node_key(target)] = mask
     if not masks:
         raise PerforateError("the perforated model has no PerforatedConv node: nothing to recover")
     return masks
+
+
+def _pooled_positions(tensor: str, producers, constants) -> np.ndarray | None:
+    """The Y_positions of the CompactPool whose compact output ``tensor`` is (through the Reshape view
+    of a 1x1 Conv), or None when it comes from elsewhere."""
+    node = producers.get(tensor)
+    if node is not None and node.op_type == "Reshape" and node.domain in ("", "ai.onnx"):
+        node = producers.get(node.input[0])
+    if node is None or node.domain != DOMAIN or node.op_type != "CompactPool" or len(node.input) < 3 \
+            or node.input[2] not in constants:
+        return None
+    return numpy_helper.to_array(constants[node.input[2]]).astype(np.int64).reshape(-1)
 
 
 def _initializers(model) -> dict:
@@ -606,7 +634,10 @@ class _Checkpoint:
 
 
 def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, history, started):
-    """Adam on the KL (+ label NLL) loss; returns (best values, best epoch, resumed epochs)."""
+    """Adam on the KL (+ label NLL) loss; returns (best values, best epoch, resumed epochs, the peak
+    learning rate used). With ``lr_backoff``, a first epoch that more than doubles the held-out loss
+    restarts from the input at a tenth of the learning rate (down to 1e-6): a rate that suits a small
+    BatchNorm network wrecks a large pretrained one in one epoch (SqueezeNet, docs/results.md)."""
     b = trainer.batch_size
     steps_per_epoch = -(-len(train) // b)
     total = steps_per_epoch * options["epochs"]
@@ -617,19 +648,24 @@ def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, histor
     best = {k: x.copy() for k, x in trainer.values.items()}
     best_loss, best_epoch, first_epoch, step, bad = history[0]["loss"], 0, 1, 0, 0
     resumed = 0
+    peak = options["learning_rate"]
+    initial = {k: x.copy() for k, x in trainer.values.items()}
     loaded = checkpoint.load()
     if loaded is not None:
         meta, state = loaded
         trainer.values.update(state["values"])
         m, v, best = state["m"], state["v"], state["best"]
         best_loss, best_epoch, step, bad = meta["best_loss"], meta["best_epoch"], meta["step"], meta["bad"]
+        peak = meta.get("peak_learning_rate", peak)
         history[:] = meta["history"]
         first_epoch = meta["epoch"] + 1
         resumed = meta["epoch"]
         log.info("resumed from %s after epoch %d", checkpoint.path, meta["epoch"])
         if bar is not None:
             bar.update(resumed * steps_per_epoch)
-    for epoch in range(first_epoch, options["epochs"] + 1):
+    epoch = first_epoch - 1
+    while epoch < options["epochs"]:
+        epoch += 1
         if bad >= options["patience"]:
             break
         rng = np.random.default_rng([options["seed"], epoch])
@@ -641,7 +677,7 @@ def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, histor
             target = _mixed_target(teacher(x), labels, options["label_weight"])
             loss, grads = trainer.loss_and_gradients(x, target)
             losses.append(loss / b)
-            lr = options["learning_rate"] * _cosine(step, total, warmup)
+            lr = peak * _cosine(step, total, warmup)
             step += 1
             correction1, correction2 = 1 - beta1 ** step, 1 - beta2 ** step
             for name, g in grads.items():
@@ -654,6 +690,17 @@ def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, histor
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
         metrics = evaluate()
+        if epoch == 1 and options["lr_backoff"] and metrics["loss"] > 2 * history[0]["loss"] and peak / 10 >= 1e-6:
+            log.info("epoch 1 at peak learning rate %g raised the held-out loss %.4f -> %.4f: restarting at %g",
+                     peak, history[0]["loss"], metrics["loss"], peak / 10)
+            peak /= 10
+            trainer.values.update({k: x.copy() for k, x in initial.items()})
+            m = {k: np.zeros_like(x) for k, x in trainer.values.items()}
+            v = {k: np.zeros_like(x) for k, x in trainer.values.items()}
+            step, epoch = 0, 0
+            if bar is not None:
+                bar.total += steps_per_epoch
+            continue
         history.append(dict(epoch=epoch, learning_rate=lr, train_loss=float(np.mean(losses)), **metrics,
                             elapsed_s=round(time.perf_counter() - started, 1)))
         log.info("epoch %d: train loss %.4f, held-out loss %.4f, agreement %.3f", epoch, np.mean(losses),
@@ -664,12 +711,12 @@ def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, histor
         else:
             bad += 1
         checkpoint.save(dict(epoch=epoch, step=step, best_loss=best_loss, best_epoch=best_epoch, bad=bad,
-                             history=history),
+                             history=history, peak_learning_rate=peak),
                         {"values": trainer.values, "m": m, "v": v, "best": best})
         if options["time_budget_s"] and time.perf_counter() - started > options["time_budget_s"]:
             log.info("fine-tuning stopped after epoch %d: time budget %.0f s spent", epoch, options["time_budget_s"])
             break
-    return best, best_epoch, resumed
+    return best, best_epoch, resumed, peak
 
 
 def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
@@ -678,7 +725,8 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
              label_weight: float = DEFAULTS["label_weight"], holdout: float = DEFAULTS["holdout"],
              patience: int = DEFAULTS["patience"], augment: str = DEFAULTS["augment"], seed: int = DEFAULTS["seed"],
              threads: int | None = None, checkpoint=None, progress: bool = True,
-             time_budget_s: float | None = None, start: Mapping[str, np.ndarray] | None = None) -> FinetuneResult:
+             time_budget_s: float | None = None, start: Mapping[str, np.ndarray] | None = None,
+             lr_backoff: bool = DEFAULTS["lr_backoff"]) -> FinetuneResult:
     """Recover the accuracy the perforated model lost; see the module docstring.
 
     ``perforated``: a model made by :func:`~onnx_perforate.rewrite` (or ``tune``) from ``original``; either
@@ -696,7 +744,9 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
     ``"flip+crop"``. ``checkpoint``: an .npz written after every epoch; an existing one with the same
     settings is resumed. Deterministic for a given ``seed`` and thread count. ``start``: values of the
     original's initializers that ``perforated`` already carries (``FinetuneResult.values`` of an earlier
-    recovery); the original network stays the teacher.
+    recovery); the original network stays the teacher. ``lr_backoff`` (distill, default on): when the
+    first epoch more than doubles the held-out loss, training restarts from the input at a tenth of the
+    learning rate, as often as needed (down to 1e-6); ``settings["learning_rate_used"]`` says which.
     """
     started = time.perf_counter()
     # an analysed model (from onnx_perforate.analysis) is taken as the model it holds
@@ -711,7 +761,7 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
     if isinstance(method, str) and "+" in method:  # a chain, e.g. "bn_reestimation+distill"
         options = dict(parameters=parameters, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                        label_weight=label_weight, holdout=holdout, patience=patience, augment=augment, seed=seed,
-                       threads=threads, progress=progress, time_budget_s=time_budget_s)
+                       threads=threads, progress=progress, time_budget_s=time_budget_s, lr_backoff=lr_backoff)
         steps = method.split("+")
         if any(step not in METHODS for step in steps):
             raise PerforateError(f"method must be one of {METHODS} or several joined by '+', got {method!r}")
@@ -781,7 +831,7 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
     options = dict(method=method, parameters=parameters if method == "distill" else None, epochs=int(epochs),
                    batch_size=batch_size, learning_rate=learning_rate, label_weight=label_weight,
                    holdout=holdout, patience=int(patience), augment=augment, seed=int(seed),
-                   time_budget_s=time_budget_s)
+                   time_budget_s=time_budget_s, lr_backoff=bool(lr_backoff))
     settings = dict(options, train_images=len(train), holdout_images=len(held), trainable=len(names),
                     trainable_values=int(sum(v.size for v in trainer.values.values())), threads=threads)
     initial = {k: x.copy() for k, x in trainer.values.items()}
@@ -800,9 +850,9 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
             fingerprint = dict(options, train_images=len(train), names=names, masks=sorted(masks))
             for free in ("patience", "time_budget_s"):  # may change between a run and its resumption
                 fingerprint.pop(free)
-            best, best_epoch, resumed = _distill(trainer, teacher, train, evaluate, options,
-                                                  _Checkpoint(checkpoint, fingerprint), bar, history, started)
-            settings["resumed_epochs"] = resumed
+            best, best_epoch, resumed, peak = _distill(trainer, teacher, train, evaluate, options,
+                                                        _Checkpoint(checkpoint, fingerprint), bar, history, started)
+            settings.update(resumed_epochs=resumed, learning_rate_used=peak)
         else:
             if method == "bias_correction":
                 _bias_correction(trainer, original, masks, train, bar)

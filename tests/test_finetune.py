@@ -18,7 +18,7 @@ from onnx_perforate.finetune import PerforatedTrainer, finetune, perforation_mas
 from onnx_perforate.inspection import inspect
 from onnx_perforate.masks import grid
 
-from helpers import SAMPLE_MODELS, needs_library, to_double
+from helpers import SAMPLE_MODELS, GraphBuilder, fire, needs_library, to_double
 
 MODEL = SAMPLE_MODELS / "fashion_cnn.onnx"
 DATA = SAMPLE_MODELS / "fashion_mnist_subset.npz"
@@ -73,6 +73,28 @@ def test_weight_gradients_match_float64_central_differences(sample):
                 losses.append(float(double.run([gm.loss], run)[0]))
             fd = (losses[0] - losses[1]) / 2e-4
             assert abs(g[index] - fd) <= 1e-3 * abs(fd) + 1e-5 * flat.max(), (name, index, g[index], fd)
+
+
+def test_masks_of_a_region_perforated_under_one_mask():
+    """Fire modules under one mask each (tune --tie regions): the compact rewrite runs their 1x1 Convs on
+    compact tensors with all-ones [1, K] masks, and the max-pool before the second one pools only the
+    positions its squeeze computes. The masks read back rewrite the original into the same network."""
+    g = GraphBuilder(channels=4, hw=10)
+    f2 = fire(g, "x", 4, "fire2")
+    pooled = g.op("MaxPool", [f2], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    out = g.op("GlobalAveragePool", [fire(g, pooled, 8, "fire3")], "gap")
+    model = g.model([out])
+    first, second = np.asarray(grid((10, 10), 0.5)), np.asarray(grid((5, 5), 0.4))
+    regions = {**{f"fire2_{c}": first for c in ("sq", "e1", "e3")}, **{f"fire3_{c}": second for c in ("sq", "e1", "e3")}}
+    perforated = rewrite(model, regions)
+    assert any(n.op_type == "CompactPool" and len(n.input) == 3 for n in perforated.graph.node)
+    read = perforation_masks(perforated, model)
+    assert "fire2_e1" not in read  # a 1x1 Conv on its producer's positions: the same network without it
+    assert (read["fire3_sq"] == second).all()  # the pooled positions are its own
+    assert all((m == regions[k]).all() for k, m in read.items())
+    x = np.random.default_rng(0).uniform(0.1, 1.0, (16, 4, 10, 10)).astype(np.float32)
+    result = finetune(perforated, model, [{"x": x}], method="bias_correction", progress=False, threads=1)
+    assert {t.name for t in result.model.graph.initializer} == {t.name for t in perforated.graph.initializer}
 
 
 def test_trainable_parameter_choices(sample):
@@ -149,10 +171,24 @@ def test_early_stopping_reads_the_kl_to_the_original_whatever_the_label_weight(s
 def test_never_returns_a_worse_model(sample):
     original, perforated, _, images, labels = sample
     result = finetune(perforated, original, _data(images, labels, 100), method="distill", epochs=1,
-                      learning_rate=5.0, progress=False, threads=1)
+                      learning_rate=5.0, progress=False, threads=1, lr_backoff=False)
     assert not result.improved
     assert result.model.SerializeToString() == perforated.SerializeToString()
     assert result.after == result.before
+
+
+def test_a_first_epoch_that_wrecks_the_network_restarts_at_a_lower_learning_rate(sample):
+    original, perforated, _, images, labels = sample
+    data = _data(images, labels, 100)
+    kept = finetune(perforated, original, data, method="distill", epochs=2, learning_rate=5.0, progress=False,
+                    threads=1, lr_backoff=False)
+    assert kept.settings["learning_rate_used"] == 5.0
+    backed_off = finetune(perforated, original, data, method="distill", epochs=2, learning_rate=5.0,
+                          progress=False, threads=1)
+    assert backed_off.settings["learning_rate_used"] <= 0.5
+    assert [h["epoch"] for h in backed_off.history] == [0, 1, 2]
+    assert backed_off.history[1]["loss"] <= 2 * backed_off.history[0]["loss"]  # the epoch it kept
+    assert backed_off.improved and backed_off.after["loss"] < kept.history[1]["loss"]
 
 
 def test_accepts_analysed_models(sample):
