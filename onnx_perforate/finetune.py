@@ -60,6 +60,9 @@ AUGMENTATIONS = ("auto", "none", "flip", "crop", "flip+crop")
 DEFAULTS = dict(method="auto", parameters="all", epochs=30, batch_size=32, learning_rate=1e-3,
                 label_weight=0.0, holdout=0.2, patience=10, augment="auto", seed=0, lr_backoff=True)
 
+# How often the learning-rate back-off may restart the distillation (1e-3 -> 1e-4 -> 1e-5 by default).
+MAX_BACKOFFS = 2
+
 # Ops whose float inputs after the first are trainable parameters (input positions).
 _PARAMETER_INPUTS = {"Conv": (1, 2), "Gemm": (1, 2), "MatMul": (1,), "BatchNormalization": (1, 2)}
 _BIAS_INPUTS = {"Conv": (2,), "Gemm": (2,), "BatchNormalization": (1, 2)}
@@ -635,9 +638,11 @@ class _Checkpoint:
 
 def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, history, started):
     """Adam on the KL (+ label NLL) loss; returns (best values, best epoch, resumed epochs, the peak
-    learning rate used). With ``lr_backoff``, a first epoch that more than doubles the held-out loss
-    restarts from the input at a tenth of the learning rate (down to 1e-6): a rate that suits a small
-    BatchNorm network wrecks a large pretrained one in one epoch (SqueezeNet, docs/results.md)."""
+    learning rate used, the abandoned attempts). With ``lr_backoff``, training restarts from the input
+    at a tenth of the learning rate (at most MAX_BACKOFFS times) when the first epoch more than doubles the held-out
+    loss, or when no epoch has improved on the input by the time early stopping (or the last epoch)
+    would end it: a rate that suits a small BatchNorm network wrecks a large pretrained one
+    (SqueezeNet, docs/results.md)."""
     b = trainer.batch_size
     steps_per_epoch = -(-len(train) // b)
     total = steps_per_epoch * options["epochs"]
@@ -650,6 +655,7 @@ def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, histor
     resumed = 0
     peak = options["learning_rate"]
     initial = {k: x.copy() for k, x in trainer.values.items()}
+    attempts = []  # the learning rates abandoned, with the epochs they ran
     loaded = checkpoint.load()
     if loaded is not None:
         meta, state = loaded
@@ -657,6 +663,7 @@ def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, histor
         m, v, best = state["m"], state["v"], state["best"]
         best_loss, best_epoch, step, bad = meta["best_loss"], meta["best_epoch"], meta["step"], meta["bad"]
         peak = meta.get("peak_learning_rate", peak)
+        attempts = meta.get("abandoned", [])
         history[:] = meta["history"]
         first_epoch = meta["epoch"] + 1
         resumed = meta["epoch"]
@@ -690,33 +697,41 @@ def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, histor
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
         metrics = evaluate()
-        if epoch == 1 and options["lr_backoff"] and metrics["loss"] > 2 * history[0]["loss"] and peak / 10 >= 1e-6:
-            log.info("epoch 1 at peak learning rate %g raised the held-out loss %.4f -> %.4f: restarting at %g",
-                     peak, history[0]["loss"], metrics["loss"], peak / 10)
+        can_back_off = options["lr_backoff"] and len(attempts) < MAX_BACKOFFS and peak / 10 >= 1e-6
+        wrecked = can_back_off and epoch == 1 and metrics["loss"] > 2 * history[0]["loss"]
+        if not wrecked:
+            history.append(dict(epoch=epoch, learning_rate=lr, train_loss=float(np.mean(losses)), **metrics,
+                                elapsed_s=round(time.perf_counter() - started, 1)))
+            log.info("epoch %d: train loss %.4f, held-out loss %.4f, agreement %.3f", epoch, np.mean(losses),
+                     metrics["loss"], metrics["agreement"])
+            if metrics["loss"] < best_loss:
+                best_loss, best_epoch, bad = metrics["loss"], epoch, 0
+                best = {k: x.copy() for k, x in trainer.values.items()}
+            else:
+                bad += 1
+        stalled = can_back_off and best_epoch == 0 and (bad >= options["patience"] or epoch == options["epochs"])
+        if wrecked or stalled:
+            log.info("peak learning rate %g: %s; restarting from the input at %g", peak,
+                     f"epoch 1 raised the held-out loss {history[0]['loss']:.4f} -> {metrics['loss']:.4f}" if wrecked
+                     else f"no gain in {epoch} epochs", peak / 10)
+            attempts.append(dict(learning_rate=peak, epochs=epoch, reason="wrecked" if wrecked else "no gain"))
+            if bar is not None:
+                bar.total += epoch * steps_per_epoch
             peak /= 10
             trainer.values.update({k: x.copy() for k, x in initial.items()})
             m = {k: np.zeros_like(x) for k, x in trainer.values.items()}
             v = {k: np.zeros_like(x) for k, x in trainer.values.items()}
-            step, epoch = 0, 0
-            if bar is not None:
-                bar.total += steps_per_epoch
+            best = {k: x.copy() for k, x in initial.items()}
+            best_loss, best_epoch, step, bad, epoch = history[0]["loss"], 0, 0, 0, 0
+            del history[1:]
             continue
-        history.append(dict(epoch=epoch, learning_rate=lr, train_loss=float(np.mean(losses)), **metrics,
-                            elapsed_s=round(time.perf_counter() - started, 1)))
-        log.info("epoch %d: train loss %.4f, held-out loss %.4f, agreement %.3f", epoch, np.mean(losses),
-                 metrics["loss"], metrics["agreement"])
-        if metrics["loss"] < best_loss:
-            best_loss, best_epoch, bad = metrics["loss"], epoch, 0
-            best = {k: x.copy() for k, x in trainer.values.items()}
-        else:
-            bad += 1
         checkpoint.save(dict(epoch=epoch, step=step, best_loss=best_loss, best_epoch=best_epoch, bad=bad,
-                             history=history, peak_learning_rate=peak),
+                             history=history, peak_learning_rate=peak, abandoned=attempts),
                         {"values": trainer.values, "m": m, "v": v, "best": best})
         if options["time_budget_s"] and time.perf_counter() - started > options["time_budget_s"]:
             log.info("fine-tuning stopped after epoch %d: time budget %.0f s spent", epoch, options["time_budget_s"])
             break
-    return best, best_epoch, resumed, peak
+    return best, best_epoch, resumed, peak, attempts
 
 
 def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
@@ -745,8 +760,10 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
     settings is resumed. Deterministic for a given ``seed`` and thread count. ``start``: values of the
     original's initializers that ``perforated`` already carries (``FinetuneResult.values`` of an earlier
     recovery); the original network stays the teacher. ``lr_backoff`` (distill, default on): when the
-    first epoch more than doubles the held-out loss, training restarts from the input at a tenth of the
-    learning rate, as often as needed (down to 1e-6); ``settings["learning_rate_used"]`` says which.
+    first epoch more than doubles the held-out loss, or no epoch has improved on the input when early
+    stopping (or the last epoch) comes, training restarts from the input at a tenth of the learning
+    rate, at most twice; ``settings["learning_rate_used"]`` and
+    ``settings["learning_rates_abandoned"]`` say what happened.
     """
     started = time.perf_counter()
     # an analysed model (from onnx_perforate.analysis) is taken as the model it holds
@@ -850,9 +867,10 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
             fingerprint = dict(options, train_images=len(train), names=names, masks=sorted(masks))
             for free in ("patience", "time_budget_s"):  # may change between a run and its resumption
                 fingerprint.pop(free)
-            best, best_epoch, resumed, peak = _distill(trainer, teacher, train, evaluate, options,
-                                                        _Checkpoint(checkpoint, fingerprint), bar, history, started)
-            settings.update(resumed_epochs=resumed, learning_rate_used=peak)
+            best, best_epoch, resumed, peak, abandoned = _distill(trainer, teacher, train, evaluate, options,
+                                                                   _Checkpoint(checkpoint, fingerprint), bar, history,
+                                                                   started)
+            settings.update(resumed_epochs=resumed, learning_rate_used=peak, learning_rates_abandoned=abandoned)
         else:
             if method == "bias_correction":
                 _bias_correction(trainer, original, masks, train, bar)

@@ -3,6 +3,7 @@ training-free recoveries on the bundled Fashion-MNIST CNN, determinism, resume a
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -185,10 +186,37 @@ def test_a_first_epoch_that_wrecks_the_network_restarts_at_a_lower_learning_rate
     assert kept.settings["learning_rate_used"] == 5.0
     backed_off = finetune(perforated, original, data, method="distill", epochs=2, learning_rate=5.0,
                           progress=False, threads=1)
-    assert backed_off.settings["learning_rate_used"] <= 0.5
+    # 5.0 and 0.5 both wreck the first epoch; the back-off stops after two restarts and keeps 0.05
+    assert [a["learning_rate"] for a in backed_off.settings["learning_rates_abandoned"]] == [5.0, 0.5]
+    assert {a["reason"] for a in backed_off.settings["learning_rates_abandoned"]} == {"wrecked"}
+    assert backed_off.settings["learning_rate_used"] == pytest.approx(0.05)
     assert [h["epoch"] for h in backed_off.history] == [0, 1, 2]
-    assert backed_off.history[1]["loss"] <= 2 * backed_off.history[0]["loss"]  # the epoch it kept
-    assert backed_off.improved and backed_off.after["loss"] < kept.history[1]["loss"]
+
+
+def test_no_gain_by_early_stopping_restarts_at_a_lower_learning_rate(sample, monkeypatch):
+    """The held-out loss here gets worse whenever a weight moves by more than 1e-3 and better below
+    that: peak 1e-3 gains nothing in `patience` epochs, so training restarts at 1e-4 and gains."""
+    module = importlib.import_module("onnx_perforate.finetune")  # the package exports the function
+
+    class Scripted:
+        def __init__(self, trainer, teacher, data):
+            self.trainer, self.start = trainer, {k: x.copy() for k, x in trainer.values.items()}
+
+        def __call__(self):
+            moved = max(float(np.abs(x - self.start[k]).max()) for k, x in self.trainer.values.items())
+            loss = 1.0 if moved == 0 else 1.5 if moved > 1e-3 else 0.5
+            return {"loss": loss, "agreement": 0.5, "top1": None, "label_loss": None}
+
+    monkeypatch.setattr(module, "_Evaluator", Scripted)
+    original, perforated, _, images, _ = sample
+    result = finetune(perforated, original, _data(images, count=100), method="distill", epochs=3, patience=2,
+                      learning_rate=1e-3, augment="none", progress=False, threads=1)
+    assert result.settings["learning_rates_abandoned"] == [{"learning_rate": 1e-3, "epochs": 2, "reason": "no gain"}]
+    assert result.settings["learning_rate_used"] == pytest.approx(1e-4)
+    assert result.improved and [h["epoch"] for h in result.history] == [0, 1, 2, 3]
+    without = finetune(perforated, original, _data(images, count=100), method="distill", epochs=3, patience=2,
+                       learning_rate=1e-3, augment="none", progress=False, threads=1, lr_backoff=False)
+    assert not without.improved and without.settings["learning_rates_abandoned"] == []
 
 
 def test_accepts_analysed_models(sample):
