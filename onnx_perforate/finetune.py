@@ -43,7 +43,7 @@ from .analysis import AnalysedModel
 from .calibration import CalibrationSet, calibration_set
 from .errors import PerforateError
 from .gradients import GradientError, build_gradient_model, prepare_model
-from .graph import consumers, find_node, load_model, node_key
+from .graph import atomic_outputs, consumers, find_node, load_model, node_key
 from .impact import interpolation_index
 from .inspection import inspect
 from .rewrite import rewrite
@@ -620,28 +620,19 @@ class _Checkpoint:
         if self.path is None:
             return
         import json
-        import os
-        import tempfile
 
         arrays = {f"{part}/{k}": v for part, values in state.items() for k, v in values.items()}
         arrays["meta"] = np.array(json.dumps(dict(meta, fingerprint=self.fingerprint)))
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, **arrays)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_outputs(self.path) as (temporary,), open(temporary, "wb") as file:
+            np.savez(file, **arrays)
 
 
 def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, history, started):
     """Adam on the KL (+ label NLL) loss; returns (best values, best epoch, resumed epochs, the peak
     learning rate used, the abandoned attempts). With ``lr_backoff``, training restarts from the input
-    at a tenth of the learning rate (at most MAX_BACKOFFS times) when the first epoch more than doubles the held-out
-    loss, or when no epoch has improved on the input by the time early stopping (or the last epoch)
-    would end it: a rate that suits a small BatchNorm network wrecks a large pretrained one
+    at a tenth of the learning rate (at most MAX_BACKOFFS times) when the first epoch more than
+    doubles the held-out loss, or when no epoch has improved on the input by the time early stopping
+    (or the last epoch) would end it: a rate that suits a small BatchNorm network wrecks a large pretrained one
     (SqueezeNet, docs/results.md)."""
     b = trainer.batch_size
     steps_per_epoch = -(-len(train) // b)
