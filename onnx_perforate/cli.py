@@ -597,8 +597,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, default=defaults["learning_rate"],
                    help=f"peak Adam learning rate, cosine decay (default: {defaults['learning_rate']:g})")
     p.add_argument("--no-lr-backoff", dest="lr_backoff", action="store_false",
-                   help="keep the learning rate even when the first epoch more than doubles the held-out loss "
-                   "(by default training then restarts at a tenth of it)")
+                   help="keep the learning rate (by default, when the first epoch more than doubles the held-out "
+                   "loss or no epoch improves on the input before early stopping, training restarts at a tenth of "
+                   "it, at most twice)")
     p.add_argument("--label-weight", type=_option(validation.real, minimum=0.0, maximum=1.0),
                    default=defaults["label_weight"],
                    help=f"share of the labels in the target distribution (default: {defaults['label_weight']:g})")
