@@ -94,12 +94,12 @@ def calibration_set(model: onnx.ModelProto, data, *, subset_size: int | None = N
                 raise DataError(f"a calibration batch has {len(x)} inputs and {len(y)} labels")
             labels.append(y)
 
-    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
-        data = load_data(data, input_name=name, **load_options)
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):  # arrays fitted to the model's layout
+        data = load_data(data, input_name=name, **{"input_shape": dims, **load_options})
     if isinstance(data, CalibrationSet):
         return data.split(subset_size)[0]
     if isinstance(data, Mapping):  # named arrays, as an .npz archive holds them
-        data = arrays_dataset(data, input_name=name, source="the data dict")
+        data = arrays_dataset(data, input_name=name, input_shape=dims, source="the data dict")
     if isinstance(data, Dataset):
         for x, y in data.batches(64):
             add(x, y)

@@ -15,7 +15,7 @@ import numpy as np
 from . import validation
 from .errors import PerforateError
 from .finetune import DEFAULTS as FINETUNE_DEFAULTS
-from .tuning import DEFAULT_LADDER
+from .tuning import DEFAULT_LADDER, STEP_RECOVERIES, TIES
 
 log = logging.getLogger("onnx_perforate.cli")
 
@@ -556,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-kind", choices=["impact", "uniform", "grid"], default="impact")
     p.add_argument("--layers", nargs="+", help="tune only these Conv nodes (default: every spatial Conv)")
     p.add_argument("--include-1x1", action="store_true", help="also perforate 1x1 convolutions")
-    p.add_argument("--tie", choices=["none", "regions", "auto"], default="none",
+    p.add_argument("--tie", choices=TIES, default="none",
                    help="regions: Convs that can run compact end to end (e.g. a SqueezeNet Fire module, "
                    "1x1 convs included) share one mask and climb one ladder; auto: every step may move a Conv "
                    "alone or such a region, whichever costs less loss per time saved (default: none)")
@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune", nargs="?", const="", metavar="KEY=VALUE,...",
                    help="recover the final model's accuracy on the calibration images (see `finetune`); "
                    "optional options, e.g. method=bn_reestimation,epochs=6")
-    p.add_argument("--step-recovery", choices=["none", "bn_reestimation", "bias_correction"], default="none",
+    p.add_argument("--step-recovery", choices=STEP_RECOVERIES, default="none",
                    help="apply this training-free recovery after every step, so that the next step's candidates "
                    "are judged on the recovered network (default: none)")
     p.set_defaults(func=cmd_tune)

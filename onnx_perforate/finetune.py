@@ -123,7 +123,8 @@ def perforation_masks(perforated: onnx.ModelProto, original: onnx.ModelProto) ->
         if mask_name not in constants:
             raise PerforateError(f"PerforatedConv {key!r}: its mask {mask_name!r} is not an initializer")
         mask = numpy_helper.to_array(constants[mask_name]).astype(bool)
-        if mask.all():
+        on_compact = (len(node.input) > 4 and node.input[4]) or _is_view(node.input[0], producers)
+        if mask.all() and on_compact:
             # A Conv the compact rewrite runs on a compact input: a 1x1 Conv on the [N, C, 1, K] view,
             # or a spatial one reading X_index. It computes its input's positions; those are a mask of
             # their own only when a CompactPool pooled just them for this Conv (Y_positions).
@@ -138,6 +139,13 @@ def perforation_masks(perforated: onnx.ModelProto, original: onnx.ModelProto) ->
     if not masks:
         raise PerforateError("the perforated model has no PerforatedConv node: nothing to recover")
     return masks
+
+
+def _is_view(tensor: str, producers) -> bool:
+    """Whether ``tensor`` is the [N, C, 1, K] Reshape view the compact rewrite gives a 1x1 Conv."""
+    node = producers.get(tensor)
+    return node is not None and node.op_type == "Reshape" and node.domain in ("", "ai.onnx") and \
+        producers.get(node.input[0]) is not None and producers[node.input[0]].domain == DOMAIN
 
 
 def _pooled_positions(tensor: str, producers, constants) -> np.ndarray | None:
@@ -522,6 +530,19 @@ def _bias_targets(original, masks):
     return found
 
 
+def method_applies(method: str, original: onnx.ModelProto, masks: Mapping[str, np.ndarray]) -> bool:
+    """Whether the training-free ``method`` has anything to change for ``masks``: bias correction needs a
+    perforated Conv with a bias or a BatchNormalization after it, BN re-estimation a BatchNormalization
+    with constant statistics; distillation always applies."""
+    if method == "bias_correction":
+        return bool(_bias_targets(original, masks))
+    if method == "bn_reestimation":
+        constants = _initializers(original)
+        return any(n.op_type == "BatchNormalization" and all(i in constants for i in n.input[1:5])
+                   for n in original.graph.node)
+    return True
+
+
 def _channel_means(batches, read, tensor):
     total, count = None, 0
     for x in batches:
@@ -689,7 +710,7 @@ def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, histor
                 bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
         metrics = evaluate()
         can_back_off = options["lr_backoff"] and len(attempts) < MAX_BACKOFFS and peak / 10 >= 1e-6
-        wrecked = can_back_off and epoch == 1 and metrics["loss"] > 2 * history[0]["loss"]
+        wrecked = can_back_off and epoch == 1 and not metrics["loss"] <= 2 * history[0]["loss"]  # NaN too
         if not wrecked:
             history.append(dict(epoch=epoch, learning_rate=lr, train_loss=float(np.mean(losses)), **metrics,
                                 elapsed_s=round(time.perf_counter() - started, 1)))

@@ -449,7 +449,8 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     step, that training-free recovery (:func:`~onnx_perforate.finetune.finetune`) is applied to the
     network so far, and the next step's candidates are judged on the recovered network. Both methods
     depend only on the current masks, so a resumed search recomputes them. ``TuneResult.model_at``
-    gives the curve's points without it.
+    gives the curve's points without it; the result carries it, so it is no longer the original's
+    rewrite and a later :func:`~onnx_perforate.finetune.finetune` refuses it (use ``finetune=`` here).
     """
     started = time.perf_counter()
     if max_accuracy_drop is None:
@@ -499,6 +500,15 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                       if len(members) > 1})
     else:
         units = {name: [name] for name in convs}
+    if not units:  # tie="auto" with only 1x1 Convs named, alone in their regions
+        raise PerforateError(f"no candidate among {sorted(convs)}: a 1x1 Conv is tuned alone only with "
+                             "include_1x1, or with its region (tie='regions' or 'auto', when the region has others)")
+    if step_recovery == "bn_reestimation":
+        from .finetune import method_applies
+
+        if not method_applies(step_recovery, original, {}):
+            raise validation.SettingError("step_recovery='bn_reestimation': the model has no BatchNormalization "
+                                          "with constant statistics")
 
     meter = NetworkMeter(original, calibration, threads=threads, batch_size=batch_size, repeats=repeats,
                          timing_batch=timing_batch)
@@ -570,8 +580,12 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 if best is None or rank < best[0]:
                     best = (rank, name, rung, trial, candidate, measured)
             if best is None:
-                if any(rung + 1 < len(ladder) for rung in rungs.values()):
+                blocked = {u for u in units if any(moved.get(m, u) != u for m in units[u])}
+                if any(rungs[u] + 1 < len(ladder) for u in units if u not in blocked):
                     stopped = "no layer's next rungs would make the network faster (per-layer latency table)"
+                elif blocked:
+                    stopped = ("every unit reached the top of its ladder or shares a Conv with one that moved "
+                               f"({len(blocked)} blocked)")
                 break
             (cost, _), name, rung, trial, candidate, measured = best
             accuracy = measured["top1"] if measured["top1"] is not None else measured["agreement"]
@@ -579,15 +593,15 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 stopped = (f"the next step ({name} -> {ladder[rung]:g}) would drop accuracy by "
                            f"{accuracy0 - accuracy:.3f} > {max_accuracy_drop:g}")
                 break
+            if step_recovery != "none":  # into locals first: a Ctrl-C here must leave the last step whole
+                recovered, recovered_values = _recover_step(analysed, ladder_masks.expand(trial), calibration,
+                                                            step_recovery, threads)
+                measured = dict(meter.measure(_perforate(recovered, ladder_masks.expand(trial)), timed=False),
+                                time=measured["time"])
+                working, values = recovered, recovered_values
             rungs[name] = rung
             current = trial
             rates = {k: ladder[v] for k, v in rungs.items() if v}
-            if step_recovery != "none":
-                working, values = _recover_step(analysed, ladder_masks.expand(current), calibration, step_recovery,
-                                                threads)
-                time_predicted = measured["time"]
-                measured = meter.measure(_perforate(working, ladder_masks.expand(current)), timed=False)
-                measured["time"] = time_predicted
             steps.append(_step(len(steps), name, rates, measured, base, cost, started))
             step_masks.append({k: v for k, v in ladder_masks.expand(current).items() if not v.all()})
             if bar is not None:
@@ -663,16 +677,15 @@ def _output_of(model, key):
 def _recover_step(analysed, masks: Mapping[str, np.ndarray], calibration, method: str, threads):
     """(the analysed original with the values ``method`` gives the network perforated with ``masks``,
     those values); the original itself when the recovery gains nothing on its held-out images."""
-    from .finetune import finetune as recover, with_values
+    from .finetune import finetune as recover, method_applies, with_values
 
     masks = {k: v for k, v in masks.items() if not np.asarray(v, bool).all()}
     if not masks:
         return analysed, {}
-    try:
-        outcome = recover(rewrite(analysed, masks), analysed.model, calibration, method=method, threads=threads,
-                          progress=False)
-    except PerforateError as error:  # e.g. bn_reestimation on a model without BatchNormalization
-        raise PerforateError(f"step_recovery={method!r}: {error}") from error
+    if not method_applies(method, analysed.model, masks):  # e.g. no perforated Conv has a bias to shift
+        return analysed, {}
+    outcome = recover(rewrite(analysed, masks), analysed.model, calibration, method=method, threads=threads,
+                      progress=False)
     if not outcome.improved:
         return analysed, {}
     return analyse(with_values(analysed.model, outcome.values)), outcome.values

@@ -57,6 +57,8 @@ def test_dict_of_named_arrays(tmp_path):
     np.testing.assert_array_equal(labelled.labels, np.arange(6) % 2)
     by_input_name = calibration_set(model, {"x": x})
     assert by_input_name.labels is None and len(by_input_name) == 6
+    # NHWC arrays are fitted to the model's NCHW input, as the CLI fits an .npz
+    np.testing.assert_array_equal(calibration_set(model, {"x": x.transpose(0, 2, 3, 1)}).inputs, x)
     with pytest.raises(DataError, match=r"no input array: keys \['pixels'\]"):
         calibration_set(model, {"pixels": x})
     with pytest.raises(DataError, match="labels must be integer class indices"):

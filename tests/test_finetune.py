@@ -193,6 +193,23 @@ def test_a_first_epoch_that_wrecks_the_network_restarts_at_a_lower_learning_rate
     assert [h["epoch"] for h in backed_off.history] == [0, 1, 2]
 
 
+def test_a_nan_first_epoch_counts_as_wrecked(sample):
+    original, perforated, _, images, labels = sample
+    result = finetune(perforated, original, _data(images, labels, 100), method="distill", epochs=1,
+                      learning_rate=1e8, progress=False, threads=1)
+    assert [a["reason"] for a in result.settings["learning_rates_abandoned"]] == ["wrecked", "wrecked"]
+
+
+def test_an_all_ones_mask_of_a_plain_conv_is_kept(sample):
+    """rewrite(model, {conv: ones}) gives a PerforatedConv on the full input: its mask is read back (only
+    Convs run on compact inputs are left out)."""
+    original, _, masks, images, _ = sample
+    name = sorted(masks)[0]
+    ones = rewrite(original, {name: np.ones_like(masks[name])})
+    read = perforation_masks(ones, original)
+    assert set(read) == {name} and read[name].all()
+
+
 def test_no_gain_by_early_stopping_restarts_at_a_lower_learning_rate(sample, monkeypatch):
     """The held-out loss here gets worse whenever a weight moves by more than 1e-3 and better below
     that: peak 1e-3 gains nothing in `patience` epochs, so training restarts at 1e-4 and gains."""

@@ -272,24 +272,35 @@ def test_step_recovery_judges_candidates_on_the_recovered_network(monkeypatch):
     candidates are rewritten from the original carrying them, and so is the final model."""
     from onnx_perforate.finetune import with_values
 
-    model = synthetic_cnn()
-    recoveries = []
-    recover_step = tuning._recover_step
+    recoveries, events = [], []
+    recover_step, perforate = tuning._recover_step, tuning._perforate
 
     def recording(analysed, masks, calibration, method, threads):
         working, values = recover_step(analysed, masks, calibration, method, threads)
-        recoveries.append((sorted(k for k, v in masks.items() if not np.asarray(v, bool).all()), values))
+        recoveries.append((sorted(k for k, v in masks.items() if not np.asarray(v, bool).all()), values, working))
+        events.append(("recovered", working))
         return working, values
 
+    def building(analysed, masks):
+        events.append(("built", analysed))
+        return perforate(analysed, masks)
+
     monkeypatch.setattr(tuning, "_recover_step", recording)
+    monkeypatch.setattr(tuning, "_perforate", building)
     model, data = _fashion()
     result = onnx_perforate.tune(model, data, ladder=(0.0, 0.5), layers=["conv4", "conv5"], subset_size=96,
                                  repeats=3, batch_size=32, timing_batch=8, progress=False, monotone=False,
                                  baselines=False, step_recovery="bn_reestimation")
     assert len(recoveries) == len(result.steps) - 1 >= 1  # once per step
     assert result.settings["step_recovery"] == "bn_reestimation"
-    layers, values = recoveries[-1]
+    layers, values, _ = recoveries[-1]
     assert layers == sorted(result.masks)
+    # the candidates of the second step (the builds after the first recovery's re-measure, before the
+    # second recovery) were built from the network the first recovery returned
+    assert len(recoveries) >= 2 and recoveries[0][1]
+    first, second = [i for i, (kind, _) in enumerate(events) if kind == "recovered"][:2]
+    candidates = [built for kind, built in events[first + 2:second] if kind == "built"]
+    assert candidates and all(built is recoveries[0][2] for built in candidates)
     batchnorm = {name for n in model.graph.node if n.op_type == "BatchNormalization" for name in n.input[1:5]}
     assert values and set(values) <= batchnorm  # only BatchNormalization was recovered
     x = data[0][0]["image"][:8]
@@ -339,5 +350,31 @@ def test_auto_tie_offers_single_convs_and_whole_regions(monkeypatch):
         assert len(members) == len(set(members))
     times = [s.time_ms for s in result.steps]
     assert all(b < a for a, b in zip(times, times[1:]))
+    # regions saving ten times more: the region moves first, and its 3x3 Convs are no longer offered alone
+    monkeypatch.setattr(tuning.LatencyTable, "saving", lambda table, unit, rate: saving(table, unit, rate) * (
+        10 if len(table.ladder.units[unit]) > 1 else 1))
+    tried.clear()
+    result = onnx_perforate.tune(model, [{"x": x}], ladder=(0.0, 0.3, 0.6), tie="auto", repeats=3,
+                                 progress=False, max_accuracy_drop=1.0, baselines=False)
+    assert result.steps[1].layer == region and set(result.steps[-1].rates) == {region}
+    first_region_step = next(i for i, t in enumerate(tried) if region in t)
+    assert not any(t & {"fire2_e3", "fire3_e3"} for t in tried[first_region_step + 1:])
     with pytest.raises(PerforateError, match="tie must be one of"):
         onnx_perforate.tune(model, [{"x": x}], tie="everything", progress=False)
+
+
+def test_step_recovery_with_nothing_to_recover():
+    """bias_correction after a step that perforated only a Conv without bias (synthetic conv2) recovers
+    nothing and the search goes on; bn_reestimation on a model without BatchNormalization is refused
+    before any timing."""
+    result = onnx_perforate.tune(synthetic_cnn(), labelled_batches(), ladder=(0.0, 0.5), layers=["conv2"],
+                                 repeats=3, progress=False, monotone=False, baselines=False,
+                                 step_recovery="bias_correction")
+    assert set(result.masks) == {"conv2"}
+    g = GraphBuilder(channels=4, hw=10)
+    model = g.model([g.op("GlobalAveragePool", [fire(g, "x", 4, "fire2")], "gap")])
+    x = np.random.default_rng(0).uniform(0.1, 1.0, (8, 4, 10, 10)).astype(np.float32)
+    with pytest.raises(PerforateError, match="no BatchNormalization"):
+        onnx_perforate.tune(model, [{"x": x}], step_recovery="bn_reestimation", progress=False)
+    with pytest.raises(PerforateError, match="no candidate among"):  # a 1x1 Conv alone in auto mode
+        onnx_perforate.tune(model, [{"x": x}], tie="auto", layers=["fire2_sq"], progress=False)
