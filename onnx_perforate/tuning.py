@@ -53,6 +53,7 @@ DEFAULT_LADDER = (0.0, 0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
 DEFAULT_MAX_ACCURACY_DROP = 0.10
 MASK_KINDS = ("impact", "uniform", "grid")
 TIES = ("none", "regions", "auto")
+FEW_CALIBRATION_IMAGES = 32  # below this the tuner warns
 STEP_RECOVERIES = ("none", "bn_reestimation", "bias_correction")
 
 
@@ -477,6 +478,9 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     analysed = analyse(model)  # loaded, checked and inferred once for every rewrite below
     original = analysed.model
     calibration, holdout = calibration_set(original, data).split(subset_size)
+    if len(calibration) < FEW_CALIBRATION_IMAGES:
+        log.warning("%d calibration image(s): the loss each step is chosen by is mostly noise (use %d or more)",
+                    len(calibration), FEW_CALIBRATION_IMAGES)
     # singles: the Convs tuned alone; convs: every Conv a unit may hold (regions take 1x1 Convs too)
     convs = singles = spatial_convs(analysed)
     if include_1x1 or tie != "none":

@@ -378,3 +378,10 @@ def test_step_recovery_with_nothing_to_recover():
         onnx_perforate.tune(model, [{"x": x}], step_recovery="bn_reestimation", progress=False)
     with pytest.raises(PerforateError, match="no candidate among"):  # a 1x1 Conv alone in auto mode
         onnx_perforate.tune(model, [{"x": x}], tie="auto", layers=["fire2_sq"], progress=False)
+
+
+def test_few_calibration_images_are_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="onnx_perforate.tuning"):
+        onnx_perforate.tune(synthetic_cnn(), labelled_batches(n=8, batch=8), ladder=(0.0, 0.5), layers=["conv1"],
+                            repeats=2, progress=False, monotone=False, baselines=False)
+    assert "8 calibration image(s)" in caplog.text
