@@ -471,7 +471,8 @@ def check_matches(perforated, original, masks, x, threads=None, tolerance: float
         raise PerforateError(
             f"the perforated model does not match the original: rewriting the original with the perforated "
             f"model's {len(masks)} masks gives outputs that differ by {gap:.3g} (relative to the largest "
-            f"output; expected <= {tolerance:g}); was it made from another model or modified since?")
+            f"output; expected <= {tolerance:g}); was it made from another model or modified since? (A model that "
+            "carries recovered values, e.g. from tune's step recovery, needs them as start=TuneResult.values)")
 
 
 def apply_parameters(perforated, original, masks, values: Mapping[str, np.ndarray], x, threads=None,

@@ -83,6 +83,9 @@ class TuneResult:
     step_masks: list = field(default_factory=list)  # {layer: bool mask} after each step (None: not known)
     baselines: dict = field(default_factory=dict)  # "resize": the original fed smaller images (held-out)
     recovery: dict = field(default_factory=dict)  # FinetuneResult.to_dict() when fine-tuned
+    # {initializer of the original: value} that ``model`` carries beyond the rewrite (step recovery,
+    # fine-tuning): pass it as ``start`` to a later finetune(model, original, ...)
+    values: dict = field(default_factory=dict)
 
     def model_at(self, original, step: int) -> onnx.ModelProto:
         """The perforated model after ``step`` (0: the original), to evaluate points of the curve."""
@@ -450,8 +453,8 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     step, that training-free recovery (:func:`~onnx_perforate.finetune.finetune`) is applied to the
     network so far, and the next step's candidates are judged on the recovered network. Both methods
     depend only on the current masks, so a resumed search recomputes them. ``TuneResult.model_at``
-    gives the curve's points without it; the result carries it, so it is no longer the original's
-    rewrite and a later :func:`~onnx_perforate.finetune.finetune` refuses it (use ``finetune=`` here).
+    gives the curve's points without it; the result carries it (``TuneResult.values``: pass them as
+    ``start`` to a later :func:`~onnx_perforate.finetune.finetune`, which refuses the model without).
     """
     started = time.perf_counter()
     if max_accuracy_drop is None:
@@ -636,6 +639,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             options.setdefault("start", values)
         outcome = recover(final_model, original, calibration, **options)
         recovered, recovery = outcome.model, outcome.to_dict()
+        values = outcome.values
         log.info("%s", outcome.summary())
     models = {"perforated": final_model, **({"recovered": recovered} if recovered is not None else {})}
     baseline = {}
@@ -653,7 +657,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     return TuneResult(model=recovered if recovered is not None else final_model, masks=final_masks, steps=steps,
                       stopped=stopped, settings=settings,
                       holdout=_evaluate_holdout(original, models, holdout, threads, batch_size),
-                      step_masks=step_masks, baselines=baseline, recovery=recovery)
+                      step_masks=step_masks, baselines=baseline, recovery=recovery, values=values)
 
 
 def _evaluate_holdout(original, models: Mapping, holdout: CalibrationSet | None, threads, batch_size) -> dict:

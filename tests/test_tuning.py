@@ -309,6 +309,13 @@ def test_step_recovery_judges_candidates_on_the_recovered_network(monkeypatch):
     got = run_ort(result.model, {"image": x})[0]
     np.testing.assert_allclose(got, run_ort(expected, {"image": x})[0], rtol=1e-4, atol=1e-5)
     assert not np.allclose(got, run_ort(without, {"image": x})[0], rtol=1e-4, atol=1e-5)
+    # a later recovery needs the values the model carries: refused without them, accepted with them
+    from onnx_perforate.finetune import finetune
+
+    with pytest.raises(PerforateError, match="start=TuneResult.values"):
+        finetune(result.model, model, data, method="bias_correction", progress=False, threads=1)
+    assert result.values == values
+    finetune(result.model, model, data, method="bias_correction", progress=False, threads=1, start=result.values)
 
 
 def test_step_recovery_setting_is_checked():
