@@ -92,6 +92,32 @@ def run_ort(model: onnx.ModelProto, feeds, *, threads: int = 1, library: bool = 
     return session.run(None, as_feeds(model, feeds))
 
 
+def changing_index_runs(nodes, x_type, initializers, side: int, computed: int, threads: int = 2):
+    """A session of ``nodes`` whose x, mask, X_index and index are graph inputs, and the (producer, mask)
+    pairs to feed it run after run. Equal seeds give equal values in fresh buffers (a plan cached per
+    index is then reused); the mask and the producer's positions change one at a time, always
+    ``computed`` positions, so K_in alone does not tell them apart and a cache ignoring either index
+    gives wrong results."""
+    graph = helper.make_graph(
+        nodes, "dynamic",
+        [helper.make_tensor_value_info("x", x_type, None),
+         helper.make_tensor_value_info("mask", TensorProto.BOOL, None),
+         helper.make_tensor_value_info("x_index", TensorProto.INT64, None),
+         helper.make_tensor_value_info("index", TensorProto.INT64, None)],
+        [helper.make_tensor_value_info("y", x_type, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+    session = ort.InferenceSession(model.SerializeToString(), onnx_perforate.session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    runs = []
+    for mask_seed, producer_seed in [(0, 0), (0, 0), (1, 0), (1, 1), (1, 1), (0, 1)]:
+        producer = np.zeros((side, side), bool)
+        producer.flat[np.random.default_rng(200 + producer_seed).choice(side * side, computed, replace=False)] = True
+        mask = np.random.default_rng(100 + mask_seed).random((side, side)) < 0.5
+        mask[0, 0] = True
+        runs.append((producer, mask))
+    return session, runs
+
+
 def run_reference(model: onnx.ModelProto, feeds) -> list[np.ndarray]:
     """All outputs of `model` in onnx.reference, with the package's numpy implementations of its ops."""
     return ops.reference_evaluator(model).run(None, as_feeds(model, feeds))

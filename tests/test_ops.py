@@ -20,6 +20,7 @@ from onnx_perforate import ops
 
 from helpers import (
     assert_close_to_reference,
+    changing_index_runs,
     bad_model,
     expect_error,
     needs_library,
@@ -425,24 +426,9 @@ def test_non_constant_mask_and_index_follow_every_run():
     b = rng.standard_normal(8).astype(np.float32)
     nodes = [ops.make_perforated_conv_node(["x", "w", "b", "mask", "x_index"], "yc", attrs, "conv"),
              ops.make_nn_interpolate_node("yc", "index", "y", "conv/interpolate")]
-    graph = helper.make_graph(
-        nodes, "dynamic",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("mask", TensorProto.BOOL, None),
-         helper.make_tensor_value_info("x_index", TensorProto.INT64, None),
-         helper.make_tensor_value_info("index", TensorProto.INT64, None)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
-    session = ort.InferenceSession(model.SerializeToString(), onnx_perforate.session_options(2),
-                                   providers=["CPUExecutionProvider"])
-    # (mask seed, producer seed): equal seeds give equal values in fresh buffers (a cached plan is then
-    # reused); the mask and X_index change one at a time, so a cache ignoring either gives wrong results.
-    for mask_seed, producer_seed in [(0, 0), (0, 0), (1, 0), (1, 1), (1, 1), (0, 1)]:
-        producer = np.zeros((7, 7), bool)  # always 30 positions: K_in alone does not tell the indices apart
-        producer.flat[np.random.default_rng(200 + producer_seed).choice(49, 30, replace=False)] = True
-        mask = np.random.default_rng(100 + mask_seed).random((7, 7)) < 0.5
-        mask[0, 0] = True
+    session, runs = changing_index_runs(nodes, TensorProto.FLOAT, [numpy_helper.from_array(w, "w"),
+                                                                   numpy_helper.from_array(b, "b")], 7, 30)
+    for producer, mask in runs:
         x_index = ops.nearest_index(producer)
         compact = rng.standard_normal((2, 6, int(producer.sum()))).astype(np.float32)
         feeds = {"x": compact, "mask": mask.copy(), "x_index": x_index.copy(), "index": ops.nearest_index(mask)}

@@ -9,12 +9,10 @@ import subprocess
 import sys
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import expect_error, run_ort
-import onnx_perforate
+from helpers import changing_index_runs, expect_error, run_ort
 from onnx_perforate import ops
 
 pytestmark = pytest.mark.usefixtures("require_library")
@@ -314,24 +312,9 @@ def test_non_constant_mask_and_indices_follow_every_run():
     inputs = QLINEAR_INPUTS + ["B", "mask", "x_index"]
     nodes = [ops.make_perforated_qlinear_conv_node(inputs, "yc", attrs, "qconv"),
              ops.make_nn_interpolate_node("yc", "index", "y", "qconv/interpolate")]
-    graph = helper.make_graph(
-        nodes, "dynamic",
-        [helper.make_tensor_value_info("x", TensorProto.UINT8, None),
-         helper.make_tensor_value_info("mask", TensorProto.BOOL, None),
-         helper.make_tensor_value_info("x_index", TensorProto.INT64, None),
-         helper.make_tensor_value_info("index", TensorProto.INT64, None)],
-        [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
-        [numpy_helper.from_array(np.asarray(v), k) for k, v in params.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
-    session = ort.InferenceSession(model.SerializeToString(), onnx_perforate.session_options(2),
-                                   providers=["CPUExecutionProvider"])
-    # (mask seed, producer seed): equal seeds give equal values in fresh buffers (a plan is reused); the
-    # mask and X_index change one at a time, so a plan that ignored either would give wrong results.
-    for mask_seed, producer_seed in [(0, 0), (0, 0), (1, 0), (1, 1), (1, 1), (0, 1)]:
-        producer = np.zeros((12, 12), bool)  # always 80 positions: K_in alone does not tell them apart
-        producer.flat[np.random.default_rng(200 + producer_seed).choice(144, 80, replace=False)] = True
-        mask = np.random.default_rng(100 + mask_seed).random((12, 12)) < 0.5
-        mask[0, 0] = True
+    session, runs = changing_index_runs(nodes, TensorProto.UINT8,
+                                        [numpy_helper.from_array(np.asarray(v), k) for k, v in params.items()], 12, 80)
+    for producer, mask in runs:
         x_index, index = ops.nearest_index(producer), ops.nearest_index(mask)
         compact = x.reshape(2, 8, -1)[:, :, np.flatnonzero(producer)].copy()
         y = session.run(None, {"x": compact, "mask": mask.copy(), "x_index": x_index.copy(), "index": index.copy()})[0]
