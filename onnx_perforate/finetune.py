@@ -661,13 +661,17 @@ def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, histor
     total = steps_per_epoch * options["epochs"]
     warmup = max(1, min(100, total // 20))
     beta1, beta2, eps = 0.9, 0.999, 1e-8
-    m = {k: np.zeros_like(v) for k, v in trainer.values.items()}
-    v = {k: np.zeros_like(x) for k, x in trainer.values.items()}
-    best = {k: x.copy() for k, x in trainer.values.items()}
+    initial = {k: x.copy() for k, x in trainer.values.items()}
+
+    def fresh_state():
+        """Adam's moments at zero and the input as the best state (a start, or a back-off's restart)."""
+        return ({k: np.zeros_like(x) for k, x in initial.items()}, {k: np.zeros_like(x) for k, x in initial.items()},
+                {k: x.copy() for k, x in initial.items()})
+
+    m, v, best = fresh_state()
     best_loss, best_epoch, first_epoch, step, bad = history[0]["loss"], 0, 1, 0, 0
     resumed = 0
     peak = options["learning_rate"]
-    initial = {k: x.copy() for k, x in trainer.values.items()}
     attempts = []  # the learning rates abandoned, with the epochs they ran
     loaded = checkpoint.load()
     if loaded is not None:
@@ -732,9 +736,7 @@ def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, histor
                 bar.total += epoch * steps_per_epoch
             peak /= 10
             trainer.values.update({k: x.copy() for k, x in initial.items()})
-            m = {k: np.zeros_like(x) for k, x in trainer.values.items()}
-            v = {k: np.zeros_like(x) for k, x in trainer.values.items()}
-            best = {k: x.copy() for k, x in initial.items()}
+            m, v, best = fresh_state()
             best_loss, best_epoch, step, bad, epoch = history[0]["loss"], 0, 0, 0, 0
             del history[1:]
             continue
@@ -782,12 +784,8 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
     # an analysed model (from onnx_perforate.analysis) is taken as the model it holds
     perforated, original = (m.model if isinstance(m, AnalysedModel) else m for m in (perforated, original))
     if method == "auto":  # BN re-estimation first where it applies: cheap, and never worse
-        model = load_model(original)
-        constants = _initializers(model)
-        has_bn = any(n.op_type == "BatchNormalization" and all(i in constants for i in n.input[1:5])
-                     for n in model.graph.node)
-        method = "bn_reestimation+distill" if has_bn else "distill"
-        original = model
+        original = load_model(original)
+        method = "bn_reestimation+distill" if method_applies("bn_reestimation", original, {}) else "distill"
     if isinstance(method, str) and "+" in method:  # a chain, e.g. "bn_reestimation+distill"
         options = dict(parameters=parameters, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                        label_weight=label_weight, holdout=holdout, patience=patience, augment=augment, seed=seed,

@@ -562,11 +562,13 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             best = None
             now = {k: ladder[v] for k, v in rungs.items() if v}
             moved = {member: unit for unit in now for member in units[unit]}
+            # tie="auto": a unit sharing a Conv with another unit that moved is no longer a candidate
+            blocked = {u for u in units if any(moved.get(member, u) != u for member in units[u])}
             for number, name in enumerate(units, 1):
                 if rungs[name] + 1 >= len(ladder):
                     continue
-                if any(moved.get(member, name) != name for member in units[name]):
-                    continue  # tie="auto": a member already moved with another unit
+                if name in blocked:
+                    continue
                 if bar is not None:
                     bar.set_postfix_str(f"trying {name} ({number}/{len(units)})")
                 rung = next_rung(latency, ladder, now, name, rungs[name]) if monotone else rungs[name] + 1
@@ -587,7 +589,6 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 if best is None or rank < best[0]:
                     best = (rank, name, rung, trial, candidate, measured)
             if best is None:
-                blocked = {u for u in units if any(moved.get(m, u) != u for m in units[u])}
                 if any(rungs[u] + 1 < len(ladder) for u in units if u not in blocked):
                     stopped = "no layer's next rungs would make the network faster (per-layer latency table)"
                 elif blocked:
