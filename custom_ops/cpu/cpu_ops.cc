@@ -79,30 +79,37 @@ struct NNInterpolateKernel : NNInterpolateKernelBase<NNInterpolateKernel<T>, T> 
 
   void Interpolate(const Ort::KernelContext& ctx, const std::shared_ptr<const InterpolationIndex>& index,
                    const T* yc, T* y, int64_t planes, int64_t count) {
+    const auto plan = Plan(index);
     if constexpr (std::is_same_v<T, uint8_t> || std::is_same_v<T, int8_t>) {  // a byte gather either way
-      const auto plan = BytePlan(index);
       NNInterpolateCpu::Compute(planes, count, index->values.data(), index->positions(),
                                 reinterpret_cast<const uint8_t*>(yc), reinterpret_cast<uint8_t*>(y),
                                 MakeParallelRunner(ctx), plan.get());
     } else {
-      NNInterpolateCpu::Compute(planes, count, index->values.data(), index->positions(), yc, y, MakeParallelRunner(ctx));
+      NNInterpolateCpu::Compute(planes, count, index->values.data(), index->positions(), yc, y, MakeParallelRunner(ctx),
+                                plan.get());
     }
   }
 
+  // The permute plan of this element type (nn_interpolate.h).
+  using PermutePlanType = std::conditional_t<std::is_same_v<T, float>, FloatPermutePlan, BytePermutePlan>;
+
   // Planned once per index object: the base hands back the same object while the index values are
   // unchanged (see NNInterpolateKernelBase), so the address identifies the values.
-  std::shared_ptr<const BytePermutePlan> BytePlan(const std::shared_ptr<const InterpolationIndex>& index) {
+  std::shared_ptr<const PermutePlanType> Plan(const std::shared_ptr<const InterpolationIndex>& index) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (planned_index_ != index) {
-      byte_plan_ = NNInterpolateCpu::PlanBytes(index->values.data(), index->positions());
+      if constexpr (std::is_same_v<T, float>)
+        plan_ = NNInterpolateCpu::PlanFloats(index->values.data(), index->positions());
+      else
+        plan_ = NNInterpolateCpu::PlanBytes(index->values.data(), index->positions());
       planned_index_ = index;
     }
-    return byte_plan_;
+    return plan_;
   }
 
   std::mutex mutex_;
   std::shared_ptr<const InterpolationIndex> planned_index_;
-  std::shared_ptr<const BytePermutePlan> byte_plan_;
+  std::shared_ptr<const PermutePlanType> plan_;
 };
 
 struct CompactPoolKernel : CompactPoolKernelBase<CompactPoolKernel> {
