@@ -52,12 +52,8 @@ __attribute__((always_inline)) inline void MicroKernel(int64_t kc, const float* 
   int64_t offset[kNr];
 #pragma GCC unroll 16
   for (int j = 0; j < kNr; ++j) offset[j] = positions[j];
-  for (int64_t p = 0; p < kc; ++p) {
+  auto step = [&](int64_t p) __attribute__((always_inline)) {
     const float* row = rows[p];
-    if constexpr (kPrefetch) {
-#pragma GCC unroll 2
-      for (int v = 0; v < kVectors; ++v) __builtin_prefetch(a + (p + kPrefetchDistance) * kMr + v * kWidth, 0, 3);
-    }
     V av[kVectors];
 #pragma GCC unroll 2
     for (int v = 0; v < kVectors; ++v) av[v] = Load<V>(a + p * kMr + v * kWidth);
@@ -67,6 +63,20 @@ __attribute__((always_inline)) inline void MicroKernel(int64_t kc, const float* 
 #pragma GCC unroll 2
       for (int v = 0; v < kVectors; ++v) acc[j][v] += av[v] * bj;
     }
+  };
+  if constexpr (kPrefetch) {
+    // The prefetches go out in bursts, one per cache line of the next kBurst steps' weights, ahead of
+    // a loop of plain steps: issued inside every step they cost ~12% (more registers in the loop).
+    constexpr int64_t kBurst = 16, kLinesPerBurst = kBurst * kMr * sizeof(float) / 64;
+    for (int64_t p0 = 0; p0 < kc; p0 += kBurst) {
+      const float* ahead = a + (p0 + kPrefetchDistance) * kMr;
+#pragma GCC unroll 32
+      for (int64_t l = 0; l < kLinesPerBurst; ++l) __builtin_prefetch(ahead + l * 16, 0, 3);
+      const int64_t end = std::min(kc, p0 + kBurst);
+      for (int64_t p = p0; p < end; ++p) step(p);
+    }
+  } else {
+    for (int64_t p = 0; p < kc; ++p) step(p);
   }
 #pragma GCC unroll 16
   for (int j = 0; j < kNr; ++j)

@@ -93,9 +93,17 @@ T* Scratch(std::vector<T>& buffer, size_t size) {
   return buffer.data();
 }
 
-// Reduction depth of one pass: the MR x KC weight panels (32 KiB each at KC = 256) stay in L2 while
-// the input pixels of one tile of positions stay in L1 across all of them.
-constexpr int64_t kKc = 256;
+// Reduction depth of one pass: the MR x KC weight panels (up to 64 KiB each) stay in L2 while the
+// input pixels of one tile of positions stay in L1 across all of them. The patch is cut into equal
+// passes of at most kMaxKc (a short last pass would pay a tile's fixed costs for little work): 512
+// rather than 256 measured 2-3% faster on the 3x3 layers of bench_kernels (fewer accumulator
+// round trips through the tile buffer).
+constexpr int64_t kMaxKc = 512;
+
+int64_t PassDepth(int64_t patch) {
+  const int64_t passes = (patch + kMaxKc - 1) / kMaxKc;
+  return (patch + passes - 1) / passes;
+}
 
 // Bytes of weight panels one KC pass may stream and still expect to find in L2 on its next tile: half
 // of a 1 MiB L2.
@@ -269,8 +277,9 @@ void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIn
       for (int64_t p = 0; p < patch; ++p) rows[p] = x_group + (p / taps) * padded_plane + padded.tap_offsets[p % taps];
       // tile[k * width + m]: the block's outputs, position-major, accumulated across KC passes.
       float* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * width));
-      for (int64_t pc = 0; pc < patch; pc += kKc) {
-        const int64_t kc = std::min(kKc, patch - pc);
+      const int64_t depth = PassDepth(patch);
+      for (int64_t pc = 0; pc < patch; pc += depth) {
+        const int64_t kc = std::min(depth, patch - pc);
         // The first tile streams the pass's weight panels from L3 or memory (the layers before evicted
         // them from L2): it prefetches them. The other tiles find them in L2, unless they do not fit.
         const bool panels_exceed_l2 = width * kc * int64_t{sizeof(float)} > kL2Share;
