@@ -43,7 +43,7 @@ from .analysis import AnalysedModel
 from .calibration import CalibrationSet, calibration_set
 from .errors import PerforateError
 from .gradients import GradientError, build_gradient_model, prepare_model
-from .graph import atomic_outputs, consumers, find_node, load_model, node_key
+from .graph import atomic_outputs, consumers, find_node, load_model, node_key, producer_nodes
 from .impact import interpolation_index
 from .inspection import inspect
 from .rewrite import rewrite
@@ -108,7 +108,7 @@ def perforation_masks(perforated: onnx.ModelProto, original: onnx.ModelProto) ->
     """{Conv key of ``original``: bool mask} read from the PerforatedConv nodes of ``perforated``: the
     masks that rewriting ``original`` needs to give ``perforated`` again."""
     constants = {t.name: t for t in perforated.graph.initializer}
-    producers = {o: n for n in perforated.graph.node for o in n.output}
+    producers = producer_nodes(perforated)
     shapes = None
     masks = {}
     for node in perforated.graph.node:
@@ -212,7 +212,7 @@ def _parameters_as_inputs(model: onnx.ModelProto, names) -> dict[str, str]:
     {parameter: input name}. onnx-ad folds an Identity of a constant into a Constant node: such a node
     producing ``name + PARAM_SUFFIX`` becomes the input instead."""
     graph = model.graph
-    producers = {o: n for n in graph.node for o in n.output}
+    producers = producer_nodes(model)
     feeds = {}
     constants = _initializers(model)
     drop_nodes = []

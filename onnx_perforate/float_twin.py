@@ -28,7 +28,7 @@ from onnx import helper, numpy_helper
 
 from . import ops
 from .errors import PerforateError
-from .graph import constant_node_value, graph_names, node_attributes, unique_name
+from .graph import constant_node_value, graph_names, node_attributes, producer_nodes, unique_name
 
 __all__ = ["float_twin", "is_qdq"]
 
@@ -61,7 +61,7 @@ def float_twin(model: onnx.ModelProto) -> onnx.ModelProto:
         value = constant_node_value(node.attribute) if node.op_type == "Constant" else None
         if value is not None:
             constants[node.output[0]] = value
-    producers = {o: n for n in graph.node for o in n.output}
+    producers = producer_nodes(twin)
     taken = graph_names(graph)
 
     def constant(name):

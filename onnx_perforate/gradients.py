@@ -26,7 +26,8 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference, version_con
 
 from . import runtime
 from .errors import PerforateError
-from .graph import declared_shapes, default_opset, graph_names, load_model, node_attributes, unique_name
+from .graph import (declared_shapes, default_opset, graph_names, load_model, node_attributes, producer_nodes,
+                    unique_name)
 from .opset import gather_positions
 
 try:  # onnx-ad's rule tables, consulted only to report every gap at once; onnx-ad's own
@@ -173,7 +174,7 @@ def _log_probabilities(model, output, scores, fresh, nodes, inits, rename=lambda
     differentiated through Log(p): p underflows to 0 in float32 for confident models, and
     log(0) poisons the gradient, so the Softmax's input gets a LogSoftmax instead
     (mathematically identical)."""
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers = producer_nodes(model)
     shapes = _shapes(model)
     flat_shape = fresh("logp_shape")
     inits.append(numpy_helper.from_array(np.array([0, -1], np.int64), flat_shape))

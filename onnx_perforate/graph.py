@@ -397,6 +397,11 @@ def constant_node_value(attributes) -> np.ndarray | None:
     return None
 
 
+def producer_nodes(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """{tensor: the node of ``model``'s main graph that produces it}."""
+    return {name: node for node in model.graph.node for name in node.output if name}
+
+
 def consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     uses: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
