@@ -55,6 +55,12 @@ MASK_KINDS = ("impact", "uniform", "grid")
 TIES = ("none", "regions", "auto")
 FEW_CALIBRATION_IMAGES = 32  # below this the tuner warns
 STEP_RECOVERIES = ("none", "bn_reestimation", "bias_correction")
+# Landing on the target: a last move that would overshoot it is cut to the least rate (on this grid)
+# predicted to reach the target with this margin, for mask kinds whose masks have exactly the computed
+# count a rate asks for (a grid mask snaps to its lattices).
+LANDING_RESOLUTION = 0.01
+LANDING_MARGIN = 0.01
+LANDING_MASK_KINDS = ("impact", "uniform")
 
 
 @dataclass
@@ -118,6 +124,14 @@ class TuneResult:
         if self.settings.get("measured_speedup"):
             lines.append(f"speed-up predicted from the per-layer latency table {self.final.speedup:.2f}x, "
                          f"timed end to end (interleaved with the original) {self.settings['measured_speedup']:.2f}x")
+        landing = self.settings.get("landing")
+        if landing:
+            kept = (f"timed {landing['measured_speedup']:.2f}x, the ladder's {landing['ladder_rate']:g} "
+                    f"{landing['ladder_measured_speedup']:.2f}x" if landing["kept"] == "landed" else
+                    f"timed {landing['measured_speedup']:.2f}x, short of the target: the ladder's "
+                    f"{landing['ladder_rate']:g} ({landing['ladder_measured_speedup']:.2f}x) was kept instead")
+            lines.append(f"the last move was cut to land on the target: {landing['unit']} at {landing['rate']:g} "
+                         f"instead of {landing['ladder_rate']:g} ({kept})")
         h = self.holdout
         for stage, label in (("tuned", ""), ("recovered", f" after recovery ({self.recovery.get('method')})")):
             if f"{stage}_agreement" not in h:
@@ -421,6 +435,21 @@ def next_rung(latency: LatencyTable, ladder, rates: Mapping[str, float], unit: s
     return None
 
 
+def landing_rate(latency: LatencyTable, rates: Mapping[str, float], unit: str, low: float, high: float,
+                 target_time: float, resolution: float = LANDING_RESOLUTION) -> float | None:
+    """The least rate strictly between ``low`` and ``high`` (a multiple of ``resolution``) at which
+    the network, with ``unit`` at that rate and the others at ``rates``, is predicted to take at most
+    ``target_time``; None when only ``high`` gets there. A ladder's rungs are coarse at the top (0.8 ->
+    0.85 skips a quarter of the positions left), so the move that reaches a target often overshoots
+    it, and every position skipped beyond the target costs accuracy for speed nobody asked for."""
+    first = math.floor(low / resolution + 1e-9) + 1
+    for index in range(first, math.ceil(high / resolution - 1e-9)):
+        rate = round(index * resolution, 10)
+        if latency.predict(dict(rates, **{unit: rate})) <= target_time:
+            return rate
+    return None
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -550,6 +579,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
         working, values = _recover_step(analysed, ladder_masks.expand(current), calibration, step_recovery, threads)
 
     stopped = "every layer reached the top of its ladder"
+    landing = None  # the last move as the ladder had it, when it was cut to land on the target
     bar = _progress(progress, target_speedup, total=len(units) * (len(ladder) - 1))
     try:
         while True:
@@ -560,7 +590,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             if mask_kind == "impact" and (len(steps) - 1) % refresh_every == 0:
                 ladder_masks.refresh(current)
             best = None
-            now = {k: ladder[v] for k, v in rungs.items() if v}
+            now = dict(latest.rates)  # {unit: rate}; a landed last move's rate is off the ladder
             moved = {member: unit for unit in now for member in units[unit]}
             # tie="auto": a unit sharing a Conv with another unit that moved is no longer a candidate
             blocked = {u for u in units if any(moved.get(member, u) != u for member in units[u])}
@@ -596,9 +626,23 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                                f"({len(blocked)} blocked)")
                 break
             (cost, _), name, rung, trial, candidate, measured = best
+            rate = ladder[rung]
+            landing_time = base["time"] / (target_speedup * (1 + LANDING_MARGIN)) if target_speedup else None
+            if landing_time is not None and mask_kind in LANDING_MASK_KINDS and measured["time"] < landing_time:
+                landed = landing_rate(latency, now, name, now.get(name, 0.0), rate, landing_time)
+                if landed is not None:
+                    landed_trial = dict(current, **{name: ladder_masks.mask(name, landed, current[name])})
+                    landed_measured = dict(
+                        meter.measure(_perforate(working, ladder_masks.expand(landed_trial)), timed=False),
+                        time=latency.predict(dict(now, **{name: landed})))
+                    log.debug("landing %s at %.2f instead of %.2f: loss %.4f instead of %.4f", name, landed, rate,
+                              landed_measured["loss"], measured["loss"])
+                    landing = dict(unit=name, rate=rate, trial=trial, measured=measured, cost=cost)
+                    rate, trial, measured = landed, landed_trial, landed_measured
+                    cost = (measured["loss"] - base["loss"]) / (base["time"] - measured["time"])
             accuracy = measured["top1"] if measured["top1"] is not None else measured["agreement"]
             if max_accuracy_drop is not None and accuracy0 - accuracy > max_accuracy_drop:
-                stopped = (f"the next step ({name} -> {ladder[rung]:g}) would drop accuracy by "
+                stopped = (f"the next step ({name} -> {rate:g}) would drop accuracy by "
                            f"{accuracy0 - accuracy:.3f} > {max_accuracy_drop:g}")
                 break
             if step_recovery != "none":  # into locals first: a Ctrl-C here must leave the last step whole
@@ -609,8 +653,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 working, values = recovered, recovered_values
             rungs[name] = rung
             current = trial
-            rates = {k: ladder[v] for k, v in rungs.items() if v}
-            steps.append(_step(len(steps), name, rates, measured, base, cost, started))
+            steps.append(_step(len(steps), name, dict(now, **{name: rate}), measured, base, cost, started))
             step_masks.append({k: v for k, v in ladder_masks.expand(current).items() if not v.all()})
             if bar is not None:
                 bar.update(1)
@@ -623,14 +666,42 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
         if bar is not None:
             bar.close()
 
-    final_masks = {
-        member: Mask(current[unit], kind=mask_kind, rate=ladder[rungs[unit]])
-        for unit, members in units.items() if rungs[unit] > 0 for member in members
-    }
+    def masks_of(unit_masks, rates):
+        return {member: Mask(unit_masks[unit], kind=mask_kind, rate=rates[unit])
+                for unit, members in units.items() if rungs[unit] > 0 for member in members}
+
+    final_masks = masks_of(current, steps[-1].rates)
     final_model = _perforate(working, final_masks)
     if final_masks:  # the prediction, confirmed end to end
-        ratio = interleaved_ratios(meter, latency.reference, [meter.session(final_model)], 2 * repeats)[0]
-        settings["measured_speedup"] = round(1.0 / ratio, 3)
+        sessions = [meter.session(final_model)]
+        if landing is not None:  # timed beside the move as the ladder had it
+            sessions.append(meter.session(_perforate(working, ladder_masks.expand(landing["trial"]))))
+        speedups = [1.0 / r for r in interleaved_ratios(meter, latency.reference, sessions, 2 * repeats)]
+        settings["measured_speedup"] = round(speedups[0], 3)
+        if landing is not None:
+            unit = landing["unit"]
+            settings["landing"] = dict(unit=unit, rate=steps[-1].rates[unit], ladder_rate=landing["rate"],
+                                       measured_speedup=round(speedups[0], 3),
+                                       ladder_measured_speedup=round(speedups[1], 3), kept="landed")
+            overshoot = landing["measured"]
+            within_budget = max_accuracy_drop is None or accuracy0 - (
+                overshoot["top1"] if overshoot["top1"] is not None else overshoot["agreement"]) <= max_accuracy_drop
+            # The prediction was optimistic: the landed network misses the target on the clock while the
+            # ladder's move reaches it, so the ladder's move is the result.
+            if speedups[0] < target_speedup <= speedups[1] and within_budget:
+                current = landing["trial"]
+                rates = dict(steps[-1].rates, **{unit: landing["rate"]})
+                if step_recovery != "none":
+                    working, values = _recover_step(analysed, ladder_masks.expand(current), calibration,
+                                                    step_recovery, threads)
+                final_masks = masks_of(current, rates)
+                final_model = _perforate(working, final_masks)
+                if step_recovery != "none":  # the step's numbers on the recovered network, as for every step
+                    overshoot = dict(meter.measure(final_model, timed=False), time=overshoot["time"])
+                steps[-1] = _step(steps[-1].step, unit, rates, overshoot, base, landing["cost"], started)
+                step_masks[-1] = {k: v for k, v in ladder_masks.expand(current).items() if not v.all()}
+                settings["measured_speedup"] = round(speedups[1], 3)
+                settings["landing"]["kept"] = "ladder"
     recovered, recovery = None, {}
     if finetune and final_masks:
         from .finetune import finetune as recover

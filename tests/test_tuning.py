@@ -392,3 +392,67 @@ def test_few_calibration_images_are_warned_about(caplog):
         onnx_perforate.tune(synthetic_cnn(), labelled_batches(n=8, batch=8), ladder=(0.0, 0.5), layers=["conv1"],
                             repeats=2, progress=False, monotone=False, baselines=False)
     assert "8 calibration image(s)" in caplog.text
+
+
+class _LinearLatency:
+    """10 ms, less 5 ms per unit of rate of every unit."""
+
+    def predict(self, rates):
+        return 10.0 - sum(5.0 * rate for rate in rates.values())
+
+
+def test_landing_rate_is_the_least_rate_that_reaches_the_target():
+    latency = _LinearLatency()
+    assert tuning.landing_rate(latency, {}, "a", 0.5, 0.8, target_time=7.0) == pytest.approx(0.6)
+    assert tuning.landing_rate(latency, {"b": 0.2}, "a", 0.0, 0.8, target_time=7.0) == pytest.approx(0.4)
+    assert tuning.landing_rate(latency, {}, "a", 0.5, 0.6, target_time=7.0) is None  # only the rung itself
+    assert tuning.landing_rate(latency, {}, "a", 0.55, 0.9, target_time=7.2) == pytest.approx(0.56)
+
+
+def _landing_tune(monkeypatch, measured_speedups):
+    """conv4 alone on a ladder (0, 0.5, 0.9) whose top rung overshoots a 1.4x target; every unit of rate
+    saves half the original's time, and the end-to-end confirmation measures ``measured_speedups``
+    (landed model, ladder's model)."""
+    model, data = _fashion(96)
+    monkeypatch.setattr(tuning.LatencyTable, "saving", lambda table, unit, rate: 0.5 * table.base * rate)
+    timed = []
+
+    def confirmation(meter, reference, sessions, repeats):
+        timed.append(len(sessions))
+        return [1.0 / s for s in measured_speedups[:len(sessions)]]
+
+    monkeypatch.setattr(tuning, "interleaved_ratios", confirmation)
+    result = onnx_perforate.tune(model, data, target_speedup=1.4, ladder=(0.0, 0.5, 0.9), layers=["conv4"],
+                                 repeats=2, batch_size=32, timing_batch=4, progress=False, baselines=False,
+                                 max_accuracy_drop=1.0)
+    assert timed == [2]  # the landed model timed beside the ladder's move
+    return result
+
+
+def test_a_last_move_that_overshoots_the_target_lands_on_it(monkeypatch):
+    result = _landing_tune(monkeypatch, [1.45, 1.8])
+    # 1 / (1 - 0.5 r) >= 1.4 x 1.01 from r = 0.5857: the least rate on the 0.01 grid is 0.59, not 0.9
+    assert result.steps[-1].rates == {"conv4": pytest.approx(0.59)}
+    assert result.masks["conv4"].rate == pytest.approx(0.59)
+    assert abs(result.masks["conv4"].achieved_rate - 0.59) < 0.01
+    assert 1.4 <= result.final.speedup < 1.45
+    assert result.settings["landing"] == dict(unit="conv4", rate=pytest.approx(0.59), ladder_rate=0.9,
+                                              measured_speedup=1.45, ladder_measured_speedup=1.8, kept="landed")
+    assert result.settings["measured_speedup"] == 1.45
+    assert result.stopped.startswith("reached the target")
+    masks = result.step_masks[-1]["conv4"]
+    assert abs(1 - masks.mean() - 0.59) < 0.01  # the curve's last point is the landed network
+
+
+def test_a_landed_move_that_misses_the_target_on_the_clock_falls_back_to_the_ladder(monkeypatch):
+    result = _landing_tune(monkeypatch, [1.3, 1.8])
+    assert result.steps[-1].rates == {"conv4": 0.9}
+    assert result.masks["conv4"].rate == 0.9 and abs(result.masks["conv4"].achieved_rate - 0.9) < 0.01
+    assert result.settings["landing"]["kept"] == "ladder"
+    assert result.settings["measured_speedup"] == 1.8
+    assert abs(1 - result.step_masks[-1]["conv4"].mean() - 0.9) < 0.01
+
+
+def test_the_summary_says_where_the_last_move_landed(monkeypatch):
+    assert "conv4 at 0.59 instead of 0.9" in _landing_tune(monkeypatch, [1.45, 1.8]).summary()
+    assert "the ladder's 0.9 (1.80x) was kept instead" in _landing_tune(monkeypatch, [1.3, 1.8]).summary()
