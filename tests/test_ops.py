@@ -141,6 +141,24 @@ def test_random_mask_on_large_layers(x_shape, w_shape, attrs):
     assert_close_to_reference(yc, x, w, b, mask, attrs)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch, group, activation", [(1, 1, "Relu"), (2, 1, ""), (2, 2, "Clip")])
+def test_few_positions_many_channels(batch, group, activation, threads):
+    """Small perforated layers (few computed positions, many output channels) split their channels over
+    several tasks per core: 200 channels per group are 7 panels, 6 full and one of 8 rows, in splits of
+    2; fewer than 16 positions per image leave a partial block for the masked store."""
+    rng = np.random.default_rng(12 + batch + group)
+    x = rng.standard_normal((batch, 24 * group, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((200 * group, 24, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(200 * group).astype(np.float32)
+    attrs = ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=group, activation=activation, clip_min=-1.0,
+                               clip_max=2.0)
+    mask = rng.random((9, 9)) < 0.15
+    mask[4, 4] = True
+    yc = run_ort(perforated_model(x.shape, w, b, mask, attrs, interpolate=False), {"x": x}, threads=threads)[0]
+    assert_close_to_reference(yc, x, w, b, mask, attrs)
+
+
 def test_uint8_mask_and_missing_bias():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 8, 9, 9)).astype(np.float32)

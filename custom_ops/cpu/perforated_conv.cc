@@ -224,7 +224,7 @@ void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIn
                     const PackedWeights& packed, int64_t count) {
   const ConvShape& s = c.s;
   const ConvAttributes& a = c.a;
-  const int64_t taps = s.taps(), cg = s.in_channels_per_group(), mg = s.out_channels_per_group();
+  const int64_t taps = s.taps(), mg = s.out_channels_per_group();
   const int64_t patch = s.patch_size();
   const GemmIsa& isa = BestGemmIsa();
   const int64_t nr = isa.nr, mr = packed.mr;
@@ -253,6 +253,13 @@ void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIn
     }
     const float* batch_input = input + n0 * image;
     float* batch_output = c.yc + n0 * s.out_channels * count;
+    // rows[g * patch + p]: where row p = (channel, tap) of group g's im2col matrix starts in the padded
+    // input. Built once per call, before the tasks (which only read it): per task it cost up to 4% of
+    // a small layer (a division per row).
+    const float** rows_all = Scratch(tls_rows, static_cast<size_t>(s.group * patch));
+    for (int64_t channel = 0; channel < s.in_channels; ++channel)
+      for (int64_t tap = 0; tap < taps; ++tap)
+        rows_all[channel * taps + tap] = batch_input + channel * padded_plane + padded.tap_offsets[tap];
     // Layers whose positions fit in one block per core split their output channels across the
     // cores instead (below): each core then streams only its share of the weights from L3.
     const int64_t max_block = 16 * nr;
@@ -261,20 +268,23 @@ void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIn
                                          : ColumnBlock(columns, s.group, nr, 2 * nr, max_block);
     const int64_t blocks = (columns + block - 1) / block;
     // Too few column blocks for the cores (small perforated layers): split the output channels too,
-    // so each core streams only its share of the weights.
-    const int64_t splits = std::min(packed.panels, std::max<int64_t>(1, (Cores() + s.group * blocks - 1) /
-                                                                          (s.group * blocks)));
-    const int64_t panels_per_split = (packed.panels + splits - 1) / splits;
+    // so each core streams only its share of the weights. Split ones go to several tasks per core:
+    // the pool's tasks are claimed dynamically, so the calling thread takes over the work of a worker
+    // that wakes late (spinning off) instead of waiting for it.
+    constexpr int64_t kSplitTasksPerCore = 3;
+    const int64_t wanted_tasks = split_channels ? kSplitTasksPerCore * Cores() : Cores();
+    const int64_t outer_tasks = s.group * blocks;
+    const int64_t wanted_splits =
+        std::min(packed.panels, std::max<int64_t>(1, (wanted_tasks + outer_tasks - 1) / outer_tasks));
+    const int64_t panels_per_split = (packed.panels + wanted_splits - 1) / wanted_splits;
+    const int64_t splits = (packed.panels + panels_per_split - 1) / panels_per_split;  // none left empty
     c.parallel(static_cast<size_t>(s.group * blocks * splits), [&](size_t t) {
       const int64_t split = t % splits, b = (t / splits) % blocks, g = t / splits / blocks;
       const int64_t i0 = split * panels_per_split, i1 = std::min(packed.panels, i0 + panels_per_split);
       const int64_t m0 = i0 * mr, m1 = std::min(mg, i1 * mr), width = (i1 - i0) * mr;
       if (m0 >= m1) return;
       const int64_t k0 = b * block, kn = std::min(block, columns - k0), tiles = (kn + nr - 1) / nr;
-      // rows[p]: where row p = (channel, tap) of the im2col matrix starts in the padded input.
-      const float* x_group = batch_input + g * cg * padded_plane;
-      const float** rows = Scratch(tls_rows, static_cast<size_t>(patch));
-      for (int64_t p = 0; p < patch; ++p) rows[p] = x_group + (p / taps) * padded_plane + padded.tap_offsets[p % taps];
+      const float* const* rows = rows_all + g * patch;
       // tile[k * width + m]: the block's outputs, position-major, accumulated across KC passes.
       float* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * width));
       const int64_t depth = PassDepth(patch);
