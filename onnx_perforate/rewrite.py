@@ -266,7 +266,7 @@ def _rewrite_plan(analysed, plan, options: RewriteOptions) -> tuple[onnx.ModelPr
     surgeon = Surgeon(graph, analysed.opset)
     # Tensor names are unique (SSA), node names need not be: find the gs node by its output.
     by_output = {n.outputs[0].name: n for n in graph.nodes if n.outputs}
-    seeds, quantized_seeds = [], []
+    seeds, quantized_layers = [], False
     matched = {}  # every quantized convolution is matched before any is rewritten: errors leave nothing half-done
     for geometry, _ in plan:
         conv = by_output[geometry.node.output[0]]
@@ -276,17 +276,15 @@ def _rewrite_plan(analysed, plan, options: RewriteOptions) -> tuple[onnx.ModelPr
         conv = by_output[geometry.node.output[0]]
         if geometry.key in matched:
             layer, interpolate = _perforate_quantized(surgeon, conv, matched[geometry.key], geometry, mask)
-            quantized_seeds.append((layer, interpolate))
+            quantized_layers = True
         else:
             layer, interpolate = _perforate(surgeon, conv, geometry, mask, options)
-            seeds.append((layer, interpolate, mask.array.astype(bool)))
+        seeds.append((layer, interpolate, mask.array.astype(bool)))
         report.layers.append(layer)
     if options.compact and seeds:
         propagate(surgeon, shapes, original, report, seeds, options.compact_options,
                   fuse_activations=options.fuse_activation)
-    if quantized_seeds:
-        if options.compact:
-            quantized.read_compact_inputs(surgeon, quantized_seeds)
+    if quantized_layers:
         pools = quantized.pool_channels_last(surgeon)
         if pools:
             report.notes.append("8-bit MaxPool run channels-last (com.microsoft.NhwcMaxPool): " + ", ".join(pools))

@@ -90,9 +90,11 @@ def test_qdq_all_ones_reproduces_the_int8_model(qdq_model):
     kinds = [n.op_type for n in perforated.graph.node]
     assert kinds.count("PerforatedQLinearConv") == 3 and "Conv" not in kinds
     np.testing.assert_array_equal(run(perforated, x), run(qdq_model, x))
-    # conv2 and conv3 read conv1's compact output: no NNInterpolate is left for it
+    # conv2 and conv3 read conv1's compact output: no NNInterpolate is left for it; their outputs (one
+    # mask) are added compact through the QDQ Add: one NNInterpolate remains, for the graph output
     assert {layer.key: layer.implicit_input for layer in report.layers}["conv2"] == "conv1"
-    assert kinds.count("NNInterpolate") == 2
+    assert kinds.count("NNInterpolate") == 1
+    assert any(node.startswith("add") for node in {layer.key: layer for layer in report.layers}["conv2"].compact)
 
 
 def test_qdq_perforated_matches_the_reference_evaluator(qdq_model):
@@ -398,3 +400,102 @@ def test_qdq_squeezenet_all_ones_reproduces_the_int8_model(tmp_path, activations
     grid, report = rewrite_with_report(int8, conv_masks(int8, lambda hw: np.asarray(masks.grid(hw, 0.5))))
     assert report.mac_reduction > 1.8
     assert run(grid, x[1:2]).shape == (1, 1000, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compact propagation through the QDQ graph
+
+
+def fire_model(rng, pool=True):
+    """conv1 (3x3) -> MaxPool -> a Fire module (squeeze 1x1 -> expand 1x1 and expand 3x3 -> Concat) ->
+    Dropout -> conv10 (1x1) -> GlobalAveragePool, Relus after every Conv, x [N, 3, 16, 16]. pool=False:
+    conv1 has stride 2 instead of the MaxPool (the reference evaluator has no NhwcMaxPool)."""
+    nodes, inits = [], []
+
+    def conv(name, x, m, c, k, stride=1):
+        w = (rng.standard_normal((m, c, k, k)) / np.sqrt(c * k * k)).astype(np.float32)
+        b = (0.1 * rng.standard_normal(m)).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}_w"), numpy_helper.from_array(b, f"{name}_b")])
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_out"], name=name,
+                                      kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride] * 2))
+        nodes.append(helper.make_node("Relu", [f"{name}_out"], [f"{name}_relu"], name=f"{name}_relu"))
+        return f"{name}_relu"
+
+    c1 = conv("conv1", "x", 16, 3, 3, stride=1 if pool else 2)
+    if pool:
+        nodes.append(helper.make_node("MaxPool", [c1], ["pool1"], name="pool1", kernel_shape=[3, 3], strides=[2, 2]))
+    squeeze = conv("squeeze", "pool1" if pool else c1, 8, 16, 1)
+    e1, e3 = conv("expand1x1", squeeze, 12, 8, 1), conv("expand3x3", squeeze, 12, 8, 3)
+    nodes.append(helper.make_node("Concat", [e1, e3], ["concat"], name="concat", axis=1))
+    nodes.append(helper.make_node("Dropout", ["concat"], ["dropped"], name="dropout"))
+    c10 = conv("conv10", "dropped", 10, 24, 1)
+    nodes.append(helper.make_node("GlobalAveragePool", [c10], ["y"], name="gap"))
+    graph = helper.make_graph(nodes, "fire", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 10, 1, 1])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["maxpool", "strided"])
+def qdq_fire(request, tmp_path_factory):
+    rng = np.random.default_rng(5)
+    calibration = rng.uniform(-1, 1, (8, 3, 16, 16)).astype(np.float32)
+    return quantize(fire_model(rng, request.param), calibration, tmp_path_factory.mktemp("fire") / "fire.onnx")
+
+
+def shared_masks(model, rate, seed=0):
+    """One random mask per output size, shared by every Conv of that size (as grid masks are)."""
+    by_size = {}
+    return conv_masks(model, lambda hw: by_size.setdefault(hw, np.asarray(masks.uniform(hw, rate, seed=seed + hw[0]))))
+
+
+def test_qdq_fire_module_stays_compact_and_matches_the_explicit_form(qdq_fire):
+    """The Fire module's Concat (DequantizeLinear -> Concat -> QuantizeLinear) and Dropout run on the
+    compact 8-bit tensors, the 1x1 convs with their input's mask are plain GEMMs on them, and the result
+    is the explicit form's (NNInterpolate after every conv, then the standard QDQ ops) to the bit."""
+    x = np.random.default_rng(6).uniform(-1, 1, (3, 3, 16, 16)).astype(np.float32)  # batch > 1
+    chosen = shared_masks(qdq_fire, 0.5)
+    compact, report = rewrite_with_report(qdq_fire, chosen)
+    explicit = rewrite(qdq_fire, chosen, compact=False)
+    kinds = [n.op_type for n in compact.graph.node]
+    pooled = "NhwcMaxPool" in kinds
+    # conv1's output is interpolated for the MaxPool (run in 8 bits on the full tensor), conv10's for the
+    # GlobalAveragePool (QLinearGlobalAveragePool on the full tensor); nothing else is.
+    assert kinds.count("NNInterpolate") == 1 + pooled
+    assert [n.op_type for n in explicit.graph.node].count("NNInterpolate") == 5
+    layers = {layer.key: layer for layer in report.layers}
+    assert "concat" in layers["expand1x1"].compact and any("dropout" in n for n in layers["expand1x1"].compact)
+    assert any(n.startswith("conv10 (1x1 GEMM") for n in layers["expand1x1"].compact)
+    assert any(n.startswith("expand3x3 (reads it through X_index") for n in layers["squeeze"].compact)
+    assert layers["conv10"].implicit_input == "expand1x1"
+    concat_input = next(n for n in compact.graph.node if n.op_type == "Concat").input
+    assert all(name.endswith(".compact") for name in concat_input)
+    got = run(compact, x)
+    np.testing.assert_array_equal(got, run(explicit, x))
+    if not pooled:
+        np.testing.assert_allclose(got, reference_run(compact, x), rtol=0, atol=1e-5)
+    assert not np.allclose(got, run(qdq_fire, x)), "perforation should change the output"
+
+
+def test_qdq_fire_module_all_ones_reproduces_the_int8_model(qdq_fire):
+    x = np.random.default_rng(7).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    perforated = rewrite(qdq_fire, conv_masks(qdq_fire, lambda hw: np.ones(hw, bool)))
+    np.testing.assert_array_equal(run(perforated, x), run(qdq_fire, x))
+
+
+def test_qdq_compact_stops_where_ort_runs_8_bit_ops_on_the_full_tensor(qdq_fire):
+    """A dequantized compact tensor read by an unperforated Conv stays full (ORT fuses that Conv into
+    QLinearConv; the float compact form would run it in float), and the report says why."""
+    chosen = shared_masks(qdq_fire, 0.5)
+    del chosen["expand3x3"]
+    perforated, report = rewrite_with_report(qdq_fire, chosen)
+    why = {layer.key: layer for layer in report.layers}["squeeze"].interpolated_for
+    assert any("Conv 'expand3x3'" in reason and "8-bit full tensor" in reason for reason in why.values()), why
+    assert "Conv" in [n.op_type for n in perforated.graph.node]  # left for ORT's QLinearConv
+    x = np.random.default_rng(8).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    np.testing.assert_array_equal(run(perforated, x), run(rewrite(qdq_fire, chosen, compact=False), x))
+
+
+def test_python_fallback_runs_the_compact_qdq_fire_module(qdq_fire):
+    x = np.random.default_rng(9).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    perforated = rewrite(qdq_fire, shared_masks(qdq_fire, 0.5, seed=3))
+    np.testing.assert_array_equal(helpers.run_fallback(perforated, x)[0], run(perforated, x))

@@ -11,8 +11,10 @@ for that index onto the compact tensor:
 - channel Concat of compact tensors with the same index;
 - unperforated 1x1 Conv (stride 1, no padding): PerforatedConv on the compact tensor viewed as
   [N, C, 1, K] with an all-ones [1, K] mask (bias and a following activation fused);
-- perforated convolutions (PerforatedConv): they read the compact tensor through the producer's index
-  (the ``X_index`` input), so the interpolated tensor never exists;
+- perforated convolutions (PerforatedConv, PerforatedQLinearConv): they read the compact tensor through
+  the producer's index (the ``X_index`` input), so the interpolated tensor never exists;
+- per-tensor DequantizeLinear / QuantizeLinear (QDQ models: a PerforatedQLinearConv's compact output is
+  8-bit), except a DequantizeLinear read by what ORT runs in 8 bits on the full tensor;
 - GlobalAveragePool / ReduceMean / ReduceSum over space: a MatMul with the positions' multiplicities
   (how many grid positions each computed one fills); GlobalMaxPool / ReduceMax: a max over K;
 - MaxPool / AveragePool: CompactPool, which reads the compact tensor through the index. Its output is
@@ -116,11 +118,13 @@ class CompactPass:
         dims = self.shapes.get(name, (0, None))[1]
         return list(dims) if dims is not None and len(dims) == 4 else None
 
-    def new_compact(self, full: gs.Variable, channels, like: Compact, producer: str) -> gs.Variable:
+    def new_compact(self, full: gs.Variable, channels, like: Compact, producer: str, dtype=None) -> gs.Variable:
+        """A compact tensor standing for ``full``, with ``like``'s index; of ``like``'s type unless given."""
         dims = self.full_dims(full.name)
         batch = dims[0] if dims else like.tensor.shape[0] if like.tensor.shape else None
         channels = channels if channels is not None else (dims[1] if dims else None)
-        tensor = gs.Variable(self.s.unique(f"{full.name}.compact"), dtype=np.float32, shape=[batch, channels, like.k])
+        dtype = dtype if dtype is not None else _element_type(like.tensor)
+        tensor = gs.Variable(self.s.unique(f"{full.name}.compact"), dtype=dtype, shape=[batch, channels, like.k])
         self.state[full.name] = (full, Compact(tensor, like.index, like.mask, like.layer, producer))
         return tensor
 
@@ -205,6 +209,41 @@ class CompactPass:
         self.stayed(name, compact, "removed: identity at inference")
         return None
 
+    def quantize(self, node: gs.Node, inputs: list[Compact]) -> Refusal | None:
+        """DequantizeLinear / QuantizeLinear with per-tensor parameters: position-wise, with a change of
+        type (8-bit <-> float32), so a QDQ graph stays compact between quantized convolutions."""
+        compact = inputs[0]
+        if self.compact_of(node.inputs[0]) is not compact:
+            return Refusal(f"the compact tensor is not {node.op}'s input", node.name)
+        params = [constant_value(t) if t.name else None for t in node.inputs[1:3]]
+        if params[0] is None or params[0].size != 1 or (len(node.inputs) > 2 and node.inputs[2].name
+                                                          and (params[1] is None or params[1].size != 1)):
+            return Refusal(f"{node.op} has non-constant or per-axis parameters", node.name)
+        full = node.outputs[0]
+        if not full.outputs and full not in self.graph.outputs:
+            self.s.detach(node)  # the input of a quantized convolution that now reads the 8-bit tensor
+            return None
+        if node.op == "DequantizeLinear":
+            dtype = np.float32
+            # ORT runs these consumers in 8 bits on the full tensor (QLinearConv, its uint8 pooling);
+            # on the compact float tensor they would run in float.
+            eight_bit = [r for r in full.outputs if r.op in EIGHT_BIT_READERS]
+            if eight_bit:
+                return Refusal(f"its output is read by {eight_bit[0].op} {node_name(eight_bit[0])!r}, which "
+                               "runs on the 8-bit full tensor", node.name)
+        else:
+            output_dtype = int(node.attrs.get("output_dtype", 0))
+            if params[1] is not None:
+                dtype = params[1].dtype
+            elif output_dtype:
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(output_dtype)
+            else:
+                dtype = np.uint8
+        node.inputs[0] = compact.tensor
+        node.outputs[0] = self.new_compact(full, self.channels(compact), compact, node_name(node), dtype)
+        self.stayed(node_name(node), compact)
+        return None
+
     def concat(self, node: gs.Node, inputs: list[Compact]) -> Refusal | None:
         dims = self.full_dims(node.outputs[0].name)
         name = node_name(node)
@@ -232,7 +271,8 @@ class CompactPass:
             return cached
         k = compact.k
         shape = compact.tensor.shape or [None, None, k]
-        view = gs.Variable(self.s.unique(f"{compact.tensor.name}.view"), dtype=np.float32, shape=[shape[0], shape[1], 1, k])
+        view = gs.Variable(self.s.unique(f"{compact.tensor.name}.view"), dtype=_element_type(compact.tensor),
+                           shape=[shape[0], shape[1], 1, k])
         target = self.s.constant(f"{compact.tensor.name}.view_shape", np.array([0, 0, 1, k], dtype=np.int64))
         self.graph.nodes.append(gs.Node("Reshape", name=self.s.unique(f"{consumer}/view"), inputs=[compact.tensor, target],
                                         outputs=[view]))
@@ -240,13 +280,15 @@ class CompactPass:
         return view
 
     def perforated_conv(self, node: gs.Node, inputs: list[Compact]) -> Refusal | None:
+        """PerforatedConv or PerforatedQLinearConv (mask and X_index at other positions) reading ``inputs[0]``."""
         compact = inputs[0]
+        mask_at = MASK_INPUT[node.op]
         if self.compact_of(node.inputs[0]) is not compact:
-            return Refusal("the compact tensor is not PerforatedConv's input X", node.name)
-        if len(node.inputs) > 4:
-            return Refusal("PerforatedConv already reads a compact input", node.name)
+            return Refusal(f"the compact tensor is not {node.op}'s input X", node.name)
+        if len(node.inputs) > mask_at + 1:
+            return Refusal(f"{node.op} already reads a compact input", node.name)
         attrs = node.attrs
-        own_mask = np.asarray(node.inputs[3].values) if isinstance(node.inputs[3], gs.Constant) else None
+        own_mask = np.asarray(node.inputs[mask_at].values) if isinstance(node.inputs[mask_at], gs.Constant) else None
         if (list(attrs.get("kernel_shape", [])) == [1, 1] and list(attrs.get("strides", [1, 1])) == [1, 1]
                 and not any(attrs.get("pads", [0, 0, 0, 0])) and own_mask is not None
                 and own_mask.shape == compact.mask.shape and np.array_equal(own_mask.astype(bool), compact.mask)):
@@ -254,7 +296,7 @@ class CompactPass:
             # GEMM on the compact tensor, no gather (the X_index path gathers, which costs more here).
             k = compact.k
             node.inputs[0] = self.view(compact, node_name(node))
-            node.inputs[3] = self.s.constant(f"{node_name(node)}.compact_mask", np.ones((1, k), dtype=bool))
+            node.inputs[mask_at] = self.s.constant(f"{node_name(node)}.compact_mask", np.ones((1, k), dtype=bool))
             self.stayed(node_name(node), compact, "1x1 GEMM on the compact input, same mask")
             layer = self.layers.get(node.name)
             if layer is not None:
@@ -487,7 +529,7 @@ class CompactPass:
             if full.inputs:
                 continue  # still written by its seed NNInterpolate
             dims = self.full_dims(full.name)
-            full.dtype = np.float32
+            full.dtype = _element_type(compact.tensor)
             if dims is not None:
                 full.shape = dims
             self.graph.nodes.append(gs.Node("NNInterpolate", name=self.s.unique(f"{compact.producer}/interpolate"),
@@ -528,6 +570,11 @@ def pool_windows(index: np.ndarray, attrs: dict):
     return (ho, wo), keys
 
 
+def _element_type(tensor: gs.Variable):
+    """A compact tensor's element type: float32 unless it is 8-bit (PerforatedQLinearConv's output)."""
+    return tensor.dtype if tensor.dtype is not None else np.float32
+
+
 def _bias(conv: gs.Node):
     return conv.inputs[2] if len(conv.inputs) > 2 and conv.inputs[2].name else gs.Variable.empty()
 
@@ -541,9 +588,15 @@ HANDLERS = {
     **{op: CompactPass.reduction for op in ops_with(Semantics.SPATIAL_REDUCTION)},
     "Conv": CompactPass.conv,
     **{op: CompactPass.pool for op in ops.POOL_MODES},
+    "DequantizeLinear": CompactPass.quantize,
+    "QuantizeLinear": CompactPass.quantize,
 }
 # The same for this package's own ops.
-CUSTOM_HANDLERS = {"PerforatedConv": CompactPass.perforated_conv}
+CUSTOM_HANDLERS = {"PerforatedConv": CompactPass.perforated_conv, "PerforatedQLinearConv": CompactPass.perforated_conv}
+MASK_INPUT = {"PerforatedConv": 3, "PerforatedQLinearConv": 9}  # where each op's mask is; X_index follows it
+# Readers of a dequantized tensor that ORT runs in 8 bits on the full tensor (QDQ fusion: QLinearConv,
+# uint8 pooling, QLinearGlobalAveragePool); their float compact forms would be slower or round differently.
+EIGHT_BIT_READERS = {"Conv", *ops.POOL_MODES, *ops_with(Semantics.SPATIAL_REDUCTION)}
 
 
 def propagate(surgeon: Surgeon, shapes: dict, original: onnx.ModelProto, report, seeds,

@@ -21,9 +21,11 @@ and what was found: mixed activation types, per-channel activation parameters, p
 another axis than 0, a bias whose scale is not x_scale * w_scale, a Conv whose output is not quantized.
 ConvInteger is refused by :func:`onnx_perforate.graph.conv_geometry`.
 
-:func:`read_compact_inputs` then lets a perforated quantized convolution read its producer's compact
-uint8 output through ``X_index`` (implicit interpolation), so that NNInterpolate disappears where only
-such convolutions read it.
+The compact pass (passes/compact.py) then keeps the 8-bit compact outputs compact: through
+per-tensor DequantizeLinear / QuantizeLinear, the ops between them that stay compact (Concat, Relu,
+Dropout, ...), into perforated quantized convolutions (``X_index``, or a plain GEMM for a 1x1 conv with
+the same mask). NNInterpolate remains only where a consumer needs the full tensor, e.g. before the
+8-bit MaxPools that :func:`pool_channels_last` runs channels-last.
 """
 
 from __future__ import annotations
@@ -98,30 +100,6 @@ def perforate(surgeon: Surgeon, matched: QuantizedConv, name: str, key: str, att
                           inputs=[compact, index], outputs=[out])
     surgeon.graph.nodes.append(interpolate)
     return interpolate
-
-
-def read_compact_inputs(surgeon: Surgeon, seeds) -> None:
-    """Every PerforatedQLinearConv reading a seed's interpolated output reads the compact tensor through
-    X_index instead; an NNInterpolate left without readers is removed.
-
-    ``seeds``: (LayerReport, its NNInterpolate) of the quantized layers; readers' reports are found by
-    node name."""
-    layers = {layer.node: layer for layer, _ in seeds}
-    for layer, interpolate in seeds:
-        compact, index = interpolate.inputs
-        full = interpolate.outputs[0]
-        for reader in list(full.outputs):
-            if reader.op != QUANTIZED_OP or reader.domain != DOMAIN or reader.inputs[0] is not full:
-                continue
-            if len(reader.inputs) > 10:
-                continue  # already reads a compact input
-            reader.inputs[0] = compact
-            reader.inputs.append(index)
-            if reader.name in layers:
-                layers[reader.name].implicit_input = layer.node
-            layer.compact.append(reader.name)
-        if not full.outputs and full not in surgeon.graph.outputs:
-            surgeon.detach(interpolate)
 
 
 def pool_channels_last(surgeon: Surgeon) -> list[str]:
@@ -377,4 +355,4 @@ def _check_parameters(matched: QuantizedConv, key: str) -> None:
 
 
 __all__ = ["QUANTIZED_OP", "QuantizedConv", "is_quantized", "match", "perforate", "pool_channels_last",
-           "read_compact_inputs"]
+]
