@@ -299,7 +299,7 @@ def cmd_tune(args) -> int:
         model, dataset, target_speedup=args.target_speedup, max_accuracy_drop=args.max_accuracy_drop,
         ladder=args.ladder, layers=args.layers, mask_kind=args.mask_kind, subset_size=args.subset_size,
         threads=args.threads, repeats=args.repeats, timing_batch=args.batch, include_1x1=args.include_1x1,
-        tie=args.tie, step_recovery=args.step_recovery,
+        tie=args.tie, step_recovery=args.step_recovery, evaluation_threads=args.evaluation_threads,
         checkpoint=args.checkpoint, progress=not args.no_progress,
         finetune=_finetune_options(args.finetune),
     )
@@ -561,6 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "1x1 convs included) share one mask and climb one ladder; auto: every step may move a Conv "
                    "alone or such a region, whichever costs less loss per time saved (default: none)")
     p.add_argument("--threads", type=_threads, help="intra-op threads for timing")
+    p.add_argument("--evaluation-threads", type=_threads,
+                   help="intra-op threads for what is not timed: the candidates' accuracy, impact gradients, "
+                   "recovery, held-out evaluation (default: ONNX Runtime's, every core)")
     p.add_argument("--batch", type=_positive_int, default=1, help="batch size latency is measured at (default: 1)")
     p.add_argument("--repeats", type=_positive_int, default=15, help="timed runs per candidate (median)")
     p.add_argument("--checkpoint", help="JSON file written after every step; resumes from it if it exists")

@@ -208,13 +208,16 @@ def as_probabilities(outputs: np.ndarray) -> np.ndarray:
 
 
 class NetworkMeter:
-    """Loss, accuracy and latency of a (perforated) model, all against the original network."""
+    """Loss and accuracy of a (perforated) model against the original network, and the sessions and
+    input its latency is timed with. ``threads``: intra-op threads of the timed sessions;
+    ``evaluation_threads``: of the sessions that only compute outputs (None: ONNX Runtime's default,
+    every core), so that a search timed at one thread still evaluates on all cores."""
 
     def __init__(self, original: onnx.ModelProto, calibration: CalibrationSet, *, threads: int | None,
-                 batch_size: int, repeats: int, timing_batch: int = 1):
+                 batch_size: int, timing_batch: int = 1, evaluation_threads: int | None = None):
         self.calibration = calibration
         self.threads = threads
-        self.repeats = repeats
+        self.evaluation_threads = evaluation_threads
         fixed = runtime.model_input(original).fixed_batch
         self.batch_size = fixed or max(1, min(batch_size, len(calibration)))
         self.timing_batch = fixed or timing_batch
@@ -230,20 +233,21 @@ class NetworkMeter:
             check_labels(self.calibration.labels, "calibration labels", classes=self.reference.shape[1])
 
     def session(self, model: onnx.ModelProto) -> ort.InferenceSession:
+        """A session to time ``model`` with (``threads``)."""
         return runtime.session(model, self.threads)
 
-    def _probabilities(self, model, session=None, transform=None) -> np.ndarray:
-        session = session or self.session(model)
+    def _probabilities(self, model, transform=None) -> np.ndarray:
+        session = runtime.session(model, self.evaluation_threads)
         name = self.calibration.input_name
         outputs = [session.run(None, {name: transform(feeds[name]) if transform else feeds[name]})[0]
                    for feeds, _ in self.calibration.batches(self.batch_size)]
         return as_probabilities(np.concatenate(outputs))
 
-    def measure(self, model: onnx.ModelProto, transform=None, timed: bool = True) -> dict:
-        """Loss, top-1/top-5 (labelled data), agreement with the original and time; ``transform`` maps
-        every input batch first (the resize baseline feeds smaller images)."""
-        session = self.session(model)
-        probs = self._probabilities(model, session, transform)
+    def measure(self, model: onnx.ModelProto, transform=None) -> dict:
+        """Loss, top-1/top-5 (labelled data) and agreement with the original; ``transform`` maps every
+        input batch first (the resize baseline feeds smaller images). Latency is timed apart, with the
+        models it is compared with (:func:`interleaved_ratios`, :func:`interleaved_times`)."""
+        probs = self._probabilities(model, transform)
         labels = self.calibration.labels
         if labels is not None:
             loss = float(-np.log(probs[np.arange(len(probs)), labels]).mean())
@@ -254,13 +258,7 @@ class NetworkMeter:
             loss = float((self.reference * (np.log(self.reference) - np.log(probs))).sum(axis=1).mean())
             top1 = top5 = None
         agreement = float((probs.argmax(axis=1) == self.reference_top1).mean())
-        timing = None if transform is None else transform(self.timing_input)
-        return dict(loss=loss, top1=top1, top5=top5, agreement=agreement,
-                    time=self.time(session, inputs=timing) if timed else None)
-
-    def time(self, session: ort.InferenceSession, repeats: int | None = None, inputs=None) -> float:
-        feeds = {self.calibration.input_name: self.timing_input if inputs is None else inputs}
-        return statistics.median(runtime.time_interleaved([session], feeds, repeats or self.repeats, warmup=3).wall[0])
+        return dict(loss=loss, top1=top1, top5=top5, agreement=agreement, time=None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -458,12 +456,16 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
          subset_size: int | None = 256, batch_size: int = 16, threads: int | None = None, repeats: int = 15,
          timing_batch: int = 1, refresh_every: int = 4, include_1x1: bool = False, tie: str = "none",
          checkpoint=None, progress: bool = True, finetune: bool | Mapping = False,
-         baselines: bool = True, monotone: bool = True, step_recovery: str = "none") -> TuneResult:
+         baselines: bool = True, monotone: bool = True, step_recovery: str = "none",
+         evaluation_threads: int | None = None) -> TuneResult:
     """Greedy perforation schedule; see the module docstring.
 
     ``data``: calibration data (see :mod:`onnx_perforate.calibration`): ``subset_size`` evenly spaced
     images calibrate, the rest (if any) are held out and the final model is evaluated on them.
     ``timing_batch``: the batch size latency is measured at (a fixed batch in the model wins).
+    ``threads``: intra-op threads of every timed session; ``evaluation_threads``: of the work that is
+    not timed (the candidates' accuracy, impact gradients, recovery, held-out evaluation; None:
+    ONNX Runtime's default, every core).
     ``tie="regions"`` makes every :func:`compact_regions` group (1x1 Convs included) one candidate
     with one shared mask, so that whole regions run compact; ``"none"`` tunes each Conv alone;
     ``"auto"`` offers both moves at every step, each Conv alone and each region of several Convs under
@@ -498,6 +500,8 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     subset_size = validation.optional_integer(subset_size, "subset_size")
     batch_size = validation.integer(batch_size, "batch_size")
     threads = validation.optional_integer(threads, "threads")
+    if evaluation_threads is not None:
+        evaluation_threads = validation.threads(evaluation_threads, "evaluation_threads")
     repeats = validation.integer(repeats, "repeats")
     timing_batch = validation.integer(timing_batch, "timing_batch")
     refresh_every = validation.integer(refresh_every, "refresh_every")
@@ -546,11 +550,11 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             raise validation.SettingError("step_recovery='bn_reestimation': the model has no BatchNormalization "
                                           "with constant statistics")
 
-    meter = NetworkMeter(original, calibration, threads=threads, batch_size=batch_size, repeats=repeats,
-                         timing_batch=timing_batch)
+    meter = NetworkMeter(original, calibration, threads=threads, batch_size=batch_size, timing_batch=timing_batch,
+                         evaluation_threads=evaluation_threads)
     ladder_masks = MaskLadder(analysed, calibration, convs, units, mask_kind, loss=loss, batch_size=batch_size,
-                              threads=threads)
-    base = meter.measure(original, timed=False)
+                              threads=evaluation_threads)
+    base = meter.measure(original)
     latency = LatencyTable(meter, analysed, ladder_masks, ladder, repeats)
     base["time"] = latency.base
     accuracy0 = base["top1"] if base["top1"] is not None else base["agreement"]
@@ -560,6 +564,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     current = {unit: np.ones(ladder_masks.shapes[unit], bool) for unit in units}
     settings = dict(target_speedup=target_speedup, max_accuracy_drop=max_accuracy_drop, ladder=list(ladder),
                     mask_kind=mask_kind, calibration_images=len(meter.calibration), threads=threads,
+                    evaluation_threads=evaluation_threads,
                     timing_batch=meter.timing_batch,
                     repeats=repeats, refresh_every=refresh_every, layers=sorted(convs), tie=tie, monotone=monotone,
                     step_recovery=step_recovery,
@@ -576,7 +581,8 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     # The network the candidates are built from: the original, or with its step recovery's values.
     working, values = analysed, {}
     if step_recovery != "none" and any(rungs.values()):
-        working, values = _recover_step(analysed, ladder_masks.expand(current), calibration, step_recovery, threads)
+        working, values = _recover_step(analysed, ladder_masks.expand(current), calibration, step_recovery,
+                                        evaluation_threads)
 
     stopped = "every layer reached the top of its ladder"
     landing = None  # the last move as the ladder had it, when it was cut to land on the target
@@ -607,7 +613,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 rate = ladder[rung]
                 trial = dict(current, **{name: ladder_masks.mask(name, rate, current[name])})
                 candidate = _perforate(working, ladder_masks.expand(trial))
-                measured = meter.measure(candidate, timed=False)
+                measured = meter.measure(candidate)
                 measured["time"] = latency.predict(dict(now, **{name: rate}))
                 gain = base["time"] - measured["time"]
                 cost = (measured["loss"] - base["loss"]) / gain if gain > 0 else math.inf
@@ -633,7 +639,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 if landed is not None:
                     landed_trial = dict(current, **{name: ladder_masks.mask(name, landed, current[name])})
                     landed_measured = dict(
-                        meter.measure(_perforate(working, ladder_masks.expand(landed_trial)), timed=False),
+                        meter.measure(_perforate(working, ladder_masks.expand(landed_trial))),
                         time=latency.predict(dict(now, **{name: landed})))
                     log.debug("landing %s at %.2f instead of %.2f: loss %.4f instead of %.4f", name, landed, rate,
                               landed_measured["loss"], measured["loss"])
@@ -647,8 +653,8 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 break
             if step_recovery != "none":  # into locals first: a Ctrl-C here must leave the last step whole
                 recovered, recovered_values = _recover_step(analysed, ladder_masks.expand(trial), calibration,
-                                                            step_recovery, threads)
-                measured = dict(meter.measure(_perforate(recovered, ladder_masks.expand(trial)), timed=False),
+                                                            step_recovery, evaluation_threads)
+                measured = dict(meter.measure(_perforate(recovered, ladder_masks.expand(trial))),
                                 time=measured["time"])
                 working, values = recovered, recovered_values
             rungs[name] = rung
@@ -693,11 +699,11 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 rates = dict(steps[-1].rates, **{unit: landing["rate"]})
                 if step_recovery != "none":
                     working, values = _recover_step(analysed, ladder_masks.expand(current), calibration,
-                                                    step_recovery, threads)
+                                                    step_recovery, evaluation_threads)
                 final_masks = masks_of(current, rates)
                 final_model = _perforate(working, final_masks)
                 if step_recovery != "none":  # the step's numbers on the recovered network, as for every step
-                    overshoot = dict(meter.measure(final_model, timed=False), time=overshoot["time"])
+                    overshoot = dict(meter.measure(final_model), time=overshoot["time"])
                 steps[-1] = _step(steps[-1].step, unit, rates, overshoot, base, landing["cost"], started)
                 step_masks[-1] = {k: v for k, v in ladder_masks.expand(current).items() if not v.all()}
                 settings["measured_speedup"] = round(speedups[1], 3)
@@ -706,7 +712,8 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     if finetune and final_masks:
         from .finetune import finetune as recover
 
-        options = dict(threads=threads, progress=progress, **({} if finetune is True else dict(finetune)))
+        options = dict(threads=evaluation_threads, progress=progress,
+                       **({} if finetune is True else dict(finetune)))
         if values:  # the step recovery's values are where the fine-tuning starts
             options.setdefault("start", values)
         outcome = recover(final_model, original, calibration, **options)
@@ -720,7 +727,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
         try:
             baseline = {"resize": resize_baseline(original, evaluation, threads=threads, batch_size=batch_size,
                                                   timing_batch=meter.timing_batch, repeats=2 * repeats,
-                                                  models=models)}
+                                                  models=models, evaluation_threads=evaluation_threads)}
             baseline["resize"]["data"] = "held-out" if evaluation is holdout else "calibration"
         except PerforateError as error:  # fewer images than a fixed batch
             log.warning("resize baseline skipped: %s", error)
@@ -728,17 +735,19 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     settings["elapsed_s"] = round(time.perf_counter() - started, 1)
     return TuneResult(model=recovered if recovered is not None else final_model, masks=final_masks, steps=steps,
                       stopped=stopped, settings=settings,
-                      holdout=_evaluate_holdout(original, models, holdout, threads, batch_size),
+                      holdout=_evaluate_holdout(original, models, holdout, evaluation_threads, batch_size),
                       step_masks=step_masks, baselines=baseline, recovery=recovery, values=values)
 
 
-def _evaluate_holdout(original, models: Mapping, holdout: CalibrationSet | None, threads, batch_size) -> dict:
+def _evaluate_holdout(original, models: Mapping, holdout: CalibrationSet | None, evaluation_threads,
+                      batch_size) -> dict:
     """Accuracy of the original and the tuned model (and the recovered one) on the images the tuner
     never saw."""
     if holdout is None or len(holdout) == 0:
         return {}
     try:
-        meter = NetworkMeter(original, holdout, threads=threads, batch_size=batch_size, repeats=1)
+        meter = NetworkMeter(original, holdout, threads=None, batch_size=batch_size,
+                             evaluation_threads=evaluation_threads)
     except PerforateError:  # fewer held-out images than a fixed batch
         return {}
     before = meter.measure(original)
@@ -754,7 +763,7 @@ def _output_of(model, key):
     return next(n.output[0] for n in model.graph.node if node_key(n) == key)
 
 
-def _recover_step(analysed, masks: Mapping[str, np.ndarray], calibration, method: str, threads):
+def _recover_step(analysed, masks: Mapping[str, np.ndarray], calibration, method: str, evaluation_threads):
     """(the analysed original with the values ``method`` gives the network perforated with ``masks``,
     those values); the original itself when the recovery gains nothing on its held-out images."""
     from .finetune import finetune as recover, method_applies, with_values
@@ -764,7 +773,7 @@ def _recover_step(analysed, masks: Mapping[str, np.ndarray], calibration, method
         return analysed, {}
     if not method_applies(method, analysed.model, masks):  # e.g. no perforated Conv has a bias to shift
         return analysed, {}
-    outcome = recover(rewrite(analysed, masks), analysed.model, calibration, method=method, threads=threads,
+    outcome = recover(rewrite(analysed, masks), analysed.model, calibration, method=method, threads=evaluation_threads,
                       progress=False)
     if not outcome.improved:
         return analysed, {}
@@ -936,14 +945,14 @@ def interleaved_ratios(meter: NetworkMeter, reference, sessions, repeats: int) -
 
 def resize_baseline(original: onnx.ModelProto, data: CalibrationSet, *, threads, batch_size, timing_batch,
                     repeats, models: Mapping[str, onnx.ModelProto] | None = None,
-                    scales=RESIZE_SCALES) -> dict:
+                    scales=RESIZE_SCALES, evaluation_threads: int | None = None) -> dict:
     """Held-out metrics and interleaved speed of the original fed smaller images, and of ``models``
     ({label: perforated model}) timed in the same rounds. ``available`` is False, with the reason, when
     the model cannot take another input size (e.g. Flatten + Gemm heads)."""
     from .finetune import image_layout
 
-    meter = NetworkMeter(original, data, threads=threads, batch_size=batch_size, repeats=repeats,
-                         timing_batch=timing_batch)
+    meter = NetworkMeter(original, data, threads=threads, batch_size=batch_size, timing_batch=timing_batch,
+                         evaluation_threads=evaluation_threads)
     result = {"data_images": len(meter.calibration), "available": False, "reason": None, "points": [],
               "models": {}}
     layout = image_layout(data.inputs.shape)

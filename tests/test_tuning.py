@@ -456,3 +456,31 @@ def test_a_landed_move_that_misses_the_target_on_the_clock_falls_back_to_the_lad
 def test_the_summary_says_where_the_last_move_landed(monkeypatch):
     assert "conv4 at 0.59 instead of 0.9" in _landing_tune(monkeypatch, [1.45, 1.8]).summary()
     assert "the ladder's 0.9 (1.80x) was kept instead" in _landing_tune(monkeypatch, [1.3, 1.8]).summary()
+
+
+def test_timed_sessions_use_threads_and_the_rest_evaluation_threads(monkeypatch):
+    from onnx_perforate import runtime
+
+    made, timed = {}, []
+    session, time_interleaved = runtime.session, runtime.time_interleaved
+
+    def recording_session(model, threads=None, **options):
+        s = session(model, threads, **options)
+        made[id(s)] = threads
+        return s
+
+    def recording_timing(sessions, feeds, repeats, **options):
+        timed.extend(made[id(s)] for s in sessions)
+        return time_interleaved(sessions, feeds, repeats, **options)
+
+    monkeypatch.setattr(runtime, "session", recording_session)
+    monkeypatch.setattr(runtime, "time_interleaved", recording_timing)
+    model, data = _fashion(64)
+    result = onnx_perforate.tune(model, data, target_speedup=1.2, ladder=(0.0, 0.5), layers=["conv4"], repeats=2,
+                                 batch_size=32, timing_batch=4, threads=1, evaluation_threads=2, progress=False,
+                                 max_accuracy_drop=1.0)
+    assert timed and set(timed) == {1}  # the latency table, the confirmation and the resize baseline
+    assert 2 in made.values() and set(made.values()) == {1, 2}
+    assert result.settings["evaluation_threads"] == 2
+    with pytest.raises(Exception, match="evaluation_threads"):
+        onnx_perforate.tune(model, data, evaluation_threads=0, progress=False)
