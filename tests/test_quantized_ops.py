@@ -95,6 +95,8 @@ CASES = [
     (1, 48, 20, 18, 48, 3, 1, 1, 1, 1, True, True),  # whole 16x16 byte transposes and their edges
     (2, 32, 17, 17, 40, 3, 1, 1, 1, 1, True, True),  # transposed runs that end at an image boundary
     (1, 3, 20, 19, 16, 3, 2, 1, 1, 1, True, True),  # RGB: 3 channels interleaved into 4-byte pixels
+    (2, 32, 13, 13, 48, 3, 1, 1, 1, 1, True, True),  # rows narrower than 16: whole planes transposed, then padded
+    (2, 64, 13, 13, 16, 1, 1, 0, 1, 1, True, True),  # 1x1 without padding: planes transposed into the buffer
 ]
 
 
@@ -149,7 +151,7 @@ def test_nn_interpolate_uint8_matches_the_reference(kind, shape):
     np.testing.assert_array_equal(run(model, yc), ops.nn_interpolate_reference(yc, index))
 
 
-@pytest.mark.parametrize("n, c, h, w", [(2, 24, 11, 9), (1, 32, 18, 20)])  # the second: whole 16x16 transposes
+@pytest.mark.parametrize("n, c, h, w", [(2, 24, 11, 9), (1, 32, 18, 20), (2, 32, 13, 13)])  # whole 16x16 transposes; narrow rows
 def test_compact_input_through_x_index(n, c, h, w):
     rng = np.random.default_rng(7)
     x, params, attrs = quantized_case(rng, n, c, h, w, 32, 3, pad=1)

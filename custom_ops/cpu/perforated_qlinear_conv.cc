@@ -216,20 +216,23 @@ QuantizedGemmIsa Detect() {
   return QuantizedGemmIsa::kPortable;
 }
 
-// Requantizes n int32 sums of consecutive output channels into uint8, exactly as MLAS does on x86:
-// float multiply, clamp to the output range minus the zero point, round to nearest even, add the zero
-// point. The rounding adds and subtracts 1.5 * 2^23 (exact for |v| < 2^22, which the clamp ensures), so
-// the loop vectorises without a call to nearbyintf.
+// Requantizes rows of n int32 sums of consecutive output channels (row r at acc + r * lda) into uint8
+// rows of n bytes, exactly as MLAS does on x86: float multiply, clamp to the output range minus the zero
+// point, round to nearest even, add the zero point. The rounding adds and subtracts 1.5 * 2^23 (exact for
+// |v| < 2^22, which the clamp ensures), so the loop vectorises without a call to nearbyintf. All rows in
+// one call: with few output channels (a 1x1 squeeze has 16) a call per position cost more than its math.
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-void RequantizeRow(const int32_t* __restrict acc, const int32_t* __restrict offset, const float* __restrict scale,
-                   int64_t n, float lo, float hi, int32_t zero_point, uint8_t* __restrict out) {
+void RequantizeRows(const int32_t* __restrict acc, int64_t lda, int64_t rows, const int32_t* __restrict offset,
+                    const float* __restrict scale, int64_t n, float lo, float hi, int32_t zero_point,
+                    uint8_t* __restrict out) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
-  for (int64_t i = 0; i < n; ++i) {
-    float v = static_cast<float>(acc[i] + offset[i]) * scale[i];
-    v = std::min(std::max(v, lo), hi);
-    // Not folded to v: without -ffast-math the compiler keeps both roundings.
-    out[i] = static_cast<uint8_t>(static_cast<int32_t>((v + kRound) - kRound) + zero_point);
-  }
+  for (int64_t r = 0; r < rows; ++r, acc += lda, out += n)
+    for (int64_t i = 0; i < n; ++i) {
+      float v = static_cast<float>(acc[i] + offset[i]) * scale[i];
+      v = std::min(std::max(v, lo), hi);
+      // Not folded to v: without -ffast-math the compiler keeps both roundings.
+      out[i] = static_cast<uint8_t>(static_cast<int32_t>((v + kRound) - kRound) + zero_point);
+    }
 }
 
 // S[g][column] = sum over the taps and group g's channels of (x - x_zero_point) at a computed position:
@@ -286,6 +289,13 @@ T* Scratch(std::vector<T>& buffer, size_t size) {
   return buffer.data();
 }
 
+// PackInput's per-image channels-last copy before padding (narrow maps), bytes or AVX2's int16.
+template <typename T>
+std::vector<T>& PlanarScratch() {
+  thread_local std::vector<T> buffer;
+  return buffer;
+}
+
 // Up to 4 channel rows (3 for RGB) interleaved into 4-byte pixels, the rest of each pixel zero: the first
 // layer's channels are padded to the VNNI lane width, which the 16x16 transposes do not cover.
 __attribute__((target(PERFORATE_AVX2_INT))) void InterleaveFourChannels(const uint8_t* const rows[4], int64_t width,
@@ -319,6 +329,24 @@ void PackInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& 
   const int64_t rows = s.batch * hp, in_h = s.in_h, in_w = s.in_w, channels = s.in_channels, plane = s.in_plane;
   const int64_t pad_top = a.pad_top, pad_left = a.pad_left, group = s.group;
   const T zero = static_cast<T>(zero_point);
+  if (simd && padded_channels == cg && channels >= 16 && plane >= 16 && (in_w < 16 || (hp == in_h && wp == in_w))) {
+    // Channels land contiguously and the 16x16 transposes would not cover a row (maps narrower than 16,
+    // e.g. 13x13) or the rows have no padding between them (1x1 convolutions): one [C, H*W] -> [H*W, C]
+    // transpose per image, straight into the buffer when unpadded, else into a copy placed row by row.
+    const bool unpadded = hp == in_h && wp == in_w;
+    T* planar = unpadded ? out : Scratch(PlanarScratch<T>(), static_cast<size_t>(plane * stride));
+    for (int64_t n = 0; n < s.batch; ++n) {
+      T* image = unpadded ? out + n * plane * stride : planar;
+      TransposeBytes(x + n * channels * plane, plane, channels, plane, image, stride, simd);
+      if (unpadded) continue;
+      T* padded_image = out + n * hp * wp * stride;
+      std::fill(padded_image, padded_image + hp * wp * stride, zero);
+      for (int64_t y = 0; y < in_h; ++y)
+        std::copy(image + y * in_w * stride, image + (y + 1) * in_w * stride,
+                  padded_image + ((y + pad_top) * wp + pad_left) * stride);
+    }
+    return;
+  }
   RunMaybeSerially(parallel, s.batch * hp * wp * stride / 4, static_cast<size_t>(rows), [=](size_t task) {
     const int64_t n = task / hp, py = task % hp, y = py - pad_top;
     T* row = out + (n * hp + py) * wp * stride;
@@ -530,9 +558,8 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
         for (int64_t c = 0; c < channels; ++c) row[c] -= q.w_zero_points[first + c] * sum;
       }
     }
-    for (int64_t k = 0; k < kn; ++k)
-      RequantizeRow(tile + k * width, offsets.data() + first, q.scales.data() + first, channels, lo, hi,
-                    q.y_zero_point, quantized + k * channels);
+    RequantizeRows(tile, width, kn, offsets.data() + first, q.scales.data() + first, channels, lo, hi, q.y_zero_point,
+                   quantized);
     for (int64_t k = 0; k < kn;) {  // runs of positions within one image
       const int64_t column = k0 + k, n = column / count, kk = column % count;
       const int64_t run = std::min(kn - k, count - kk);
