@@ -109,16 +109,32 @@ int64_t PassDepth(int64_t patch) {
 // of a 1 MiB L2.
 constexpr int64_t kL2Share = int64_t{512} << 10;
 
+// Rows of one plane no wider than a vector once padded (wp <= 16: 13x13 and 7x7 maps), with their left
+// and right padding: one masked load and store per row. On such planes a memmove call and two fills per
+// row cost four times as much (192 x 13 x 13: 10 against 2.5 us, 3% of a perforated layer at r = 0.75);
+// on wider rows memmove is the faster copy.
+__attribute__((target("avx512f"))) void PadNarrowRows(const float* __restrict src, int64_t rows, int64_t w,
+                                                      int64_t pad_left, int64_t wp, float* __restrict dst) {
+  const __mmask16 stored = static_cast<__mmask16>((1u << wp) - 1);
+  const __mmask16 loaded = static_cast<__mmask16>(((1u << (pad_left + w)) - 1) & ~((1u << pad_left) - 1));
+  // src + y * w - pad_left may point before the plane: the masked-off lanes are never read.
+  for (int64_t y = 0; y < rows; ++y)
+    _mm512_mask_storeu_ps(dst + y * wp, stored, _mm512_maskz_loadu_ps(loaded, src + y * w - pad_left));
+}
+
 // X with the convolution's padding made explicit, one plane per task. A compact X is interpolated on
 // the way (through its index): the full input exists only in this per-thread scratch buffer.
 void PadInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g, const InputIndex* index,
               const float* x, float* out, const ParallelRunner& parallel) {
   const int64_t hp = g.padded_h, wp = g.padded_w;
+  const bool narrow = !index && wp <= 16 && BestGemmIsa().width == 16;  // AVX-512 (not when avx2 is forced)
   RunMaybeSerially(parallel, s.batch * s.in_channels * hp * wp, static_cast<size_t>(s.batch * s.in_channels),
                    [&](size_t plane) {
     const float* src = x + plane * s.in_plane;
     float* dst = out + plane * hp * wp;
     std::fill(dst, dst + a.pad_top * wp, 0.0f);
+    std::fill(dst + (a.pad_top + s.in_h) * wp, dst + hp * wp, 0.0f);
+    if (narrow) return PadNarrowRows(src, s.in_h, s.in_w, a.pad_left, wp, dst + a.pad_top * wp);
     for (int64_t y = 0; y < s.in_h; ++y) {
       float* row = dst + (a.pad_top + y) * wp;
       std::fill(row, row + a.pad_left, 0.0f);
@@ -130,7 +146,6 @@ void PadInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g
       }
       std::fill(row + a.pad_left + s.in_w, row + wp, 0.0f);
     }
-    std::fill(dst + (a.pad_top + s.in_h) * wp, dst + hp * wp, 0.0f);
   });
 }
 
