@@ -293,6 +293,8 @@ def perforated_qlinear_conv_reference(
     if x_index is not None:
         x = nn_interpolate_reference(x, x_index)
     x = np.asarray(x)
+    if x.ndim == 3:  # [N, C, K] without X_index: one row of K pixels (a compact tensor, all-ones [1, K] mask)
+        x = x[:, :, None, :]
     w = np.asarray(w)
     if x.dtype not in (np.uint8, np.int8) or w.dtype != np.int8:
         raise ValueError(f"X must be uint8 or int8 and W int8, got {x.dtype} and {w.dtype}")

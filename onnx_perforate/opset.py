@@ -169,14 +169,19 @@ def _infer_perforated_conv(node: InferenceNode) -> None:
 
 def _infer_perforated_qlinear_conv(node: InferenceNode) -> None:
     _infer_perforated_convolution(node, x_input=0, w_input=3, b_input=8, mask_input=9, index_input=10,
-                                  activations=QUANTIZED_ACTIVATIONS)
+                                  activations=QUANTIZED_ACTIVATIONS, row_input=True)
 
 
 def _infer_perforated_convolution(node: InferenceNode, *, x_input, w_input, b_input, mask_input, index_input,
-                                  activations) -> None:
-    """PerforatedConv's checks and output, for the float op and the quantized one (input positions differ)."""
+                                  activations, row_input=False) -> None:
+    """PerforatedConv's checks and output, for the float op and the quantized one (input positions differ;
+    ``row_input``: a 3-D X without X_index is one row [N, C, 1, K], PerforatedQLinearConv's)."""
     compact = node.present(index_input)
-    x = node.shape(x_input, 3 if compact else 4)
+    x = node.shape(x_input, None if row_input and not compact else 3 if compact else 4)
+    if x is not None and not compact and len(x) not in ((3, 4) if row_input else (4,)):
+        node.fail(f"input {node.input_name(x_input)} has rank {len(x)} {x}, expected rank 4 (or 3: one row)")
+    if x is not None and not compact and len(x) == 3:
+        x = [x[0], x[1], 1, x[2]]
     w = node.shape(w_input, 4)
     group = int(node.attribute("group"))
     if group < 1:
@@ -490,7 +495,8 @@ OPERATORS: tuple[OperatorDefinition, ...] = (
         doc="ONNX QLinearConv computed only at the nonzero positions of `mask` (uint8 or int8 activations x int8 "
         "weights), returning them compact [N, M, K], requantized as ORT's QLinearConv. See docs/ops.md.",
         inputs=(
-            Parameter("x", "T1", "input [N, C, H, W]; compact [N, C, K_in] when X_index is given"),
+            Parameter("x", "T1", "input [N, C, H, W]; compact [N, C, K_in] when X_index is given; without "
+                      "X_index, [N, C, K] is read as one row [N, C, 1, K]"),
             Parameter("x_scale", "tensor(float)", "scalar"),
             Parameter("x_zero_point", "T1", "scalar"),
             Parameter("w", "T2", "int8 weights [M, C/group, kH, kW]"),

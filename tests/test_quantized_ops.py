@@ -244,6 +244,24 @@ def test_asymmetric_weights(case):
                                   reference(ops.nn_interpolate_reference(compact, index), varying, attrs, mask))
 
 
+@pytest.mark.parametrize("activations", ["uint8", "int8"])
+def test_a_3d_input_without_x_index_is_one_row(activations):
+    """x [N, C, K] without X_index is [N, C, 1, K] (a compact tensor read by a 1x1 conv with an all-ones
+    [1, K] mask, as the compact pass writes it): the same as the 4-D form, and as the reference."""
+    rng = np.random.default_rng(11)
+    x, params, attrs = quantized_case(rng, 2, 48, 1, 91, 40, 1)
+    if activations == "int8":
+        x, params = as_int8(x, params)
+    mask = np.ones((1, 91), bool)
+    rows = x.reshape(2, 48, 91)
+    got = run(perforated_model(rows, params, attrs, mask), rows)
+    np.testing.assert_array_equal(got, run(perforated_model(x, params, attrs, mask), x))
+    np.testing.assert_array_equal(got, reference(rows, params, attrs, mask))
+    # A row against a mask of another shape is refused, naming the node.
+    expect_error(perforated_model(rows, params, attrs, np.ones((2, 91), bool), name="row_conv"), rows,
+                 "row_conv", "mask")
+
+
 @pytest.mark.skipif(os.environ.get("ONNX_PERFORATE_GEMM") is not None, reason="already forcing a micro-kernel")
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
 def test_slower_micro_kernels_match_too(isa):

@@ -469,6 +469,7 @@ def test_qdq_fire_module_stays_compact_and_matches_the_explicit_form(qdq_fire):
     assert layers["conv10"].implicit_input == "expand1x1"
     concat_input = next(n for n in compact.graph.node if n.op_type == "Concat").input
     assert all(name.endswith(".compact") for name in concat_input)
+    assert "Reshape" not in kinds  # the 1x1 GEMMs read [N, C, K] itself
     got = run(compact, x)
     np.testing.assert_array_equal(got, run(explicit, x))
     if not pooled:

@@ -111,7 +111,11 @@ struct PerforatedQLinearConvKernel {
     // output (the requantization is the same, shifted by 128, so the result is exact).
     const bool signed_activations =
         in[kX].GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-    const auto x_shape = ShapeOf(in[kX]), w_shape = ShapeOf(in[kW]);
+    auto x_shape = ShapeOf(in[kX]);
+    const auto w_shape = ShapeOf(in[kW]);
+    // Without X_index, a 3-D x [N, C, K] is one row of K pixels: a compact tensor read by a 1x1
+    // convolution with an all-ones [1, K] mask (docs/ops.md).
+    if (!in[kXIndex] && x_shape.size() == 3) x_shape = {x_shape[0], x_shape[1], 1, x_shape[2]};
     const auto b_shape = in[kB] ? ShapeOf(in[kB]) : std::vector<int64_t>{};
     auto input_index = in[kXIndex] ? input_index_.Read(in[kXIndex], x_shape) : nullptr;
     const ConvShape shape = ComputeConvShape(x_shape, w_shape, in[kB] ? &b_shape : nullptr, attrs_, input_index.get());

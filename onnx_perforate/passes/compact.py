@@ -295,7 +295,8 @@ class CompactPass:
             # A 1x1 conv perforated with its input's mask computes exactly the input's positions: a
             # GEMM on the compact tensor, no gather (the X_index path gathers, which costs more here).
             k = compact.k
-            node.inputs[0] = self.view(compact, node_name(node))
+            # PerforatedQLinearConv reads [N, C, K] itself as one row (no Reshape node to run).
+            node.inputs[0] = compact.tensor if node.op == "PerforatedQLinearConv" else self.view(compact, node_name(node))
             node.inputs[mask_at] = self.s.constant(f"{node_name(node)}.compact_mask", np.ones((1, k), dtype=bool))
             self.stayed(node_name(node), compact, "1x1 GEMM on the compact input, same mask")
             layer = self.layers.get(node.name)
