@@ -469,10 +469,15 @@ def test_qdq_fire_module_stays_compact_and_matches_the_explicit_form(qdq_fire):
     assert layers["conv10"].implicit_input == "expand1x1"
     concat_input = next(n for n in compact.graph.node if n.op_type == "Concat").input
     assert all(name.endswith(".compact") for name in concat_input)
-    assert "Reshape" not in kinds  # the 1x1 GEMMs read [N, C, K] itself
-    if pooled:  # the pool's channels-last input is gathered from the compact tensor, not interpolated
-        gather = next(n for n in compact.graph.node if n.op_type == "Gather")
-        assert next(n for n in compact.graph.node if gather.output[0] in n.input).op_type == "NhwcMaxPool"
+    assert kinds.count("Reshape") == pooled  # the 1x1 GEMMs read [N, C, K] itself (the one: the pooled rows)
+    if pooled:  # the pool's channels-last input is gathered from the compact tensor, not interpolated ...
+        gathers = [n for n in compact.graph.node if n.op_type == "Gather"]
+        assert next(n for n in compact.graph.node if gathers[0].output[0] in n.input).op_type == "NhwcMaxPool"
+        # ... and the squeeze reads the pooled rows at its own positions, [N, C, K], not the NCHW tensor
+        squeeze = next(n for n in compact.graph.node if n.name == "squeeze")
+        assert producer(compact, squeeze.input[0]).op_type == "Transpose"
+        assert producer(compact, producer(compact, squeeze.input[0]).input[0]) is gathers[1]
+        assert not any(n.op_type == "Transpose" and list(n.attribute[0].ints) == [0, 3, 1, 2] for n in compact.graph.node)
     got = run(compact, x)
     np.testing.assert_array_equal(got, run(explicit, x))
     if not pooled:

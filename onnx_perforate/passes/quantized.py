@@ -114,6 +114,9 @@ def pool_channels_last(surgeon: Surgeon) -> list[str]:
     first transpose is ``Transpose(compact, [0, 2, 1]) -> Gather(index, axis=1)`` instead (no interpolated
     planes)."""
     rewritten = []
+    # Without the DequantizeLinears left unread by the quantized convolutions, a pooled tensor's readers
+    # are the convolutions themselves.
+    surgeon.graph.cleanup(remove_unused_graph_inputs=False)
     for pool in [n for n in surgeon.graph.nodes if n.op == "MaxPool" and len(n.outputs) == 1]:
         dq = _producer(pool.inputs[0], "DequantizeLinear")
         q = surgeon.sole_consumer(pool.outputs[0])
@@ -153,14 +156,53 @@ def pool_channels_last(surgeon: Surgeon) -> list[str]:
         else:
             surgeon.graph.nodes.append(gs.Node("Transpose", name=surgeon.unique(f"{name}/to_nhwc"),
                                                attrs={"perm": [0, 2, 3, 1]}, inputs=[source], outputs=[nhwc_in]))
-        surgeon.graph.nodes.extend([
-            gs.Node("NhwcMaxPool", name=surgeon.unique(name), domain="com.microsoft", attrs=attrs,
-                    inputs=[nhwc_in], outputs=[nhwc_out]),
-            gs.Node("Transpose", name=surgeon.unique(f"{name}/to_nchw"), attrs={"perm": [0, 3, 1, 2]},
-                    inputs=[nhwc_out], outputs=[result]),
-        ])
+        surgeon.graph.nodes.append(gs.Node("NhwcMaxPool", name=surgeon.unique(name), domain="com.microsoft",
+                                           attrs=attrs, inputs=[nhwc_in], outputs=[nhwc_out]))
+        mask = _pointwise_readers_mask(surgeon, result)
+        if mask is not None:
+            # Its readers are perforated 1x1 convolutions with one mask: they read only those pixels, so
+            # gather those rows of the channels-last output and give the readers [N, C, K] (one row, an
+            # all-ones [1, K] mask) instead of transposing the whole pooled tensor back to NCHW.
+            flat = gs.Variable(surgeon.unique(f"{name}.nhwc_flat"), dtype=params[1].dtype)
+            picked = gs.Variable(surgeon.unique(f"{name}.nhwc_rows"), dtype=params[1].dtype)
+            rows = gs.Variable(surgeon.unique(f"{name}.compact"), dtype=params[1].dtype)
+            positions = surgeon.constant(f"{name}.positions", np.flatnonzero(mask).astype(np.int64))
+            flat_shape = surgeon.constant(f"{name}.flat_shape", np.array([0, mask.size, -1], dtype=np.int64))
+            surgeon.graph.nodes.extend([
+                gs.Node("Reshape", name=surgeon.unique(f"{name}/flat"), inputs=[nhwc_out, flat_shape], outputs=[flat]),
+                gs.Node("Gather", name=surgeon.unique(f"{name}/positions"), attrs={"axis": 1},
+                        inputs=[flat, positions], outputs=[picked]),
+                gs.Node("Transpose", name=surgeon.unique(f"{name}/to_ncK"), attrs={"perm": [0, 2, 1]},
+                        inputs=[picked], outputs=[rows])])
+            ones = surgeon.constant(f"{name}.row_mask", np.ones((1, int(mask.sum())), dtype=bool))
+            for reader in list(result.outputs):
+                reader.inputs[0] = rows
+                reader.inputs[9] = ones
+        else:
+            surgeon.graph.nodes.append(gs.Node("Transpose", name=surgeon.unique(f"{name}/to_nchw"),
+                                               attrs={"perm": [0, 3, 1, 2]}, inputs=[nhwc_out], outputs=[result]))
         rewritten.append(name)
     return rewritten
+
+
+def _pointwise_readers_mask(surgeon: Surgeon, tensor) -> np.ndarray | None:
+    """The mask shared by every reader of ``tensor`` when all are PerforatedQLinearConvs reading it as a
+    full input X (no X_index) with a 1x1 kernel, stride 1 and no padding; else None."""
+    readers = list(tensor.outputs)
+    if not readers or tensor in surgeon.graph.outputs:
+        return None
+    masks = []
+    for reader in readers:
+        attrs = reader.attrs
+        if not (reader.op == QUANTIZED_OP and reader.domain == DOMAIN and reader.inputs[0] is tensor
+                and len(reader.inputs) <= 10 and isinstance(reader.inputs[9], gs.Constant)
+                and list(attrs.get("kernel_shape", [])) == [1, 1] and list(attrs.get("strides", [1, 1])) == [1, 1]
+                and not any(attrs.get("pads", [0, 0, 0, 0])) and list(attrs.get("dilations", [1, 1])) == [1, 1]):
+            return None
+        masks.append(np.asarray(reader.inputs[9].values).astype(bool))
+    if any(m.shape != masks[0].shape or not np.array_equal(m, masks[0]) for m in masks[1:]) or masks[0].ndim != 2:
+        return None
+    return masks[0]
 
 
 # ----------------------------------------------------------------------------------------------------
