@@ -121,6 +121,9 @@ def main() -> int:
                         help="distill only at these points (default: all; distillation is the slow method)")
     parser.add_argument("--distill-budget", type=float, help="seconds per distillation (default: no limit)")
     parser.add_argument("--epochs", type=int, help="distillation epochs (default: finetune's)")
+    parser.add_argument("--augment", help="distillation augmentation (default: finetune's), e.g. flip+crop+mixup")
+    parser.add_argument("--weight-decay", type=float, help="distillation weight decay (default: finetune's)")
+    parser.add_argument("--label-weight", type=float, help="the labels' share of the target (default: finetune's)")
     parser.add_argument("--finetune-images", type=int,
                         help="cifar: how many even-indexed images recover (default 2500; at most 5000)")
     parser.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds (default 20)")
@@ -159,7 +162,9 @@ def main() -> int:
             methods = [m for m in methods if "distill" not in m]
         for method in methods:
             begin = time.perf_counter()
-            options = {} if args.epochs is None else {"epochs": args.epochs}
+            options = {key: value for key, value in (("epochs", args.epochs), ("augment", args.augment),
+                                                     ("weight_decay", args.weight_decay),
+                                                     ("label_weight", args.label_weight)) if value is not None}
             result = finetune(perforated, original, finetune_data, method=method, threads=1, progress=True,
                               time_budget_s=args.distill_budget, **options)
             label = f"{point:g}x/{method}"

@@ -353,7 +353,7 @@ def cmd_finetune(args) -> int:
         batch_size=args.batch, learning_rate=args.lr, label_weight=args.label_weight, holdout=args.holdout,
         patience=args.patience, augment=args.augment, seed=args.seed, threads=args.threads,
         checkpoint=args.checkpoint, progress=not args.no_progress, time_budget_s=args.time_budget,
-        lr_backoff=args.lr_backoff,
+        lr_backoff=args.lr_backoff, weight_decay=args.weight_decay,
     )
     save_model(result.model, args.output)
     report = _outputs(args)["--report"]
@@ -609,8 +609,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=_option(validation.real, minimum=0.0, maximum=1.0, exclusive_minimum=True, exclusive_maximum=True), default=defaults["holdout"], help=f"fraction of images held out (default: {defaults['holdout']:g})")
     p.add_argument("--patience", type=_positive_int, default=defaults["patience"],
                    help=f"epochs without held-out improvement before stopping (default: {defaults['patience']})")
-    p.add_argument("--augment", choices=["auto", "none", "flip", "crop", "flip+crop"], default="auto",
-                   help="image augmentation (default auto: flips and crops for 4-D image inputs)")
+    p.add_argument("--augment", default=defaults["augment"],
+                   help="image augmentation: auto, none, or parts of flip, crop, cutout, mixup, cutmix joined by + "
+                   "(mixup/cutmix blend two images, which the original labels; default auto: flips and crops for "
+                   "4-D image inputs)")
+    p.add_argument("--weight-decay", type=_option(validation.real, minimum=0.0, maximum=1.0, exclusive_maximum=True),
+                   default=defaults["weight_decay"],
+                   help=f"decoupled (AdamW) weight decay of the weight kernels (default: {defaults['weight_decay']:g})")
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--threads", type=_threads, help="intra-op threads")
     p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", help="stop after the epoch that passes this")

@@ -4,7 +4,8 @@ Three methods, all measured on a held-out part of the data the method never trai
 
 - ``"distill"`` (the main one): the perforated network learns to reproduce the original network's
   output distribution (KL divergence, mixed with the labels' NLL when labels are given) on the
-  calibration images, augmented by flips and shifted crops. Gradients with respect to the weights come
+  calibration images, augmented by flips and shifted crops (optionally cutout, and mixup or cutmix of two
+  images, which the original labels). Gradients with respect to the weights come
   from an onnx-ad derivative graph run by ONNX Runtime (:mod:`onnx_perforate.gradients`), in which the
   perforation is written with standard ops: the full Conv, then a Gather that copies every skipped
   position from its nearest computed one. That network computes exactly what the deployed
@@ -52,13 +53,19 @@ log = logging.getLogger(__name__)
 
 METHODS = ("distill", "bias_correction", "bn_reestimation")
 PARAMETERS = ("all", "perforated", "biases")
-AUGMENTATIONS = ("auto", "none", "flip", "crop", "flip+crop")
+# Augmentation parts, joined by "+" (e.g. "flip+crop+mixup"); "auto" and "none" stand alone. Geometric
+# parts act per image; the mixing parts (mixup, cutmix) blend each image with another of the batch and
+# the original labels the blend, which multiplies the images a few-image distillation sees.
+AUGMENTATION_PARTS = ("flip", "crop", "cutout", "mixup", "cutmix")
+# The share of an image in its blend is drawn from Beta(MIX_ALPHA, MIX_ALPHA): 1 is uniform on [0, 1].
+MIX_ALPHA = 1.0
 
 # Defaults measured on the bundled Fashion-MNIST CNN and the CIFAR-10 CNN (docs/results.md, "Choosing
 # the recovery recipe"): 30 epochs at a peak learning rate of 1e-3, the original's distribution alone as
 # the target (mixing in the labels did not help held-out accuracy on either), flips and crops.
 DEFAULTS = dict(method="auto", parameters="all", epochs=30, batch_size=32, learning_rate=1e-3,
-                label_weight=0.0, holdout=0.2, patience=10, augment="auto", seed=0, lr_backoff=True)
+                label_weight=0.0, holdout=0.2, patience=10, augment="auto", seed=0, lr_backoff=True,
+                weight_decay=0.0)
 
 # How often the learning-rate back-off may restart the distillation (1e-3 -> 1e-4 -> 1e-5 by default).
 MAX_BACKOFFS = 2
@@ -359,26 +366,79 @@ def image_layout(shape) -> str | None:
     return None
 
 
+def augmentation_parts(kind: str) -> tuple[str, ...]:
+    """The parts of an ``augment`` setting ("none": none; "auto" is resolved by :func:`finetune`), or a
+    PerforateError naming the unknown part."""
+    if kind == "none":
+        return ()
+    parts = tuple(str(kind).split("+"))
+    unknown = [p for p in parts if p not in AUGMENTATION_PARTS]
+    if unknown or len(set(parts)) != len(parts):
+        raise PerforateError(f"augment must be 'auto', 'none' or parts of {AUGMENTATION_PARTS} joined by '+' "
+                             f"(each once), got {kind!r}")
+    return parts
+
+
 def augment(x: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
-    """Random horizontal flips and/or shifted crops (edge padding of 1/8 of the size) of an image batch."""
+    """The geometric parts of ``kind`` on an image batch: random horizontal flips, shifted crops (edge
+    padding of 1/8 of the size), cutout (a square of half the size, filled with the image's channel
+    means, at a random centre; it may reach past the border). The mixing parts are :func:`mix`'s."""
+    parts = augmentation_parts(kind)
     layout = image_layout(x.shape)
-    if kind == "none" or layout is None:
+    if not parts or layout is None:
         return x
     if layout == "NHWC":
         return augment(x.transpose(0, 3, 1, 2), kind, rng).transpose(0, 2, 3, 1).copy()
     x = x.copy()
-    if "flip" in kind:
+    h, w = x.shape[2:]
+    if "flip" in parts:
         flip = rng.random(len(x)) < 0.5
         x[flip] = x[flip][..., ::-1]
-    if "crop" in kind:
-        h, w = x.shape[2:]
+    if "crop" in parts:
         ph, pw = max(1, h // 8), max(1, w // 8)
         padded = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), mode="edge")
         dy = rng.integers(0, 2 * ph + 1, len(x))
         dx = rng.integers(0, 2 * pw + 1, len(x))
         for i in range(len(x)):
             x[i] = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+    if "cutout" in parts:
+        means = x.mean(axis=(2, 3))
+        cy, cx = rng.integers(0, h, len(x)), rng.integers(0, w, len(x))
+        for i in range(len(x)):
+            top, left = max(0, cy[i] - h // 4), max(0, cx[i] - w // 4)
+            x[i, :, top:cy[i] + h // 4, left:cx[i] + w // 4] = means[i][:, None, None]
     return x
+
+
+def mix(x: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The mixing part of ``kind`` on an image batch: (mixed batch, partner index, share). Image ``i``
+    becomes a blend of itself (``share[i]``) and image ``partner[i]`` of the batch (a random
+    permutation): ``mixup`` blends the pixels, ``cutmix`` pastes a box of the partner covering
+    ``1 - share`` of the image. The share is drawn from Beta(MIX_ALPHA, MIX_ALPHA) per image; with both
+    parts, each batch takes one of them at random. Without a mixing part (or for a non-image input):
+    the batch unchanged, partner = itself, share 1."""
+    modes = [p for p in augmentation_parts(kind) if p in ("mixup", "cutmix")]
+    layout = image_layout(x.shape)
+    n = len(x)
+    if not modes or layout is None or n < 2:
+        return x, np.arange(n), np.ones(n, np.float32)
+    if layout == "NHWC":
+        mixed, partner, share = mix(x.transpose(0, 3, 1, 2), kind, rng)
+        return mixed.transpose(0, 2, 3, 1).copy(), partner, share
+    mode = modes[int(rng.integers(len(modes)))]
+    partner = rng.permutation(n)
+    share = rng.beta(MIX_ALPHA, MIX_ALPHA, n)
+    if mode == "mixup":
+        weight = share.astype(np.float32)[:, None, None, None]
+        return (weight * x + (1 - weight) * x[partner]).astype(x.dtype), partner, share.astype(np.float32)
+    h, w = x.shape[2:]
+    mixed = x.copy()
+    for i in range(n):  # a box of about (1 - share) of the area, of the image's aspect, at a random place
+        bh, bw = (int(round(side * math.sqrt(1 - share[i]))) for side in (h, w))
+        top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+        mixed[i, :, top:top + bh, left:left + bw] = x[partner[i], :, top:top + bh, left:left + bw]
+        share[i] = 1 - bh * bw / (h * w)  # the share the pixels really have
+    return mixed, partner, share.astype(np.float32)
 
 
 def _batches(n, batch_size, order):
@@ -390,11 +450,18 @@ def _batches(n, batch_size, order):
         yield idx, min(batch_size, n - start)
 
 
-def _mixed_target(teacher_probs, labels, label_weight):
+def training_target(teacher_probs, labels, label_weight, partner=None, share=None):
+    """The target distribution: the original's on the (augmented, mixed) images, with ``label_weight``
+    of it the labels; a mixed image's label is its two images' labels weighted by their shares."""
     if labels is None or not label_weight:
         return teacher_probs.astype(np.float32)
+    rows = np.arange(len(labels))
     onehot = np.zeros_like(teacher_probs)
-    onehot[np.arange(len(labels)), labels] = 1.0
+    if partner is None:
+        onehot[rows, labels] = 1.0
+    else:
+        np.add.at(onehot, (rows, labels), share)
+        np.add.at(onehot, (rows, labels[partner]), 1 - share)
     return ((1 - label_weight) * teacher_probs + label_weight * onehot).astype(np.float32)
 
 
@@ -662,6 +729,8 @@ def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, histor
     warmup = max(1, min(100, total // 20))
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     initial = {k: x.copy() for k, x in trainer.values.items()}
+    # decoupled weight decay (AdamW) on the weight matrices and kernels, not on biases or BatchNorm
+    decayed = {k for k, x in initial.items() if x.ndim >= 2} if options["weight_decay"] else set()
 
     def fresh_state():
         """Adam's moments at zero and the input as the best state (a start, or a back-off's restart)."""
@@ -696,9 +765,9 @@ def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, histor
         order = rng.permutation(len(train))
         losses = []
         for idx, _ in _batches(len(train), b, order):
-            x = augment(train.inputs[idx], options["augment"], rng)
+            x, partner, share = mix(augment(train.inputs[idx], options["augment"], rng), options["augment"], rng)
             labels = None if train.labels is None else train.labels[idx]
-            target = _mixed_target(teacher(x), labels, options["label_weight"])
+            target = training_target(teacher(x), labels, options["label_weight"], partner, share)
             loss, grads = trainer.loss_and_gradients(x, target)
             losses.append(loss / b)
             lr = peak * _cosine(step, total, warmup)
@@ -708,7 +777,8 @@ def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, histor
                 g = g / b
                 m[name] = beta1 * m[name] + (1 - beta1) * g
                 v[name] = beta2 * v[name] + (1 - beta2) * g * g
-                trainer.values[name] = (trainer.values[name] - lr * (m[name] / correction1) /
+                decay = lr * options["weight_decay"] * trainer.values[name] if name in decayed else 0.0
+                trainer.values[name] = (trainer.values[name] - decay - lr * (m[name] / correction1) /
                                         (np.sqrt(v[name] / correction2) + eps)).astype(np.float32)
             if bar is not None:
                 bar.update(1)
@@ -756,7 +826,8 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
              patience: int = DEFAULTS["patience"], augment: str = DEFAULTS["augment"], seed: int = DEFAULTS["seed"],
              threads: int | None = None, checkpoint=None, progress: bool = True,
              time_budget_s: float | None = None, start: Mapping[str, np.ndarray] | None = None,
-             lr_backoff: bool = DEFAULTS["lr_backoff"]) -> FinetuneResult:
+             lr_backoff: bool = DEFAULTS["lr_backoff"],
+             weight_decay: float = DEFAULTS["weight_decay"]) -> FinetuneResult:
     """Recover the accuracy the perforated model lost; see the module docstring.
 
     ``perforated``: a model made by :func:`~onnx_perforate.rewrite` (or ``tune``) from ``original``; either
@@ -770,8 +841,11 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
     ``label_weight``: the labels' share of the target distribution (labelled data only; default 0: the
     original's distribution alone). Early stopping reads the KL divergence from the original on the
     held-out images, whatever the label weight.
-    ``augment``: ``"auto"`` (flips and crops for 4-D image inputs), ``"none"``, ``"flip"``, ``"crop"``,
-    ``"flip+crop"``. ``checkpoint``: an .npz written after every epoch; an existing one with the same
+    ``augment``: ``"auto"`` (flips and crops for 4-D image inputs), ``"none"``, or parts of
+    ``AUGMENTATION_PARTS`` joined by "+": ``flip``, ``crop``, ``cutout`` (per image, see :func:`augment`),
+    ``mixup``, ``cutmix`` (two images of a batch blended, see :func:`mix`; the original labels the blend,
+    and the labels, when weighted in, are blended by the same shares). ``weight_decay``: decoupled (AdamW)
+    decay of the weight kernels per unit of learning rate (biases and BatchNorm are not decayed). ``checkpoint``: an .npz written after every epoch; an existing one with the same
     settings is resumed. Deterministic for a given ``seed`` and thread count. ``start``: values of the
     original's initializers that ``perforated`` already carries (``FinetuneResult.values`` of an earlier
     recovery); the original network stays the teacher. ``lr_backoff`` (distill, default on): when the
@@ -789,7 +863,8 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
     if isinstance(method, str) and "+" in method:  # a chain, e.g. "bn_reestimation+distill"
         options = dict(parameters=parameters, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                        label_weight=label_weight, holdout=holdout, patience=patience, augment=augment, seed=seed,
-                       threads=threads, progress=progress, time_budget_s=time_budget_s, lr_backoff=lr_backoff)
+                       threads=threads, progress=progress, time_budget_s=time_budget_s, lr_backoff=lr_backoff,
+                       weight_decay=weight_decay)
         steps = method.split("+")
         if any(step not in METHODS for step in steps):
             raise PerforateError(f"method must be one of {METHODS} or several joined by '+', got {method!r}")
@@ -807,8 +882,11 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
                               values=results[-1].values)
     if method not in METHODS:
         raise PerforateError(f"method must be one of {METHODS}, got {method!r}")
-    if augment not in AUGMENTATIONS:
-        raise PerforateError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    if augment != "auto":
+        augmentation_parts(augment)
+    if weight_decay is None or not 0 <= weight_decay < 1:
+        raise PerforateError(f"weight_decay is a fraction of the weights removed per unit of learning rate, in "
+                             f"[0, 1); got {weight_decay!r}")
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("patience", patience, 1)):
         if int(value) != value or value < low:
             raise PerforateError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -859,7 +937,7 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
     options = dict(method=method, parameters=parameters if method == "distill" else None, epochs=int(epochs),
                    batch_size=batch_size, learning_rate=learning_rate, label_weight=label_weight,
                    holdout=holdout, patience=int(patience), augment=augment, seed=int(seed),
-                   time_budget_s=time_budget_s, lr_backoff=bool(lr_backoff))
+                   time_budget_s=time_budget_s, lr_backoff=bool(lr_backoff), weight_decay=float(weight_decay))
     settings = dict(options, train_images=len(train), holdout_images=len(held), trainable=len(names),
                     trainable_values=int(sum(v.size for v in trainer.values.values())), threads=threads)
     initial = {k: x.copy() for k, x in trainer.values.items()}

@@ -15,7 +15,8 @@ from onnx.reference import ReferenceEvaluator
 from onnx_perforate import PerforateError, rewrite
 from onnx_perforate.analysis import analyse
 from onnx_perforate.cli import main
-from onnx_perforate.finetune import PerforatedTrainer, finetune, perforation_masks, trainable_parameters
+from onnx_perforate.finetune import (PerforatedTrainer, augment, finetune, mix, perforation_masks,
+                                      trainable_parameters, training_target)
 from onnx_perforate.inspection import inspect
 from onnx_perforate.masks import grid
 
@@ -352,6 +353,9 @@ def test_cli_finetune(sample, tmp_path, capsys):
                  str(tmp_path / "data.npz"), "-o", str(tmp_path / "x.onnx"), "--no-progress"])
     assert code == 1 and "does not match the original" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+    code = main(["finetune", str(tmp_path / "perforated.onnx"), "--original", str(MODEL), "--data",
+                 str(tmp_path / "data.npz"), "-o", str(tmp_path / "x.onnx"), "--no-progress", "--augment", "flip+blur"])
+    assert code == 1 and "augment must be" in capsys.readouterr().err and not (tmp_path / "x.onnx").exists()
 
 
 def test_methods_chain(sample):
@@ -364,3 +368,80 @@ def test_methods_chain(sample):
     assert auto.method == "bn_reestimation+distill"  # the default for a model with BatchNorm
     with pytest.raises(PerforateError, match="method must be one of"):
         finetune(perforated, original, _data(images, count=20), method="bn_reestimation+magic", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+
+
+def test_mixup_blends_each_image_with_a_partner_by_a_uniform_share():
+    x = np.random.default_rng(0).random((4000, 3, 4, 4)).astype(np.float32)
+    mixed, partner, share = mix(x, "flip+mixup", np.random.default_rng(1))
+    assert sorted(partner) == list(range(len(x)))
+    np.testing.assert_allclose(mixed, share[:, None, None, None] * x + (1 - share[:, None, None, None]) * x[partner],
+                               rtol=1e-5, atol=1e-6)
+    # Beta(1, 1): uniform on (0, 1), mean 1/2, variance 1/12
+    assert 0 < share.min() and share.max() < 1
+    assert share.mean() == pytest.approx(0.5, abs=0.02) and share.var() == pytest.approx(1 / 12, abs=0.005)
+    again = mix(x, "flip+mixup", np.random.default_rng(1))
+    other = mix(x, "flip+mixup", np.random.default_rng(2))
+    assert np.array_equal(again[0], mixed) and not np.array_equal(other[0], mixed)
+    # NHWC is mixed like NCHW
+    nhwc = mix(x.transpose(0, 2, 3, 1), "mixup", np.random.default_rng(3))[0]
+    np.testing.assert_array_equal(nhwc.transpose(0, 3, 1, 2), mix(x, "mixup", np.random.default_rng(3))[0])
+
+
+def test_cutmix_pastes_a_box_of_the_partner_covering_one_minus_the_share():
+    x = np.random.default_rng(0).random((500, 3, 8, 8)).astype(np.float32)
+    mixed, partner, share = mix(x, "cutmix", np.random.default_rng(1))
+    moved = [i for i in range(len(x)) if partner[i] != i]
+    for i in moved:
+        pasted = (mixed[i] == x[partner[i]]).all(axis=0) & (mixed[i] != x[i]).any(axis=0)
+        kept = (mixed[i] == x[i]).all(axis=0)
+        assert (pasted | kept).all()  # every pixel is the image's own or the partner's, in all channels
+        rows, cols = np.nonzero(pasted)
+        if len(rows):  # one box
+            assert pasted.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert 1 - pasted.mean() == pytest.approx(share[i])
+    assert share[moved].mean() == pytest.approx(0.5, abs=0.05)
+
+
+def test_cutout_covers_a_square_of_at_most_half_the_side_with_the_channel_means():
+    x = np.random.default_rng(0).random((200, 3, 8, 8)).astype(np.float32) + 1
+    out = augment(x, "cutout", np.random.default_rng(1))
+    covered = (out != x).any(axis=1)
+    assert covered.any(axis=(1, 2)).all()
+    for i in range(len(x)):
+        rows, cols = np.nonzero(covered[i])
+        assert rows.max() - rows.min() < 4 + 1 and cols.max() - cols.min() < 4 + 1
+        np.testing.assert_allclose(out[i][:, covered[i]], np.broadcast_to(x[i].mean(axis=(1, 2))[:, None],
+                                                                           (3, covered[i].sum())), rtol=1e-5)
+
+
+def test_a_mixed_image_is_labelled_by_both_labels_by_their_shares():
+    teacher = np.full((2, 3), 1 / 3, np.float32)
+    target = training_target(teacher, np.array([0, 2]), 0.5, np.array([1, 0]), np.array([0.75, 0.25], np.float32))
+    np.testing.assert_allclose(target, [[1 / 6 + 0.375, 1 / 6, 1 / 6 + 0.125], [1 / 6 + 0.375, 1 / 6, 1 / 6 + 0.125]])
+    np.testing.assert_allclose(target.sum(1), 1, rtol=1e-6)
+
+
+def test_unknown_augmentation_is_refused(sample):
+    original, perforated, _, images, _ = sample
+    with pytest.raises(PerforateError, match="augment must be .*'flip\\+blur'"):
+        finetune(perforated, original, _data(images, count=20), augment="flip+blur", progress=False)
+    with pytest.raises(PerforateError, match="weight_decay"):
+        finetune(perforated, original, _data(images, count=20), weight_decay=-0.1, progress=False)
+
+
+@pytest.mark.parametrize("option", [dict(augment="flip+crop+mixup"), dict(augment="flip+crop+cutmix"),
+                                    dict(augment="flip+crop+cutout"), dict(weight_decay=0.5)])
+def test_each_recovery_option_changes_the_training(sample, option):
+    original, perforated, _, images, labels = sample
+    common = dict(method="distill", epochs=1, learning_rate=1e-3, progress=False, threads=1, augment="flip+crop")
+    runs = [finetune(perforated, original, _data(images, labels, 100), **dict(common, **changes))
+            for changes in ({}, option)]
+    assert all(r.improved for r in runs)
+    assert runs[1].settings[next(iter(option))] == next(iter(option.values()))
+    assert any(not np.array_equal(runs[0].values[k], runs[1].values[k]) for k in runs[0].values)
+    if "weight_decay" in option:  # decay shrinks the weight kernels, not the biases
+        norms = [sum(float(np.square(r.values[k]).sum()) for k in r.values if r.values[k].ndim >= 2) for r in runs]
+        assert norms[1] < norms[0]
