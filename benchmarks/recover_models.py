@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
 import sys
 import tempfile
 import time
@@ -51,12 +52,18 @@ POINTS = (1.25, 1.5, 2.0)
 
 
 @contextmanager
-def bench_lock():
+def bench_lock(cpu=None):
+    """Holds the benchmark lock; with ``cpu``, runs on that core alone meanwhile (the training around the
+    timed parts may run on another, shared one)."""
     with open(LOCK, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        cores = os.sched_getaffinity(0)
         try:
+            if cpu is not None:
+                os.sched_setaffinity(0, {cpu})
             yield
         finally:
+            os.sched_setaffinity(0, cores)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
@@ -130,6 +137,8 @@ def main() -> int:
     parser.add_argument("--include-1x1", action="store_true", help="let the tuner perforate 1x1 Convs too")
     parser.add_argument("--methods", nargs="+", help="recovery methods (default: bias_correction, bn_reestimation "
                         "where the model has BatchNorm, distill)")
+    parser.add_argument("--timing-cpu", type=int, help="run the timed parts (the tuner, the final timing) on this "
+                        "core alone, holding the lock (default: wherever the process runs)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results"))
     args = parser.parse_args()
     original, calibration, finetune_data, evaluation, batch = setup(args.model, args.finetune_images)
@@ -137,7 +146,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    with bench_lock():
+    with bench_lock(args.timing_cpu):
         tuned = tune(original, calibration, target_speedup=args.target, max_accuracy_drop=1.0, threads=1,
                      timing_batch=batch, subset_size=None, baselines=False, progress=True, repeats=10,
                      include_1x1=args.include_1x1)
@@ -177,7 +186,7 @@ def main() -> int:
         models["int8"] = quantized(original, calibration)
     except Exception as error:  # report, do not hide, a quantizer failure
         print(f"quantize_static failed: {error}")
-    with bench_lock():
+    with bench_lock(args.timing_cpu):
         baseline = resize_baseline(original, evaluation, threads=1, batch_size=batch if batch > 1 else 1,
                                    timing_batch=batch, repeats=args.repeats, models=models)
     report = dict(model=args.model, tune_seconds=tune_s, tuner_stopped=tuned.stopped, rows=rows,
