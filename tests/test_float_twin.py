@@ -110,8 +110,10 @@ def test_impact_masks_on_a_qdq_model_are_nonzero_and_rewrite_it(qdq):
 
 
 def test_tune_on_a_qdq_model_perforates_and_times_the_int8_model(qdq):
+    # monotone=False: every rung is a step whether or not it pays on this tiny model (about 15 us, where
+    # a rung saves about 1 us: within a loaded machine's noise); the INT8 model is still what is timed.
     result = onnx_perforate.tune(qdq, labelled_batches(), ladder=(0.0, 0.5), repeats=2, progress=False,
-                                 max_accuracy_drop=1.0, baselines=False)
+                                 max_accuracy_drop=1.0, baselines=False, monotone=False)
     kinds = {n.op_type for n in result.model.graph.node}
     assert "PerforatedQLinearConv" in kinds and "PerforatedConv" not in kinds
     assert "QuantizeLinear" in kinds  # the rest of the graph stays INT8
@@ -127,7 +129,7 @@ def test_tune_on_an_s8s8_model_with_a_constant_node_weight(tmp_path):
                                  activation_type=quantization.QuantType.QInt8, weight_type=quantization.QuantType.QInt8)
     model = onnx.load(str(tmp_path / "s8s8.onnx"))
     result = onnx_perforate.tune(model, labelled_batches(), ladder=(0.0, 0.5), repeats=2, progress=False,
-                                 max_accuracy_drop=1.0, baselines=False)
+                                 max_accuracy_drop=1.0, baselines=False, monotone=False)  # as above
     kinds = [n.op_type for n in result.model.graph.node]
     assert "PerforatedQLinearConv" in kinds and "PerforatedConv" not in kinds and len(result.steps) > 1
     assert np.asarray(run_ort(result.model, {"x": synthetic_input(2)})[0]).shape == (2, 5)
