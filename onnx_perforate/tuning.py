@@ -557,7 +557,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
     base = meter.measure(original)
     latency = LatencyTable(meter, analysed, ladder_masks, ladder, repeats)
     base["time"] = latency.base
-    accuracy0 = base["top1"] if base["top1"] is not None else base["agreement"]
+    accuracy0 = _accuracy(base)
     steps = [_step(0, None, {}, base, base, None, started)]
     step_masks = [{}]
     rungs = {unit: 0 for unit in units}
@@ -633,6 +633,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 break
             (cost, _), name, rung, trial, candidate, measured = best
             rate = ladder[rung]
+            cut = None  # this move as the ladder had it, if it is cut to land on the target
             landing_time = base["time"] / (target_speedup * (1 + LANDING_MARGIN)) if target_speedup else None
             if landing_time is not None and mask_kind in LANDING_MASK_KINDS and measured["time"] < landing_time:
                 landed = landing_rate(latency, now, name, now.get(name, 0.0), rate, landing_time)
@@ -643,10 +644,10 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                         time=latency.predict(dict(now, **{name: landed})))
                     log.debug("landing %s at %.2f instead of %.2f: loss %.4f instead of %.4f", name, landed, rate,
                               landed_measured["loss"], measured["loss"])
-                    landing = dict(unit=name, rate=rate, trial=trial, measured=measured, cost=cost)
+                    cut = dict(unit=name, rate=rate, trial=trial, measured=measured, cost=cost)
                     rate, trial, measured = landed, landed_trial, landed_measured
                     cost = (measured["loss"] - base["loss"]) / (base["time"] - measured["time"])
-            accuracy = measured["top1"] if measured["top1"] is not None else measured["agreement"]
+            accuracy = _accuracy(measured)
             if max_accuracy_drop is not None and accuracy0 - accuracy > max_accuracy_drop:
                 stopped = (f"the next step ({name} -> {rate:g}) would drop accuracy by "
                            f"{accuracy0 - accuracy:.3f} > {max_accuracy_drop:g}")
@@ -660,6 +661,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             rungs[name] = rung
             current = trial
             steps.append(_step(len(steps), name, dict(now, **{name: rate}), measured, base, cost, started))
+            landing = cut  # only a move that was taken (not one the budget refused) can be confirmed or undone
             step_masks.append({k: v for k, v in ladder_masks.expand(current).items() if not v.all()})
             if bar is not None:
                 bar.update(1)
@@ -690,8 +692,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                                        measured_speedup=round(speedups[0], 3),
                                        ladder_measured_speedup=round(speedups[1], 3), kept="landed")
             overshoot = landing["measured"]
-            within_budget = max_accuracy_drop is None or accuracy0 - (
-                overshoot["top1"] if overshoot["top1"] is not None else overshoot["agreement"]) <= max_accuracy_drop
+            within_budget = max_accuracy_drop is None or accuracy0 - _accuracy(overshoot) <= max_accuracy_drop
             # The prediction was optimistic: the landed network misses the target on the clock while the
             # ladder's move reaches it, so the ladder's move is the result.
             if speedups[0] < target_speedup <= speedups[1] and within_budget:
@@ -757,6 +758,11 @@ def _evaluate_holdout(original, models: Mapping, holdout: CalibrationSet | None,
         stage = "tuned" if label == "perforated" else label
         result.update({f"{stage}_{k}": after[k] for k in ("top1", "top5", "loss", "agreement")})
     return result
+
+
+def _accuracy(measured: dict) -> float:
+    """What the accuracy budget reads: top-1 on labelled data, else top-1 agreement with the original."""
+    return measured["top1"] if measured["top1"] is not None else measured["agreement"]
 
 
 def _output_of(model, key):

@@ -484,3 +484,34 @@ def test_timed_sessions_use_threads_and_the_rest_evaluation_threads(monkeypatch)
     assert result.settings["evaluation_threads"] == 2
     with pytest.raises(Exception, match="evaluation_threads"):
         onnx_perforate.tune(model, data, evaluation_threads=0, progress=False)
+
+
+def test_a_landed_move_the_budget_refuses_is_neither_taken_nor_reported(monkeypatch):
+    """The move to 0.9 is cut to 0.59, and the budget refuses the landed move: the search stops at 0.5,
+    and neither the landing nor the refused ladder move is timed or reported."""
+    measure = tuning.NetworkMeter.measure
+    calls = []
+
+    def scripted(meter, model, *args, **options):
+        measured = measure(meter, model, *args, **options)
+        calls.append(measured)
+        if len(calls) > 2:  # the original and conv4 at 0.5 as measured; every later candidate loses it all
+            measured = dict(measured, top1=0.0)
+        return measured
+
+    monkeypatch.setattr(tuning.NetworkMeter, "measure", scripted)
+    model, data = _fashion(96)
+    monkeypatch.setattr(tuning.LatencyTable, "saving", lambda table, unit, rate: 0.5 * table.base * rate)
+    timed = []
+
+    def confirmation(meter, reference, sessions, repeats):
+        timed.append(len(sessions))
+        return [1.0 / 1.3] * len(sessions)
+
+    monkeypatch.setattr(tuning, "interleaved_ratios", confirmation)
+    result = onnx_perforate.tune(model, data, target_speedup=1.4, ladder=(0.0, 0.5, 0.9), layers=["conv4"],
+                                 repeats=2, batch_size=32, timing_batch=4, progress=False, baselines=False,
+                                 max_accuracy_drop=0.5)
+    assert "would drop accuracy" in result.stopped and "conv4 -> 0.59" in result.stopped
+    assert result.steps[-1].rates == {"conv4": 0.5}
+    assert "landing" not in result.settings and timed == [1]
