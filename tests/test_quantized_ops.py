@@ -128,6 +128,47 @@ def test_perforated_matches_reference_and_interpolates_uint8(case):
     np.testing.assert_array_equal(full, ops.nn_interpolate_reference(compact, ops.nearest_index(mask)))
 
 
+@pytest.mark.parametrize("m", [16, 64])  # one and two vectors of output channels per micro-kernel row block
+def test_every_tile_width_matches_the_reference(m):
+    """1 to 25 computed positions: every partial last tile of the micro-kernels (12 columns with VNNI, 6 with
+    AVX2) runs its own exact-width kernel."""
+    rng = np.random.default_rng(m)
+    x, params, attrs = quantized_case(rng, 1, 24, 7, 7, m, 3, pad=1)
+    for count in range(1, 26):
+        mask = np.zeros(49, bool)
+        mask[rng.choice(49, count, replace=False)] = True
+        mask = mask.reshape(7, 7)
+        np.testing.assert_array_equal(run(perforated_model(x, params, attrs, mask), x),
+                                      reference(x, params, attrs, mask), err_msg=f"{count} positions")
+
+
+# (n, c, h, w, m): pointwise convolutions run channel-major (positions along the vector): 1 to 3 vectors of
+# positions per tile, partial vectors, several tiles of 48, channel counts off the 4-lane quads and the
+# 8-row blocks, batch 2.
+POINTWISE = [(1, 16, 1, 5, 8), (2, 5, 7, 7, 13), (1, 64, 13, 13, 40), (2, 24, 3, 11, 16), (1, 128, 9, 12, 48)]
+
+
+@pytest.mark.parametrize("case", POINTWISE)
+@pytest.mark.parametrize("activation", ["", "Relu", "Clip"])
+def test_pointwise_matches_qlinear_conv_and_the_reference(case, activation):
+    n, c, h, w, m = case
+    rng = np.random.default_rng(sum(case) + len(activation))
+    x, params, attrs = quantized_case(rng, n, c, h, w, m, 1)
+    attrs.activation = activation
+    attrs.clip_min, attrs.clip_max = (-0.5, 2.0) if activation == "Clip" else (attrs.clip_min, attrs.clip_max)
+    ones = np.ones((h, w), bool)
+    got = run(perforated_model(x, params, attrs, ones), x)
+    if not activation:  # QLinearConv has no fused activation
+        np.testing.assert_array_equal(got, run(qlinear_conv_model(x, params, attrs), x).reshape(got.shape))
+    np.testing.assert_array_equal(got, reference(x, params, attrs, ones))
+    mask = rng.random((h, w)) < 0.5  # computed positions gathered from the full input
+    mask[0, -1] = True
+    np.testing.assert_array_equal(run(perforated_model(x, params, attrs, mask), x), reference(x, params, attrs, mask))
+    signed_x, signed_params = as_int8(x, params)
+    np.testing.assert_array_equal(run(perforated_model(signed_x, signed_params, attrs, mask), signed_x),
+                                  reference(signed_x, signed_params, attrs, mask))
+
+
 def interpolation_mask(kind, shape, rng):
     mask = np.zeros(shape, bool)
     if kind == "random":
@@ -269,7 +310,7 @@ def test_slower_micro_kernels_match_too(isa):
     env = dict(os.environ, ONNX_PERFORATE_GEMM=isa)
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "bit_for_bit or reference_and or x_index or nn_interpolate_uint8 or asymmetric or int8_activations"],
+         "bit_for_bit or reference_and or tile_width or pointwise or x_index or nn_interpolate_uint8 or asymmetric or int8_activations"],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
 

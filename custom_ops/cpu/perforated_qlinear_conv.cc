@@ -11,6 +11,9 @@
 #include <thread>
 
 #pragma GCC diagnostic ignored "-Wpsabi"
+// GCC 12's false positive inside its own AVX-512 headers when not optimising (bug 105593), as in
+// packed_gemm.cc.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace onnx_perforate {
 
@@ -180,10 +183,51 @@ using Avx2Kernel = void (*)(int64_t, int64_t, const int16_t*, const int16_t*, co
     Avx2Tile<vectors, nr>(taps, steps, a, x, columns, tap_offsets, c, ldc);                                   \
   }
 
+// One kernel per tile width up to NR: the last tile of a column block computes only the columns it has
+// (42 positions are 3 full tiles and one of 6, not 4 of 12, on a 13x13 map at r = 0.75).
+PERFORATE_VNNI_KERNEL(Vnni1x1, 1, 1)
+PERFORATE_VNNI_KERNEL(Vnni1x2, 1, 2)
+PERFORATE_VNNI_KERNEL(Vnni1x3, 1, 3)
+PERFORATE_VNNI_KERNEL(Vnni1x4, 1, 4)
+PERFORATE_VNNI_KERNEL(Vnni1x5, 1, 5)
+PERFORATE_VNNI_KERNEL(Vnni1x6, 1, 6)
+PERFORATE_VNNI_KERNEL(Vnni1x7, 1, 7)
+PERFORATE_VNNI_KERNEL(Vnni1x8, 1, 8)
+PERFORATE_VNNI_KERNEL(Vnni1x9, 1, 9)
+PERFORATE_VNNI_KERNEL(Vnni1x10, 1, 10)
+PERFORATE_VNNI_KERNEL(Vnni1x11, 1, 11)
 PERFORATE_VNNI_KERNEL(Vnni1x12, 1, 12)
+PERFORATE_VNNI_KERNEL(Vnni2x1, 2, 1)
+PERFORATE_VNNI_KERNEL(Vnni2x2, 2, 2)
+PERFORATE_VNNI_KERNEL(Vnni2x3, 2, 3)
+PERFORATE_VNNI_KERNEL(Vnni2x4, 2, 4)
+PERFORATE_VNNI_KERNEL(Vnni2x5, 2, 5)
+PERFORATE_VNNI_KERNEL(Vnni2x6, 2, 6)
+PERFORATE_VNNI_KERNEL(Vnni2x7, 2, 7)
+PERFORATE_VNNI_KERNEL(Vnni2x8, 2, 8)
+PERFORATE_VNNI_KERNEL(Vnni2x9, 2, 9)
+PERFORATE_VNNI_KERNEL(Vnni2x10, 2, 10)
+PERFORATE_VNNI_KERNEL(Vnni2x11, 2, 11)
 PERFORATE_VNNI_KERNEL(Vnni2x12, 2, 12)
+PERFORATE_AVX2_INT_KERNEL(Avx2x1x1, 1, 1)
+PERFORATE_AVX2_INT_KERNEL(Avx2x1x2, 1, 2)
+PERFORATE_AVX2_INT_KERNEL(Avx2x1x3, 1, 3)
+PERFORATE_AVX2_INT_KERNEL(Avx2x1x4, 1, 4)
+PERFORATE_AVX2_INT_KERNEL(Avx2x1x5, 1, 5)
 PERFORATE_AVX2_INT_KERNEL(Avx2x1x6, 1, 6)
+PERFORATE_AVX2_INT_KERNEL(Avx2x2x1, 2, 1)
+PERFORATE_AVX2_INT_KERNEL(Avx2x2x2, 2, 2)
+PERFORATE_AVX2_INT_KERNEL(Avx2x2x3, 2, 3)
+PERFORATE_AVX2_INT_KERNEL(Avx2x2x4, 2, 4)
+PERFORATE_AVX2_INT_KERNEL(Avx2x2x5, 2, 5)
 PERFORATE_AVX2_INT_KERNEL(Avx2x2x6, 2, 6)
+
+// [vectors - 1][columns - 1]
+constexpr VnniKernel kVnniKernels[2][12] = {
+    {Vnni1x1, Vnni1x2, Vnni1x3, Vnni1x4, Vnni1x5, Vnni1x6, Vnni1x7, Vnni1x8, Vnni1x9, Vnni1x10, Vnni1x11, Vnni1x12},
+    {Vnni2x1, Vnni2x2, Vnni2x3, Vnni2x4, Vnni2x5, Vnni2x6, Vnni2x7, Vnni2x8, Vnni2x9, Vnni2x10, Vnni2x11, Vnni2x12}};
+constexpr Avx2Kernel kAvx2Kernels[2][6] = {{Avx2x1x1, Avx2x1x2, Avx2x1x3, Avx2x1x4, Avx2x1x5, Avx2x1x6},
+                                           {Avx2x2x1, Avx2x2x2, Avx2x2x3, Avx2x2x4, Avx2x2x5, Avx2x2x6}};
 
 constexpr int64_t kPortableMr = 16, kPortableNr = 4;
 
@@ -381,6 +425,134 @@ void PackInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& 
   });
 }
 
+// Pointwise convolutions (1x1, stride 1, no padding, one group) keep the channel-major layout instead:
+// output positions lie along the vector and the weights are broadcast, so the input needs only its
+// channels interleaved in fours (no transpose) and each output channel's row of positions is written
+// straight into Yc. The NHWC path above spent more on its two transposes than on the GEMM for
+// SqueezeNet's squeeze and expand 1x1 layers (e.g. 128 -> 16 channels on a compact 55x55 map).
+//
+// acc[r][v] (8 channels x kVectors * 16 positions) over all channel quads; `x` holds 4 interleaved
+// channels per position ([quad][positions][4]), `a` is the VNNI weight panel ([quad][mr][4]) at row r0.
+// Requantized as RequantizeRows does (the vector conversion rounds to nearest even, as nearbyintf).
+template <int kVectors>
+__attribute__((always_inline, target(PERFORATE_VNNI))) inline void PointwiseTile(
+    int64_t quads, const int8_t* __restrict a, int64_t mr, const uint8_t* __restrict x, int64_t quad_stride,
+    int64_t channels, const int32_t* __restrict offset, const float* __restrict scale, float lo, float hi,
+    int32_t zero_point, uint8_t* __restrict y, int64_t ldy, int64_t positions) {
+  constexpr int kRows = 8;
+  __m512i acc[kRows][kVectors];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 3
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < quads; ++q) {
+    __m512i xv[kVectors];
+#pragma GCC unroll 3
+    for (int v = 0; v < kVectors; ++v) xv[v] = _mm512_loadu_si512(x + q * quad_stride + v * 64);
+    const int8_t* aq = a + q * mr * 4;
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i wr = _mm512_set1_epi32(Broadcast32(aq + r * 4));
+#pragma GCC unroll 3
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], xv[v], wr);
+    }
+  }
+  const __m512 low = _mm512_set1_ps(lo), high = _mm512_set1_ps(hi);
+  const __m512i zero = _mm512_set1_epi32(zero_point);
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r) {
+    if (r >= channels) break;
+    const __m512i off = _mm512_set1_epi32(offset[r]);
+    const __m512 sc = _mm512_set1_ps(scale[r]);
+#pragma GCC unroll 3
+    for (int v = 0; v < kVectors; ++v) {
+      __m512 value = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc[r][v], off)), sc);
+      value = _mm512_min_ps(_mm512_max_ps(value, low), high);
+      const __m512i q = _mm512_add_epi32(
+          _mm512_cvt_roundps_epi32(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zero);
+      const int64_t left = positions - v * 16;
+      const __mmask16 keep = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      _mm_mask_storeu_epi8(y + r * ldy + v * 16, keep, _mm512_cvtepi32_epi8(q));
+    }
+  }
+}
+
+using PointwiseKernel = void (*)(int64_t, const int8_t*, int64_t, const uint8_t*, int64_t, int64_t, const int32_t*,
+                                 const float*, float, float, int32_t, uint8_t*, int64_t, int64_t);
+
+#define PERFORATE_POINTWISE_KERNEL(name, vectors)                                                          \
+  __attribute__((target(PERFORATE_VNNI))) void name(                                                       \
+      int64_t quads, const int8_t* a, int64_t mr, const uint8_t* x, int64_t quad_stride, int64_t channels, \
+      const int32_t* offset, const float* scale, float lo, float hi, int32_t zero_point, uint8_t* y,       \
+      int64_t ldy, int64_t positions) {                                                                    \
+    PointwiseTile<vectors>(quads, a, mr, x, quad_stride, channels, offset, scale, lo, hi, zero_point, y,  \
+                           ldy, positions);                                                                \
+  }
+PERFORATE_POINTWISE_KERNEL(Pointwise8x16, 1)
+PERFORATE_POINTWISE_KERNEL(Pointwise8x32, 2)
+PERFORATE_POINTWISE_KERNEL(Pointwise8x48, 3)
+constexpr PointwiseKernel kPointwiseKernels[3] = {Pointwise8x16, Pointwise8x32, Pointwise8x48};
+
+bool UsesPointwisePath(const ConvShape& s, const ConvAttributes& a, const InputIndex* input_index,
+                       const PackedQuantizedWeights& w, const Requantization& q) {
+  return w.isa == QuantizedGemmIsa::kAvx512Vnni && !input_index && s.group == 1 && s.taps() == 1 &&
+         a.stride_h == 1 && a.stride_w == 1 && a.pad_top == 0 && a.pad_left == 0 && a.pad_bottom == 0 &&
+         a.pad_right == 0 && q.w_zero_points.empty();
+}
+
+thread_local std::vector<uint8_t> tls_quads;
+thread_local std::vector<uint32_t> tls_quad_row;
+
+// x [N, C, P] -> quads [N][C / 4][stride][4] holding the `count` computed positions (all P when count ==
+// P, else positions[k]), channels past C zero.
+void InterleaveQuads(const uint8_t* x, int64_t batch, int64_t channels, int64_t plane, const int32_t* positions,
+                     int64_t count, int64_t quads, int64_t stride, uint8_t* out, const ParallelRunner& parallel) {
+  RunMaybeSerially(parallel, batch * quads * plane, static_cast<size_t>(batch * quads), [&](size_t task) {
+    const int64_t n = static_cast<int64_t>(task) / quads, quad = static_cast<int64_t>(task) % quads;
+    const uint8_t* rows[4] = {};
+    for (int64_t l = 0; l < 4 && 4 * quad + l < channels; ++l) rows[l] = x + (n * channels + 4 * quad + l) * plane;
+    uint8_t* dst = out + (n * quads + quad) * stride * 4;
+    if (count == plane) {
+      InterleaveFourChannels(rows, plane, dst);
+    } else {
+      uint32_t* full = Scratch(tls_quad_row, static_cast<size_t>(plane));
+      InterleaveFourChannels(rows, plane, reinterpret_cast<uint8_t*>(full));
+      uint32_t* compact = reinterpret_cast<uint32_t*>(dst);
+      for (int64_t k = 0; k < count; ++k) compact[k] = full[positions[k]];
+    }
+    std::fill(dst + count * 4, dst + stride * 4, uint8_t{0});
+  });
+}
+
+void ComputePointwise(const ConvShape& s, const PaddedGather& padded, int64_t count, const uint8_t* x,
+                      const PackedQuantizedWeights& w, const Requantization& q, const int32_t* offsets, float lo,
+                      float hi, uint8_t* yc, const ParallelRunner& parallel) {
+  constexpr int64_t kChunk = 48, kRows = 8;
+  const int64_t quads = w.padded_channels / 4, plane = s.in_h * s.in_w;
+  const int64_t stride = (count + 15) / 16 * 16;  // positions per quad row, whole vectors
+  uint8_t* buffer = Scratch(tls_quads, static_cast<size_t>(s.batch * quads * stride * 4));
+  InterleaveQuads(x, s.batch, s.in_channels, plane, padded.positions.data(), count, quads, stride, buffer, parallel);
+
+  // Tasks: images x position chunks x channel ranges (whole 8-row blocks), about three per core.
+  const int64_t chunks = (count + kChunk - 1) / kChunk, row_blocks = (s.out_channels + kRows - 1) / kRows;
+  const int64_t splits =
+      std::min(row_blocks, std::max<int64_t>(1, (3 * Cores() + s.batch * chunks - 1) / (s.batch * chunks)));
+  const int64_t blocks_per_split = (row_blocks + splits - 1) / splits;
+  parallel(static_cast<size_t>(s.batch * chunks * splits), [&](size_t task) {
+    const int64_t split = task % splits, chunk = (task / splits) % chunks, n = task / splits / chunks;
+    const int64_t p0 = chunk * kChunk, positions = std::min(kChunk, count - p0);
+    const PointwiseKernel kernel = kPointwiseKernels[(positions + 15) / 16 - 1];
+    const uint8_t* xq = buffer + (n * quads * stride + p0) * 4;
+    const int64_t b1 = std::min(row_blocks, (split + 1) * blocks_per_split);
+    for (int64_t b = split * blocks_per_split; b < b1; ++b) {
+      const int64_t m0 = b * kRows, panel = m0 / w.mr;
+      const int8_t* a = w.bytes.data() + panel * w.PanelSize() + (m0 % w.mr) * 4;
+      kernel(quads, a, w.mr, xq, stride * 4, std::min(kRows, s.out_channels - m0), offsets + m0, q.scales.data() + m0,
+             lo, hi, q.y_zero_point, yc + (n * s.out_channels + m0) * count + p0, count, positions);
+    }
+  });
+}
+
 }  // namespace
 
 QuantizedGemmIsa BestQuantizedGemmIsa() {
@@ -457,6 +629,14 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
   const int64_t pixels = padded.padded_h * padded.padded_w;
   const int64_t steps = w.padded_channels / w.lanes;
 
+  // The int32 offset of every output channel: bias minus the input zero point times the weights' sum.
+  std::vector<int32_t> offsets(static_cast<size_t>(s.out_channels));
+  for (int64_t m = 0; m < s.out_channels; ++m) offsets[m] = q.bias[m] - q.x_zero_point * w.row_sums[m];
+  const float lo = static_cast<float>(q.out_min - q.y_zero_point);
+  const float hi = static_cast<float>(q.out_max - q.y_zero_point);
+  if (UsesPointwisePath(s, a, input_index, w, q))
+    return ComputePointwise(s, padded, count, x, w, q, offsets.data(), lo, hi, yc, parallel);
+
   // A compact input is interpolated first (uint8 NNInterpolate: vector byte permutes where the CPU has
   // them), then packed like a planar one.
   ConvShape planar = s;
@@ -509,11 +689,6 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
                          tap_offsets, q.x_zero_point, pixel_sums, input_sums, parallel);
   }
 
-  // The int32 offset of every output channel: bias minus the input zero point times the weights' sum.
-  std::vector<int32_t> offsets(static_cast<size_t>(s.out_channels));
-  for (int64_t m = 0; m < s.out_channels; ++m) offsets[m] = q.bias[m] - q.x_zero_point * w.row_sums[m];
-  const float lo = static_cast<float>(q.out_min - q.y_zero_point);
-  const float hi = static_cast<float>(q.out_max - q.y_zero_point);
 
   // Tasks: groups x column blocks x panel ranges, at least one per core, blocks small enough for L2.
   constexpr int64_t kMaxBlock = 384;
@@ -525,8 +700,8 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
   const int64_t splits = std::min<int64_t>(w.panels, std::max<int64_t>(1, (cores + s.group * blocks - 1) / (s.group * blocks)));
   const int64_t panels_per_split = (w.panels + splits - 1) / splits;
 
-  const VnniKernel vnni = w.vectors == 2 ? Vnni2x12 : Vnni1x12;
-  const Avx2Kernel avx2 = w.vectors == 2 ? Avx2x2x6 : Avx2x1x6;
+  const VnniKernel* vnni_kernels = kVnniKernels[w.vectors == 2 ? 1 : 0];
+  const Avx2Kernel* avx2_kernels = kAvx2Kernels[w.vectors == 2 ? 1 : 0];
   parallel(static_cast<size_t>(s.group * blocks * splits), [&](size_t task) {
     const int64_t split = task % splits, b = (task / splits) % blocks, g = task / splits / blocks;
     const int64_t i0 = split * panels_per_split, i1 = std::min(w.panels, i0 + panels_per_split);
@@ -536,6 +711,9 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
     int32_t* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * width));
     for (int64_t j = 0; j < tiles; ++j) {
       const int64_t* cols = column_offsets + k0 + j * nr;
+      const int64_t tile_columns = std::min(nr, kn - j * nr);
+      const VnniKernel vnni = vnni_kernels[std::min<int64_t>(tile_columns, 12) - 1];
+      const Avx2Kernel avx2 = avx2_kernels[std::min<int64_t>(tile_columns, 6) - 1];
       for (int64_t i = i0; i < i1; ++i) {
         int32_t* c = tile + j * nr * width + (i - i0) * mr;
         const int64_t panel = (g * w.panels + i) * w.PanelSize();
@@ -545,7 +723,7 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
           avx2(w.taps, steps, w.words.data() + panel, words + g * w.padded_channels, cols, tap_offsets.data(), c, width);
         else
           PortableTile(w.taps, steps, mr, w.bytes.data() + panel, bytes + g * w.padded_channels, cols,
-                       tap_offsets.data(), c, width, nr);
+                       tap_offsets.data(), c, width, tile_columns);
       }
     }
     // Requantize position by position (channels contiguous in the tile), then transpose into Yc's rows.

@@ -16,6 +16,10 @@
 // plus y_zero_point. Asymmetric weights (a nonzero w_zero_point) add - w_zero_point[m] * S[k], with
 // S[k] = sum_p (x - x_zero_point) over position k's receptive field (in its group), computed from the
 // same padded copy of X.
+//
+// Pointwise convolutions (1x1, stride 1, no padding, one group, symmetric weights) with VNNI skip the
+// NHWC copy: positions along the vector, weights broadcast, the input's channels interleaved in fours,
+// each output channel's positions requantized in registers and stored straight into Yc.
 #pragma once
 
 #include <cstdint>
