@@ -690,14 +690,18 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
   }
 
 
-  // Tasks: groups x column blocks x panel ranges, at least one per core, blocks small enough for L2.
-  constexpr int64_t kMaxBlock = 384;
-  const int64_t cores = Cores();
-  int64_t blocks = std::max((columns + kMaxBlock - 1) / kMaxBlock, (cores + s.group - 1) / s.group);
-  int64_t block = (columns + blocks - 1) / blocks;
-  block = std::max(nr, (block + nr - 1) / nr * nr);
-  blocks = (columns + block - 1) / block;
-  const int64_t splits = std::min<int64_t>(w.panels, std::max<int64_t>(1, (cores + s.group * blocks - 1) / (s.group * blocks)));
+  // Tasks: groups x column blocks x panel ranges, blocks small enough for L2. About three tasks per core,
+  // claimed dynamically, and a whole number of them per core when there are few: 3 equal blocks on 2
+  // threads ran at 1.3x of one thread. Column blocks keep at least 4 tiles; below that, panel ranges.
+  // Blocks are whole tiles, spread evenly (block b: tiles [b * tiles / blocks, (b + 1) * tiles / blocks)).
+  constexpr int64_t kMaxBlockTiles = 32, kTasksPerCore = 3, kMinTiles = 4;
+  const int64_t cores = Cores(), wanted = kTasksPerCore * cores;
+  const int64_t all_tiles = (columns + nr - 1) / nr;
+  int64_t blocks = std::max<int64_t>(1, (all_tiles + kMaxBlockTiles - 1) / kMaxBlockTiles);
+  while (s.group * blocks < wanted && all_tiles / (blocks + 1) >= kMinTiles) ++blocks;
+  if (s.group == 1 && blocks > 1 && blocks < 4 * wanted) blocks = std::min(all_tiles, (blocks + cores - 1) / cores * cores);
+  const int64_t splits =
+      std::min<int64_t>(w.panels, std::max<int64_t>(1, (wanted + s.group * blocks - 1) / (s.group * blocks)));
   const int64_t panels_per_split = (w.panels + splits - 1) / splits;
 
   const VnniKernel* vnni_kernels = kVnniKernels[w.vectors == 2 ? 1 : 0];
@@ -707,7 +711,8 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
     const int64_t i0 = split * panels_per_split, i1 = std::min(w.panels, i0 + panels_per_split);
     const int64_t m0 = i0 * mr, m1 = std::min(mg, i1 * mr), width = (i1 - i0) * mr;
     if (m0 >= m1) return;
-    const int64_t k0 = b * block, kn = std::min(block, columns - k0), tiles = (kn + nr - 1) / nr;
+    const int64_t k0 = b * all_tiles / blocks * nr, k1 = std::min(columns, (b + 1) * all_tiles / blocks * nr);
+    const int64_t kn = k1 - k0, tiles = (kn + nr - 1) / nr;
     int32_t* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * width));
     for (int64_t j = 0; j < tiles; ++j) {
       const int64_t* cols = column_offsets + k0 + j * nr;
