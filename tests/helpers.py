@@ -489,3 +489,16 @@ def chained_perforated_convs(with_1x1=False):
     chosen = layer_masks(model, ["a"])
     chosen["b"] = masks.grid((5, 5), 0.4)
     return model, chosen
+
+
+def crafted_gather_index(lanes: int, count: int = 1000) -> np.ndarray:
+    """Chunks of `lanes` outputs: sources within one two-vector window, within two far apart (two
+    permutes and a blend), spread over three windows (the scalar loop), within two of which the second
+    overhangs the end of the compact plane (masked loads), and a partial last chunk."""
+    lane = np.arange(lanes)
+    one = lane // 2
+    two = np.where(lane % 2 == 0, 10 + lane // 2, 600 + lane // 2)
+    three = (lane % 3) * 300 + lane // 3
+    overhanging = np.where(lane % 2 == 0, lane, count - 1 - lane % 3)
+    tail = overhanging[:lanes // 2]
+    return np.concatenate([one, two, three, overhanging, tail]).reshape(1, -1).astype(np.int64)

@@ -21,6 +21,7 @@ from onnx_perforate import ops
 from helpers import (
     assert_close_to_reference,
     changing_index_runs,
+    crafted_gather_index,
     bad_model,
     expect_error,
     needs_library,
@@ -274,6 +275,17 @@ def test_nn_interpolate_float_matches_the_reference(kind, shape):
     for threads in (1, 2):
         np.testing.assert_array_equal(run_ort(model, {"yc": yc}, threads=threads)[0],
                                       ops.nn_interpolate_reference(yc, index))
+
+
+def test_nn_interpolate_float_one_two_and_three_source_windows():
+    index = crafted_gather_index(16)
+    yc = np.random.default_rng(5).standard_normal((2, 3, 1000)).astype(np.float32)
+    graph = helper.make_graph([ops.make_nn_interpolate_node("yc", "index", "y", "interpolate")], "interpolate",
+                              [helper.make_tensor_value_info("yc", TensorProto.FLOAT, list(yc.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(index, "index")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+    np.testing.assert_array_equal(run_ort(model, {"yc": yc})[0], ops.nn_interpolate_reference(yc, index))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import changing_index_runs, expect_error, run_ort
+from helpers import changing_index_runs, crafted_gather_index, expect_error, run_ort
 from onnx_perforate import ops
 
 pytestmark = pytest.mark.usefixtures("require_library")
@@ -188,6 +188,13 @@ def test_nn_interpolate_uint8_matches_the_reference(kind, shape):
     mask = interpolation_mask(kind, shape, rng)
     index = ops.nearest_index(mask)
     yc = rng.integers(0, 256, (2, 3, int(mask.sum())), dtype=np.uint8)
+    model = model_of([ops.make_nn_interpolate_node("x", "index", "y", "interpolate")], yc, {}, [("index", index)])
+    np.testing.assert_array_equal(run(model, yc), ops.nn_interpolate_reference(yc, index))
+
+
+def test_nn_interpolate_uint8_one_two_and_three_source_windows():
+    index = crafted_gather_index(64)
+    yc = np.random.default_rng(6).integers(0, 256, (2, 3, 1000), dtype=np.uint8)
     model = model_of([ops.make_nn_interpolate_node("x", "index", "y", "interpolate")], yc, {}, [("index", index)])
     np.testing.assert_array_equal(run(model, yc), ops.nn_interpolate_reference(yc, index))
 

@@ -16,11 +16,22 @@ namespace onnx_perforate {
 // permute per plane (vpermi2b: AVX-512 VBMI; vpermi2ps: AVX-512F) replaces a vector's worth of scalar
 // loads and stores. Chunks whose sources spread wider keep the scalar loop. Lane: uint8_t or int32_t,
 // the permute's index type.
+//
+// A chunk whose sources fall into two such windows (random masks: a chunk's outputs read computed
+// positions of two rows) takes two permutes and a masked blend.
 template <typename Lane>
 struct PermutePlan {
   static constexpr int64_t kLanes = 64 / sizeof(Lane);
   std::vector<int32_t> base;      // per chunk: first source element, or -1 for a scalar chunk
-  std::vector<Lane> permutation;  // per chunk: kLanes source offsets from base (bit log2(kLanes) picks the 2nd vector)
+  std::vector<int32_t> second;    // per chunk: first source element of the second window, or -1
+  std::vector<uint64_t> from_second;  // per chunk: the lanes taken from the second window
+  std::vector<Lane> permutation;  // per chunk: kLanes source offsets from their window's base (bit log2(kLanes) picks the window's 2nd vector)
+  // The chunks by kind, each kind in a loop of its own (mixed, their branches mispredicted often enough
+  // to undo the permutes' gain): [0, singles) whole chunks in one window, [singles, singles + doubles)
+  // whole chunks in two, then the rest (scalar chunks, the partial last one, windows that may overhang
+  // the compact plane's end and need masked loads).
+  std::vector<int32_t> order;
+  int64_t singles = 0, doubles = 0;
 };
 
 namespace {
@@ -57,15 +68,38 @@ PermutePlan<Lane> PlanChunks(const int32_t* index, int64_t positions) {
   const int64_t chunks = (positions + kLanes - 1) / kLanes;
   PermutePlan<Lane> plan;
   plan.base.assign(static_cast<size_t>(chunks), -1);
+  plan.second.assign(static_cast<size_t>(chunks), -1);
+  plan.from_second.assign(static_cast<size_t>(chunks), 0);
   plan.permutation.assign(static_cast<size_t>(chunks * kLanes), 0);
   for (int64_t c = 0; c < chunks; ++c) {
     const int32_t* first = index + c * kLanes;
     const int64_t n = std::min<int64_t>(kLanes, positions - c * kLanes);
     const auto [lo, hi] = std::minmax_element(first, first + n);
-    if (*hi - *lo >= 2 * kLanes) continue;
+    // Window 1 starts at the lowest source; the sources beyond it must fit a second window.
+    int32_t second = -1;
+    for (int64_t j = 0; j < n; ++j)
+      if (first[j] - *lo >= 2 * kLanes && (second < 0 || first[j] < second)) second = first[j];
+    if (second >= 0 && *hi - second >= 2 * kLanes) continue;
     plan.base[c] = *lo;
-    for (int64_t j = 0; j < n; ++j) plan.permutation[c * kLanes + j] = static_cast<Lane>(first[j] - *lo);
+    plan.second[c] = second;
+    for (int64_t j = 0; j < n; ++j) {
+      const bool far = first[j] - *lo >= 2 * kLanes;
+      if (far) plan.from_second[c] |= uint64_t{1} << j;
+      plan.permutation[c * kLanes + j] = static_cast<Lane>(first[j] - (far ? second : *lo));
+    }
   }
+  // Windows ending at or before the largest source + 1 (<= the compact plane's size) need no masks.
+  const int64_t end = positions ? int64_t{*std::max_element(index, index + positions)} + 1 : 0;
+  std::vector<int32_t> one, two, rest;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const bool whole = (c + 1) * kLanes <= positions && plan.base[c] >= 0 && plan.base[c] + 2 * kLanes <= end &&
+                       plan.second[c] + 2 * kLanes <= end;
+    (whole ? (plan.second[c] < 0 ? one : two) : rest).push_back(static_cast<int32_t>(c));
+  }
+  plan.singles = static_cast<int64_t>(one.size()), plan.doubles = static_cast<int64_t>(two.size());
+  plan.order = one;
+  plan.order.insert(plan.order.end(), two.begin(), two.end());
+  plan.order.insert(plan.order.end(), rest.begin(), rest.end());
   return plan;
 }
 
@@ -91,61 +125,95 @@ bool HaveAvx512() {
   return have;
 }
 
+// The 32 floats from `from` (masked loads never touch floats past the plane's end, count, so the
+// window may overhang it), permuted by `order`.
+__attribute__((always_inline, target("avx512f"))) inline __m512 PermuteFloatWindow(const float* src, int64_t count,
+                                                                                  int64_t from, __m512i order) {
+  if (from + 32 <= count)
+    return _mm512_permutex2var_ps(_mm512_loadu_ps(src + from), order, _mm512_loadu_ps(src + from + 16));
+  auto valid = [&](int64_t at) {
+    const int64_t k = std::max<int64_t>(0, std::min<int64_t>(16, count - at));
+    return static_cast<__mmask16>((1u << k) - 1);
+  };
+  return _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(valid(from), src + from), order,
+                                _mm512_maskz_loadu_ps(valid(from + 16), src + from + 16));
+}
+
+// The same for 128 bytes.
+__attribute__((always_inline, target("avx512f,avx512bw,avx512vbmi"))) inline __m512i PermuteByteWindow(
+    const uint8_t* src, int64_t count, int64_t from, __m512i order) {
+  auto valid = [&](int64_t at) {
+    const int64_t k = std::max<int64_t>(0, std::min<int64_t>(64, count - at));
+    return k == 64 ? ~__mmask64{0} : (__mmask64{1} << k) - 1;
+  };
+  return _mm512_permutex2var_epi8(_mm512_maskz_loadu_epi8(valid(from), src + from), order,
+                                  _mm512_maskz_loadu_epi8(valid(from + 64), src + from + 64));
+}
+
 __attribute__((target("avx512f"))) void GatherFloatPlane(const float* __restrict src, int64_t count,
                                                          const int32_t* __restrict index, int64_t positions,
                                                          const FloatPermutePlan& plan, float* __restrict dst) {
-  const int64_t chunks = static_cast<int64_t>(plan.base.size());
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t p0 = c * 16, n = std::min<int64_t>(16, positions - p0);
+  const int32_t* order = plan.order.data();
+  const int64_t doubles_end = plan.singles + plan.doubles, chunks = static_cast<int64_t>(plan.order.size());
+  for (int64_t i = 0; i < plan.singles; ++i) {
+    const int64_t c = order[i], from = plan.base[c];
+    _mm512_storeu_ps(dst + c * 16, _mm512_permutex2var_ps(_mm512_loadu_ps(src + from), _mm512_loadu_si512(plan.permutation.data() + c * 16),
+                                                          _mm512_loadu_ps(src + from + 16)));
+  }
+  for (int64_t i = plan.singles; i < doubles_end; ++i) {
+    const int64_t c = order[i], from = plan.base[c], second = plan.second[c];
+    const __m512i lanes = _mm512_loadu_si512(plan.permutation.data() + c * 16);
+    const __m512 near = _mm512_permutex2var_ps(_mm512_loadu_ps(src + from), lanes, _mm512_loadu_ps(src + from + 16));
+    const __m512 far = _mm512_permutex2var_ps(_mm512_loadu_ps(src + second), lanes, _mm512_loadu_ps(src + second + 16));
+    _mm512_storeu_ps(dst + c * 16, _mm512_mask_blend_ps(static_cast<__mmask16>(plan.from_second[c]), near, far));
+  }
+  for (int64_t i = doubles_end; i < chunks; ++i) {
+    const int64_t c = order[i], p0 = c * 16, n = std::min<int64_t>(16, positions - p0);
     const int64_t base = plan.base[c];
     if (base < 0) {
       for (int64_t j = 0; j < n; ++j) dst[p0 + j] = src[index[p0 + j]];
       continue;
     }
-    // Masked loads never touch floats past the plane's end (count), so the window may overhang it.
-    auto valid = [&](int64_t from) -> __mmask16 {
-      const int64_t k = std::max<int64_t>(0, std::min<int64_t>(16, count - from));
-      return static_cast<__mmask16>((1u << k) - 1);
-    };
-    const __m512i order = _mm512_loadu_si512(plan.permutation.data() + c * 16);
-    __m512 low, high;
-    if (base + 32 <= count) {
-      low = _mm512_loadu_ps(src + base);
-      high = _mm512_loadu_ps(src + base + 16);
-    } else {
-      low = _mm512_maskz_loadu_ps(valid(base), src + base);
-      high = _mm512_maskz_loadu_ps(valid(base + 16), src + base + 16);
-    }
-    const __m512 v = _mm512_permutex2var_ps(low, order, high);
-    if (n == 16)
-      _mm512_storeu_ps(dst + p0, v);
-    else
-      _mm512_mask_storeu_ps(dst + p0, static_cast<__mmask16>((1u << n) - 1), v);
+    const __m512i lanes = _mm512_loadu_si512(plan.permutation.data() + c * 16);
+    __m512 v = PermuteFloatWindow(src, count, base, lanes);
+    if (plan.second[c] >= 0)
+      v = _mm512_mask_blend_ps(static_cast<__mmask16>(plan.from_second[c]), v,
+                               PermuteFloatWindow(src, count, plan.second[c], lanes));
+    _mm512_mask_storeu_ps(dst + p0, static_cast<__mmask16>((1u << n) - 1), v);
   }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void GatherBytePlane(
     const uint8_t* __restrict src, int64_t count, const int32_t* __restrict index, int64_t positions,
     const BytePermutePlan& plan, uint8_t* __restrict dst) {
-  const int64_t chunks = static_cast<int64_t>(plan.base.size());
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t p0 = c * 64, n = std::min<int64_t>(64, positions - p0);
+  const int32_t* order = plan.order.data();
+  const int64_t doubles_end = plan.singles + plan.doubles, chunks = static_cast<int64_t>(plan.order.size());
+  for (int64_t i = 0; i < plan.singles; ++i) {
+    const int64_t c = order[i], from = plan.base[c];
+    _mm512_storeu_si512(dst + c * 64, _mm512_permutex2var_epi8(_mm512_loadu_si512(src + from), _mm512_loadu_si512(plan.permutation.data() + c * 64),
+                                                               _mm512_loadu_si512(src + from + 64)));
+  }
+  for (int64_t i = plan.singles; i < doubles_end; ++i) {
+    const int64_t c = order[i], from = plan.base[c], second = plan.second[c];
+    const __m512i lanes = _mm512_loadu_si512(plan.permutation.data() + c * 64);
+    const __m512i near =
+        _mm512_permutex2var_epi8(_mm512_loadu_si512(src + from), lanes, _mm512_loadu_si512(src + from + 64));
+    const __m512i far =
+        _mm512_permutex2var_epi8(_mm512_loadu_si512(src + second), lanes, _mm512_loadu_si512(src + second + 64));
+    _mm512_storeu_si512(dst + c * 64, _mm512_mask_blend_epi8(plan.from_second[c], near, far));
+  }
+  for (int64_t i = doubles_end; i < chunks; ++i) {
+    const int64_t c = order[i], p0 = c * 64, n = std::min<int64_t>(64, positions - p0);
     const int64_t base = plan.base[c];
     if (base < 0) {
       for (int64_t j = 0; j < n; ++j) dst[p0 + j] = src[index[p0 + j]];
       continue;
     }
-    // Masked loads never touch bytes past the plane's end (count), so the window may overhang it.
-    auto valid = [&](int64_t from) -> __mmask64 {
-      const int64_t k = std::max<int64_t>(0, std::min<int64_t>(64, count - from));
-      return k == 64 ? ~__mmask64{0} : (__mmask64{1} << k) - 1;
-    };
-    const __m512i low = _mm512_maskz_loadu_epi8(valid(base), src + base);
-    const __m512i high = _mm512_maskz_loadu_epi8(valid(base + 64), src + base + 64);
-    const __m512i order = _mm512_loadu_si512(plan.permutation.data() + c * 64);
-    const __m512i v = _mm512_permutex2var_epi8(low, order, high);
-    const __mmask64 out = n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
-    _mm512_mask_storeu_epi8(dst + p0, out, v);
+    const __m512i lanes = _mm512_loadu_si512(plan.permutation.data() + c * 64);
+    __m512i v = PermuteByteWindow(src, count, base, lanes);
+    if (plan.second[c] >= 0)
+      v = _mm512_mask_blend_epi8(plan.from_second[c], v, PermuteByteWindow(src, count, plan.second[c], lanes));
+    _mm512_mask_storeu_epi8(dst + p0, n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1, v);
   }
 }
 
