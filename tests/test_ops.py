@@ -103,7 +103,8 @@ def test_interpolated_output_matches_reference(case):
 
 
 # Shapes that exercise every path of the CPU kernel: reduction split in KC slices (patch > 256), channel
-# tiles of one and two vectors with tails, column blocks with position tails, depthwise, OpenBLAS groups.
+# tiles of one and two vectors with tails, column blocks with position tails, depthwise, OpenBLAS groups,
+# one input channel per group feeding many outputs.
 LARGE_CASES = [
     ((1, 64, 20, 20), (40, 64, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1))),
     ((2, 96, 15, 17), (16, 96, 3, 3), ops.ConvAttributes((3, 3), strides=(2, 1), pads=(0, 1, 2, 1))),
@@ -111,6 +112,9 @@ LARGE_CASES = [
     ((3, 48, 14, 14), (48, 1, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=48)),
     ((1, 64, 13, 13), (128, 16, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=4)),
     ((2, 300, 9, 9), (33, 300, 1, 1), ops.ConvAttributes((1, 1))),
+    # One input channel, many outputs (a grey image's first layer; channel multiplier 8): the GEMM.
+    ((4, 1, 28, 28), (16, 1, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1))),
+    ((2, 6, 11, 11), (48, 1, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=6)),
 ]
 
 
