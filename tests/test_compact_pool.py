@@ -249,3 +249,19 @@ def test_fixed_width_windows_match_the_explicit_form(mode):
         want = run_ort(explicit_model(x.shape[2], index, attrs, positions, channels=5), x)[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got, ops.compact_pool_reference(x, index, positions, **attrs), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.usefixtures("require_library")
+@pytest.mark.parametrize("mask_kind", ["grid", "uniform"])  # windows of one width (fixed loop) and of several
+def test_many_planes_at_once_match_the_explicit_form(mask_kind):
+    """Max pooling takes eight planes per pass over the window table: 20 planes are two such groups and
+    four single planes; ties included."""
+    grid = (28, 28)
+    mask = (masks.grid(grid, 0.5) if mask_kind == "grid" else masks.uniform(grid, 0.5, seed=2)).array
+    index = ops.nearest_index(mask)
+    attrs = dict(mode="max", kernel_shape=[2, 2], strides=[2, 2])
+    x = np.random.default_rng(3).integers(-3, 4, (4, 5, int(mask.sum()))).astype(np.float32)
+    for positions in (None, np.arange(1, 196, 3)):
+        got = run_ort(compact_pool_model(x.shape[2], index, attrs, positions, batch=4, channels=5), x)[0]
+        np.testing.assert_array_equal(got, run_ort(explicit_model(x.shape[2], index, attrs, positions, batch=4,
+                                                                  channels=5), x)[0])
