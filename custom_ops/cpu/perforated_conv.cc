@@ -87,12 +87,6 @@ thread_local std::vector<float> tls_padded;
 thread_local std::vector<const float*> tls_rows;
 thread_local std::vector<int32_t> tls_positions;
 
-template <typename T>
-T* Scratch(std::vector<T>& buffer, size_t size) {
-  if (buffer.size() < size) buffer.resize(size);
-  return buffer.data();
-}
-
 // Reduction depth of one pass: the MR x KC weight panels (up to 64 KiB each) stay in L2 while the
 // input pixels of one tile of positions stay in L1 across all of them. The patch is cut into equal
 // passes of at most kMaxKc (a short last pass would pay a tile's fixed costs for little work): 512

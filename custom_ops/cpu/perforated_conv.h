@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include "../shared/conv_geometry.h"
 #include "packed_gemm.h"
@@ -25,6 +26,13 @@ inline void RunMaybeSerially(const ParallelRunner& parallel, int64_t floats, siz
   } else {
     parallel(total, fn);
   }
+}
+
+// A per-thread scratch buffer (a thread_local vector) grown to at least `size` elements.
+template <typename T>
+T* Scratch(std::vector<T>& buffer, size_t size) {
+  if (buffer.size() < size) buffer.resize(size);
+  return buffer.data();
 }
 
 // What the implicit-GEMM path reads: the input with the convolution's padding materialised (so no

@@ -1,5 +1,6 @@
 #include "perforated_qlinear_conv.h"
 
+#include "byte_transpose.h"
 #include "nn_interpolate.h"
 
 #include <immintrin.h>
@@ -94,59 +95,6 @@ __attribute__((always_inline, target(PERFORATE_AVX2_INT))) inline void Avx2Tile(
 #pragma GCC unroll 2
     for (int v = 0; v < kVectors; ++v)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + j * ldc + v * 8), acc[j][v]);
-}
-
-// out[c * ldo + r] = in[r * ldi + c] for a rows x cols byte block: 16 x 16 blocks through SSE unpacks
-// (AVX2 machines only: `simd` is false on the portable path), the edges element by element. T = int16
-// widens on the way (AVX2's input buffer). Used where the data changes between channel-major and
-// position-major: NCHW -> NHWC for the input, the requantized position-major tile -> Yc's rows.
-template <typename T>
-__attribute__((target(PERFORATE_AVX2_INT))) void TransposeBlock16(const uint8_t* __restrict in, int64_t ldi,
-                                                                  T* __restrict out, int64_t ldo) {
-  __m128i r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i * ldi));
-  for (int i = 0; i < 8; ++i) {
-    t[i] = _mm_unpacklo_epi8(r[2 * i], r[2 * i + 1]);
-    t[i + 8] = _mm_unpackhi_epi8(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm_unpacklo_epi16(t[2 * i], t[2 * i + 1]);
-    r[i + 8] = _mm_unpackhi_epi16(t[2 * i], t[2 * i + 1]);
-  }
-  for (int i = 0; i < 8; ++i) {
-    t[i] = _mm_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[i + 8] = _mm_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm_unpacklo_epi64(t[2 * i], t[2 * i + 1]);
-    r[i + 8] = _mm_unpackhi_epi64(t[2 * i], t[2 * i + 1]);
-  }
-  // Four rounds of perfect shuffles leave column c in register bit_reverse(c).
-  constexpr int kBitReversed[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
-  for (int c = 0; c < 16; ++c) {
-    const __m128i column = r[kBitReversed[c]];
-    if constexpr (sizeof(T) == 1)
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c * ldo), column);
-    else
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c * ldo), _mm256_cvtepu8_epi16(column));
-  }
-}
-
-template <typename T>
-void TransposeBytes(const uint8_t* in, int64_t ldi, int64_t rows, int64_t cols, T* out, int64_t ldo, bool simd) {
-  if (simd && rows >= 16 && cols >= 16) {
-    // The last block of each direction overlaps the one before: elements written twice get the same value.
-    for (int64_t r = 0; r < rows; r += 16) {
-      const int64_t r0 = std::min(r, rows - 16);
-      for (int64_t c = 0; c < cols; c += 16) {
-        const int64_t c0 = std::min(c, cols - 16);
-        TransposeBlock16(in + r0 * ldi + c0, ldi, out + c0 * ldo + r0, ldo);
-      }
-    }
-    return;
-  }
-  for (int64_t c = 0; c < cols; ++c)
-    for (int64_t r = 0; r < rows; ++r) out[c * ldo + r] = static_cast<T>(in[r * ldi + c]);
 }
 
 // Plain C++ over the VNNI layout: one column at a time.
@@ -326,12 +274,6 @@ thread_local std::vector<int32_t> tls_tile;
 thread_local std::vector<uint8_t> tls_tile_bytes;
 thread_local std::vector<uint8_t> tls_interpolated;
 thread_local std::vector<int32_t> tls_input_sums;
-
-template <typename T>
-T* Scratch(std::vector<T>& buffer, size_t size) {
-  if (buffer.size() < size) buffer.resize(size);
-  return buffer.data();
-}
 
 // PackInput's per-image channels-last copy before padding (narrow maps), bytes or AVX2's int16.
 template <typename T>
