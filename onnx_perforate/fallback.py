@@ -28,9 +28,11 @@ COMPACT_INPUT_OP = "PerforatedConvCompactInput"  # PerforatedConv with its optio
 POOL_POSITIONS_OP = "CompactPoolPositions"  # CompactPool with its optional Y_positions input
 QUANTIZED_OP = "PerforatedQLinearConv"
 QUANTIZED_COMPACT_INPUT_OP = "PerforatedQLinearConvCompactInput"  # with its optional X_index input
-NN_INTERPOLATE_UINT8_OP = "NNInterpolateUint8"  # Python ops have one type per input
-NN_INTERPOLATE_INT8_OP = "NNInterpolateInt8"
-INT8_SUFFIX = "Int8"  # the quantized Python ops for int8 activations: PerforatedQLinearConvInt8, ...
+# Python ops have one type per input: the 8-bit variants of NNInterpolate and CompactPool are ops of their
+# own, named with the suffix of their element type (NNInterpolateUint8, CompactPoolInt8, ...); the
+# quantized convolutions take uint8 by default and the Int8 suffix for int8 activations.
+BYTE_SUFFIXES = {onnx.TensorProto.UINT8: "Uint8", onnx.TensorProto.INT8: "Int8"}
+INT8_SUFFIX = BYTE_SUFFIXES[onnx.TensorProto.INT8]
 _registered = False
 
 
@@ -53,7 +55,7 @@ def to_python_op_model(model) -> onnx.ModelProto:
     model = load_model(model)
     domain = python_domain()
     # Types and shapes of the unconverted model (the loop below changes the nodes one by one).
-    shapes = infer_shapes(model) if any(n.domain == DOMAIN and n.op_type in ("NNInterpolate", QUANTIZED_OP)
+    shapes = infer_shapes(model) if any(n.domain == DOMAIN and n.op_type in ("NNInterpolate", "CompactPool", QUANTIZED_OP)
                                         for n in model.graph.node) else None
     for node in model.graph.node:
         if node.domain != DOMAIN:
@@ -78,10 +80,7 @@ def to_python_op_model(model) -> onnx.ModelProto:
             node.input[8] = bias.name
         activations = shapes.get(node.input[0], (0, None))[0] if shapes else 0
         if node.op_type == "NNInterpolate":
-            if activations == onnx.TensorProto.UINT8:
-                node.op_type = NN_INTERPOLATE_UINT8_OP
-            elif activations == onnx.TensorProto.INT8:
-                node.op_type = NN_INTERPOLATE_INT8_OP
+            node.op_type += BYTE_SUFFIXES.get(activations, "")
         packed = {a.name: _jsonable(helper.get_attribute_value(a)) for a in node.attribute}
         del node.attribute[:]
         if node.op_type == QUANTIZED_OP and len(node.input) > 10 and node.input[10]:
@@ -99,6 +98,8 @@ def to_python_op_model(model) -> onnx.ModelProto:
             node.attribute.append(helper.make_attribute(ATTRIBUTE, json.dumps(packed, sort_keys=True)))
         if node.op_type in (QUANTIZED_OP, QUANTIZED_COMPACT_INPUT_OP) and activations == onnx.TensorProto.INT8:
             node.op_type += INT8_SUFFIX
+        if node.op_type in ("CompactPool", POOL_POSITIONS_OP):
+            node.op_type += BYTE_SUFFIXES.get(activations, "")
         node.domain = domain
     imports = [o for o in model.opset_import if o.domain not in (DOMAIN, domain)]
     del model.opset_import[:]
@@ -138,15 +139,20 @@ def register_python_ops() -> None:
     def nn_interpolate(yc, index):
         return ops.nn_interpolate_reference(yc, index)
 
-    @ext.onnx_op(op_type="CompactPool", inputs=[dt.dt_float, dt.dt_int64], outputs=[dt.dt_float],
-                 attrs={ATTRIBUTE: dt.dt_string})
-    def compact_pool(x, x_index, **kwargs):
-        return ops.compact_pool_reference(x, x_index, **json.loads(kwargs.get(ATTRIBUTE) or "{}"))
+    def compact_pool_ops(element, suffix):
+        @ext.onnx_op(op_type="CompactPool" + suffix, inputs=[element, dt.dt_int64], outputs=[element],
+                     attrs={ATTRIBUTE: dt.dt_string})
+        def compact_pool(x, x_index, **kwargs):
+            return ops.compact_pool_reference(x, x_index, **json.loads(kwargs.get(ATTRIBUTE) or "{}"))
 
-    @ext.onnx_op(op_type=POOL_POSITIONS_OP, inputs=[dt.dt_float, dt.dt_int64, dt.dt_int64], outputs=[dt.dt_float],
-                 attrs={ATTRIBUTE: dt.dt_string})
-    def compact_pool_positions(x, x_index, y_positions, **kwargs):
-        return ops.compact_pool_reference(x, x_index, y_positions, **json.loads(kwargs.get(ATTRIBUTE) or "{}"))
+        @ext.onnx_op(op_type=POOL_POSITIONS_OP + suffix, inputs=[element, dt.dt_int64, dt.dt_int64],
+                     outputs=[element], attrs={ATTRIBUTE: dt.dt_string})
+        def compact_pool_positions(x, x_index, y_positions, **kwargs):
+            return ops.compact_pool_reference(x, x_index, y_positions, **json.loads(kwargs.get(ATTRIBUTE) or "{}"))
+
+    compact_pool_ops(dt.dt_float, "")
+    compact_pool_ops(dt.dt_uint8, BYTE_SUFFIXES[onnx.TensorProto.UINT8])
+    compact_pool_ops(dt.dt_int8, INT8_SUFFIX)
 
     def quantized_ops(activation, suffix):
         inputs = [activation, dt.dt_float, activation, dt.dt_int8, dt.dt_float, dt.dt_int8, dt.dt_float, activation,
@@ -165,13 +171,10 @@ def register_python_ops() -> None:
     quantized_ops(dt.dt_uint8, "")
     quantized_ops(dt.dt_int8, INT8_SUFFIX)
 
-    @ext.onnx_op(op_type=NN_INTERPOLATE_UINT8_OP, inputs=[dt.dt_uint8, dt.dt_int64], outputs=[dt.dt_uint8])
-    def nn_interpolate_uint8(yc, index):
-        return ops.nn_interpolate_reference(yc, index)
-
-    @ext.onnx_op(op_type=NN_INTERPOLATE_INT8_OP, inputs=[dt.dt_int8, dt.dt_int64], outputs=[dt.dt_int8])
-    def nn_interpolate_int8(yc, index):
-        return ops.nn_interpolate_reference(yc, index)
+    for element, kind in ((dt.dt_uint8, onnx.TensorProto.UINT8), (dt.dt_int8, onnx.TensorProto.INT8)):
+        @ext.onnx_op(op_type="NNInterpolate" + BYTE_SUFFIXES[kind], inputs=[element, dt.dt_int64], outputs=[element])
+        def nn_interpolate_bytes(yc, index):
+            return ops.nn_interpolate_reference(yc, index)
 
     _registered = True
 

@@ -128,6 +128,14 @@ def make_nn_interpolate_node(compact, index, output, name: str) -> onnx.NodeProt
 POOL_MODES = {"MaxPool": "max", "AveragePool": "average"}
 
 
+def compact_pool_attributes(op_type: str, attrs) -> dict:
+    """CompactPool's attributes for an ONNX MaxPool / AveragePool node's (a dict of its attributes)."""
+    return dict(mode=POOL_MODES[op_type], kernel_shape=list(attrs.get("kernel_shape", [])),
+                strides=list(attrs.get("strides", [1, 1])), pads=list(attrs.get("pads", [0, 0, 0, 0])),
+                dilations=list(attrs.get("dilations", [1, 1])), ceil_mode=int(attrs.get("ceil_mode", 0)),
+                count_include_pad=int(attrs.get("count_include_pad", 0)))
+
+
 def make_compact_pool_node(inputs, output, name: str, **attributes) -> onnx.NodeProto:
     """inputs = [X, X_index] or [X, X_index, Y_positions]; attributes: mode, kernel_shape, strides,
     pads, dilations, ceil_mode, count_include_pad (docs/ops.md)."""
@@ -355,11 +363,15 @@ def compact_pool_reference(
     count_include_pad: int = 0,
 ) -> np.ndarray:
     """CompactPool in numpy: MaxPool / AveragePool of ``nn_interpolate_reference(x, x_index)``
-    ([N, C, Ho, Wo]); with ``y_positions``, only those row-major output positions ([N, C, K_out])."""
+    ([N, C, Ho, Wo]); with ``y_positions``, only those row-major output positions ([N, C, K_out]).
+    float32, or uint8 / int8 for max pooling (the result keeps X's type)."""
     if isinstance(mode, bytes):
         mode = mode.decode()
     if mode not in ("max", "average"):
         raise ValueError(f"mode {mode!r}: expected 'max' or 'average'")
+    dtype = np.asarray(x).dtype if np.asarray(x).dtype in (np.uint8, np.int8) else np.float32
+    if mode == "average" and dtype != np.float32:
+        raise ValueError("average pooling of an 8-bit X is not supported; expected mode 'max'")
     full = nn_interpolate_reference(x, x_index).astype(np.float64)
     n, c, h, w = full.shape
     kh, kw = kernel_shape
@@ -393,8 +405,8 @@ def compact_pool_reference(
         y_positions = np.asarray(y_positions).reshape(-1)
         if y_positions.size and (y_positions.min() < 0 or y_positions.max() >= ho * wo):
             raise ValueError(f"Y_positions values must lie in [0, {ho * wo})")
-        return out.reshape(n, c, ho * wo)[:, :, y_positions].astype(np.float32)
-    return out.astype(np.float32)
+        return out.reshape(n, c, ho * wo)[:, :, y_positions].astype(dtype)
+    return out.astype(dtype)
 
 
 class PerforatedConv(OpRun):

@@ -249,6 +249,8 @@ def _infer_compact_pool(node: InferenceNode) -> None:
                   f"{dilations}, {pads}")
     if mode == "average" and dilations != [1, 1]:
         node.fail(f"average pooling takes no dilations, got {dilations}")
+    if mode == "average" and node.elem_type(0) not in (0, TensorProto.FLOAT):
+        node.fail("average pooling of an 8-bit X is not supported (it needs a requantization); expected mode 'max'")
     if any(p >= k for p, k in zip(pads, kernel * 2)):
         node.fail(f"pads {pads} must each be smaller than the window {kernel}")
     batch, channels = (x[0], x[1]) if x else (None, None)
@@ -547,9 +549,11 @@ OPERATORS: tuple[OperatorDefinition, ...] = (
                       optional=True),
         ),
         outputs=(Parameter("Y", "T", "[N, C, Ho, Wo], or [N, C, K_out] with Y_positions"),),
-        type_constraints=(_FLOAT,),
+        type_constraints=(("T", ("tensor(float)", "tensor(uint8)", "tensor(int8)"),
+                           'float32, or uint8 / int8 after PerforatedQLinearConv ("max" only)'),),
         attributes=(
-            Attribute("mode", "string", None, '"max" (MaxPool) or "average" (AveragePool)', required=True),
+            Attribute("mode", "string", None, '"max" (MaxPool) or "average" (AveragePool, float32 only)',
+                      required=True),
             Attribute("kernel_shape", "ints", None, "[kH, kW]", required=True),
             Attribute("strides", "ints", [1, 1], "[sH, sW]"),
             Attribute("pads", "ints", [0, 0, 0, 0], "[top, left, bottom, right], each smaller than the window"),

@@ -286,8 +286,8 @@ def _rewrite_plan(analysed, plan, options: RewriteOptions) -> tuple[onnx.ModelPr
                   fuse_activations=options.fuse_activation)
     if quantized_layers:
         pools = quantized.pool_channels_last(surgeon)
-        if pools:
-            report.notes.append("8-bit MaxPool run channels-last (com.microsoft.NhwcMaxPool): " + ", ".join(pools))
+        for pool, how in pools.items():
+            report.notes.append(f"8-bit MaxPool {pool!r}: {how}")
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     result = _export(graph, original, report)
     _validate(result)

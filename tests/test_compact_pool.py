@@ -16,18 +16,18 @@ from helpers import needs_library, run_fallback, run_ort, run_reference
 POOL_OPSET = 19  # AveragePool/MaxPool with ceil_mode fixes and dilations
 
 
-def compact_pool_model(k, index, attrs, y_positions=None, batch=2, channels=3):
+def compact_pool_model(k, index, attrs, y_positions=None, batch=2, channels=3, element=TensorProto.FLOAT):
     inputs = ["x", "x_index"] + (["y_positions"] if y_positions is not None else [])
     inits = [numpy_helper.from_array(index.astype(np.int64), "x_index")]
     if y_positions is not None:
         inits.append(numpy_helper.from_array(np.asarray(y_positions, np.int64), "y_positions"))
     node = ops.make_compact_pool_node(inputs, "y", "pool", **attrs)
-    graph = helper.make_graph([node], "compact_pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    graph = helper.make_graph([node], "compact_pool", [helper.make_tensor_value_info("x", element, [batch, channels, k])],
+                              [helper.make_tensor_value_info("y", element, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", POOL_OPSET), ops.opset_import()])
 
 
-def explicit_model(k, index, attrs, y_positions=None, batch=2, channels=3):
+def explicit_model(k, index, attrs, y_positions=None, batch=2, channels=3, element=TensorProto.FLOAT):
     """NNInterpolate, then ONNX's own pooling op (and a Gather of the requested positions)."""
     op = "MaxPool" if attrs["mode"] == "max" else "AveragePool"
     pool_attrs = {key: v for key, v in attrs.items() if key != "mode"}
@@ -43,8 +43,8 @@ def explicit_model(k, index, attrs, y_positions=None, batch=2, channels=3):
         nodes += [helper.make_node("Reshape", ["pooled", "flat"], ["pooled_flat"]),
                   helper.make_node("Gather", ["pooled_flat", "y_positions"], ["picked"], axis=2)]
         out = "picked"
-    graph = helper.make_graph(nodes, "explicit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, channels, k])],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    graph = helper.make_graph(nodes, "explicit", [helper.make_tensor_value_info("x", element, [batch, channels, k])],
+                              [helper.make_tensor_value_info(out, element, None)], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", POOL_OPSET), ops.opset_import()])
 
 
@@ -265,3 +265,42 @@ def test_many_planes_at_once_match_the_explicit_form(mask_kind):
         got = run_ort(compact_pool_model(x.shape[2], index, attrs, positions, batch=4, channels=5), x)[0]
         np.testing.assert_array_equal(got, run_ort(explicit_model(x.shape[2], index, attrs, positions, batch=4,
                                                                   channels=5), x)[0])
+
+
+# (channels, batch): under 16 channels (plane by plane), a partial vector of channels, two vectors (the
+# second partial), batch 2 (per-image transposes).
+EIGHT_BIT = [(5, 2), (40, 1), (80, 2)]
+
+
+@pytest.mark.usefixtures("require_library")
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8])
+@pytest.mark.parametrize("channels, batch", EIGHT_BIT)
+def test_eight_bit_max_pooling_matches_the_explicit_form(dtype, channels, batch):
+    """uint8 / int8 CompactPool (PerforatedQLinearConv's compact outputs) against NNInterpolate + ONNX
+    MaxPool on the same bytes, exactly, full and at Y_positions, with windows of several widths; int8
+    compares signed (a max over unsigned bytes would rank -1 above 1)."""
+    element = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    mask = masks.uniform((23, 23), 0.5, seed=channels).array
+    index = ops.nearest_index(mask)
+    attrs = dict(mode="max", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+    info = np.iinfo(dtype)
+    x = np.random.default_rng(channels).integers(info.min, info.max + 1, (batch, channels, int(mask.sum())), dtype=dtype)
+    for positions in (None, np.arange(2, 144, 5)):
+        got = run_ort(compact_pool_model(x.shape[2], index, attrs, positions, batch, channels, element), x)[0]
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(got, run_ort(explicit_model(x.shape[2], index, attrs, positions, batch, channels,
+                                                                  element), x)[0])
+        np.testing.assert_array_equal(got, ops.compact_pool_reference(x, index, positions, **attrs))
+        np.testing.assert_array_equal(got, run_fallback(compact_pool_model(x.shape[2], index, attrs, positions, batch,
+                                                                           channels, element), x)[0])
+
+
+@needs_library
+def test_eight_bit_average_pooling_is_refused_naming_the_node():
+    mask, index, _ = compact_input((8, 8), 0.5, 1, 2, seed=0, ties=False)
+    x = np.zeros((1, 2, int(mask.sum())), np.uint8)
+    model = compact_pool_model(x.shape[2], index, dict(mode="average", kernel_shape=[2, 2]), batch=1, channels=2,
+                               element=TensorProto.UINT8)
+    with pytest.raises(Exception) as info:
+        run_ort(model, x)[0]
+    assert "CompactPool" in str(info.value) and "8-bit" in str(info.value) and "'max'" in str(info.value)

@@ -270,7 +270,7 @@ def test_constant_node_weight_quantized_like_an_activation(tmp_path, activations
     """quantize_static quantizes a weight that is a Constant node (helpers.synthetic_cnn's conv2) as it
     quantizes activations: a QuantizeLinear in the graph to an asymmetric 8-bit tensor, per tensor. The
     rewrite folds it (uint8: shifted to int8) and reproduces ORT's INT8 model, U8S8 and S8S8, with the
-    MaxPool between them run channels-last; perforated, it matches the Python fallback (the reference)."""
+    MaxPool between them an 8-bit CompactPool; perforated, it matches the Python fallback (the reference)."""
     onnx.save(helpers.synthetic_cnn(), tmp_path / "cnn.onnx")
     quantization.quantize_static(str(tmp_path / "cnn.onnx"), str(tmp_path / "cnn_q.onnx"),
                                  Reader(helpers.synthetic_input(8)), quant_format=quantization.QuantFormat.QDQ,
@@ -285,10 +285,10 @@ def test_constant_node_weight_quantized_like_an_activation(tmp_path, activations
     x = helpers.synthetic_input(4, seed=3)
     ones = rewrite(cnn, conv_masks(cnn, lambda hw: np.ones(hw, bool)))
     kinds = [n.op_type for n in ones.graph.node]
-    assert kinds.count("PerforatedQLinearConv") == 2 and "NhwcMaxPool" in kinds and "MaxPool" not in kinds
+    assert kinds.count("PerforatedQLinearConv") == 2 and "CompactPool" in kinds and "MaxPool" not in kinds
     np.testing.assert_array_equal(run(ones, x), run(cnn, x))
     half = rewrite(cnn, conv_masks(cnn, lambda hw: np.asarray(masks.grid(hw, 0.5))))
-    # the Python fallback runs the op as the numpy reference (and ORT's NhwcMaxPool, unknown to onnx.reference)
+    # the Python fallback runs the ops as the numpy reference
     np.testing.assert_array_equal(run(half, x), helpers.run_fallback(half, x)[0])
 
 
@@ -457,11 +457,11 @@ def test_qdq_fire_module_stays_compact_and_matches_the_explicit_form(qdq_fire):
     compact, report = rewrite_with_report(qdq_fire, chosen)
     explicit = rewrite(qdq_fire, chosen, compact=False)
     kinds = [n.op_type for n in compact.graph.node]
-    pooled = "NhwcMaxPool" in kinds
+    pooled = "CompactPool" in kinds
     # conv10's output is interpolated for the GlobalAveragePool (QLinearGlobalAveragePool on the full
-    # tensor); nothing else is (the MaxPool, run in 8 bits channels-last, gathers conv1's compact rows).
+    # tensor); nothing else is (the MaxPool, an 8-bit CompactPool, reads conv1's compact tensor).
     assert kinds.count("NNInterpolate") == 1
-    assert [n.op_type for n in explicit.graph.node].count("NNInterpolate") == 5 - pooled  # conv1's: gathered rows
+    assert [n.op_type for n in explicit.graph.node].count("NNInterpolate") == 5 - pooled  # conv1's: pooled compact
     layers = {layer.key: layer for layer in report.layers}
     assert "concat" in layers["expand1x1"].compact and any("dropout" in n for n in layers["expand1x1"].compact)
     assert any(n.startswith("conv10 (1x1 GEMM") for n in layers["expand1x1"].compact)
@@ -469,19 +469,17 @@ def test_qdq_fire_module_stays_compact_and_matches_the_explicit_form(qdq_fire):
     assert layers["conv10"].implicit_input == "expand1x1"
     concat_input = next(n for n in compact.graph.node if n.op_type == "Concat").input
     assert all(name.endswith(".compact") for name in concat_input)
-    assert kinds.count("Reshape") == pooled  # the 1x1 GEMMs read [N, C, K] itself (the one: the pooled rows)
-    if pooled:  # the pool's channels-last input is gathered from the compact tensor, not interpolated ...
-        gathers = [n for n in compact.graph.node if n.op_type == "Gather"]
-        assert next(n for n in compact.graph.node if gathers[0].output[0] in n.input).op_type == "NhwcMaxPool"
-        # ... and the squeeze reads the pooled rows at its own positions, [N, C, K], not the NCHW tensor
+    # No layout changes and no views: the 1x1 GEMMs read [N, C, K] itself, the pool its compact input.
+    assert not {"Reshape", "Transpose", "Gather", "NhwcMaxPool"} & set(kinds)
+    if pooled:  # the pool reads conv1's compact tensor and gives the squeeze [N, C, K] at its positions
+        pool = next(n for n in compact.graph.node if n.op_type == "CompactPool")
+        assert producer(compact, pool.input[0]).name == "conv1" and len(pool.input) == 3
         squeeze = next(n for n in compact.graph.node if n.name == "squeeze")
-        assert producer(compact, squeeze.input[0]).op_type == "Transpose"
-        assert producer(compact, producer(compact, squeeze.input[0]).input[0]) is gathers[1]
-        assert not any(n.op_type == "Transpose" and list(n.attribute[0].ints) == [0, 3, 1, 2] for n in compact.graph.node)
+        assert producer(compact, squeeze.input[0]) is pool
+        assert any("CompactPool on the compact 8-bit tensor, at the positions" in note for note in report.notes)
     got = run(compact, x)
     np.testing.assert_array_equal(got, run(explicit, x))
-    if not pooled:
-        np.testing.assert_allclose(got, reference_run(compact, x), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got, reference_run(compact, x), rtol=0, atol=1e-5)
     assert not np.allclose(got, run(qdq_fire, x)), "perforation should change the output"
 
 

@@ -112,22 +112,29 @@ struct NNInterpolateKernel : NNInterpolateKernelBase<NNInterpolateKernel<T>, T> 
   std::shared_ptr<const PermutePlanType> plan_;
 };
 
-struct CompactPoolKernel : CompactPoolKernelBase<CompactPoolKernel> {
-  using CompactPoolKernelBase::CompactPoolKernelBase;
+// T: float, or uint8_t / int8_t (the compact outputs of PerforatedQLinearConv; max pooling only).
+template <typename T>
+struct CompactPoolKernel : CompactPoolKernelBase<CompactPoolKernel<T>> {
+  using CompactPoolKernelBase<CompactPoolKernel<T>>::CompactPoolKernelBase;
+  using CompactPoolKernelBase<CompactPoolKernel<T>>::attrs_;
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const CompactPoolInputs in = GetCompactPoolInputs(ctx);
     const auto table = Table(in);
     auto y = ctx.GetOutput(0, CompactPoolOutputShape(*table, in));
-    CompactPoolCpu::Compute(attrs_.mode, *table, in.x_shape[0] * in.x_shape[1], in.x.GetTensorData<float>(),
-                            y.GetTensorMutableData<float>(), MakeParallelRunner(ctx));
+    if constexpr (std::is_same_v<T, float>)
+      CompactPoolCpu::Compute(attrs_.mode, *table, in.x_shape[0] * in.x_shape[1], in.x.GetTensorData<T>(),
+                              y.template GetTensorMutableData<T>(), MakeParallelRunner(ctx));
+    else
+      CompactPoolCpu::Compute(attrs_.mode, *table, in.x_shape[0], in.x_shape[1], in.x.GetTensorData<T>(),
+                              y.template GetTensorMutableData<T>(), MakeParallelRunner(ctx));
   }
 
   // Built once per compact input size when X_index and Y_positions are initializers; else per call.
   std::shared_ptr<const PoolTable> Table(const CompactPoolInputs& in) {
-    if (!constant_tables_) return ReadPoolTable(attrs_, in);
-    std::lock_guard<std::mutex> lock(mutex_);
+    if (!this->constant_tables_) return ReadPoolTable(attrs_, in);
+    std::lock_guard<std::mutex> lock(this->mutex_);
     if (!table_ || in.x_shape.size() != 3 || table_->compact_size != in.x_shape[2]) table_ = ReadPoolTable(attrs_, in);
     return table_;
   }
@@ -143,7 +150,11 @@ struct NNInterpolateUint8Op
     : NNInterpolateOpBase<NNInterpolateUint8Op, NNInterpolateKernel<uint8_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8> {};
 struct NNInterpolateInt8Op
     : NNInterpolateOpBase<NNInterpolateInt8Op, NNInterpolateKernel<int8_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8> {};
-struct CompactPoolOp : CompactPoolOpBase<CompactPoolOp, CompactPoolKernel> {};
+struct CompactPoolOp : CompactPoolOpBase<CompactPoolOp, CompactPoolKernel<float>> {};
+struct CompactPoolUint8Op
+    : CompactPoolOpBase<CompactPoolUint8Op, CompactPoolKernel<uint8_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8> {};
+struct CompactPoolInt8Op
+    : CompactPoolOpBase<CompactPoolInt8Op, CompactPoolKernel<int8_t>, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8> {};
 
 }  // namespace
 
@@ -153,11 +164,15 @@ void AddCpuOps(Ort::CustomOpDomain& domain) {
   static NNInterpolateUint8Op nn_interpolate_uint8;  // one op, a kernel per element type
   static NNInterpolateInt8Op nn_interpolate_int8;
   static CompactPoolOp compact_pool;
+  static CompactPoolUint8Op compact_pool_uint8;  // one op, a kernel per element type
+  static CompactPoolInt8Op compact_pool_int8;
   domain.Add(&perforated_conv);
   domain.Add(&nn_interpolate);
   domain.Add(&nn_interpolate_uint8);
   domain.Add(&nn_interpolate_int8);
   domain.Add(&compact_pool);
+  domain.Add(&compact_pool_uint8);
+  domain.Add(&compact_pool_int8);
   AddQuantizedCpuOps(domain);
 }
 

@@ -289,8 +289,9 @@ struct CompactPoolKernelBase : CompactPoolState {
   }
 };
 
-// CompactPool(X, X_index, Y_positions?) -> Y (docs/ops.md).
-template <typename Op, typename Kernel>
+// CompactPool(X, X_index, Y_positions?) -> Y (docs/ops.md); kType: X's and Y's element type (one
+// descriptor per type, as NNInterpolate).
+template <typename Op, typename Kernel, ONNXTensorElementDataType kType = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT>
 struct CompactPoolOpBase : Ort::CustomOpBase<Op, Kernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     return NewKernel<Kernel>(api, info, kernel, "CompactPool");
@@ -298,13 +299,13 @@ struct CompactPoolOpBase : Ort::CustomOpBase<Op, Kernel, true> {
   const char* GetName() const { return "CompactPool"; }
   size_t GetInputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+    return i == 0 ? kType : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return kType; }
 };
 
 }  // namespace onnx_perforate

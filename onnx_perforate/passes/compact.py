@@ -443,10 +443,7 @@ class CompactPass:
         kernel = list(attrs.get("kernel_shape", []))
         if len(kernel) != 2:
             return Refusal(f"{op} is not 2-D", node.name)
-        pool_attrs = dict(mode=ops.POOL_MODES[op], kernel_shape=kernel,
-                          strides=list(attrs.get("strides", [1, 1])), pads=list(attrs.get("pads", [0, 0, 0, 0])),
-                          dilations=list(attrs.get("dilations", [1, 1])), ceil_mode=int(attrs.get("ceil_mode", 0)),
-                          count_include_pad=int(attrs.get("count_include_pad", 0)))
+        pool_attrs = ops.compact_pool_attributes(op, attrs)
         if pool_attrs["mode"] == "average" and pool_attrs["dilations"] != [1, 1]:
             return Refusal("AveragePool with dilations", node.name)
         try:

@@ -25,7 +25,8 @@ The compact pass (passes/compact.py) then keeps the 8-bit compact outputs compac
 per-tensor DequantizeLinear / QuantizeLinear, the ops between them that stay compact (Concat, Relu,
 Dropout, ...), into perforated quantized convolutions (``X_index``, or a plain GEMM for a 1x1 conv with
 the same mask). NNInterpolate remains only where a consumer needs the full tensor, e.g. before the
-8-bit MaxPools that :func:`pool_channels_last` runs channels-last.
+8-bit MaxPools of full tensors, which :func:`pool_channels_last` runs channels-last (those reading a
+perforated output become an 8-bit CompactPool).
 """
 
 from __future__ import annotations
@@ -102,18 +103,21 @@ def perforate(surgeon: Surgeon, matched: QuantizedConv, name: str, key: str, att
     return interpolate
 
 
-def pool_channels_last(surgeon: Surgeon) -> list[str]:
-    """Every ``DequantizeLinear -> MaxPool -> QuantizeLinear`` with equal uint8 (or int8) parameters becomes
-    ``Transpose -> com.microsoft.NhwcMaxPool -> Transpose``; returns the MaxPools rewritten.
+def pool_channels_last(surgeon: Surgeon) -> dict[str, str]:
+    """Every ``DequantizeLinear -> MaxPool -> QuantizeLinear`` with equal uint8 (or int8) parameters is
+    pooled on the 8-bit tensor itself; returns {MaxPool: how}.
 
-    ORT drops such a DQ/Q pair and max-pools the uint8 tensor itself, exactly; in an all-INT8 model its
-    NHWC pass then runs the channels-last kernel. Next to the NCHW custom ops that pass leaves the
-    MaxPool in NCHW, where ORT's uint8 kernel is generic code (11.6 ms instead of 0.08 ms for SqueezeNet's
-    first pool, one thread): the explicit channels-last form restores the fast kernel for two small
-    uint8 transposes. When the pooled tensor is an NNInterpolate's output that nothing else reads, the
-    first transpose is ``Transpose(compact, [0, 2, 1]) -> Gather(index, axis=1)`` instead (no interpolated
-    planes)."""
-    rewritten = []
+    ORT drops such a DQ/Q pair and max-pools the uint8 tensor itself, exactly (the maximum of quantized
+    values is the quantized maximum); in an all-INT8 model its NHWC pass then runs the channels-last
+    kernel. Next to the NCHW custom ops that pass leaves the MaxPool in NCHW, where ORT's uint8 kernel is
+    generic code (11.6 ms instead of 0.08 ms for SqueezeNet's first pool, one thread). So:
+
+    - when the pooled tensor is an NNInterpolate's output that nothing else reads, an 8-bit CompactPool
+      reads the compact tensor through the index (no interpolated planes, no layout change; when the
+      readers are perforated 1x1 convolutions with one mask, only their positions, as ``[N, C, K]``);
+    - otherwise ``Transpose -> com.microsoft.NhwcMaxPool -> Transpose`` restores ORT's fast kernel for
+      two small uint8 transposes."""
+    rewritten = {}
     # Without the DequantizeLinears left unread by the quantized convolutions, a pooled tensor's readers
     # are the convolutions themselves.
     surgeon.graph.cleanup(remove_unused_graph_inputs=False)
@@ -139,23 +143,33 @@ def pool_channels_last(surgeon: Surgeon) -> list[str]:
         nhwc_out = gs.Variable(surgeon.unique(f"{name}.nhwc_output"), dtype=params[1].dtype)
         attrs = {k: v for k, v in pool.attrs.items() if k in ("kernel_shape", "strides", "pads", "dilations", "ceil_mode")}
         interpolate = _producer(source, "NNInterpolate")
+        pool_attrs = ops.compact_pool_attributes("MaxPool", pool.attrs)
         if (interpolate is not None and interpolate.domain == DOMAIN and len(source.outputs) == 1
-                and source.outputs[0] is dq and source not in surgeon.graph.outputs):
-            # The pool is the interpolated tensor's only reader: transpose the compact tensor (K < H*W
-            # positions) and gather whole channel rows into [N, H, W, C], instead of interpolating the
-            # planes and transposing the full tensor (SqueezeNet's pool1 input: 0.060 against 0.068 ms).
+                and source.outputs[0] is dq and source not in surgeon.graph.outputs
+                and len(pool_attrs["kernel_shape"]) == 2
+                and all(p < k for p, k in zip(pool_attrs["pads"], pool_attrs["kernel_shape"] * 2))):
+            # The pool is the interpolated tensor's only reader: pool the compact tensor through its index.
+            # SqueezeNet INT8 at grid r=0.5, one thread: pool1 0.039 ms against 0.074 ms for the
+            # Transpose -> Gather -> NhwcMaxPool -> Gather -> Transpose chain it replaces (benchmarks.md).
             compact, index = interpolate.inputs
-            rows = gs.Variable(surgeon.unique(f"{name}.compact_rows"), dtype=params[1].dtype)
             surgeon.detach(dq)
             surgeon.detach(interpolate)
-            surgeon.graph.nodes.extend([
-                gs.Node("Transpose", name=surgeon.unique(f"{name}/compact_rows"), attrs={"perm": [0, 2, 1]},
-                        inputs=[compact], outputs=[rows]),
-                gs.Node("Gather", name=surgeon.unique(f"{name}/to_nhwc"), attrs={"axis": 1},
-                        inputs=[rows, index], outputs=[nhwc_in])])
-        else:
-            surgeon.graph.nodes.append(gs.Node("Transpose", name=surgeon.unique(f"{name}/to_nhwc"),
-                                               attrs={"perm": [0, 2, 3, 1]}, inputs=[source], outputs=[nhwc_in]))
+            inputs, out, how = [compact, index], result, "CompactPool on the compact 8-bit tensor"
+            mask = _pointwise_readers_mask(surgeon, result)
+            if mask is not None:
+                inputs.append(surgeon.constant(f"{name}.positions", np.flatnonzero(mask).astype(np.int64)))
+                out = gs.Variable(surgeon.unique(f"{name}.compact"), dtype=params[1].dtype)
+                how += ", at the positions its perforated 1x1 readers compute"
+                ones = surgeon.constant(f"{name}.row_mask", np.ones((1, int(mask.sum())), dtype=bool))
+                for reader in list(result.outputs):
+                    reader.inputs[0] = out
+                    reader.inputs[9] = ones
+            surgeon.graph.nodes.append(gs.Node("CompactPool", name=surgeon.unique(name), domain=DOMAIN,
+                                               attrs=pool_attrs, inputs=inputs, outputs=[out]))
+            rewritten[name] = how
+            continue
+        surgeon.graph.nodes.append(gs.Node("Transpose", name=surgeon.unique(f"{name}/to_nhwc"),
+                                           attrs={"perm": [0, 2, 3, 1]}, inputs=[source], outputs=[nhwc_in]))
         surgeon.graph.nodes.append(gs.Node("NhwcMaxPool", name=surgeon.unique(name), domain="com.microsoft",
                                            attrs=attrs, inputs=[nhwc_in], outputs=[nhwc_out]))
         mask = _pointwise_readers_mask(surgeon, result)
@@ -181,7 +195,7 @@ def pool_channels_last(surgeon: Surgeon) -> list[str]:
         else:
             surgeon.graph.nodes.append(gs.Node("Transpose", name=surgeon.unique(f"{name}/to_nchw"),
                                                attrs={"perm": [0, 3, 1, 2]}, inputs=[nhwc_out], outputs=[result]))
-        rewritten.append(name)
+        rewritten[name] = "channels-last (com.microsoft.NhwcMaxPool)"
     return rewritten
 
 
