@@ -86,8 +86,11 @@ def make_portable(model, *, expand: bool = False) -> onnx.ModelProto:
         if op is None:
             raise PerforateError(f"node {name!r}: {DOMAIN}.{node.op_type} has no definition at version {version}")
         try:
-            # expanded: a body for this node's attributes, inlined below; else one body for every node
-            function = op.function(node if expand else None, opset)
+            # expanded: a body for this node's attributes, inlined below; else one body for every node,
+            # except CompactPool's, one per mode: a body holding both poolings would not type-check for
+            # an 8-bit X (ONNX's AveragePool takes floats only)
+            per_node = expand or node.op_type == "CompactPool"
+            function = op.function(node if per_node else None, opset)
         except ValueError as exc:
             raise PerforateError(str(exc)) from exc
         # onnx.reference passes a function only the attributes a node has: write the defaults it reads
