@@ -145,7 +145,8 @@ def test_every_tile_width_matches_the_reference(m):
 # (n, c, h, w, m): pointwise convolutions run channel-major (positions along the vector): 1 to 3 vectors of
 # positions per tile, partial vectors, several tiles of 48, channel counts off the 4-lane quads and the
 # 8-row blocks, batch 2.
-POINTWISE = [(1, 16, 1, 5, 8), (2, 5, 7, 7, 13), (1, 64, 13, 13, 40), (2, 24, 3, 11, 16), (1, 128, 9, 12, 48)]
+POINTWISE = [(1, 16, 1, 5, 8), (2, 5, 7, 7, 13), (1, 64, 13, 13, 40), (2, 24, 3, 11, 16), (1, 128, 9, 12, 48),
+             (2, 20, 9, 11, 100)]  # the last: 8-row blocks at every offset of 32-row weight panels
 
 
 @pytest.mark.parametrize("case", POINTWISE)

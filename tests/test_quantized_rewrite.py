@@ -406,10 +406,10 @@ def test_qdq_squeezenet_all_ones_reproduces_the_int8_model(tmp_path, activations
 # Compact propagation through the QDQ graph
 
 
-def fire_model(rng, pool=True):
-    """conv1 (3x3) -> MaxPool -> a Fire module (squeeze 1x1 -> expand 1x1 and expand 3x3 -> Concat) ->
-    Dropout -> conv10 (1x1) -> GlobalAveragePool, Relus after every Conv, x [N, 3, 16, 16]. pool=False:
-    conv1 has stride 2 instead of the MaxPool (the reference evaluator has no NhwcMaxPool)."""
+def fire_model(rng, pool=True, pool_attrs=None):
+    """conv1 (3x3) -> MaxPool (3x3, stride 2, or ``pool_attrs``) -> a Fire module (squeeze 1x1 -> expand
+    1x1 and expand 3x3 -> Concat) -> Dropout -> conv10 (1x1) -> GlobalAveragePool, Relus after every
+    Conv, x [N, 3, 16, 16]. pool=False: conv1 has stride 2 instead of the MaxPool."""
     nodes, inits = [], []
 
     def conv(name, x, m, c, k, stride=1):
@@ -423,7 +423,8 @@ def fire_model(rng, pool=True):
 
     c1 = conv("conv1", "x", 16, 3, 3, stride=1 if pool else 2)
     if pool:
-        nodes.append(helper.make_node("MaxPool", [c1], ["pool1"], name="pool1", kernel_shape=[3, 3], strides=[2, 2]))
+        nodes.append(helper.make_node("MaxPool", [c1], ["pool1"], name="pool1",
+                                      **(pool_attrs or dict(kernel_shape=[3, 3], strides=[2, 2]))))
     squeeze = conv("squeeze", "pool1" if pool else c1, 8, 16, 1)
     e1, e3 = conv("expand1x1", squeeze, 12, 8, 1), conv("expand3x3", squeeze, 12, 8, 3)
     nodes.append(helper.make_node("Concat", [e1, e3], ["concat"], name="concat", axis=1))
@@ -481,6 +482,30 @@ def test_qdq_fire_module_stays_compact_and_matches_the_explicit_form(qdq_fire):
     np.testing.assert_array_equal(got, run(explicit, x))
     np.testing.assert_allclose(got, reference_run(compact, x), rtol=0, atol=1e-5)
     assert not np.allclose(got, run(qdq_fire, x)), "perforation should change the output"
+
+
+@pytest.mark.parametrize("pool_attrs", [dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1),
+                                        dict(kernel_shape=[2, 3], strides=[1, 2], dilations=[2, 1])],
+                         ids=["pads-ceil", "dilations"])
+def test_qdq_max_pool_with_pads_ceil_mode_and_dilations_pools_the_compact_tensor(pool_attrs, tmp_path):
+    """The 8-bit CompactPool that replaces DequantizeLinear -> MaxPool -> QuantizeLinear keeps the
+    MaxPool's pads, ceil_mode and dilations: the compact form matches the explicit one to the bit."""
+    rng = np.random.default_rng(11)
+    model = quantize(fire_model(rng, pool_attrs=pool_attrs), rng.uniform(-1, 1, (8, 3, 16, 16)).astype(np.float32),
+                     tmp_path / "fire.onnx")
+    chosen = shared_masks(model, 0.5, seed=1)
+    compact = rewrite(model, chosen)
+    pool = next(n for n in compact.graph.node if n.op_type == "CompactPool")
+    attributes = {a.name: helper.get_attribute_value(a) for a in pool.attribute}
+    assert all(list(attributes[k]) == v if isinstance(v, list) else attributes[k] == v for k, v in pool_attrs.items())
+    x = np.random.default_rng(12).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    got = run(compact, x)
+    np.testing.assert_array_equal(got, run(rewrite(model, chosen, compact=False), x))
+    np.testing.assert_array_equal(got, helpers.run_fallback(compact, x)[0])  # the numpy reference's pooling
+    # all-ones masks: the CompactPool against ORT's own 8-bit MaxPool in the INT8 model
+    ones = rewrite(model, conv_masks(model, lambda hw: np.ones(hw, bool)))
+    assert "CompactPool" in [n.op_type for n in ones.graph.node]
+    np.testing.assert_array_equal(run(ones, x), run(model, x))
 
 
 def test_qdq_fire_module_all_ones_reproduces_the_int8_model(qdq_fire):

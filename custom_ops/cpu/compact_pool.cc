@@ -3,6 +3,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "byte_transpose.h"
@@ -184,17 +187,19 @@ __attribute__((target("avx512f,avx512bw"))) void MaxPixelRows(const PoolTable& t
 // rows [K_out, C] are transposed back. Plane by plane, the scalar loops above did one byte per load:
 // SqueezeNet's INT8 pool1 took 0.124 ms that way (see benchmarks.md).
 template <typename T>
-void MaxPoolPixelRows(const PoolTable& t, int64_t batch, int64_t channels, const T* x, T* y) {
+void MaxPoolPixelRows(const PoolTable& t, int64_t batch, int64_t channels, const T* x, T* y,
+                      const ParallelRunner& parallel) {
   const int64_t k_in = t.compact_size, k_out = t.count;
-  uint8_t* rows = Scratch(tls_pixel_rows, static_cast<size_t>((k_in + k_out) * channels));
-  uint8_t* pooled = rows + k_in * channels;
-  for (int64_t n = 0; n < batch; ++n) {
-    const uint8_t* image = reinterpret_cast<const uint8_t*>(x) + n * channels * k_in;
+  RunMaybeSerially(parallel, batch * channels * (k_in + k_out) / 4, static_cast<size_t>(batch), [&](size_t n) {
+    // One image's rows per thread (a few hundred KiB for SqueezeNet's pool1), kept for the next call.
+    uint8_t* rows = Scratch(tls_pixel_rows, static_cast<size_t>((k_in + k_out) * channels));
+    uint8_t* pooled = rows + k_in * channels;
+    const uint8_t* image = reinterpret_cast<const uint8_t*>(x) + static_cast<int64_t>(n) * channels * k_in;
     TransposeBytes(image, k_in, channels, k_in, rows, channels, true);
     MaxPixelRows<std::is_signed_v<T>>(t, rows, channels, pooled);
-    TransposeBytes(pooled, channels, k_out, channels, reinterpret_cast<uint8_t*>(y) + n * channels * k_out, k_out,
-                   true);
-  }
+    TransposeBytes(pooled, channels, k_out, channels,
+                   reinterpret_cast<uint8_t*>(y) + static_cast<int64_t>(n) * channels * k_out, k_out, true);
+  });
 }
 
 }  // namespace
@@ -207,14 +212,14 @@ void CompactPoolCpu::Compute(PoolMode mode, const PoolTable& t, int64_t planes, 
 void CompactPoolCpu::Compute(PoolMode mode, const PoolTable& t, int64_t batch, int64_t channels, const uint8_t* x,
                              uint8_t* y, const ParallelRunner& parallel) {
   if (mode == PoolMode::kMax && HaveAvx512Bw() && channels >= 16 && batch * channels * t.count > 0)
-    return MaxPoolPixelRows(t, batch, channels, x, y);
+    return MaxPoolPixelRows(t, batch, channels, x, y, parallel);
   Pool(mode, t, batch * channels, x, y, parallel);
 }
 
 void CompactPoolCpu::Compute(PoolMode mode, const PoolTable& t, int64_t batch, int64_t channels, const int8_t* x,
                              int8_t* y, const ParallelRunner& parallel) {
   if (mode == PoolMode::kMax && HaveAvx512Bw() && channels >= 16 && batch * channels * t.count > 0)
-    return MaxPoolPixelRows(t, batch, channels, x, y);
+    return MaxPoolPixelRows(t, batch, channels, x, y, parallel);
   Pool(mode, t, batch * channels, x, y, parallel);
 }
 

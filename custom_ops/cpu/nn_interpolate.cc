@@ -93,7 +93,7 @@ PermutePlan<Lane> PlanChunks(const int32_t* index, int64_t positions) {
   std::vector<int32_t> one, two, rest;
   for (int64_t c = 0; c < chunks; ++c) {
     const bool whole = (c + 1) * kLanes <= positions && plan.base[c] >= 0 && plan.base[c] + 2 * kLanes <= end &&
-                       plan.second[c] + 2 * kLanes <= end;
+                       (plan.second[c] < 0 || plan.second[c] + 2 * kLanes <= end);
     (whole ? (plan.second[c] < 0 ? one : two) : rest).push_back(static_cast<int32_t>(c));
   }
   plan.singles = static_cast<int64_t>(one.size()), plan.doubles = static_cast<int64_t>(two.size());

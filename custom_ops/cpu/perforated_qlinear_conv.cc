@@ -466,6 +466,15 @@ void InterleaveQuads(const uint8_t* x, int64_t batch, int64_t channels, int64_t 
   });
 }
 
+// Large copies (big batches) give their memory back rather than staying pinned to the calling thread.
+void ReleaseLargeScratch() {
+  constexpr size_t kKeptBytes = size_t{64} << 20;
+  if (tls_input_bytes.size() > kKeptBytes) std::vector<uint8_t>().swap(tls_input_bytes);
+  if (tls_input_words.size() > kKeptBytes / 2) std::vector<int16_t>().swap(tls_input_words);
+  if (tls_interpolated.size() > kKeptBytes) std::vector<uint8_t>().swap(tls_interpolated);
+  if (tls_quads.size() > kKeptBytes) std::vector<uint8_t>().swap(tls_quads);
+}
+
 void ComputePointwise(const ConvShape& s, const PaddedGather& padded, int64_t count, const uint8_t* x,
                       const PackedQuantizedWeights& w, const Requantization& q, const int32_t* offsets, float lo,
                       float hi, uint8_t* yc, const ParallelRunner& parallel) {
@@ -576,8 +585,10 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
   for (int64_t m = 0; m < s.out_channels; ++m) offsets[m] = q.bias[m] - q.x_zero_point * w.row_sums[m];
   const float lo = static_cast<float>(q.out_min - q.y_zero_point);
   const float hi = static_cast<float>(q.out_max - q.y_zero_point);
-  if (UsesPointwisePath(s, a, input_index, w, q))
-    return ComputePointwise(s, padded, count, x, w, q, offsets.data(), lo, hi, yc, parallel);
+  if (UsesPointwisePath(s, a, input_index, w, q)) {
+    ComputePointwise(s, padded, count, x, w, q, offsets.data(), lo, hi, yc, parallel);
+    return ReleaseLargeScratch();
+  }
 
   // A compact input is interpolated first (uint8 NNInterpolate: vector byte permutes where the CPU has
   // them), then packed like a planar one.
@@ -641,7 +652,10 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
   const int64_t all_tiles = (columns + nr - 1) / nr;
   int64_t blocks = std::max<int64_t>(1, (all_tiles + kMaxBlockTiles - 1) / kMaxBlockTiles);
   while (s.group * blocks < wanted && all_tiles / (blocks + 1) >= kMinTiles) ++blocks;
-  if (s.group == 1 && blocks > 1 && blocks < 4 * wanted) blocks = std::min(all_tiles, (blocks + cores - 1) / cores * cores);
+  if (s.group == 1 && blocks > 1 && blocks < 4 * wanted) {
+    const int64_t whole = (blocks + cores - 1) / cores * cores;  // a multiple of the cores, if tiles allow
+    if (all_tiles / whole >= kMinTiles) blocks = whole;
+  }
   const int64_t splits =
       std::min<int64_t>(w.panels, std::max<int64_t>(1, (wanted + s.group * blocks - 1) / (s.group * blocks)));
   const int64_t panels_per_split = (w.panels + splits - 1) / splits;
@@ -693,11 +707,7 @@ void PerforatedQLinearConvCpu::Compute(const ConvShape& s, const ConvAttributes&
       k += run;
     }
   });
-  // Large copies (big batches) give their memory back rather than staying pinned to this thread.
-  constexpr size_t kKeptBytes = size_t{64} << 20;
-  if (tls_input_bytes.size() > kKeptBytes) std::vector<uint8_t>().swap(tls_input_bytes);
-  if (tls_input_words.size() > kKeptBytes / 2) std::vector<int16_t>().swap(tls_input_words);
-  if (tls_interpolated.size() > kKeptBytes) std::vector<uint8_t>().swap(tls_interpolated);
+  ReleaseLargeScratch();
 }
 
 }  // namespace onnx_perforate

@@ -139,9 +139,6 @@ def pool_channels_last(surgeon: Surgeon) -> dict[str, str]:
         q.outputs.clear()
         surgeon.detach(pool)
         surgeon.detach(q)
-        nhwc_in = gs.Variable(surgeon.unique(f"{name}.nhwc_input"), dtype=params[1].dtype)
-        nhwc_out = gs.Variable(surgeon.unique(f"{name}.nhwc_output"), dtype=params[1].dtype)
-        attrs = {k: v for k, v in pool.attrs.items() if k in ("kernel_shape", "strides", "pads", "dilations", "ceil_mode")}
         interpolate = _producer(source, "NNInterpolate")
         pool_attrs = ops.compact_pool_attributes("MaxPool", pool.attrs)
         if (interpolate is not None and interpolate.domain == DOMAIN and len(source.outputs) == 1
@@ -168,6 +165,9 @@ def pool_channels_last(surgeon: Surgeon) -> dict[str, str]:
                                                attrs=pool_attrs, inputs=inputs, outputs=[out]))
             rewritten[name] = how
             continue
+        nhwc_in = gs.Variable(surgeon.unique(f"{name}.nhwc_input"), dtype=params[1].dtype)
+        nhwc_out = gs.Variable(surgeon.unique(f"{name}.nhwc_output"), dtype=params[1].dtype)
+        attrs = {k: v for k, v in pool.attrs.items() if k in ("kernel_shape", "strides", "pads", "dilations", "ceil_mode")}
         surgeon.graph.nodes.append(gs.Node("Transpose", name=surgeon.unique(f"{name}/to_nhwc"),
                                            attrs={"perm": [0, 2, 3, 1]}, inputs=[source], outputs=[nhwc_in]))
         surgeon.graph.nodes.append(gs.Node("NhwcMaxPool", name=surgeon.unique(name), domain="com.microsoft",
