@@ -255,11 +255,12 @@ def test_nearest_index_ties_go_to_smallest_row_major_index():
 
 
 @pytest.mark.parametrize("kind, shape", [("random", (5, 7)), ("random", (30, 33)), ("grid", (55, 55)),
-                                         ("far rows", (40, 40)), ("single", (13, 13))])
+                                         ("far rows", (40, 40)), ("single", (13, 13)), ("random", (96, 96))])
 def test_nn_interpolate_float_matches_the_reference(kind, shape):
     """Float gathers against numpy: chunks of 16 outputs whose sources fit 32 floats (vector permutes on
     AVX-512, masked where the window overhangs the compact plane) and wider ones (scalar), random, grid and
-    far-apart sources, compact planes shorter than a SIMD vector, one and two threads."""
+    far-apart sources, compact planes shorter than a SIMD vector, one and two threads; blocks of several
+    planes and, for 96x96 maps (over 32 KiB a plane), one plane per block."""
     rng = np.random.default_rng(len(kind) + shape[0])
     mask = np.zeros(shape, bool)
     if kind == "random":

@@ -181,6 +181,7 @@ def interpolation_mask(kind, shape, rng):
 
 
 @pytest.mark.parametrize("kind, shape", [("random", (5, 7)), ("random", (30, 33)), ("far rows", (70, 70)),
+                                         ("random", (260, 260)),  # over 64 KiB a plane: one plane per block
                                          ("single", (13, 13))])
 def test_nn_interpolate_uint8_matches_the_reference(kind, shape):
     """Byte gathers: chunks of 64 outputs whose sources fit 128 bytes (vector permutes on AVX-512 VBMI) and
