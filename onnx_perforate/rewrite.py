@@ -290,7 +290,7 @@ def _rewrite_plan(analysed, plan, options: RewriteOptions) -> tuple[onnx.ModelPr
             report.notes.append(f"8-bit MaxPool {pool!r}: {how}")
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     result = _export(graph, original, report)
-    _validate(result)
+    _validate_and_annotate(result)
     for line in report.format().splitlines():
         log.debug("%s", line)
     return result, report
@@ -462,13 +462,22 @@ def _restore_inputs(model, original, initializers) -> None:
     model.graph.input.extend(restored)
 
 
-def _validate(model: onnx.ModelProto) -> None:
+def _validate_and_annotate(model: onnx.ModelProto) -> None:
+    """Check the rewritten model, and write the shapes that inference finds (through the custom ops too,
+    whose schemas opset.py registers) into its value_info. ORT gets no shape inference from a custom-op
+    library, so without them every tensor after a custom op is shapeless in ORT, and its NCHWc
+    transformer then leaves a MaxPool or GlobalAveragePool there in NCHW with reorders around it: the
+    Fashion-MNIST CNN with conv2 perforated ran pool2 as a plain MaxPool, 0.125 ms against 0.020 ms."""
     try:
         checked = model if model_size(model) < 2**31 - (64 << 20) else light_copy(model)
         onnx.checker.check_model(checked, full_check=True)
-        onnx.shape_inference.infer_shapes(checked, check_type=True, strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(checked, check_type=True, strict_mode=False)
     except Exception as exc:
         raise PerforateError(f"internal error: the rewritten model does not validate: {exc}") from exc
+    known = {t.name for t in model.graph.input} | {t.name for t in model.graph.output} | {
+        t.name for t in model.graph.initializer}
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike, **kwargs) -> None:

@@ -275,3 +275,33 @@ def test_errors_are_value_errors():
     assert issubclass(PerforateError, ValueError)
     with pytest.raises(ValueError):
         rewrite(conv_model(), {})
+
+
+def _optimized_ops(model, tmp_path, name):
+    """(op_type, domain) of every node of ORT's optimized graph of ``model`` (the library registered)."""
+    import onnxruntime as ort
+
+    options = onnx_perforate.session_options(1)
+    options.optimized_model_filepath = str(tmp_path / f"{name}.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [(n.op_type, n.domain) for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+@pytest.mark.usefixtures("require_library")
+def test_tensors_after_custom_ops_keep_their_shapes_for_ort(tmp_path):
+    """ORT infers no shapes through a custom-op library: the rewrite writes them (value_info) so that
+    the standard ops after a perforated layer keep theirs, and ORT's NCHWc transformer still takes the
+    MaxPool and GlobalAveragePool after conv4 (conv2 perforated), as in the original."""
+    from helpers import sample_file
+
+    model = onnx.load(str(sample_file("fashion_cnn.onnx")))
+    perforated = rewrite(model, {"conv2": masks.uniform((28, 28), 0.5, seed=0)})
+    shapes = {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+              for v in perforated.graph.value_info}
+    assert shapes["/pool2/MaxPool_output_0"] == ["N", 64, 7, 7]
+    original_ops, perforated_ops = _optimized_ops(model, tmp_path, "original"), _optimized_ops(perforated, tmp_path, "p")
+    blocked = [op for op in original_ops if op[1] == "com.microsoft.nchwc" and op[0] in ("MaxPool", "GlobalAveragePool")]
+    if not blocked:
+        pytest.skip("ORT's NCHWc transformer does not run on this CPU")
+    assert ("MaxPool", "") not in perforated_ops and ("GlobalAveragePool", "") not in perforated_ops
+    assert perforated_ops.count(("MaxPool", "com.microsoft.nchwc")) == 1  # pool2 (pool1 is a CompactPool)
