@@ -202,6 +202,15 @@ void MaxPoolPixelRows(const PoolTable& t, int64_t batch, int64_t channels, const
   });
 }
 
+// 8-bit pooling: channels-last where AVX-512BW and at least 16 channels make it pay, else plane by plane.
+template <typename T>
+void PoolBytes(PoolMode mode, const PoolTable& t, int64_t batch, int64_t channels, const T* x, T* y,
+               const ParallelRunner& parallel) {
+  if (mode == PoolMode::kMax && HaveAvx512Bw() && channels >= 16 && batch * channels * t.count > 0)
+    return MaxPoolPixelRows(t, batch, channels, x, y, parallel);
+  Pool(mode, t, batch * channels, x, y, parallel);
+}
+
 }  // namespace
 
 void CompactPoolCpu::Compute(PoolMode mode, const PoolTable& t, int64_t planes, const float* x, float* y,
@@ -211,16 +220,12 @@ void CompactPoolCpu::Compute(PoolMode mode, const PoolTable& t, int64_t planes, 
 
 void CompactPoolCpu::Compute(PoolMode mode, const PoolTable& t, int64_t batch, int64_t channels, const uint8_t* x,
                              uint8_t* y, const ParallelRunner& parallel) {
-  if (mode == PoolMode::kMax && HaveAvx512Bw() && channels >= 16 && batch * channels * t.count > 0)
-    return MaxPoolPixelRows(t, batch, channels, x, y, parallel);
-  Pool(mode, t, batch * channels, x, y, parallel);
+  PoolBytes(mode, t, batch, channels, x, y, parallel);
 }
 
 void CompactPoolCpu::Compute(PoolMode mode, const PoolTable& t, int64_t batch, int64_t channels, const int8_t* x,
                              int8_t* y, const ParallelRunner& parallel) {
-  if (mode == PoolMode::kMax && HaveAvx512Bw() && channels >= 16 && batch * channels * t.count > 0)
-    return MaxPoolPixelRows(t, batch, channels, x, y, parallel);
-  Pool(mode, t, batch * channels, x, y, parallel);
+  PoolBytes(mode, t, batch, channels, x, y, parallel);
 }
 
 }  // namespace onnx_perforate

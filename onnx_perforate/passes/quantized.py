@@ -157,10 +157,7 @@ def pool_channels_last(surgeon: Surgeon) -> dict[str, str]:
                 inputs.append(surgeon.constant(f"{name}.positions", np.flatnonzero(mask).astype(np.int64)))
                 out = gs.Variable(surgeon.unique(f"{name}.compact"), dtype=params[1].dtype)
                 how += ", at the positions its perforated 1x1 readers compute"
-                ones = surgeon.constant(f"{name}.row_mask", np.ones((1, int(mask.sum())), dtype=bool))
-                for reader in list(result.outputs):
-                    reader.inputs[0] = out
-                    reader.inputs[9] = ones
+                _readers_read_rows(surgeon, name, result, out, mask)
             surgeon.graph.nodes.append(gs.Node("CompactPool", name=surgeon.unique(name), domain=DOMAIN,
                                                attrs=pool_attrs, inputs=inputs, outputs=[out]))
             rewritten[name] = how
@@ -188,15 +185,22 @@ def pool_channels_last(surgeon: Surgeon) -> dict[str, str]:
                         inputs=[flat, positions], outputs=[picked]),
                 gs.Node("Transpose", name=surgeon.unique(f"{name}/to_ncK"), attrs={"perm": [0, 2, 1]},
                         inputs=[picked], outputs=[rows])])
-            ones = surgeon.constant(f"{name}.row_mask", np.ones((1, int(mask.sum())), dtype=bool))
-            for reader in list(result.outputs):
-                reader.inputs[0] = rows
-                reader.inputs[9] = ones
+            _readers_read_rows(surgeon, name, result, rows, mask)
         else:
             surgeon.graph.nodes.append(gs.Node("Transpose", name=surgeon.unique(f"{name}/to_nchw"),
                                                attrs={"perm": [0, 3, 1, 2]}, inputs=[nhwc_out], outputs=[result]))
         rewritten[name] = "channels-last (com.microsoft.NhwcMaxPool)"
     return rewritten
+
+
+def _readers_read_rows(surgeon: Surgeon, name: str, tensor, rows, mask: np.ndarray) -> None:
+    """Every reader of ``tensor`` (perforated 1x1 convolutions with ``mask``, see
+    :func:`_pointwise_readers_mask`) reads ``rows`` instead: the pooled values at the mask's positions,
+    [N, C, K], one row under an all-ones [1, K] mask."""
+    ones = surgeon.constant(f"{name}.row_mask", np.ones((1, int(mask.sum())), dtype=bool))
+    for reader in list(tensor.outputs):
+        reader.inputs[0] = rows
+        reader.inputs[9] = ones
 
 
 def _pointwise_readers_mask(surgeon: Surgeon, tensor) -> np.ndarray | None:
