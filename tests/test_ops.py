@@ -115,6 +115,10 @@ LARGE_CASES = [
     # One input channel, many outputs (a grey image's first layer; channel multiplier 8): the GEMM.
     ((4, 1, 28, 28), (16, 1, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1))),
     ((2, 6, 11, 11), (48, 1, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=6)),
+    # Batches of at least two images per core with many positions each: the padded (or interpolated)
+    # copy is made image by image inside the GEMM's tasks.
+    ((5, 32, 24, 24), (48, 32, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1))),
+    ((4, 16, 26, 26), (24, 8, 3, 3), ops.ConvAttributes((3, 3), group=2)),
 ]
 
 

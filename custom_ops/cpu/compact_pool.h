@@ -2,7 +2,7 @@
 #pragma once
 
 #include "../shared/pool_geometry.h"
-#include "perforated_conv.h"
+#include "parallel.h"
 
 namespace onnx_perforate {
 

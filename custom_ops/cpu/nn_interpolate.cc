@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -18,13 +19,15 @@ namespace onnx_perforate {
 // the permute's index type.
 //
 // A chunk whose sources fall into two such windows (random masks: a chunk's outputs read computed
-// positions of two rows) takes two permutes and a masked blend.
+// positions of two rows) takes two permutes and a masked blend. Lanes whose index is negative come out
+// zero (the padding of a convolution's input copied through its compact index).
 template <typename Lane>
 struct PermutePlan {
   static constexpr int64_t kLanes = 64 / sizeof(Lane);
   std::vector<int32_t> base;      // per chunk: first source element, or -1 for a scalar chunk
   std::vector<int32_t> second;    // per chunk: first source element of the second window, or -1
   std::vector<uint64_t> from_second;  // per chunk: the lanes taken from the second window
+  std::vector<uint64_t> kept;         // per chunk: the lanes with a source (the others are zero)
   std::vector<Lane> permutation;  // per chunk: kLanes source offsets from their window's base (bit log2(kLanes) picks the window's 2nd vector)
   // The chunks by kind, each kind in a loop of its own (mixed, their branches mispredicted often enough
   // to undo the permutes' gain): [0, singles) whole chunks in one window, [singles, singles + doubles)
@@ -71,26 +74,34 @@ PermutePlan<Lane> PlanChunks(const int32_t* index, int64_t positions) {
   plan.base.assign(static_cast<size_t>(chunks), -1);
   plan.second.assign(static_cast<size_t>(chunks), -1);
   plan.from_second.assign(static_cast<size_t>(chunks), 0);
+  plan.kept.assign(static_cast<size_t>(chunks), 0);
   plan.permutation.assign(static_cast<size_t>(chunks * kLanes), 0);
   for (int64_t c = 0; c < chunks; ++c) {
     const int32_t* first = index + c * kLanes;
     const int64_t n = std::min<int64_t>(kLanes, positions - c * kLanes);
-    const auto [lo, hi] = std::minmax_element(first, first + n);
+    int32_t lo = INT32_MAX, hi = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      if (first[j] < 0) continue;
+      lo = std::min(lo, first[j]), hi = std::max(hi, first[j]);
+      plan.kept[c] |= uint64_t{1} << j;
+    }
+    if (lo == INT32_MAX) lo = 0;  // all padding: any window, every lane zeroed
     // Window 1 starts at the lowest source; the sources beyond it must fit a second window.
     int32_t second = -1;
     for (int64_t j = 0; j < n; ++j)
-      if (first[j] - *lo >= 2 * kLanes && (second < 0 || first[j] < second)) second = first[j];
-    if (second >= 0 && *hi - second >= 2 * kLanes) continue;
-    plan.base[c] = *lo;
+      if (first[j] - lo >= 2 * kLanes && (second < 0 || first[j] < second)) second = first[j];
+    if (second >= 0 && hi - second >= 2 * kLanes) continue;
+    plan.base[c] = lo;
     plan.second[c] = second;
     for (int64_t j = 0; j < n; ++j) {
-      const bool far = first[j] - *lo >= 2 * kLanes;
+      if (first[j] < 0) continue;
+      const bool far = first[j] - lo >= 2 * kLanes;
       if (far) plan.from_second[c] |= uint64_t{1} << j;
-      plan.permutation[c * kLanes + j] = static_cast<Lane>(first[j] - (far ? second : *lo));
+      plan.permutation[c * kLanes + j] = static_cast<Lane>(first[j] - (far ? second : lo));
     }
   }
   // Windows ending at or before the largest source + 1 (<= the compact plane's size) need no masks.
-  const int64_t end = positions ? int64_t{*std::max_element(index, index + positions)} + 1 : 0;
+  const int64_t end = positions ? int64_t{std::max(0, *std::max_element(index, index + positions))} + 1 : 0;
   std::vector<int32_t> one, two, rest;
   for (int64_t c = 0; c < chunks; ++c) {
     const bool whole = (c + 1) * kLanes <= positions && plan.base[c] >= 0 && plan.base[c] + 2 * kLanes <= end &&
@@ -166,22 +177,25 @@ __attribute__((target("avx512f"))) void GatherFloatPlanes(const float* __restric
   for (int64_t i = 0; i < plan.singles; ++i) {
     const int64_t c = order[i], from = plan.base[c];
     const __m512i lanes = _mm512_loadu_si512(plan.permutation.data() + c * 16);
+    const __mmask16 kept = static_cast<__mmask16>(plan.kept[c]);
     for (int64_t p = 0; p < planes; ++p) {
       const float* plane = src + p * count;
       _mm512_storeu_ps(dst + p * positions + c * 16,
-                       _mm512_permutex2var_ps(_mm512_loadu_ps(plane + from), lanes, _mm512_loadu_ps(plane + from + 16)));
+                       _mm512_maskz_permutex2var_ps(kept, _mm512_loadu_ps(plane + from), lanes,
+                                                    _mm512_loadu_ps(plane + from + 16)));
     }
   }
   for (int64_t i = plan.singles; i < doubles_end; ++i) {
     const int64_t c = order[i], from = plan.base[c], second = plan.second[c];
     const __m512i lanes = _mm512_loadu_si512(plan.permutation.data() + c * 16);
     const __mmask16 far_lanes = static_cast<__mmask16>(plan.from_second[c]);
+    const __mmask16 kept = static_cast<__mmask16>(plan.kept[c]);
     for (int64_t p = 0; p < planes; ++p) {
       const float* plane = src + p * count;
       const __m512 near = _mm512_permutex2var_ps(_mm512_loadu_ps(plane + from), lanes, _mm512_loadu_ps(plane + from + 16));
       const __m512 far =
           _mm512_permutex2var_ps(_mm512_loadu_ps(plane + second), lanes, _mm512_loadu_ps(plane + second + 16));
-      _mm512_storeu_ps(dst + p * positions + c * 16, _mm512_mask_blend_ps(far_lanes, near, far));
+      _mm512_storeu_ps(dst + p * positions + c * 16, _mm512_maskz_mov_ps(kept, _mm512_mask_blend_ps(far_lanes, near, far)));
     }
   }
   for (int64_t i = doubles_end; i < chunks; ++i) {
@@ -192,14 +206,15 @@ __attribute__((target("avx512f"))) void GatherFloatPlanes(const float* __restric
       const float* plane = src + p * count;
       float* out = dst + p * positions;
       if (base < 0) {
-        for (int64_t j = 0; j < n; ++j) out[p0 + j] = plane[index[p0 + j]];
+        for (int64_t j = 0; j < n; ++j) out[p0 + j] = index[p0 + j] < 0 ? 0.0f : plane[index[p0 + j]];
         continue;
       }
       __m512 v = PermuteFloatWindow(plane, count, base, lanes);
       if (plan.second[c] >= 0)
         v = _mm512_mask_blend_ps(static_cast<__mmask16>(plan.from_second[c]), v,
                                  PermuteFloatWindow(plane, count, plan.second[c], lanes));
-      _mm512_mask_storeu_ps(out + p0, static_cast<__mmask16>((1u << n) - 1), v);
+      _mm512_mask_storeu_ps(out + p0, static_cast<__mmask16>((1u << n) - 1),
+                            _mm512_maskz_mov_ps(static_cast<__mmask16>(plan.kept[c]), v));
     }
   }
 }
@@ -214,11 +229,12 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void GatherBytePlanes(
   for (int64_t i = 0; i < plan.singles; ++i) {
     const int64_t c = order[i], from = plan.base[c];
     const __m512i lanes = _mm512_loadu_si512(plan.permutation.data() + c * 64);
+    const __mmask64 kept = plan.kept[c];
     for (int64_t p = 0; p < planes; ++p) {
       const uint8_t* plane = src + p * count;
       _mm512_storeu_si512(dst + p * positions + c * 64,
-                          _mm512_permutex2var_epi8(_mm512_loadu_si512(plane + from), lanes,
-                                                   _mm512_loadu_si512(plane + from + 64)));
+                          _mm512_maskz_permutex2var_epi8(kept, _mm512_loadu_si512(plane + from), lanes,
+                                                         _mm512_loadu_si512(plane + from + 64)));
     }
   }
   for (int64_t i = plan.singles; i < doubles_end; ++i) {
@@ -230,7 +246,8 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void GatherBytePlanes(
           _mm512_permutex2var_epi8(_mm512_loadu_si512(plane + from), lanes, _mm512_loadu_si512(plane + from + 64));
       const __m512i far =
           _mm512_permutex2var_epi8(_mm512_loadu_si512(plane + second), lanes, _mm512_loadu_si512(plane + second + 64));
-      _mm512_storeu_si512(dst + p * positions + c * 64, _mm512_mask_blend_epi8(plan.from_second[c], near, far));
+      _mm512_storeu_si512(dst + p * positions + c * 64,
+                          _mm512_maskz_mov_epi8(plan.kept[c], _mm512_mask_blend_epi8(plan.from_second[c], near, far)));
     }
   }
   for (int64_t i = doubles_end; i < chunks; ++i) {
@@ -242,13 +259,13 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void GatherBytePlanes(
       const uint8_t* plane = src + p * count;
       uint8_t* out = dst + p * positions;
       if (base < 0) {
-        for (int64_t j = 0; j < n; ++j) out[p0 + j] = plane[index[p0 + j]];
+        for (int64_t j = 0; j < n; ++j) out[p0 + j] = index[p0 + j] < 0 ? 0 : plane[index[p0 + j]];
         continue;
       }
       __m512i v = PermuteByteWindow(plane, count, base, lanes);
       if (plan.second[c] >= 0)
         v = _mm512_mask_blend_epi8(plan.from_second[c], v, PermuteByteWindow(plane, count, plan.second[c], lanes));
-      _mm512_mask_storeu_epi8(out + p0, stored, v);
+      _mm512_mask_storeu_epi8(out + p0, stored, _mm512_maskz_mov_epi8(plan.kept[c], v));
     }
   }
 }

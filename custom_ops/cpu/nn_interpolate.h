@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <memory>
 
-#include "perforated_conv.h"
+#include "parallel.h"
 
 namespace onnx_perforate {
 
@@ -20,7 +20,8 @@ struct NNInterpolateCpu {
   static void Compute(int64_t planes, int64_t count, const int32_t* index, int64_t positions,
                       const float* yc, float* y, const ParallelRunner& parallel,
                       const FloatPermutePlan* plan = nullptr);
-  // float: `plan` = PlanFloats(index, positions), or nullptr for the scalar gather.
+  // float: `plan` = PlanFloats(index, positions), or nullptr for the scalar gather. With a plan, index
+  // entries may also be negative: those positions come out 0 (a convolution's padding, BuildPaddedGather).
   // uint8: `plan` = PlanBytes(index, positions), or nullptr to plan within the call.
   static void Compute(int64_t planes, int64_t count, const int32_t* index, int64_t positions,
                       const uint8_t* yc, uint8_t* y, const ParallelRunner& parallel,

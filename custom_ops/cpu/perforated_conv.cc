@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <functional>
 #include <thread>
 #include <vector>
 
@@ -121,6 +122,11 @@ __attribute__((target("avx512f"))) void PadNarrowRows(const float* __restrict sr
 void PadInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g, const InputIndex* index,
               const float* x, float* out, const ParallelRunner& parallel) {
   const int64_t hp = g.padded_h, wp = g.padded_w;
+  if (g.sources_plan) {  // compact X: every plane through the permute plan of its padded pixels' sources
+    NNInterpolateCpu::Compute(s.batch * s.in_channels, index->compact_size, g.sources.data(), hp * wp, x, out, parallel,
+                              g.sources_plan.get());
+    return;
+  }
   const bool narrow = !index && wp <= 16 && BestGemmIsa().width == 16;  // AVX-512 (not when avx2 is forced)
   RunMaybeSerially(parallel, s.batch * s.in_channels * hp * wp, static_cast<size_t>(s.batch * s.in_channels),
                    [&](size_t plane) {
@@ -165,6 +171,15 @@ PaddedGather BuildPaddedGather(const ConvShape& s, const ConvAttributes& a, cons
   for (int64_t i = 0; i < s.kernel_h; ++i)
     for (int64_t j = 0; j < s.kernel_w; ++j)
       g.tap_offsets.push_back(static_cast<int32_t>(i * a.dilation_h * g.padded_w + j * a.dilation_w));
+  if (index && g.copy_needed) {
+    // The scalar copy through the index cost 16% of a perforated 64 -> 64 3x3 layer on a compact
+    // 30x30 input at batch 32 (0.77 of 4.78 ms); the permutes take a sixteenth of its instructions.
+    g.sources.assign(static_cast<size_t>(g.padded_h * g.padded_w), -1);
+    for (int64_t y = 0; y < s.in_h; ++y)
+      for (int64_t x = 0; x < s.in_w; ++x)
+        g.sources[(y + a.pad_top) * g.padded_w + x + a.pad_left] = index->values[y * s.in_w + x];
+    g.sources_plan = NNInterpolateCpu::PlanFloats(g.sources.data(), g.padded_h * g.padded_w);
+  }
   return g;
 }
 
@@ -238,21 +253,127 @@ void DepthwiseConv(const ConvCall& c, const GatherTable& table) {
   });
 }
 
+// Memory a task will read next, fetched into L2 a few cache lines per micro-tile while it computes:
+// copied without it, an image's input arrived in one burst that no arithmetic overlapped.
+struct Prefetch {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int64_t lines_per_tile = 0;
+
+  void Step() {
+    for (int64_t l = 0; l < lines_per_tile && next < end; ++l, next += 64) __builtin_prefetch(next, 0, 2);
+  }
+};
+
+// One task's share of the implicit GEMM: columns [k0, k0 + kn) of group g, output panels [i0, i1).
+// Column k reads rows[p][positions[k]]; it belongs to image k / count of `output` (a block may span the
+// images of a micro-batch).
+void GemmBlock(const ConvCall& c, const PackedWeights& packed, const float* const* rows, const int32_t* positions,
+               int64_t count, float* output, int64_t g, int64_t k0, int64_t kn, int64_t i0, int64_t i1,
+               Prefetch* prefetch = nullptr) {
+  const ConvShape& s = c.s;
+  const GemmIsa& isa = BestGemmIsa();
+  const int64_t nr = isa.nr, mr = packed.mr, mg = s.out_channels_per_group(), patch = s.patch_size();
+  const int64_t m0 = i0 * mr, m1 = std::min(mg, i1 * mr), width = (i1 - i0) * mr;
+  if (m0 >= m1) return;
+  const int64_t tiles = (kn + nr - 1) / nr;
+  // tile[k * width + m]: the block's outputs, position-major, accumulated across KC passes.
+  float* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * width));
+  const int64_t depth = PassDepth(patch);
+  for (int64_t pc = 0; pc < patch; pc += depth) {
+    const int64_t kc = std::min(depth, patch - pc);
+    // The first tile streams the pass's weight panels from L3 or memory (the layers before evicted
+    // them from L2): it prefetches them. The other tiles find them in L2, unless they do not fit.
+    const bool panels_exceed_l2 = width * kc * int64_t{sizeof(float)} > kL2Share;
+    for (int64_t j = 0; j < tiles; ++j) {
+      const GemmIsa::Kernel tile_kernel = isa.Get(packed.vectors, kn - j * nr <= nr / 2, j == 0 || panels_exceed_l2);
+      for (int64_t i = i0; i < i1; ++i)
+        tile_kernel(kc, packed.Panel(g, i) + pc * mr, rows + pc, positions + k0 + j * nr,
+                    tile + j * nr * width + (i - i0) * mr, width, pc == 0);
+      if (prefetch) prefetch->Step();
+    }
+  }
+  // The block may span images: store each image's part into its own rows of Yc.
+  const ConvAttributes& a = c.a;
+  const Epilogue epilogue{c.bias ? c.bias + g * mg + m0 : nullptr, a.activation, a.alpha, a.clip_min, a.clip_max};
+  for (int64_t k = k0; k < k0 + kn;) {
+    const int64_t n = k / count, end = std::min(k0 + kn, (n + 1) * count);
+    isa.store(tile + (k - k0) * width, width, m1 - m0, end - k, epilogue,
+              output + (n * s.out_channels + g * mg + m0) * count + (k - n * count), count);
+    k = end;
+  }
+}
+
+// rows[g * patch + p]: where row p = (channel, tap) of group g's im2col matrix starts in `input`.
+void RowStarts(const ConvShape& s, const PaddedGather& padded, const float* input, const float** rows) {
+  for (int64_t channel = 0; channel < s.in_channels; ++channel)
+    for (int64_t tap = 0; tap < s.taps(); ++tap)
+      rows[channel * s.taps() + tap] = input + channel * padded.plane + padded.tap_offsets[tap];
+}
+
+// Whether a padded (or interpolated) copy of the input is made image by image, inside the GEMM's tasks:
+// with at least two images per core, an image's copy small enough to stay in L2 until its GEMM reads
+// it, and enough positions per image for the weight panels' loads to pay (at 50 positions per image,
+// 128 -> 128 channels, the micro-batched GEMM was 6% faster). Copied for the whole batch first, a compact
+// 64 x 30 x 30 input at batch 32 (7.4 MB) went to memory and back.
+constexpr int64_t kMaxImageCopyFloats = int64_t{96} << 10;  // 384 KiB
+
+bool CopiesPerImage(const ConvShape& s, const PaddedGather& padded, int64_t count) {
+  return padded.copy_needed && s.batch >= 2 * Cores() && s.in_channels * padded.plane <= kMaxImageCopyFloats &&
+         count >= 8 * BestGemmIsa().nr;
+}
+
+// The per-image form: one task per image copies it (padding, interpolation) into the thread's scratch
+// and multiplies it there, every output channel, in column blocks of at most 16 tiles.
+void PerImageGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIndex* input_index,
+                      const PackedWeights& packed, int64_t count) {
+  const ConvShape& s = c.s;
+  const int64_t nr = BestGemmIsa().nr, patch = s.patch_size();
+  const int64_t blocks = (count + 16 * nr - 1) / (16 * nr);
+  const int64_t block = ((count + blocks - 1) / blocks + nr - 1) / nr * nr;
+  const ParallelRunner serial = [](size_t total, const std::function<void(size_t)>& fn) {
+    for (size_t i = 0; i < total; ++i) fn(i);
+  };
+  ConvShape image_shape = s;
+  image_shape.batch = 1;
+  const int64_t image_floats = s.in_channels * s.in_plane;
+  // The next image's input is fetched while this one is multiplied (a guess when several threads
+  // share the images: a wrong one still leaves it in the shared L3).
+  const int64_t tile_steps = s.group * blocks * ((patch + PassDepth(patch) - 1) / PassDepth(patch)) *
+                             ((block + nr - 1) / nr);
+  const int64_t lines_per_tile = (image_floats * int64_t{sizeof(float)} / 64 + tile_steps - 1) / tile_steps;
+  c.parallel(static_cast<size_t>(s.batch), [&](size_t n) {
+    float* image = Scratch(tls_padded, static_cast<size_t>(s.in_channels * padded.plane));
+    const float* x = c.x + n * image_floats;
+    PadInput(image_shape, c.a, padded, input_index, x, image, serial);
+    const float** rows = Scratch(tls_rows, static_cast<size_t>(s.group * patch));
+    RowStarts(s, padded, image, rows);
+    float* output = c.yc + n * s.out_channels * count;
+    Prefetch prefetch;
+    if (static_cast<int64_t>(n) + 1 < s.batch) {
+      prefetch.next = reinterpret_cast<const char*>(x + image_floats);
+      prefetch.end = reinterpret_cast<const char*>(x + 2 * image_floats);
+      prefetch.lines_per_tile = lines_per_tile;
+    }
+    for (int64_t g = 0; g < s.group; ++g)
+      for (int64_t k0 = 0; k0 < count; k0 += block)
+        GemmBlock(c, packed, rows + g * patch, padded.positions.data(), count, output, g, k0,
+                  std::min(block, count - k0), 0, packed.panels, &prefetch);
+  });
+}
+
 // Implicit GEMM with this CPU's micro-kernel (packed_gemm.h), reading the (padded) input in place.
 void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIndex* input_index,
                     const PackedWeights& packed, int64_t count) {
+  if (CopiesPerImage(c.s, padded, count)) return PerImageGemmConv(c, padded, input_index, packed, count);
   const ConvShape& s = c.s;
-  const ConvAttributes& a = c.a;
-  const int64_t taps = s.taps(), mg = s.out_channels_per_group();
   const int64_t patch = s.patch_size();
-  const GemmIsa& isa = BestGemmIsa();
-  const int64_t nr = isa.nr, mr = packed.mr;
+  const int64_t nr = BestGemmIsa().nr;
   const int64_t padded_plane = padded.plane;
   const float* input = c.x;
   if (padded.copy_needed) {
-    float* buffer = Scratch(tls_padded, static_cast<size_t>(s.batch * s.in_channels * padded.padded_h *
-                                                            padded.padded_w));
-    PadInput(s, a, padded, input_index, c.x, buffer, c.parallel);
+    float* buffer = Scratch(tls_padded, static_cast<size_t>(s.batch * s.in_channels * padded_plane));
+    PadInput(s, c.a, padded, input_index, c.x, buffer, c.parallel);
     input = buffer;
   }
   // Micro-batching: the images of a batch share one column space (image n's positions are offset by
@@ -270,15 +391,11 @@ void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIn
       std::fill(stacked + columns, stacked + columns + 16, 0);
       positions = stacked;
     }
-    const float* batch_input = input + n0 * image;
     float* batch_output = c.yc + n0 * s.out_channels * count;
-    // rows[g * patch + p]: where row p = (channel, tap) of group g's im2col matrix starts in the padded
-    // input. Built once per call, before the tasks (which only read it): per task it cost up to 4% of
-    // a small layer (a division per row).
+    // Built once per call, before the tasks (which only read it): per task it cost up to 4% of a small
+    // layer (a division per row).
     const float** rows_all = Scratch(tls_rows, static_cast<size_t>(s.group * patch));
-    for (int64_t channel = 0; channel < s.in_channels; ++channel)
-      for (int64_t tap = 0; tap < taps; ++tap)
-        rows_all[channel * taps + tap] = batch_input + channel * padded_plane + padded.tap_offsets[tap];
+    RowStarts(s, padded, input + n0 * image, rows_all);
     // Layers whose positions fit in one block per core split their output channels across the
     // cores instead (below): each core then streams only its share of the weights from L3.
     const int64_t max_block = 16 * nr;
@@ -300,33 +417,8 @@ void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIn
     c.parallel(static_cast<size_t>(s.group * blocks * splits), [&](size_t t) {
       const int64_t split = t % splits, b = (t / splits) % blocks, g = t / splits / blocks;
       const int64_t i0 = split * panels_per_split, i1 = std::min(packed.panels, i0 + panels_per_split);
-      const int64_t m0 = i0 * mr, m1 = std::min(mg, i1 * mr), width = (i1 - i0) * mr;
-      if (m0 >= m1) return;
-      const int64_t k0 = b * block, kn = std::min(block, columns - k0), tiles = (kn + nr - 1) / nr;
-      const float* const* rows = rows_all + g * patch;
-      // tile[k * width + m]: the block's outputs, position-major, accumulated across KC passes.
-      float* tile = Scratch(tls_tile, static_cast<size_t>(tiles * nr * width));
-      const int64_t depth = PassDepth(patch);
-      for (int64_t pc = 0; pc < patch; pc += depth) {
-        const int64_t kc = std::min(depth, patch - pc);
-        // The first tile streams the pass's weight panels from L3 or memory (the layers before evicted
-        // them from L2): it prefetches them. The other tiles find them in L2, unless they do not fit.
-        const bool panels_exceed_l2 = width * kc * int64_t{sizeof(float)} > kL2Share;
-        for (int64_t j = 0; j < tiles; ++j) {
-          const GemmIsa::Kernel tile_kernel = isa.Get(packed.vectors, kn - j * nr <= nr / 2, j == 0 || panels_exceed_l2);
-          for (int64_t i = i0; i < i1; ++i)
-            tile_kernel(kc, packed.Panel(g, i) + pc * mr, rows + pc, positions + k0 + j * nr,
-                        tile + j * nr * width + (i - i0) * mr, width, pc == 0);
-        }
-      }
-      // The block may span images: store each image's part into its own rows of Yc.
-      const Epilogue epilogue{c.bias ? c.bias + g * mg + m0 : nullptr, a.activation, a.alpha, a.clip_min, a.clip_max};
-      for (int64_t k = k0; k < k0 + kn;) {
-        const int64_t n = k / count, end = std::min(k0 + kn, (n + 1) * count);
-        isa.store(tile + (k - k0) * width, width, m1 - m0, end - k, epilogue,
-                  batch_output + (n * s.out_channels + g * mg + m0) * count + (k - n * count), count);
-        k = end;
-      }
+      const int64_t k0 = b * block, kn = std::min(block, columns - k0);
+      GemmBlock(c, packed, rows_all + g * patch, positions, count, batch_output, g, k0, kn, i0, i1);
     });
   }
   // The padded copy is kept for the next call, unless it is large (big batches): then its memory

@@ -3,37 +3,15 @@
 #pragma once
 
 #include <cstddef>
-#include <functional>
 #include <memory>
 #include <vector>
 
 #include "../shared/conv_geometry.h"
+#include "nn_interpolate.h"
 #include "packed_gemm.h"
+#include "parallel.h"
 
 namespace onnx_perforate {
-
-// Runs fn(i) for every i in [0, total) on the caller's thread pool (ORT's intra-op pool in the glue).
-using ParallelRunner = std::function<void(size_t total, const std::function<void(size_t)>& fn)>;
-
-// Memory-bound passes touching fewer floats than this run on the calling thread: waking the pool
-// (tens of microseconds when its threads do not spin) would cost more than the copy.
-constexpr int64_t kSerialFloats = 1 << 17;
-
-inline void RunMaybeSerially(const ParallelRunner& parallel, int64_t floats, size_t total,
-                             const std::function<void(size_t)>& fn) {
-  if (floats < kSerialFloats) {
-    for (size_t i = 0; i < total; ++i) fn(i);
-  } else {
-    parallel(total, fn);
-  }
-}
-
-// A per-thread scratch buffer (a thread_local vector) grown to at least `size` elements.
-template <typename T>
-T* Scratch(std::vector<T>& buffer, size_t size) {
-  if (buffer.size() < size) buffer.resize(size);
-  return buffer.data();
-}
 
 // What the implicit-GEMM path reads: the input with the convolution's padding materialised (so no
 // position needs a bounds check), each computed position's top-left input pixel in that padded plane,
@@ -44,6 +22,10 @@ struct PaddedGather {
   bool copy_needed = false;          // padding or a compact X: the kernel writes X into a padded buffer
   std::vector<int32_t> positions;    // [K + 16], 0 past K (read by tail tiles, never stored)
   std::vector<int32_t> tap_offsets;  // [kH * kW]
+  // A compact X read through a padded copy: per pixel of the padded plane, the compact position it
+  // takes (-1: padding), and the permute plan that copies a plane through it (nullptr without AVX-512).
+  std::vector<int32_t> sources;
+  std::shared_ptr<const FloatPermutePlan> sources_plan;
 };
 
 // A compact input (`index`) is interpolated into the padded buffer, except for an unpadded 1x1
