@@ -198,7 +198,7 @@ def test_other_gemm_paths_match_the_reference(gemm):
                                        clip_min=-0.5, clip_max=0.7)
             yc = run_ort(perforated_model(x.shape, w, b, mask, attrs, interpolate=False), {{"x": x}}, threads=2)[0]
             assert_close_to_reference(yc, x, w, b, mask, attrs)
-        for n, k in [(1, 1), (3, 7), (2, 40)]:  # full, half and partial micro-tiles
+        for n, k in [(1, 1), (3, 7), (2, 40), (4, 100)]:  # full, half and partial micro-tiles; image by image
             mask = np.zeros((11, 11), bool)
             mask.flat[rng.choice(121, k, replace=False)] = True
             xx = rng.standard_normal((n, 40, 11, 11)).astype(np.float32)

@@ -311,20 +311,23 @@ void RowStarts(const ConvShape& s, const PaddedGather& padded, const float* inpu
       rows[channel * s.taps() + tap] = input + channel * padded.plane + padded.tap_offsets[tap];
 }
 
-// Whether a padded (or interpolated) copy of the input is made image by image, inside the GEMM's tasks:
-// with at least two images per core, an image's copy small enough to stay in L2 until its GEMM reads
-// it, and enough positions per image for the weight panels' loads to pay (at 50 positions per image,
-// 128 -> 128 channels, the micro-batched GEMM was 6% faster). Copied for the whole batch first, a compact
-// 64 x 30 x 30 input at batch 32 (7.4 MB) went to memory and back.
+// Whether the GEMM runs image by image, one task per image: with at least two images per core and
+// enough positions per image for the weight panels' loads to pay (at 50 positions per image, 128 -> 128
+// channels, the micro-batched GEMM was 6% faster). A padded (or interpolated) copy is then made per image
+// too, where it is small enough to stay in L2 until the GEMM reads it: copied for the whole batch first,
+// a compact 64 x 30 x 30 input at batch 32 (7.4 MB) went to memory and back. Without a copy, what the
+// per-image form buys is the next image's input fetched during this one's GEMM: SqueezeNet's conv1
+// (3 -> 64, stride 2, 224x224, batch 32) at r = 0.75 5.7 -> 4.5-4.8 ms.
 constexpr int64_t kMaxImageCopyFloats = int64_t{96} << 10;  // 384 KiB
 
-bool CopiesPerImage(const ConvShape& s, const PaddedGather& padded, int64_t count) {
-  return padded.copy_needed && s.batch >= 2 * Cores() && s.in_channels * padded.plane <= kMaxImageCopyFloats &&
-         count >= 8 * BestGemmIsa().nr;
+bool GemmPerImage(const ConvShape& s, const PaddedGather& padded, int64_t count) {
+  return s.batch >= 2 * Cores() && count >= 8 * BestGemmIsa().nr &&
+         (!padded.copy_needed || s.in_channels * padded.plane <= kMaxImageCopyFloats);
 }
 
-// The per-image form: one task per image copies it (padding, interpolation) into the thread's scratch
-// and multiplies it there, every output channel, in column blocks of at most 16 tiles.
+// The per-image form: one task per image (copied first into the thread's scratch where the GEMM needs
+// a copy) multiplies it, every output channel, in column blocks of at most 16 tiles, and fetches the
+// next image's input meanwhile.
 void PerImageGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIndex* input_index,
                       const PackedWeights& packed, int64_t count) {
   const ConvShape& s = c.s;
@@ -343,9 +346,13 @@ void PerImageGemmConv(const ConvCall& c, const PaddedGather& padded, const Input
                              ((block + nr - 1) / nr);
   const int64_t lines_per_tile = (image_floats * int64_t{sizeof(float)} / 64 + tile_steps - 1) / tile_steps;
   c.parallel(static_cast<size_t>(s.batch), [&](size_t n) {
-    float* image = Scratch(tls_padded, static_cast<size_t>(s.in_channels * padded.plane));
     const float* x = c.x + n * image_floats;
-    PadInput(image_shape, c.a, padded, input_index, x, image, serial);
+    const float* image = x;
+    if (padded.copy_needed) {
+      float* copy = Scratch(tls_padded, static_cast<size_t>(s.in_channels * padded.plane));
+      PadInput(image_shape, c.a, padded, input_index, x, copy, serial);
+      image = copy;
+    }
     const float** rows = Scratch(tls_rows, static_cast<size_t>(s.group * patch));
     RowStarts(s, padded, image, rows);
     float* output = c.yc + n * s.out_channels * count;
@@ -365,7 +372,7 @@ void PerImageGemmConv(const ConvCall& c, const PaddedGather& padded, const Input
 // Implicit GEMM with this CPU's micro-kernel (packed_gemm.h), reading the (padded) input in place.
 void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIndex* input_index,
                     const PackedWeights& packed, int64_t count) {
-  if (CopiesPerImage(c.s, padded, count)) return PerImageGemmConv(c, padded, input_index, packed, count);
+  if (GemmPerImage(c.s, padded, count)) return PerImageGemmConv(c, padded, input_index, packed, count);
   const ConvShape& s = c.s;
   const int64_t patch = s.patch_size();
   const int64_t nr = BestGemmIsa().nr;
