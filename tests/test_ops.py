@@ -168,6 +168,31 @@ def test_few_positions_many_channels(batch, group, activation, threads):
     assert_close_to_reference(yc, x, w, b, mask, attrs)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("channels, outputs", [(3, 7), (16, 64), (64, 66), (65, 8)])
+def test_pointwise_on_a_row_of_positions(channels, outputs, threads):
+    """1x1 convolutions over contiguous positions ([N, C, 1, K] under an all-ones mask, how the compact
+    rewrite runs a 1x1 Conv on a compact tensor; a full mask on a map): up to 64 input channels they run
+    with positions along the vector on AVX-512 CPUs (65 stay on the packed micro-kernel). Position counts
+    around the 16-lane vectors and 96-position tiles, output channels not a multiple of the 4-row tile,
+    every activation, batch 3 (several images share no tile)."""
+    rng = np.random.default_rng(20 + channels)
+    w = rng.standard_normal((outputs, channels, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(outputs).astype(np.float32)
+    for k in (1, 15, 17, 95, 96, 97, 190, 300):
+        for activation in ops.ACTIVATIONS:
+            attrs = ops.ConvAttributes((1, 1), activation=activation, alpha=0.3, clip_min=-0.5, clip_max=0.8)
+            x = rng.standard_normal((3, channels, 1, k)).astype(np.float32)
+            mask = np.ones((1, k), bool)
+            yc = run_ort(perforated_model(x.shape, w, b, mask, attrs, interpolate=False), {"x": x}, threads=threads)[0]
+            assert_close_to_reference(yc, x, w, b, mask, attrs)
+    x = rng.standard_normal((2, channels, 9, 11)).astype(np.float32)  # a full mask on a 2-D map
+    attrs = ops.ConvAttributes((1, 1), activation="Relu")
+    mask = np.ones((9, 11), bool)
+    yc = run_ort(perforated_model(x.shape, w, b, mask, attrs, interpolate=False), {"x": x}, threads=threads)[0]
+    assert_close_to_reference(yc, x, w, b, mask, attrs)
+
+
 def test_uint8_mask_and_missing_bias():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 8, 9, 9)).astype(np.float32)

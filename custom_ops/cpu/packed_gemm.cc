@@ -11,6 +11,7 @@
 // GCC 12 warns inside its own AVX-512 headers (their _mm512_undefined_ps) when not optimising, as in
 // the sanitizer build: a known false positive (GCC bug 105593).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace onnx_perforate {
 
@@ -274,6 +275,86 @@ struct Avx2Store {
   }
 };
 
+// Positions along the vector (ChannelMajorGemm): kRows output channels x kVectors vectors of 16
+// positions, accumulated over the whole patch in registers, then stored straight into Yc's rows. The
+// last vector holds `last` lanes.
+template <Activation kAct, int kRows, int kVectors>
+__attribute__((target(PERFORATE_AVX512))) void ChannelMajorTile(const float* __restrict w, int64_t patch,
+                                                                const float* const* __restrict xrows, int64_t k0,
+                                                                __mmask16 last, const Epilogue& e,
+                                                                float* __restrict out, int64_t ldo) {
+  __m512 acc[kRows][kVectors];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 6
+    for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < patch; ++p) {
+    const float* x = xrows[p] + k0;
+    __m512 xv[kVectors];
+#pragma GCC unroll 6
+    for (int v = 0; v < kVectors; ++v)
+      xv[v] = v + 1 < kVectors ? _mm512_loadu_ps(x + 16 * v) : _mm512_maskz_loadu_ps(last, x + 16 * v);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 wv = _mm512_set1_ps(w[r * patch + p]);
+#pragma GCC unroll 6
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_fmadd_ps(wv, xv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    const __m512 b = _mm512_set1_ps(e.bias ? e.bias[r] : 0.0f);
+#pragma GCC unroll 6
+    for (int v = 0; v < kVectors; ++v) {
+      const __m512 y = Activate512<kAct>(_mm512_add_ps(acc[r][v], b), e);
+      if (v + 1 < kVectors)
+        _mm512_storeu_ps(out + r * ldo + k0 + 16 * v, y);
+      else
+        _mm512_mask_storeu_ps(out + r * ldo + k0 + 16 * v, last, y);
+    }
+  }
+}
+
+constexpr int kChannelMajorRows = 4, kChannelMajorVectors = 6;
+
+template <Activation kAct, int kRows>
+void ChannelMajorRows(const float* w, int64_t patch, const float* const* xrows, int64_t columns, const Epilogue& e,
+                      float* out, int64_t ldo) {
+  constexpr int64_t kBlock = 16 * kChannelMajorVectors;
+  int64_t k0 = 0;
+  for (; k0 + kBlock <= columns; k0 += kBlock)
+    ChannelMajorTile<kAct, kRows, kChannelMajorVectors>(w, patch, xrows, k0, 0xFFFF, e, out, ldo);
+  const int64_t rest = columns - k0;
+  if (rest == 0) return;
+  const int vectors = static_cast<int>((rest + 15) / 16);  // at most kChannelMajorVectors
+  const __mmask16 last = static_cast<__mmask16>(rest % 16 ? (1u << (rest % 16)) - 1 : 0xFFFF);
+  switch (vectors) {
+    case 1: return ChannelMajorTile<kAct, kRows, 1>(w, patch, xrows, k0, last, e, out, ldo);
+    case 2: return ChannelMajorTile<kAct, kRows, 2>(w, patch, xrows, k0, last, e, out, ldo);
+    case 3: return ChannelMajorTile<kAct, kRows, 3>(w, patch, xrows, k0, last, e, out, ldo);
+    case 4: return ChannelMajorTile<kAct, kRows, 4>(w, patch, xrows, k0, last, e, out, ldo);
+    case 5: return ChannelMajorTile<kAct, kRows, 5>(w, patch, xrows, k0, last, e, out, ldo);
+    default: return ChannelMajorTile<kAct, kRows, kChannelMajorVectors>(w, patch, xrows, k0, last, e, out, ldo);
+  }
+}
+
+template <Activation kAct>
+void ChannelMajor(const float* w, int64_t patch, int64_t rows, const float* const* xrows, int64_t columns,
+                  const Epilogue& e, float* out, int64_t ldo) {
+  for (int64_t m0 = 0; m0 < rows; m0 += kChannelMajorRows) {
+    Epilogue at = e;
+    if (e.bias) at.bias = e.bias + m0;
+    const float* wm = w + m0 * patch;
+    float* om = out + m0 * ldo;
+    switch (std::min<int64_t>(kChannelMajorRows, rows - m0)) {
+      case 1: ChannelMajorRows<kAct, 1>(wm, patch, xrows, columns, at, om, ldo); break;
+      case 2: ChannelMajorRows<kAct, 2>(wm, patch, xrows, columns, at, om, ldo); break;
+      case 3: ChannelMajorRows<kAct, 3>(wm, patch, xrows, columns, at, om, ldo); break;
+      default: ChannelMajorRows<kAct, kChannelMajorRows>(wm, patch, xrows, columns, at, om, ldo); break;
+    }
+  }
+}
+
 GemmIsa Detect() {
   const std::string forced = std::getenv("ONNX_PERFORATE_GEMM") ? std::getenv("ONNX_PERFORATE_GEMM") : "";
   if (forced == "openblas") return {};
@@ -313,6 +394,20 @@ std::shared_ptr<const PackedWeights> PackWeights(const float* w, int64_t group, 
       for (int64_t p = 0; p < patch; ++p) panel[p * packed->mr + r] = src[p];
     }
   return packed;
+}
+
+void ChannelMajorGemm(const float* w, int64_t patch, int64_t rows, const float* const* xrows, int64_t columns,
+                      const Epilogue& e, float* out, int64_t ldo) {
+  switch (e.activation) {
+    case Activation::kNone:
+      return ChannelMajor<Activation::kNone>(w, patch, rows, xrows, columns, e, out, ldo);
+    case Activation::kRelu:
+      return ChannelMajor<Activation::kRelu>(w, patch, rows, xrows, columns, e, out, ldo);
+    case Activation::kLeakyRelu:
+      return ChannelMajor<Activation::kLeakyRelu>(w, patch, rows, xrows, columns, e, out, ldo);
+    case Activation::kClip:
+      return ChannelMajor<Activation::kClip>(w, patch, rows, xrows, columns, e, out, ldo);
+  }
 }
 
 }  // namespace onnx_perforate

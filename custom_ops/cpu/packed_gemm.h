@@ -51,6 +51,15 @@ struct GemmIsa {
 // ONNX_PERFORATE_GEMM=openblas forces the BLAS path, =avx2 the AVX2 kernels (for comparisons and tests).
 const GemmIsa& BestGemmIsa();
 
+// The other orientation, positions along the vector and weights broadcast, for AVX-512 CPUs
+// (BestGemmIsa().width == 16) only: out[m * ldo + k] = act(bias[m] + sum_p w[m * patch + p] * xrows[p][k])
+// for m < rows, k < columns, with w row-major [rows, patch] (ONNX's layout: no packing). Its output rows
+// come out of the registers as they are, with no transposition: for short reductions (1x1 convolutions
+// on few channels, three-channel first layers) the micro-kernel above spends more on its transposed store
+// than on its few accumulations. xrows[p][k] must be readable for k < columns.
+void ChannelMajorGemm(const float* w, int64_t patch, int64_t rows, const float* const* xrows, int64_t columns,
+                      const Epilogue& e, float* out, int64_t ldo);
+
 // W of one convolution, per group, in MR-row panels: data[((g * panels + i) * patch + p) * mr + r].
 struct PackedWeights {
   int64_t group = 0, rows = 0, patch = 0;  // rows = output channels per group

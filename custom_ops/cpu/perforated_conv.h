@@ -20,6 +20,7 @@ struct PaddedGather {
   int64_t padded_h = 0, padded_w = 0;
   int64_t plane = 0;                 // floats between channel planes of what the kernel reads
   bool copy_needed = false;          // padding or a compact X: the kernel writes X into a padded buffer
+  bool contiguous = false;           // positions[k] = positions[0] + k (a whole row, a 1x1 on a compact X)
   std::vector<int32_t> positions;    // [K + 16], 0 past K (read by tail tiles, never stored)
   std::vector<int32_t> tap_offsets;  // [kH * kW]
   // A compact X read through a padded copy: per pixel of the padded plane, the compact position it
