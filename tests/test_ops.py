@@ -115,8 +115,9 @@ LARGE_CASES = [
     # One input channel, many outputs (a grey image's first layer; channel multiplier 8): the GEMM.
     ((4, 1, 28, 28), (16, 1, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1))),
     ((2, 6, 11, 11), (48, 1, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=6)),
-    # Batches of at least two images per core with many positions each: the padded (or interpolated)
-    # copy is made image by image inside the GEMM's tasks.
+    # Batches of at least two images per core (on a 2-core machine; test_batches_image_by_image sizes
+    # its batch from the core count) with many positions each: the GEMM runs image by image, copying
+    # the padded (or interpolated) input per image.
     ((5, 32, 24, 24), (48, 32, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1))),
     ((4, 16, 26, 26), (24, 8, 3, 3), ops.ConvAttributes((3, 3), group=2)),
 ]
@@ -186,11 +187,55 @@ def test_pointwise_on_a_row_of_positions(channels, outputs, threads):
             mask = np.ones((1, k), bool)
             yc = run_ort(perforated_model(x.shape, w, b, mask, attrs, interpolate=False), {"x": x}, threads=threads)[0]
             assert_close_to_reference(yc, x, w, b, mask, attrs)
+    # A 1x1 reading a compact input directly (unpadded, through X_index): contiguous when its producer
+    # computed every position.
+    x = rng.standard_normal((2, channels, 40)).astype(np.float32)
+    mask = np.ones((5, 8), bool)
+    node = ops.make_perforated_conv_node(["x", "w", "b", "mask", "x_index"], "yc", ops.ConvAttributes((1, 1)), "conv")
+    graph = helper.make_graph(
+        [node], "compact", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("yc", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(mask, "mask"),
+         numpy_helper.from_array(ops.nearest_index(mask), "x_index")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+    yc = run_ort(model, {"x": x}, threads=threads)[0]
+    assert_close_to_reference(yc, x.reshape(2, channels, 5, 8), w, b, mask, ops.ConvAttributes((1, 1)))
     x = rng.standard_normal((2, channels, 9, 11)).astype(np.float32)  # a full mask on a 2-D map
     attrs = ops.ConvAttributes((1, 1), activation="Relu")
     mask = np.ones((9, 11), bool)
     yc = run_ort(perforated_model(x.shape, w, b, mask, attrs, interpolate=False), {"x": x}, threads=threads)[0]
     assert_close_to_reference(yc, x, w, b, mask, attrs)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_batches_image_by_image(compact):
+    """The per-image GEMM needs at least two images per core of this machine: the batch is sized from
+    the core count, so that the path runs wherever the tests do (padding, group 2; a full input, and a
+    compact one copied through its permute plan)."""
+    rng = np.random.default_rng(30)
+    batch = 2 * (os.cpu_count() or 1) + 1
+    attrs = ops.ConvAttributes((3, 3), pads=(1, 0, 2, 1), group=2, activation="Relu")
+    w = rng.standard_normal((24, 8, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
+    h, wd = 20, 18
+    ho, wo = ops.conv_output_size((h, wd), attrs.kernel_shape, attrs.strides, attrs.pads, attrs.dilations)
+    mask = rng.random((ho, wo)) < 0.6
+    full = rng.standard_normal((batch, 16, h, wd)).astype(np.float32)
+    feeds, model = {"x": full}, perforated_model(full.shape, w, b, mask, attrs, interpolate=False)
+    if compact:
+        producer = rng.random((h, wd)) < 0.5
+        producer[0, 0] = True
+        x_index = ops.nearest_index(producer)
+        x = rng.standard_normal((batch, 16, int(producer.sum()))).astype(np.float32)
+        full = ops.nn_interpolate_reference(x, x_index)
+        model.graph.node[0].input.append("x_index")
+        model.graph.initializer.append(numpy_helper.from_array(x_index, "x_index"))
+        model.graph.input[0].type.tensor_type.shape.dim[2].dim_value = x.shape[2]
+        del model.graph.input[0].type.tensor_type.shape.dim[3]
+        feeds = {"x": x}
+    for threads in (1, 2):
+        yc = run_ort(model, feeds, threads=threads)[0]
+        assert_close_to_reference(yc, full, w, b, mask, attrs)
 
 
 def test_uint8_mask_and_missing_bias():

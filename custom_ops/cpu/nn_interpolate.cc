@@ -19,8 +19,9 @@ namespace onnx_perforate {
 // the permute's index type.
 //
 // A chunk whose sources fall into two such windows (random masks: a chunk's outputs read computed
-// positions of two rows) takes two permutes and a masked blend. Lanes whose index is negative come out
-// zero (the padding of a convolution's input copied through its compact index).
+// positions of two rows) takes two permutes and a masked blend. In the float gather, lanes whose index is
+// negative come out zero (the padding of a convolution's input copied through its compact index); the
+// byte gather takes validated indices only.
 template <typename Lane>
 struct PermutePlan {
   static constexpr int64_t kLanes = 64 / sizeof(Lane);
@@ -229,12 +230,11 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void GatherBytePlanes(
   for (int64_t i = 0; i < plan.singles; ++i) {
     const int64_t c = order[i], from = plan.base[c];
     const __m512i lanes = _mm512_loadu_si512(plan.permutation.data() + c * 64);
-    const __mmask64 kept = plan.kept[c];
     for (int64_t p = 0; p < planes; ++p) {
       const uint8_t* plane = src + p * count;
       _mm512_storeu_si512(dst + p * positions + c * 64,
-                          _mm512_maskz_permutex2var_epi8(kept, _mm512_loadu_si512(plane + from), lanes,
-                                                         _mm512_loadu_si512(plane + from + 64)));
+                          _mm512_permutex2var_epi8(_mm512_loadu_si512(plane + from), lanes,
+                                                   _mm512_loadu_si512(plane + from + 64)));
     }
   }
   for (int64_t i = plan.singles; i < doubles_end; ++i) {
@@ -246,8 +246,7 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void GatherBytePlanes(
           _mm512_permutex2var_epi8(_mm512_loadu_si512(plane + from), lanes, _mm512_loadu_si512(plane + from + 64));
       const __m512i far =
           _mm512_permutex2var_epi8(_mm512_loadu_si512(plane + second), lanes, _mm512_loadu_si512(plane + second + 64));
-      _mm512_storeu_si512(dst + p * positions + c * 64,
-                          _mm512_maskz_mov_epi8(plan.kept[c], _mm512_mask_blend_epi8(plan.from_second[c], near, far)));
+      _mm512_storeu_si512(dst + p * positions + c * 64, _mm512_mask_blend_epi8(plan.from_second[c], near, far));
     }
   }
   for (int64_t i = doubles_end; i < chunks; ++i) {
@@ -259,13 +258,13 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void GatherBytePlanes(
       const uint8_t* plane = src + p * count;
       uint8_t* out = dst + p * positions;
       if (base < 0) {
-        for (int64_t j = 0; j < n; ++j) out[p0 + j] = index[p0 + j] < 0 ? 0 : plane[index[p0 + j]];
+        for (int64_t j = 0; j < n; ++j) out[p0 + j] = plane[index[p0 + j]];
         continue;
       }
       __m512i v = PermuteByteWindow(plane, count, base, lanes);
       if (plan.second[c] >= 0)
         v = _mm512_mask_blend_epi8(plan.from_second[c], v, PermuteByteWindow(plane, count, plan.second[c], lanes));
-      _mm512_mask_storeu_epi8(out + p0, stored, _mm512_maskz_mov_epi8(plan.kept[c], v));
+      _mm512_mask_storeu_epi8(out + p0, stored, v);
     }
   }
 }

@@ -11,7 +11,6 @@
 // GCC 12 warns inside its own AVX-512 headers (their _mm512_undefined_ps) when not optimising, as in
 // the sanitizer build: a known false positive (GCC bug 105593).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace onnx_perforate {
 
@@ -275,6 +274,10 @@ struct Avx2Store {
   }
 };
 
+// The same false positive, as -Wuninitialized, where the activations' intrinsics inline into these tiles.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
 // Positions along the vector (ChannelMajorGemm): kRows output channels x kVectors vectors of 16
 // positions, accumulated over the whole patch in registers, then stored straight into Yc's rows. The
 // last vector holds `last` lanes.
@@ -354,6 +357,8 @@ void ChannelMajor(const float* w, int64_t patch, int64_t rows, const float* cons
     }
   }
 }
+
+#pragma GCC diagnostic pop
 
 GemmIsa Detect() {
   const std::string forced = std::getenv("ONNX_PERFORATE_GEMM") ? std::getenv("ONNX_PERFORATE_GEMM") : "";
