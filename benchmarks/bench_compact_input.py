@@ -37,16 +37,11 @@ LAYERS = [
 ]
 
 
-def layer_mask(kind: str, shape, rate: float) -> np.ndarray:
-    made = masks.grid(shape, rate) if kind == "grid" else masks.uniform(shape, rate, seed=3)
-    return np.asarray(made.array, bool)
-
-
 def layer_models(batch, c, m, hw, pad, kind, producer_rate, rate, rng):
     """(compact-input model, full-input model, compact X, full X) of one layer."""
-    producer = layer_mask(kind, (hw, hw), producer_rate)
+    producer = np.asarray(masks.make(kind, (hw, hw), producer_rate, seed=3).array, bool)
     out_hw = hw + 2 * pad - 2
-    mask = layer_mask(kind, (out_hw, out_hw), rate)
+    mask = np.asarray(masks.make(kind, (out_hw, out_hw), rate, seed=3).array, bool)
     x_index = ops.nearest_index(producer)
     attrs = ops.ConvAttributes(kernel_shape=(3, 3), pads=(pad,) * 4, activation="Relu")
     weights = [numpy_helper.from_array((rng.standard_normal((m, c, 3, 3)) / np.sqrt(9 * c)).astype(np.float32), "w"),

@@ -41,10 +41,10 @@ LAYERS = [
 
 
 def layer_mask(kind: str, shape, rate: float) -> np.ndarray:
+    """A mask of masks.make's kinds, or "row": every position of a [1, K] row."""
     if kind == "row":
         return np.ones(shape, bool)
-    made = masks.grid(shape, rate) if kind == "grid" else masks.uniform(shape, rate, seed=3)
-    return np.asarray(made.array, bool)
+    return np.asarray(masks.make(kind, shape, rate, seed=3).array, bool)
 
 
 def layer_model(batch, c, m, hw, kernel, stride, pad, producer, own, rng):

@@ -16,10 +16,16 @@ using ParallelRunner = std::function<void(size_t total, const std::function<void
 // (tens of microseconds when its threads do not spin) would cost more than the copy.
 constexpr int64_t kSerialFloats = 1 << 17;
 
+// Runs fn(i) for every i in [0, total) on the calling thread (a ParallelRunner for work already inside
+// one of the pool's tasks).
+inline void RunSerially(size_t total, const std::function<void(size_t)>& fn) {
+  for (size_t i = 0; i < total; ++i) fn(i);
+}
+
 inline void RunMaybeSerially(const ParallelRunner& parallel, int64_t floats, size_t total,
                              const std::function<void(size_t)>& fn) {
   if (floats < kSerialFloats) {
-    for (size_t i = 0; i < total; ++i) fn(i);
+    RunSerially(total, fn);
   } else {
     parallel(total, fn);
   }

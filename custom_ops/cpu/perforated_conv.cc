@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <functional>
 #include <thread>
 #include <vector>
 
@@ -336,9 +335,7 @@ void PerImageGemmConv(const ConvCall& c, const PaddedGather& padded, const Input
   const int64_t nr = BestGemmIsa().nr, patch = s.patch_size();
   const int64_t blocks = (count + 16 * nr - 1) / (16 * nr);
   const int64_t block = ((count + blocks - 1) / blocks + nr - 1) / nr * nr;
-  const ParallelRunner serial = [](size_t total, const std::function<void(size_t)>& fn) {
-    for (size_t i = 0; i < total; ++i) fn(i);
-  };
+  const ParallelRunner serial = RunSerially;
   ConvShape image_shape = s;
   image_shape.batch = 1;
   const int64_t image_floats = s.in_channels * s.in_plane;
