@@ -6,8 +6,9 @@ PerforatedConv nodes, both libraries loaded in one process and their sessions in
 
 The layers are shapes of the benchmark models where the kernel's paths differ: compact inputs read
 through X_index (CIFAR-10 CNN, Fashion-MNIST CNN), SqueezeNet 1.1's first layer (three input channels,
-stride 2) and 1x1 convolutions over a row of positions, as the compact rewrite runs them on compact
-tensors ([N, C, 1, K] under an all-ones mask). Each AFTER output is checked against BEFORE's first.
+stride 2), 1x1 convolutions over a row of positions, as the compact rewrite runs them on compact
+tensors ([N, C, 1, K] under an all-ones mask), and padded full inputs (bench_kernels.py's three layers,
+a lightly perforated SqueezeNet expand3x3). Each AFTER output is checked against BEFORE's first.
 Prints a Markdown table of medians and the AFTER / BEFORE ratio. ``--cold`` writes 64 MiB before every
 timed run, as the rest of a network would between two runs of a layer: two sessions alone keep a batch's
 input in L3 (SqueezeNet's conv1 at batch 32 reads 19 MB).
@@ -37,6 +38,14 @@ LAYERS = [
     ("1x1 16 -> 64 over 756 positions", 32, 16, 64, (1, 756), 1, 1, 0, None, ("row", 0.0)),
     ("1x1 64 -> 64 over 182 positions", 32, 64, 64, (1, 182), 1, 1, 0, None, ("row", 0.0)),
     ("1x1 256 -> 64 over 42 positions", 32, 256, 64, (1, 42), 1, 1, 0, None, ("row", 0.0)),
+    # full padded inputs: the three layers of bench_kernels.py, and a SqueezeNet expand3x3 lightly perforated
+    ("vgg-conv3, r = 0.5", 1, 128, 192, (56, 56), 3, 1, 1, None, ("uniform", 0.5)),
+    ("vgg-conv3, r = 0.75", 1, 128, 192, (56, 56), 3, 1, 1, None, ("uniform", 0.75)),
+    ("vgg-conv4, r = 0.5", 1, 256, 256, (28, 28), 3, 1, 1, None, ("uniform", 0.5)),
+    ("vgg-conv4, r = 0.75", 1, 256, 256, (28, 28), 3, 1, 1, None, ("uniform", 0.75)),
+    ("alexnet-conv4, r = 0.5", 1, 192, 384, (13, 13), 3, 1, 1, None, ("uniform", 0.5)),
+    ("alexnet-conv4, r = 0.75", 1, 192, 384, (13, 13), 3, 1, 1, None, ("uniform", 0.75)),
+    ("SqueezeNet fire2 expand3x3, r = 0.3", 1, 16, 64, (55, 55), 3, 1, 1, None, ("uniform", 0.3)),
 ]
 
 

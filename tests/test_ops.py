@@ -170,6 +170,41 @@ def test_few_positions_many_channels(batch, group, activation, threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+def test_padded_rows_copied_by_the_tasks(threads):
+    """A padded input is copied band by band by the GEMM's tasks, each thread into a buffer of its own,
+    keeping what it already holds: bands with halos over many column blocks (dilation 2, asymmetric pads,
+    blocks spanning both images of a micro-batch), a tall kernel on a second layer of another shape
+    taking turns with the first on the same threads, whose second group starts again from the top rows,
+    and new inputs on every run (no rows may be kept from an earlier call)."""
+    rng = np.random.default_rng(31)
+    layers = [  # (x shape, w shape, attributes, mask density)
+        ((2, 24, 40, 37), (40, 24, 3, 3), ops.ConvAttributes((3, 3), pads=(2, 1, 0, 3), dilations=(2, 2)), 0.5),
+        ((1, 16, 60, 40), (48, 8, 5, 3), ops.ConvAttributes((5, 3), strides=(1, 2), pads=(2, 1, 2, 1), group=2), 0.6),
+    ]
+    nodes, inputs, outputs, initializers, cases = [], [], [], [], []
+    for i, (x_shape, w_shape, attrs, density) in enumerate(layers):
+        ho, wo = ops.conv_output_size(x_shape[2:], attrs.kernel_shape, attrs.strides, attrs.pads, attrs.dilations)
+        mask = rng.random((ho, wo)) < density
+        w = rng.standard_normal(w_shape).astype(np.float32)
+        b = rng.standard_normal(w_shape[0]).astype(np.float32)
+        nodes.append(ops.make_perforated_conv_node([f"x{i}", f"w{i}", f"b{i}", f"mask{i}"], f"yc{i}", attrs, f"conv{i}"))
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, list(x_shape)))
+        outputs.append(helper.make_tensor_value_info(f"yc{i}", TensorProto.FLOAT, None))
+        initializers += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}"),
+                         numpy_helper.from_array(mask, f"mask{i}")]
+        cases.append((x_shape, w, b, mask, attrs))
+    model = helper.make_model(helper.make_graph(nodes, "two layers", inputs, outputs, initializers),
+                              opset_imports=[helper.make_opsetid("", 17), ops.opset_import()])
+    session = ort.InferenceSession(model.SerializeToString(), onnx_perforate.session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        feeds = {f"x{i}": rng.standard_normal(case[0]).astype(np.float32) for i, case in enumerate(cases)}
+        for i, yc in enumerate(session.run(None, feeds)):
+            _, w, b, mask, attrs = cases[i]
+            assert_close_to_reference(yc, feeds[f"x{i}"], w, b, mask, attrs)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("channels, outputs", [(3, 7), (16, 64), (64, 66), (65, 8)])
 def test_pointwise_on_a_row_of_positions(channels, outputs, threads):
     """1x1 convolutions over contiguous positions ([N, C, 1, K] under an all-ones mask, how the compact
@@ -251,12 +286,14 @@ def test_uint8_mask_and_missing_bias():
 @pytest.mark.parametrize("gemm", ["openblas", "avx2"])
 def test_other_gemm_paths_match_the_reference(gemm):
     """The OpenBLAS GEMM (CPUs without AVX2) and the AVX2 micro-kernels (CPUs without AVX-512), forced
-    through ONNX_PERFORATE_GEMM, give the same results, tails and compact inputs included."""
+    through ONNX_PERFORATE_GEMM, give the same results, tails and compact inputs included (copied into the
+    padded input by the tasks, through the index)."""
     script = textwrap.dedent(
         """
         import numpy as np, sys
         sys.path[:0] = [{tests!r}]
         from helpers import perforated_model, run_ort, assert_close_to_reference
+        from onnx import TensorProto, helper, numpy_helper
         from onnx_perforate import ops
         rng = np.random.default_rng(4)
         x = rng.standard_normal((2, 40, 11, 11)).astype(np.float32)
@@ -274,6 +311,18 @@ def test_other_gemm_paths_match_the_reference(gemm):
             xx = rng.standard_normal((n, 40, 11, 11)).astype(np.float32)
             yc = run_ort(perforated_model(xx.shape, w, b, mask, attrs, interpolate=False), {{"x": xx}}, threads=2)[0]
             assert_close_to_reference(yc, xx, w, b, mask, attrs)
+        # a compact input, copied into the padded input through its index (no permute plan on these paths)
+        producer = rng.random((11, 11)) < 0.6
+        producer[5, 5] = True
+        x_index = ops.nearest_index(producer)
+        compact = rng.standard_normal((2, 40, int(producer.sum()))).astype(np.float32)
+        model = perforated_model(x.shape, w, b, mask, attrs, interpolate=False)
+        model.graph.node[0].input.append("x_index")
+        model.graph.initializer.append(numpy_helper.from_array(x_index, "x_index"))
+        model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, list(compact.shape)))
+        for threads in (1, 2):
+            yc = run_ort(model, {{"x": compact}}, threads=threads)[0]
+            assert_close_to_reference(yc, ops.nn_interpolate_reference(compact, x_index), w, b, mask, attrs)
         print("ok")
         """
     ).format(tests=os.path.dirname(__file__))

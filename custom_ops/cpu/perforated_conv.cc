@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <thread>
 #include <vector>
@@ -116,6 +117,37 @@ __attribute__((target("avx512f"))) void PadNarrowRows(const float* __restrict sr
     _mm512_mask_storeu_ps(dst + y * wp, stored, _mm512_maskz_loadu_ps(loaded, src + y * w - pad_left));
 }
 
+// rows[g * patch + p]: where row p = (channel, tap) of group g's im2col matrix starts in `input`.
+void RowStarts(const ConvShape& s, const PaddedGather& padded, const float* input, const float** rows) {
+  for (int64_t channel = 0; channel < s.in_channels; ++channel)
+    for (int64_t tap = 0; tap < s.taps(); ++tap)
+      rows[channel * s.taps() + tap] = input + channel * padded.plane + padded.tap_offsets[tap];
+}
+
+// Rows [y0, y1) of one plane of X with the convolution's padding made explicit: zero rows above and
+// below X's, X's rows with their left and right padding between (a compact X through its index, scalar).
+void PadPlaneRows(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g, const InputIndex* index,
+                  const float* src, float* dst, int64_t y0, int64_t y1) {
+  const int64_t wp = g.padded_w, top = a.pad_top;
+  const int64_t first = std::max(y0, top), last = std::min(y1, top + s.in_h);  // rows holding X's rows
+  if (first >= last) return std::fill(dst + y0 * wp, dst + y1 * wp, 0.0f);
+  std::fill(dst + y0 * wp, dst + first * wp, 0.0f);
+  std::fill(dst + last * wp, dst + y1 * wp, 0.0f);
+  if (!index && wp <= 16 && BestGemmIsa().width == 16)  // AVX-512 (not when avx2 is forced)
+    return PadNarrowRows(src + (first - top) * s.in_w, last - first, s.in_w, a.pad_left, wp, dst + first * wp);
+  for (int64_t y = first - top; y < last - top; ++y) {
+    float* row = dst + (top + y) * wp;
+    std::fill(row, row + a.pad_left, 0.0f);
+    if (index) {
+      const int32_t* positions = index->values.data() + y * s.in_w;
+      for (int64_t xx = 0; xx < s.in_w; ++xx) row[a.pad_left + xx] = src[positions[xx]];
+    } else {
+      std::copy(src + y * s.in_w, src + (y + 1) * s.in_w, row + a.pad_left);
+    }
+    std::fill(row + a.pad_left + s.in_w, row + wp, 0.0f);
+  }
+}
+
 // X with the convolution's padding made explicit, one plane per task. A compact X is interpolated on
 // the way (through its index): the full input exists only in this per-thread scratch buffer.
 void PadInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g, const InputIndex* index,
@@ -126,26 +158,68 @@ void PadInput(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g
                               g.sources_plan.get());
     return;
   }
-  const bool narrow = !index && wp <= 16 && BestGemmIsa().width == 16;  // AVX-512 (not when avx2 is forced)
   RunMaybeSerially(parallel, s.batch * s.in_channels * hp * wp, static_cast<size_t>(s.batch * s.in_channels),
-                   [&](size_t plane) {
-    const float* src = x + plane * s.in_plane;
-    float* dst = out + plane * hp * wp;
-    std::fill(dst, dst + a.pad_top * wp, 0.0f);
-    std::fill(dst + (a.pad_top + s.in_h) * wp, dst + hp * wp, 0.0f);
-    if (narrow) return PadNarrowRows(src, s.in_h, s.in_w, a.pad_left, wp, dst + a.pad_top * wp);
-    for (int64_t y = 0; y < s.in_h; ++y) {
-      float* row = dst + (a.pad_top + y) * wp;
-      std::fill(row, row + a.pad_left, 0.0f);
-      if (index) {
-        const int32_t* positions = index->values.data() + y * s.in_w;
-        for (int64_t xx = 0; xx < s.in_w; ++xx) row[a.pad_left + xx] = src[positions[xx]];
-      } else {
-        std::copy(src + y * s.in_w, src + (y + 1) * s.in_w, row + a.pad_left);
-      }
-      std::fill(row + a.pad_left + s.in_w, row + wp, 0.0f);
+                   [&](size_t plane) { PadPlaneRows(s, a, g, index, x + plane * s.in_plane, out + plane * hp * wp, 0, hp); });
+}
+
+// The padded copy made by the GEMM's tasks themselves, each thread copying the rows its tasks read into
+// a buffer of its own, instead of one copy of the whole input before them: the tasks then read rows
+// their own thread has just written (the micro-kernel's scattered loads found the other core's rows
+// slow), and a copy large enough to run in parallel no longer wakes the pool once more. The copy's share
+// of a perforated 3x3 layer at r = 0.75 on two threads (against the same layer on an input padded
+// beforehand), whole copy -> bands: 128 x 56 x 56 5.0% -> 3.4%, 256 x 28 x 28 7.1% -> 4.7%, 192 x 13 x 13
+// 3.9% -> 2.4% (docs/benchmarks.md). Compact inputs with a permute plan keep the whole copy: the plan
+// covers whole planes.
+struct BandCopy {
+  uint64_t call = 0;                // the GEMM call whose rows the buffer holds (0: none)
+  int64_t first_image = 0;          // the micro-batch chunk the row pointers were made for
+  int64_t lo = 0, hi = 0;           // rows [lo, hi) are copied, counted as image * padded_h + row
+  std::vector<float> buffer;        // laid out as the whole padded input, only [lo, hi) valid
+  std::vector<const float*> rows;   // RowStarts over the buffer
+};
+thread_local BandCopy tls_band;
+std::atomic<uint64_t> band_calls{0};
+
+// Band copies are used up to this size of the padded input (per thread: every thread may hold one).
+constexpr int64_t kMaxBandCopyFloats = int64_t{2} << 20;  // 8 MiB
+
+// Copies rows [a, b) (image * padded_h + row, every channel) of the padded input into the buffer.
+void CopyRows(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g, const InputIndex* index,
+              const float* x, float* buffer, int64_t lo, int64_t hi) {
+  const int64_t hp = g.padded_h;
+  for (int64_t n = lo / hp; n * hp < hi; ++n) {
+    const int64_t y0 = std::max(lo - n * hp, int64_t{0}), y1 = std::min(hi - n * hp, hp);
+    for (int64_t c = 0; c < s.in_channels; ++c) {
+      const int64_t plane = n * s.in_channels + c;
+      PadPlaneRows(s, a, g, index, x + plane * s.in_plane, buffer + plane * g.plane, y0, y1);
     }
-  });
+  }
+}
+
+// This thread's row pointers for columns [k0, k0 + kn) of the micro-batch chunk starting at image n0,
+// after copying the rows they read that its buffer does not hold yet.
+const float* const* BandRows(const ConvShape& s, const ConvAttributes& a, const PaddedGather& g,
+                             const InputIndex* index, const float* x, uint64_t call, int64_t n0, int64_t count,
+                             int64_t k0, int64_t kn) {
+  BandCopy& band = tls_band;
+  const int64_t hp = g.padded_h, wp = g.padded_w;
+  float* buffer = Scratch(band.buffer, static_cast<size_t>(s.batch * s.in_channels * g.plane));
+  if (band.call != call || band.first_image != n0) {
+    band.call = call, band.first_image = n0, band.lo = band.hi = 0;
+    RowStarts(s, g, buffer + n0 * s.in_channels * g.plane, Scratch(band.rows, static_cast<size_t>(s.group * s.patch_size())));
+  }
+  const int64_t last = k0 + kn - 1;
+  const int64_t lo = (n0 + k0 / count) * hp + g.positions[k0 % count] / wp;
+  const int64_t hi = (n0 + last / count) * hp + g.positions[last % count] / wp + (s.kernel_h - 1) * a.dilation_h + 1;
+  // A thread claims its tasks in order, so a band usually starts within the rows it holds: extend them.
+  if (band.lo < band.hi && band.lo <= lo && lo <= band.hi) {
+    if (hi > band.hi) CopyRows(s, a, g, index, x, buffer, band.hi, hi);
+    band.hi = std::max(hi, band.hi);
+  } else {
+    CopyRows(s, a, g, index, x, buffer, lo, hi);
+    band.lo = lo, band.hi = hi;
+  }
+  return band.rows.data();
 }
 
 }  // namespace
@@ -305,13 +379,6 @@ void GemmBlock(const ConvCall& c, const PackedWeights& packed, const float* cons
   }
 }
 
-// rows[g * patch + p]: where row p = (channel, tap) of group g's im2col matrix starts in `input`.
-void RowStarts(const ConvShape& s, const PaddedGather& padded, const float* input, const float** rows) {
-  for (int64_t channel = 0; channel < s.in_channels; ++channel)
-    for (int64_t tap = 0; tap < s.taps(); ++tap)
-      rows[channel * s.taps() + tap] = input + channel * padded.plane + padded.tap_offsets[tap];
-}
-
 // Whether the GEMM runs image by image, one task per image: with at least two images per core and
 // enough positions per image for the weight panels' loads to pay (at 50 positions per image, 128 -> 128
 // channels, the micro-batched GEMM was 6% faster). A padded (or interpolated) copy is then made per image
@@ -411,7 +478,10 @@ void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIn
   const int64_t nr = BestGemmIsa().nr;
   const int64_t padded_plane = padded.plane;
   const float* input = c.x;
-  if (padded.copy_needed) {
+  const bool bands = padded.copy_needed && !padded.sources_plan &&
+                     s.batch * s.in_channels * padded_plane <= kMaxBandCopyFloats;
+  const uint64_t call = bands ? ++band_calls : 0;
+  if (padded.copy_needed && !bands) {
     float* buffer = Scratch(tls_padded, static_cast<size_t>(s.batch * s.in_channels * padded_plane));
     PadInput(s, c.a, padded, input_index, c.x, buffer, c.parallel);
     input = buffer;
@@ -435,7 +505,7 @@ void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIn
     // Built once per call, before the tasks (which only read it): per task it cost up to 4% of a small
     // layer (a division per row).
     const float** rows_all = Scratch(tls_rows, static_cast<size_t>(s.group * patch));
-    RowStarts(s, padded, input + n0 * image, rows_all);
+    if (!bands) RowStarts(s, padded, input + n0 * image, rows_all);
     // Layers whose positions fit in one block per core split their output channels across the
     // cores instead (below): each core then streams only its share of the weights from L3.
     const int64_t max_block = 16 * nr;
@@ -458,7 +528,9 @@ void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIn
       const int64_t split = t % splits, b = (t / splits) % blocks, g = t / splits / blocks;
       const int64_t i0 = split * panels_per_split, i1 = std::min(packed.panels, i0 + panels_per_split);
       const int64_t k0 = b * block, kn = std::min(block, columns - k0);
-      GemmBlock(c, packed, rows_all + g * patch, positions, count, batch_output, g, k0, kn, i0, i1);
+      const float* const* rows =
+          bands ? BandRows(s, c.a, padded, input_index, c.x, call, n0, count, k0, kn) : rows_all;
+      GemmBlock(c, packed, rows + g * patch, positions, count, batch_output, g, k0, kn, i0, i1);
     });
   }
   // The padded copy is kept for the next call, unless it is large (big batches): then its memory
