@@ -353,7 +353,7 @@ def cmd_finetune(args) -> int:
         batch_size=args.batch, learning_rate=args.lr, label_weight=args.label_weight, holdout=args.holdout,
         patience=args.patience, augment=args.augment, seed=args.seed, threads=args.threads,
         checkpoint=args.checkpoint, progress=not args.no_progress, time_budget_s=args.time_budget,
-        lr_backoff=args.lr_backoff, weight_decay=args.weight_decay,
+        lr_backoff=args.lr_backoff, weight_decay=args.weight_decay, temperature=args.temperature,
     )
     save_model(result.model, args.output)
     report = _outputs(args)["--report"]
@@ -616,6 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=_option(validation.real, minimum=0.0, maximum=1.0, exclusive_maximum=True),
                    default=defaults["weight_decay"],
                    help=f"decoupled (AdamW) weight decay of the weight kernels (default: {defaults['weight_decay']:g})")
+    p.add_argument("--temperature", type=_positive_float, default=defaults["temperature"],
+                   help="distillation temperature: both distributions softened by it, 1 the plain KL "
+                   f"(default: {defaults['temperature']:g})")
     p.add_argument("--seed", type=_nonnegative_int, default=0)
     p.add_argument("--threads", type=_threads, help="intra-op threads")
     p.add_argument("--time-budget", type=_positive_float, metavar="SECONDS", help="stop after the epoch that passes this")

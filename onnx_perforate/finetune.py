@@ -3,7 +3,8 @@
 Three methods, all measured on a held-out part of the data the method never trained on:
 
 - ``"distill"`` (the main one): the perforated network learns to reproduce the original network's
-  output distribution (KL divergence, mixed with the labels' NLL when labels are given) on the
+  output distribution (KL divergence of both distributions softened by a temperature, 4 by default;
+  mixed with the labels' NLL when labels are given) on the
   calibration images, augmented by flips and shifted crops (optionally cutout, and mixup or cutmix of two
   images, which the original labels). Gradients with respect to the weights come
   from an onnx-ad derivative graph run by ONNX Runtime (:mod:`onnx_perforate.gradients`), in which the
@@ -63,9 +64,11 @@ MIX_ALPHA = 1.0
 # Defaults measured on the bundled Fashion-MNIST CNN and the CIFAR-10 CNN (docs/results.md, "Choosing
 # the recovery recipe"): 30 epochs at a peak learning rate of 1e-3, the original's distribution alone as
 # the target (mixing in the labels did not help held-out accuracy on either), flips and crops.
+# The distillation temperature (Hinton et al.: both distributions softened by it) chosen by measurement
+# too (docs/results.md, "The distillation temperature").
 DEFAULTS = dict(method="auto", parameters="all", epochs=30, batch_size=32, learning_rate=1e-3,
                 label_weight=0.0, holdout=0.2, patience=10, augment="auto", seed=0, lr_backoff=True,
-                weight_decay=0.0)
+                weight_decay=0.0, temperature=4.0)
 
 # How often the learning-rate back-off may restart the distillation (1e-3 -> 1e-4 -> 1e-5 by default).
 MAX_BACKOFFS = 2
@@ -251,14 +254,15 @@ _PARAM_SUFFIX = "__trainable"
 class PerforatedTrainer:
     """The perforated network as a trainable ONNX graph run by ONNX Runtime.
 
-    ``loss_and_gradients(x, target)`` returns the KL loss summed over the batch and dL/dW for every
+    ``loss_and_gradients(x, target)`` returns the KL loss (at ``temperature``: ``target`` comes softened
+    by it, see :func:`soften`) summed over the batch and dL/dW for every
     trainable W; ``forward(x, outputs)`` evaluates the same network (and any intermediate tensors of the
     original model, read after the perforation). The batch size is fixed (the derivative needs static
     shapes): pass exactly ``batch_size`` images.
     """
 
     def __init__(self, original, masks: Mapping[str, np.ndarray], parameters, *, batch_size: int,
-                 threads: int | None = None):
+                 threads: int | None = None, temperature: float = 1.0):
         original = load_model(original)
         self.batch_size = int(batch_size)
         self.parameters = list(parameters)
@@ -281,7 +285,7 @@ class PerforatedTrainer:
         self.interpolation = {outputs[key]: interpolation_index(mask) for key, mask in masks.items()
                               if not np.asarray(mask, bool).all()}
         gm = build_gradient_model(model, list(renamed.values()), self.batch_size, loss="kl",
-                                  interpolation=self.interpolation)
+                                  interpolation=self.interpolation, temperature=temperature)
         self.gradient_model = gm
         self.input_name = gm.inputs[0]
         self.scores = gm.scores
@@ -450,9 +454,20 @@ def _batches(n, batch_size, order):
         yield idx, min(batch_size, n - start)
 
 
-def training_target(teacher_probs, labels, label_weight, partner=None, share=None):
-    """The target distribution: the original's on the (augmented, mixed) images, with ``label_weight``
-    of it the labels; a mixed image's label is its two images' labels weighted by their shares."""
+def soften(probs, temperature):
+    """``probs`` [N, K] at a temperature: p^(1/T), renormalised per row (1: unchanged)."""
+    if temperature == 1.0:
+        return probs
+    logits = np.log(np.clip(np.asarray(probs, np.float64), 1e-30, None)) / temperature
+    soft = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return soft / soft.sum(axis=1, keepdims=True)
+
+
+def training_target(teacher_probs, labels, label_weight, partner=None, share=None, temperature=1.0):
+    """The target distribution: the original's on the (augmented, mixed) images, softened by the
+    distillation ``temperature``, with ``label_weight`` of it the labels (never softened); a mixed image's
+    label is its two images' labels weighted by their shares."""
+    teacher_probs = soften(teacher_probs, temperature)
     if labels is None or not label_weight:
         return teacher_probs.astype(np.float32)
     rows = np.arange(len(labels))
@@ -767,7 +782,8 @@ def _distill(trainer, teacher, train, evaluate, options, checkpoint, bar, histor
         for idx, _ in _batches(len(train), b, order):
             x, partner, share = mix(augment(train.inputs[idx], options["augment"], rng), options["augment"], rng)
             labels = None if train.labels is None else train.labels[idx]
-            target = training_target(teacher(x), labels, options["label_weight"], partner, share)
+            target = training_target(teacher(x), labels, options["label_weight"], partner, share,
+                                     options["temperature"])
             loss, grads = trainer.loss_and_gradients(x, target)
             losses.append(loss / b)
             lr = peak * _cosine(step, total, warmup)
@@ -827,7 +843,8 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
              threads: int | None = None, checkpoint=None, progress: bool = True,
              time_budget_s: float | None = None, start: Mapping[str, np.ndarray] | None = None,
              lr_backoff: bool = DEFAULTS["lr_backoff"],
-             weight_decay: float = DEFAULTS["weight_decay"]) -> FinetuneResult:
+             weight_decay: float = DEFAULTS["weight_decay"],
+             temperature: float = DEFAULTS["temperature"]) -> FinetuneResult:
     """Recover the accuracy the perforated model lost; see the module docstring.
 
     ``perforated``: a model made by :func:`~onnx_perforate.rewrite` (or ``tune``) from ``original``; either
@@ -845,7 +862,11 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
     ``AUGMENTATION_PARTS`` joined by "+": ``flip``, ``crop``, ``cutout`` (per image, see :func:`augment`),
     ``mixup``, ``cutmix`` (two images of a batch blended, see :func:`mix`; the original labels the blend,
     and the labels, when weighted in, are blended by the same shares). ``weight_decay``: decoupled (AdamW)
-    decay of the weight kernels per unit of learning rate (biases and BatchNorm are not decayed). ``checkpoint``: an .npz written after every epoch; an existing one with the same
+    decay of the weight kernels per unit of learning rate (biases and BatchNorm are not decayed).
+    ``temperature`` (distill): the original's and the perforated network's distributions are compared
+    softened by it (p^(1/T), renormalised; the loss scaled by T^2), which passes on how the original
+    ranks the classes it did not pick; 1 is the plain KL. Early stopping still reads the plain KL.
+    ``checkpoint``: an .npz written after every epoch; an existing one with the same
     settings is resumed. Deterministic for a given ``seed`` and thread count. ``start``: values of the
     original's initializers that ``perforated`` already carries (``FinetuneResult.values`` of an earlier
     recovery); the original network stays the teacher. ``lr_backoff`` (distill, default on): when the
@@ -864,7 +885,7 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
         options = dict(parameters=parameters, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
                        label_weight=label_weight, holdout=holdout, patience=patience, augment=augment, seed=seed,
                        threads=threads, progress=progress, time_budget_s=time_budget_s, lr_backoff=lr_backoff,
-                       weight_decay=weight_decay)
+                       weight_decay=weight_decay, temperature=temperature)
         steps = method.split("+")
         if any(step not in METHODS for step in steps):
             raise PerforateError(f"method must be one of {METHODS} or several joined by '+', got {method!r}")
@@ -894,6 +915,8 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
         raise PerforateError(f"holdout is the fraction of images held out, in (0, 1); got {holdout!r}")
     if not learning_rate > 0:
         raise PerforateError(f"learning_rate must be positive, got {learning_rate!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise PerforateError(f"temperature must be a positive number (1: the plain KL), got {temperature!r}")
     perforated, original = load_model(perforated), load_model(original)
     masks = perforation_masks(perforated, original)
     everything = calibration_set(original, data)
@@ -928,7 +951,8 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
         if not names:
             raise PerforateError("bn_reestimation: the model has no BatchNormalization with constant statistics")
     try:
-        trainer = PerforatedTrainer(reference, masks, names, batch_size=batch_size, threads=threads)
+        trainer = PerforatedTrainer(reference, masks, names, batch_size=batch_size, threads=threads,
+                                    temperature=float(temperature) if method == "distill" else 1.0)
     except GradientError as error:
         raise PerforateError(f"cannot fine-tune: {error}") from error
     trainer.classes = _class_count(original, sample, threads)
@@ -937,7 +961,8 @@ def finetune(perforated, original, data, *, method: str = DEFAULTS["method"],
     options = dict(method=method, parameters=parameters if method == "distill" else None, epochs=int(epochs),
                    batch_size=batch_size, learning_rate=learning_rate, label_weight=label_weight,
                    holdout=holdout, patience=int(patience), augment=augment, seed=int(seed),
-                   time_budget_s=time_budget_s, lr_backoff=bool(lr_backoff), weight_decay=float(weight_decay))
+                   time_budget_s=time_budget_s, lr_backoff=bool(lr_backoff), weight_decay=float(weight_decay),
+                   temperature=float(temperature) if method == "distill" else None)
     settings = dict(options, train_images=len(train), holdout_images=len(held), trainable=len(names),
                     trainable_values=int(sum(v.size for v in trainer.values.values())), threads=threads)
     initial = {k: x.copy() for k, x in trainer.values.items()}

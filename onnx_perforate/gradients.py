@@ -222,7 +222,7 @@ def _log_probabilities(model, output, scores, fresh, nodes, inits, rename=lambda
     return out, "logits"
 
 
-def _loss_head(kind, logp, dtype, batch_size, classes, fresh, nodes, inits, labels_input):
+def _loss_head(kind, logp, dtype, batch_size, classes, fresh, nodes, inits, labels_input, temperature=1.0):
     """Emit the loss nodes; returns (loss name, target input ValueInfo or None).
 
     The loss is the SUM over the batch, so dL/dV of image n is exactly the gradient of
@@ -257,14 +257,27 @@ def _loss_head(kind, logp, dtype, batch_size, classes, fresh, nodes, inits, labe
         inits += [numpy_helper.from_array(np.zeros((), np_dtype), zero),
                   numpy_helper.from_array(np.ones((), np_dtype), one)]
         names = {k: fresh(k) for k in ("q_pos", "q_safe", "log_q", "log_ratio", "kl_terms")}
+        kl = loss
+        if temperature != 1.0:
+            # distillation at a temperature T: both distributions softened (p^(1/T), renormalised:
+            # the target comes softened), the KL scaled by T^2 so its gradients keep their size
+            t, t2 = fresh("temperature"), fresh("temperature_squared")
+            inits += [numpy_helper.from_array(np.array(temperature, np_dtype), t),
+                      numpy_helper.from_array(np.array(temperature ** 2, np_dtype), t2)]
+            scaled, softened, kl = fresh("logp_over_t"), fresh("logp_softened"), fresh("kl_softened")
+            nodes += [helper.make_node("Div", [logp, t], [scaled]),
+                      helper.make_node("LogSoftmax", [scaled], [softened], axis=1)]
+            logp = softened
         nodes += [
             helper.make_node("Greater", [q, zero], [names["q_pos"]]),
             helper.make_node("Where", [names["q_pos"], q, one], [names["q_safe"]]),
             helper.make_node("Log", [names["q_safe"]], [names["log_q"]]),
             helper.make_node("Sub", [names["log_q"], logp], [names["log_ratio"]]),
             helper.make_node("Mul", [q, names["log_ratio"]], [names["kl_terms"]]),
-            helper.make_node("ReduceSum", [names["kl_terms"]], [loss], keepdims=0),
+            helper.make_node("ReduceSum", [names["kl_terms"]], [kl], keepdims=0),
         ]
+        if temperature != 1.0:
+            nodes.append(helper.make_node("Mul", [kl, t2], [loss]))
     else:
         raise GradientError("loss must be one of %s, not %r" % (LOSSES, kind))
     return loss, target
@@ -441,7 +454,7 @@ def _rewired_nodes(graph, tapping: _Tapping) -> list:
     return nodes
 
 
-def _loss_model(model, tensors, batch_size, loss, interpolation, output, scores) -> LossGraph:
+def _loss_model(model, tensors, batch_size, loss, interpolation, output, scores, temperature=1.0) -> LossGraph:
     """The forward auxiliary graph, built in steps: check the request, tap (and interpolate) every V,
     rewire its readers, add the loss head, then declare the inputs and outputs."""
     types = _shapes(model)
@@ -459,7 +472,8 @@ def _loss_model(model, tensors, batch_size, loss, interpolation, output, scores)
     classes = _classes(result, out_name, types.get(output))
     labels_input = loss == "nll" or (loss == "self_nll" and bool(interpolation))
     dtype = types.get(output, (TensorProto.FLOAT,))[0]
-    loss_name, target = _loss_head(loss, logp, dtype, batch_size, classes, fresh, head, inits, labels_input)
+    loss_name, target = _loss_head(loss, logp, dtype, batch_size, classes, fresh, head, inits, labels_input,
+                                   temperature)
     head += [helper.make_node("Identity", [name], [tapping.values[name]]) for name in tensors]
 
     graph.ClearField("node")
@@ -500,7 +514,8 @@ def _copy_node(node):
 def build_gradient_model(model, tensors: Sequence[str], batch_size: int,
                          loss: str = DEFAULT_LOSS,
                          interpolation: Mapping[str, np.ndarray] | None = None, *,
-                         output: str | None = None, scores: str = "auto") -> GradientModel:
+                         output: str | None = None, scores: str = "auto",
+                         temperature: float = 1.0) -> GradientModel:
     """The auxiliary graph returning every V in `tensors`, dL/dV and the loss.
 
     `model`: ModelProto or path. `batch_size`: fixed batch (the derivative needs static
@@ -510,20 +525,27 @@ def build_gradient_model(model, tensors: Sequence[str], batch_size: int,
     (index // Wo, index % Wo); computed positions hold their own flat position. `output`:
     which model output to build the loss on (default: the first floating-point one).
     `scores`: "auto" detects a Softmax/LogSoftmax at the end of the model, or force
-    "logits", "probabilities" or "log_probabilities".
+    "logits", "probabilities" or "log_probabilities". `temperature` ("kl" only): the KL of the
+    distributions softened by it (the model's in the graph, the target by the caller: q^(1/T),
+    renormalised), times T^2; 1 is the plain KL.
     """
     if loss not in LOSSES:
         raise GradientError("loss must be one of %s, not %r" % (LOSSES, loss))
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        raise GradientError("temperature must be a positive number, not %r" % (temperature,))
+    if temperature != 1.0 and loss != "kl":
+        raise GradientError("a temperature softens the target distribution of loss 'kl'; loss %r has "
+                            "none" % (loss,))
     if scores not in SCORES:
         raise GradientError("scores must be one of %s, not %r" % (SCORES, scores))
     if int(batch_size) < 1:
         raise GradientError("batch_size must be positive")
     prepared = _fix_batch(_normalize(model), int(batch_size))
-    return _build(prepared, tensors, int(batch_size), loss, interpolation, output, scores)
+    return _build(prepared, tensors, int(batch_size), loss, interpolation, output, scores, float(temperature))
 
 
-def _build(prepared, tensors, batch_size, loss, interpolation, output, scores):
-    meta = _loss_model(prepared, tensors, batch_size, loss, interpolation, output, scores)
+def _build(prepared, tensors, batch_size, loss, interpolation, output, scores, temperature=1.0):
+    meta = _loss_model(prepared, tensors, batch_size, loss, interpolation, output, scores, temperature)
     forward = meta.model
     taps = [meta.taps[v] for v in meta.tensors]
     types = _shapes(forward)

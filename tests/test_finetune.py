@@ -424,19 +424,33 @@ def test_a_mixed_image_is_labelled_by_both_labels_by_their_shares():
     np.testing.assert_allclose(target.sum(1), 1, rtol=1e-6)
 
 
+def test_the_temperature_softens_the_original_not_the_labels():
+    teacher = np.array([[0.7, 0.2, 0.1], [0.0, 0.5, 0.5]], np.float32)
+    np.testing.assert_allclose(training_target(teacher, None, 0.0, temperature=1.0), teacher)
+    soft = training_target(teacher, None, 0.0, temperature=2.0)
+    expected = np.sqrt(teacher) / np.sqrt(teacher).sum(1, keepdims=True)  # p^(1/2), renormalised
+    np.testing.assert_allclose(soft, expected, rtol=1e-5, atol=1e-7)
+    mixed = training_target(teacher, np.array([2, 0]), 0.25, temperature=2.0)
+    np.testing.assert_allclose(mixed, 0.75 * expected + 0.25 * np.eye(3)[[2, 0]], rtol=1e-5, atol=1e-7)
+
+
 def test_unknown_augmentation_is_refused(sample):
     original, perforated, _, images, _ = sample
     with pytest.raises(PerforateError, match="augment must be .*'flip\\+blur'"):
         finetune(perforated, original, _data(images, count=20), augment="flip+blur", progress=False)
     with pytest.raises(PerforateError, match="weight_decay"):
         finetune(perforated, original, _data(images, count=20), weight_decay=-0.1, progress=False)
+    for bad in (0, -2.0, float("inf"), "4", True):
+        with pytest.raises(PerforateError, match="temperature must be a positive number"):
+            finetune(perforated, original, _data(images, count=20), temperature=bad, progress=False)
 
 
 @pytest.mark.parametrize("option", [dict(augment="flip+crop+mixup"), dict(augment="flip+crop+cutmix"),
-                                    dict(augment="flip+crop+cutout"), dict(weight_decay=0.5)])
+                                    dict(augment="flip+crop+cutout"), dict(weight_decay=0.5), dict(temperature=1.0)])
 def test_each_recovery_option_changes_the_training(sample, option):
     original, perforated, _, images, labels = sample
-    common = dict(method="distill", epochs=1, learning_rate=1e-3, progress=False, threads=1, augment="flip+crop")
+    common = dict(method="distill", epochs=1, learning_rate=1e-3, progress=False, threads=1, augment="flip+crop",
+                  temperature=4.0)
     runs = [finetune(perforated, original, _data(images, labels, 100), **dict(common, **changes))
             for changes in ({}, option)]
     assert all(r.improved for r in runs)

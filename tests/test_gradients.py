@@ -224,6 +224,32 @@ def test_kl_loss():
              np.random.default_rng(1))
 
 
+def test_kl_loss_at_a_temperature():
+    """temperature=T (distillation): the KL of both distributions softened by T, times T^2 -- its value
+    against numpy in float64, its gradients against finite differences; any other loss, or a temperature
+    that is not a positive number, is refused."""
+    import onnxruntime as ort
+
+    model = synthetic_cnn()
+    x = synthetic_input(2)
+    gm = build_gradient_model(model, ["c1", "c2"], 2, loss="kl", temperature=3.0)
+    target = np.random.default_rng(4).dirichlet(np.ones(5), 2).astype(np.float32)  # a softened target
+    session = ort.InferenceSession(gm.model.SerializeToString(), default_session_options(),
+                                   providers=["CPUExecutionProvider"])
+    names = [gm.loss] + [gm.values[v] for v in gm.tensors] + [gm.grads[v] for v in gm.tensors]
+    out = session.run(names, {"x": x, gm.target: target})
+    soft = _log_softmax(_log_softmax(_labels_of(model, x)) / 3.0)
+    q = target.astype(np.float64)
+    assert out[0] == pytest.approx(9.0 * np.sum(q * (np.log(q) - soft)), rel=1e-4)
+    results = {v: (out[1 + i], out[3 + i]) for i, v in enumerate(gm.tensors)}
+    check_fd(gm, {"x": x}, target, results, ["c1", "c2"], np.random.default_rng(2))
+    with pytest.raises(GradientError, match="temperature softens the target distribution of loss 'kl'"):
+        build_gradient_model(model, ["c1"], 1, loss="nll", temperature=2.0)
+    for bad in (0.0, -1.0, float("nan"), "2"):
+        with pytest.raises(GradientError, match="temperature must be a positive number"):
+            build_gradient_model(model, ["c1"], 1, loss="kl", temperature=bad)
+
+
 def test_target_errors():
     """Every bad request is a GradientError, a PerforateError (one line in the CLI, no traceback)."""
     model = synthetic_cnn()
