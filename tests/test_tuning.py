@@ -409,36 +409,39 @@ def test_landing_rate_is_the_least_rate_that_reaches_the_target():
     assert tuning.landing_rate(latency, {}, "a", 0.55, 0.9, target_time=7.2) == pytest.approx(0.56)
 
 
-def _landing_tune(monkeypatch, measured_speedups):
+def _landing_tune(monkeypatch, measured_speedups, clock=None):
     """conv4 alone on a ladder (0, 0.5, 0.9) whose top rung overshoots a 1.4x target; every unit of rate
     saves half the original's time, and the end-to-end confirmation measures ``measured_speedups``
-    (landed model, ladder's model)."""
+    (landed model, ladder's model), then ``clock`` for a model cut back by the clock (None: not expected)."""
     model, data = _fashion(96)
     monkeypatch.setattr(tuning.LatencyTable, "saving", lambda table, unit, rate: 0.5 * table.base * rate)
     timed = []
+    answers = [measured_speedups] + ([[clock]] if clock is not None else [])
 
     def confirmation(meter, reference, sessions, repeats):
         timed.append(len(sessions))
-        return [1.0 / s for s in measured_speedups[:len(sessions)]]
+        return [1.0 / s for s in answers[len(timed) - 1][:len(sessions)]]
 
     monkeypatch.setattr(tuning, "interleaved_ratios", confirmation)
     result = onnx_perforate.tune(model, data, target_speedup=1.4, ladder=(0.0, 0.5, 0.9), layers=["conv4"],
                                  repeats=2, batch_size=32, timing_batch=4, progress=False, baselines=False,
                                  max_accuracy_drop=1.0)
-    assert timed == [2]  # the landed model timed beside the ladder's move
+    # the landed model timed beside the ladder's move, then the clock's cut alone
+    assert timed == ([2] if clock is None else [2, 1])
     return result
 
 
 def test_a_last_move_that_overshoots_the_target_lands_on_it(monkeypatch):
-    result = _landing_tune(monkeypatch, [1.45, 1.8])
+    result = _landing_tune(monkeypatch, [1.43, 1.8])
     # 1 / (1 - 0.5 r) >= 1.4 x 1.01 from r = 0.5857: the least rate on the 0.01 grid is 0.59, not 0.9
     assert result.steps[-1].rates == {"conv4": pytest.approx(0.59)}
     assert result.masks["conv4"].rate == pytest.approx(0.59)
     assert abs(result.masks["conv4"].achieved_rate - 0.59) < 0.01
     assert 1.4 <= result.final.speedup < 1.45
     assert result.settings["landing"] == dict(unit="conv4", rate=pytest.approx(0.59), ladder_rate=0.9,
-                                              measured_speedup=1.45, ladder_measured_speedup=1.8, kept="landed")
-    assert result.settings["measured_speedup"] == 1.45
+                                              measured_speedup=1.43, ladder_measured_speedup=1.8, kept="landed")
+    assert result.settings["measured_speedup"] == 1.43
+    assert "clock_landing" not in result.settings  # within 3% of the target on the clock
     assert result.stopped.startswith("reached the target")
     masks = result.step_masks[-1]["conv4"]
     assert abs(1 - masks.mean() - 0.59) < 0.01  # the curve's last point is the landed network
@@ -454,8 +457,31 @@ def test_a_landed_move_that_misses_the_target_on_the_clock_falls_back_to_the_lad
 
 
 def test_the_summary_says_where_the_last_move_landed(monkeypatch):
-    assert "conv4 at 0.59 instead of 0.9" in _landing_tune(monkeypatch, [1.45, 1.8]).summary()
+    assert "conv4 at 0.59 instead of 0.9" in _landing_tune(monkeypatch, [1.43, 1.8]).summary()
     assert "the ladder's 0.9 (1.80x) was kept instead" in _landing_tune(monkeypatch, [1.3, 1.8]).summary()
+
+
+def test_a_final_model_beyond_the_target_on_the_clock_gives_the_excess_back(monkeypatch):
+    """The landed model (0.59) times 1.6x where 1.42x was predicted: the table, scaled by 1.6 / 1.42,
+    predicts the target from just above the previous step's 0.5, so conv4 is cut to 0.51, timed again
+    (1.42x, on target) and kept."""
+    result = _landing_tune(monkeypatch, [1.6, 1.8], clock=1.42)
+    assert result.steps[-1].rates == {"conv4": pytest.approx(0.51)}
+    assert result.masks["conv4"].rate == pytest.approx(0.51)
+    assert abs(1 - result.step_masks[-1]["conv4"].mean() - 0.51) < 0.01
+    assert result.settings["clock_landing"] == dict(unit="conv4", rate=pytest.approx(0.51), from_rate=pytest.approx(0.59),
+                                                    measured_speedup=1.42, from_measured_speedup=1.6, kept=True)
+    assert result.settings["measured_speedup"] == 1.42
+    assert "conv4 tried at 0.51 instead of 0.59, timed 1.42x (kept)" in result.summary()
+
+
+def test_a_cut_the_clock_finds_short_of_the_target_is_not_kept(monkeypatch):
+    result = _landing_tune(monkeypatch, [1.6, 1.8], clock=1.35)
+    assert result.steps[-1].rates == {"conv4": pytest.approx(0.59)}
+    assert result.masks["conv4"].rate == pytest.approx(0.59)
+    assert result.settings["clock_landing"]["kept"] is False
+    assert result.settings["measured_speedup"] == 1.6
+    assert "short of the target on the clock: 0.59 was kept" in result.summary()
 
 
 def test_timed_sessions_use_threads_and_the_rest_evaluation_threads(monkeypatch):
