@@ -297,7 +297,7 @@ class MaskLadder:
         """Recompute impact on the network perforated by ``current`` ({unit: mask})."""
         if self.estimator is None:
             return
-        maps = self.estimator.impact({k: v for k, v in self.expand(current).items() if not v.all()})
+        maps = self.estimator.impact(self.perforated(current))
         self.impact = {unit: sum(maps[m] / max(float(maps[m].mean()), 1e-30) for m in members)
                        for unit, members in self.units.items()}
 
@@ -311,6 +311,10 @@ class MaskLadder:
                 if not untouched or member not in expanded:
                     expanded[member] = mask
         return expanded
+
+    def perforated(self, masks: Mapping[str, np.ndarray]) -> dict:
+        """``expand(masks)`` without the Convs left whole (all-ones masks)."""
+        return {conv: mask for conv, mask in self.expand(masks).items() if not mask.all()}
 
     def mask(self, unit: str, rate: float, current: np.ndarray) -> np.ndarray:
         shape = self.shapes[unit]
@@ -674,7 +678,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
             current = trial
             steps.append(_step(len(steps), name, dict(now, **{name: rate}), measured, base, cost, started))
             landing = cut  # only a move that was taken (not one the budget refused) can be confirmed or undone
-            step_masks.append({k: v for k, v in ladder_masks.expand(current).items() if not v.all()})
+            step_masks.append(ladder_masks.perforated(current))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(speedup=f"{steps[-1].speedup:.2f}x", loss=f"{measured['loss']:.3f}")
@@ -718,7 +722,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                 if step_recovery != "none":  # the step's numbers on the recovered network, as for every step
                     overshoot = dict(meter.measure(final_model), time=overshoot["time"])
                 steps[-1] = _step(steps[-1].step, unit, rates, overshoot, base, landing["cost"], started)
-                step_masks[-1] = {k: v for k, v in ladder_masks.expand(current).items() if not v.all()}
+                step_masks[-1] = ladder_masks.perforated(current)
                 settings["measured_speedup"] = round(speedups[1], 3)
                 settings["landing"]["kept"] = "ladder"
         # The clock may also find the table pessimistic (main job: 1.51x predicted, 1.59x timed): every
@@ -749,7 +753,7 @@ def tune(model, data, *, target_speedup: float | None = None, max_accuracy_drop:
                     gain = base["time"] - measured["time"]
                     cost = (measured["loss"] - base["loss"]) / gain if gain > 0 else math.inf
                     steps[-1] = _step(steps[-1].step, unit, landed_rates, measured, base, cost, started)
-                    step_masks[-1] = {k: v for k, v in ladder_masks.expand(trial).items() if not v.all()}
+                    step_masks[-1] = ladder_masks.perforated(trial)
                     current, final_masks, final_model = trial, masks_of(trial, landed_rates), landed_model
                     settings["measured_speedup"] = round(clock, 3)
     recovered, recovery = None, {}

@@ -503,9 +503,12 @@ void PackedGemmConv(const ConvCall& c, const PaddedGather& padded, const InputIn
     }
     float* batch_output = c.yc + n0 * s.out_channels * count;
     // Built once per call, before the tasks (which only read it): per task it cost up to 4% of a small
-    // layer (a division per row).
-    const float** rows_all = Scratch(tls_rows, static_cast<size_t>(s.group * patch));
-    if (!bands) RowStarts(s, padded, input + n0 * image, rows_all);
+    // layer (a division per row). Band copies keep row pointers of their own, per thread (BandRows).
+    const float** rows_all = nullptr;
+    if (!bands) {
+      rows_all = Scratch(tls_rows, static_cast<size_t>(s.group * patch));
+      RowStarts(s, padded, input + n0 * image, rows_all);
+    }
     // Layers whose positions fit in one block per core split their output channels across the
     // cores instead (below): each core then streams only its share of the weights from L3.
     const int64_t max_block = 16 * nr;
