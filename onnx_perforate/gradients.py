@@ -531,7 +531,8 @@ def build_gradient_model(model, tensors: Sequence[str], batch_size: int,
     """
     if loss not in LOSSES:
         raise GradientError("loss must be one of %s, not %r" % (LOSSES, loss))
-    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not (np.isfinite(temperature) and temperature > 0)):
         raise GradientError("temperature must be a positive number, not %r" % (temperature,))
     if temperature != 1.0 and loss != "kl":
         raise GradientError("a temperature softens the target distribution of loss 'kl'; loss %r has "

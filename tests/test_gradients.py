@@ -245,7 +245,7 @@ def test_kl_loss_at_a_temperature():
     check_fd(gm, {"x": x}, target, results, ["c1", "c2"], np.random.default_rng(2))
     with pytest.raises(GradientError, match="temperature softens the target distribution of loss 'kl'"):
         build_gradient_model(model, ["c1"], 1, loss="nll", temperature=2.0)
-    for bad in (0.0, -1.0, float("nan"), "2"):
+    for bad in (0.0, -1.0, float("nan"), "2", True):
         with pytest.raises(GradientError, match="temperature must be a positive number"):
             build_gradient_model(model, ["c1"], 1, loss="kl", temperature=bad)
 
