@@ -17,7 +17,7 @@ from onnx_perforate.cli import main
 from onnx_perforate.errors import PerforateError
 from onnx_perforate.float_twin import float_twin, is_qdq
 
-from helpers import labelled_batches, needs_library, run_ort, synthetic_cnn, synthetic_input
+from helpers import ORT_EXACT_QUANTIZATION, labelled_batches, needs_library, run_ort, synthetic_cnn, synthetic_input
 
 pytestmark = needs_library
 quantization = pytest.importorskip("onnxruntime.quantization")
@@ -47,7 +47,7 @@ def quantize(model, folder) -> onnx.ModelProto:
     quantization.quantize_static(str(folder / "float.onnx"), str(folder / "qdq.onnx"), Reader(synthetic_input(16)),
                                  quant_format=quantization.QuantFormat.QDQ, per_channel=True,
                                  activation_type=quantization.QuantType.QUInt8,
-                                 weight_type=quantization.QuantType.QInt8)
+                                 weight_type=quantization.QuantType.QInt8, **ORT_EXACT_QUANTIZATION)
     return onnx.load(str(folder / "qdq.onnx"))
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import changing_index_runs, crafted_gather_index, expect_error, run_ort
+from helpers import ORT_EXACT_WEIGHT_MAX, changing_index_runs, crafted_gather_index, expect_error, run_ort
 from onnx_perforate import ops
 
 pytestmark = pytest.mark.usefixtures("require_library")
@@ -20,10 +20,12 @@ pytestmark = pytest.mark.usefixtures("require_library")
 QLINEAR_INPUTS = ["x", "x_scale", "x_zero_point", "w", "w_scale", "w_zero_point", "y_scale", "y_zero_point"]
 
 
-def quantized_case(rng, n, c, h, w, m, k, stride=1, pad=0, dilation=1, group=1, per_channel=True, bias=True):
-    """Random uint8 input, symmetric int8 weights and scales that keep most outputs unsaturated."""
+def quantized_case(rng, n, c, h, w, m, k, stride=1, pad=0, dilation=1, group=1, per_channel=True, bias=True,
+                   weight_max=127):
+    """Random uint8 input, symmetric int8 weights in [-weight_max, weight_max] and scales that keep most
+    outputs unsaturated."""
     x = rng.integers(0, 256, (n, c, h, w), dtype=np.uint8)
-    weights = rng.integers(-127, 128, (m, c // group, k, k), dtype=np.int8)
+    weights = rng.integers(-weight_max, weight_max + 1, (m, c // group, k, k), dtype=np.int8)
     patch = c // group * k * k
     params = {
         "x_scale": np.float32(rng.uniform(0.01, 0.05)),
@@ -36,7 +38,8 @@ def quantized_case(rng, n, c, h, w, m, k, stride=1, pad=0, dilation=1, group=1, 
     if not per_channel:
         params["w_scale"], params["w_zero_point"] = np.float32(params["w_scale"][0]), np.int8(0)
     # Output scale from the typical size of a sum of `patch` products.
-    params["y_scale"] = np.float32(params["x_scale"] * np.max(params["w_scale"]) * 180 * np.sqrt(patch))
+    typical_product = 180 * weight_max / 127
+    params["y_scale"] = np.float32(params["x_scale"] * np.max(params["w_scale"]) * typical_product * np.sqrt(patch))
     if bias:
         params["B"] = rng.integers(-3000, 3000, m).astype(np.int32)
     attrs = ops.ConvAttributes(kernel_shape=(k, k), strides=(stride, stride), pads=(pad,) * 4,
@@ -103,7 +106,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 def test_all_ones_mask_matches_ort_qlinear_conv_bit_for_bit(case):
     rng = np.random.default_rng(sum(case))
-    x, params, attrs = quantized_case(rng, *case)
+    x, params, attrs = quantized_case(rng, *case, weight_max=ORT_EXACT_WEIGHT_MAX)
     expected = run(qlinear_conv_model(x, params, attrs), x)
     mask = np.ones(expected.shape[2:], bool)
     got = run(perforated_model(x, params, attrs, mask), x)
@@ -154,7 +157,7 @@ POINTWISE = [(1, 16, 1, 5, 8), (2, 5, 7, 7, 13), (1, 64, 13, 13, 40), (2, 24, 3,
 def test_pointwise_matches_qlinear_conv_and_the_reference(case, activation):
     n, c, h, w, m = case
     rng = np.random.default_rng(sum(case) + len(activation))
-    x, params, attrs = quantized_case(rng, n, c, h, w, m, 1)
+    x, params, attrs = quantized_case(rng, n, c, h, w, m, 1, weight_max=ORT_EXACT_WEIGHT_MAX)
     attrs.activation = activation
     attrs.clip_min, attrs.clip_max = (-0.5, 2.0) if activation == "Clip" else (attrs.clip_min, attrs.clip_max)
     ones = np.ones((h, w), bool)
@@ -275,7 +278,8 @@ def test_asymmetric_weights(case):
     QLinearConv bit for bit, and any mask matches the reference (groups, stride 2, a compact input)."""
     n, c, h, w, m, k, stride, pad, dilation, group = case
     rng = np.random.default_rng(sum(case))
-    x, params, attrs = quantized_case(rng, n, c, h, w, m, k, stride, pad, dilation, group)
+    x, params, attrs = quantized_case(rng, n, c, h, w, m, k, stride, pad, dilation, group,
+                                      weight_max=ORT_EXACT_WEIGHT_MAX)
     per_tensor = dict(params, w_zero_point=np.int8(-37), w_scale=np.float32(params["w_scale"][0]))
     varying = dict(params, w_zero_point=rng.integers(-100, 100, m).astype(np.int8))
     ones = np.ones(ops.conv_output_size((h, w), (k, k), (stride,) * 2, (pad,) * 4, (dilation,) * 2), bool)

@@ -52,7 +52,8 @@ def quantize(model, calibration, path, **options):
     source = path.with_suffix(".float.onnx")
     onnx.save(model, source)
     settings = dict(quant_format=quantization.QuantFormat.QDQ, per_channel=True,
-                    activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8)
+                    activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
+                    **helpers.ORT_EXACT_QUANTIZATION)
     quantization.quantize_static(str(source), str(path), Reader(calibration), **{**settings, **options})
     return onnx.load(str(path))
 
@@ -276,7 +277,7 @@ def test_constant_node_weight_quantized_like_an_activation(tmp_path, activations
                                  Reader(helpers.synthetic_input(8)), quant_format=quantization.QuantFormat.QDQ,
                                  per_channel=True, weight_type=quantization.QuantType.QInt8,
                                  activation_type=quantization.QuantType.QUInt8 if activations == "uint8"
-                                 else quantization.QuantType.QInt8)
+                                 else quantization.QuantType.QInt8, **helpers.ORT_EXACT_QUANTIZATION)
     cnn = onnx.load(str(tmp_path / "cnn_q.onnx"))
     quantizer = producer(cnn, producer(cnn, conv_node(cnn, "conv2").input[1]).input[0])
     assert quantizer.op_type == "QuantizeLinear" and producer(cnn, quantizer.input[0]).op_type == "Constant"
@@ -381,7 +382,7 @@ def test_qdq_squeezenet_all_ones_reproduces_the_int8_model(tmp_path, activations
                                  quant_format=quantization.QuantFormat.QDQ, per_channel=True,
                                  activation_type=quantization.QuantType.QUInt8 if activations == "uint8"
                                  else quantization.QuantType.QInt8,
-                                 weight_type=quantization.QuantType.QInt8)
+                                 weight_type=quantization.QuantType.QInt8, **helpers.ORT_EXACT_QUANTIZATION)
     int8 = onnx.load(str(tmp_path / "q.onnx"))
     perforated, report = rewrite_with_report(int8, conv_masks(int8, lambda hw: np.ones(hw, bool)))
     assert [n.op_type for n in perforated.graph.node].count("PerforatedQLinearConv") == 26
