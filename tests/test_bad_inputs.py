@@ -581,10 +581,16 @@ def test_ctrl_c_between_the_renames_waits_for_both(tmp_path, monkeypatch):
         os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(os, "replace", replace_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_outputs(tmp_path / "model.onnx", tmp_path / "summary.json") as temporaries:
-            for temporary in temporaries:
-                temporary.write_text("new")
+    # Python's own Ctrl-C handler, as in a terminal: a runner started in the background inherits an
+    # ignored SIGINT, which the deferral rightly keeps ignoring.
+    launched_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_outputs(tmp_path / "model.onnx", tmp_path / "summary.json") as temporaries:
+                for temporary in temporaries:
+                    temporary.write_text("new")
+    finally:
+        signal.signal(signal.SIGINT, launched_with)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "summary.json"]
 
 
