@@ -16,7 +16,6 @@ interleaved in ORT (spinning off). Prints a Markdown table of medians.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 
@@ -67,7 +66,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     print(f"# PerforatedConv on a compact input vs on the full input (onnxruntime {ort.__version__}, "
-          f"{platform.machine()}, median of {args.repeats} interleaved runs)\n")
+          f"{runtime.cpu_description()}, median of {args.repeats} interleaved runs)\n")
     print("| layer | batch | threads | full X ms | compact X ms | compact / full |")
     print("|---|---|---|---|---|---|")
     for name, batch, c, m, hw, pad, kind, producer_rate, rate in LAYERS:

@@ -267,7 +267,8 @@ def main(argv=None):
                         help="table: the tuner's budget in top-1 agreement with the INT8 model")
     parser.add_argument("--sizes", type=int, nargs="+", default=[192, 160], help="table: resized input sizes")
     args = parser.parse_args(argv)
-    print(f"# PerforatedQLinearConv vs ORT INT8 (onnxruntime {ort.__version__}, {args.stat} of {args.repeats})\n")
+    print(f"# PerforatedQLinearConv vs ORT INT8 (onnxruntime {ort.__version__}, {runtime.cpu_description()}, "
+          f"{args.stat} of {args.repeats})\n")
     if args.only in (None, "layers"):
         bench_layers(args, np.random.default_rng(0))
     if args.only in (None, "squeezenet"):

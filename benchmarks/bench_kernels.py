@@ -13,7 +13,6 @@ ORT's Conv, and the fraction of the theoretical speedup 1/(1-r) reached.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 
@@ -77,7 +76,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
 
     print(f"# PerforatedConv + NNInterpolate vs ORT Conv (onnxruntime {ort.__version__}, batch {args.batch}, "
-          f"{platform.machine()}, median of {repeats})\n")
+          f"{runtime.cpu_description()}, median of {repeats})\n")
     print("| layer | threads | r | ORT Conv ms | perforated ms | speedup | theoretical | fraction |")
     print("|---|---|---|---|---|---|---|---|")
     worst, worst_dense = 1.0, 1.0

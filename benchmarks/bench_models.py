@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 import onnx_perforate
 from onnx_perforate import masks as masks_module
@@ -323,6 +324,7 @@ def main(argv=None) -> int:
         print("needs the compiled custom-op library (ONNX_PERFORATE_LIBRARY)", file=sys.stderr)
         return 1
 
+    print(f"# {args.model.name} end to end (onnxruntime {ort.__version__}, {runtime.cpu_description()})")
     for rate in args.rate:
         models, chosen, reports = build_variants(args.model, args.mask, rate, args.layers, variants=args.variants)
         perforated = [k for k in models if k != "original"]

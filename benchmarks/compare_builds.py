@@ -114,7 +114,8 @@ def main(argv=None):
     parser.add_argument("--cold", action="store_true", help="evict the caches before every timed run")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
-    print(f"# PerforatedConv layers, two builds (onnxruntime {ort.__version__}; medians of interleaved runs)\n")
+    print(f"# PerforatedConv layers, two builds (onnxruntime {ort.__version__}, {runtime.cpu_description()}; "
+          "medians of interleaved runs)\n")
     print(f"before: {args.before}  \nafter: {args.after}\n")
     print("| layer | batch | threads | before ms | after ms | after / before |")
     print("|---|---|---|---|---|---|")

@@ -2,6 +2,9 @@
 that timing feeds, sessions built from the package's session options, interleaved timing, and peak
 memory measured in a fresh subprocess.
 
+Benchmark headers name the CPU with :func:`cpu_description`: the kernels (ours and ORT's) take different
+paths with and without AVX-512 and VNNI, so a table means little without it.
+
 Timing feeds U(0, 1) values with seed 0 (:func:`timing_array`): every timed comparison, from the CLI's
 ``bench`` to the tuner and the benchmark scripts, sees the same kind of input.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -23,6 +27,33 @@ import onnx
 from .errors import DataError
 
 log = logging.getLogger(__name__)
+
+# The instruction sets that choose the kernels' paths, ours and ORT's (MLAS), in the order named.
+_SIMD_LEVELS = (("avx512f", "AVX-512"), ("avx2", "AVX2"))
+_DOT_PRODUCTS = ("avx512_vnni", "avx_vnni")
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU timings run on, for benchmark headers: its model, its widest SIMD level, whether it has
+    VNNI (ORT's INT8 sums are exact only with it; docs/ops.md), and the cores this process may use.
+    ``cpuinfo`` is /proc/cpuinfo's text (read when None; other systems get the platform's name)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = set(fields.get("flags", "").split())
+    parts = [fields.get("model name") or platform.processor() or platform.machine()]
+    if flags:
+        simd = next((name for flag, name in _SIMD_LEVELS if flag in flags), "no AVX2")
+        parts.append(f"{simd}, {'VNNI' if flags & set(_DOT_PRODUCTS) else 'no VNNI'}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    parts.append(f"{cores} cores")
+    return ", ".join(parts)
 
 
 class ModelInput(NamedTuple):

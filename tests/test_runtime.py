@@ -108,3 +108,15 @@ def test_peak_memory_runs_in_a_subprocess(tmp_path, require_library):
 def test_peak_memory_failure_is_a_warning_not_a_crash(tmp_path, caplog):
     assert runtime.peak_memory(tmp_path / "missing.onnx", 1) is None
     assert "peak memory not measured" in caplog.text
+
+
+def test_cpu_description_names_the_simd_level_and_vnni():
+    avx512 = "processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 fma avx512f avx512bw avx512_vnni\n\n" \
+             "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n"
+    described = runtime.cpu_description(avx512)
+    assert described.startswith("Some Xeon, AVX-512, VNNI, ") and described.endswith(" cores")
+    assert runtime.cpu_description("model name\t: AMD EPYC\nflags\t: fpu avx avx2 fma\n").startswith(
+        "AMD EPYC, AVX2, no VNNI, ")
+    assert runtime.cpu_description("model name\t: Old\nflags\t: fpu sse4_2\n").startswith("Old, no AVX2, no VNNI")
+    assert runtime.cpu_description("").endswith(" cores")  # no /proc/cpuinfo: the platform's name
+    assert runtime.cpu_description().endswith(" cores")
