@@ -11,6 +11,7 @@ Timing feeds U(0, 1) values with seed 0 (:func:`timing_array`): every timed comp
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -33,19 +34,32 @@ _SIMD_LEVELS = (("avx512f", "AVX-512"), ("avx2", "AVX2"))
 _DOT_PRODUCTS = ("avx512_vnni", "avx_vnni")
 
 
-def cpu_description(cpuinfo: str | None = None) -> str:
-    """The CPU timings run on, for benchmark headers: its model, its widest SIMD level, whether it has
-    VNNI (ORT's INT8 sums are exact only with it; docs/ops.md), and the cores this process may use.
-    ``cpuinfo`` is /proc/cpuinfo's text (read when None; other systems get the platform's name)."""
+def _cpuinfo_fields(cpuinfo: str | None) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (``cpuinfo`` is its text; read when None; empty
+    where there is none)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             cpuinfo = ""
-    fields = {}
+    fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())  # the first processor's
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags as Linux names them (``avx512f``, ``avx2``...); empty elsewhere."""
+    return frozenset(_cpuinfo_fields(None).get("flags", "").split())
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU timings run on, for benchmark headers: its model, its widest SIMD level, whether it has
+    VNNI (ORT's INT8 sums are exact only with it; docs/ops.md), and the cores this process may use.
+    ``cpuinfo`` is /proc/cpuinfo's text (read when None; other systems get the platform's name)."""
+    fields = _cpuinfo_fields(cpuinfo)
     flags = set(fields.get("flags", "").split())
     parts = [fields.get("model name") or platform.processor() or platform.machine()]
     if flags:

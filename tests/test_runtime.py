@@ -120,3 +120,11 @@ def test_cpu_description_names_the_simd_level_and_vnni():
     assert runtime.cpu_description("model name\t: Old\nflags\t: fpu sse4_2\n").startswith("Old, no AVX2, no VNNI")
     assert runtime.cpu_description("").endswith(" cores")  # no /proc/cpuinfo: the platform's name
     assert runtime.cpu_description().endswith(" cores")
+
+
+def test_cpu_flags_are_the_ones_cpu_description_reads():
+    flags = runtime.cpu_flags()
+    assert isinstance(flags, frozenset)
+    described = runtime.cpu_description()
+    assert ("avx512f" in flags) == (", AVX-512, " in described)
+    assert ("avx2" in flags and "avx512f" not in flags) == (", AVX2, " in described)

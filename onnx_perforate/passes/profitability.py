@@ -16,11 +16,10 @@ and 0.41x at r = 0.75 (efficiency 0.95 plus a fixed 14%), the reorders and dispa
 
 from __future__ import annotations
 
-import functools
-
 import onnx
 
 from ..graph import consumers
+from ..runtime import cpu_flags
 from .op_table import NCHWC_FOLLOWERS, Semantics, semantics
 
 # One interpolated float costs what ORT's Conv spends on this many MACs.
@@ -66,14 +65,9 @@ _POOLS = ("MaxPool", "AveragePool")
 _BLOCK_ALIGNED = ("Concat", "GlobalMaxPool", "GlobalAveragePool")  # and each input's channels a multiple of the block
 
 
-@functools.cache
 def nchwc_block() -> int:
-    """Channels per NCHWc block on this CPU: 16 with AVX-512, else 8 (read once)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return 16 if " avx512f" in f.read() else 8
-    except OSError:
-        return 8
+    """Channels per NCHWc block on this CPU: 16 with AVX-512, else 8."""
+    return 16 if "avx512f" in cpu_flags() else 8
 
 
 def nchwc_reorders(model: onnx.ModelProto, block: int | None = None) -> list[str]:
