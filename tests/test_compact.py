@@ -198,6 +198,22 @@ def test_dense_compact_input_keeps_interpolation_before_pooling(backend):
     assert "more than NNInterpolate + MaxPool cost" in report.layers[0].interpolated_for["pool"]
 
 
+def test_pooling_counts_the_layout_reorder_ort_puts_before_a_blocked_pool(backend):
+    """16 channels (a multiple of every NCHWc block): ORT would reorder NNInterpolate's output before its
+    blocked MaxPool, which tips the same light mask over to CompactPool."""
+    g = GraphBuilder()
+    a = g.conv("a", "x", 4, 16)
+    p = g.op("MaxPool", [a], "pool", kernel_shape=[3, 3], strides=[2, 2])
+    model = g.model([p])
+    chosen = layer_masks(model, ["a"], rate=0.2, kind="uniform")
+    without, report = rewrite_with_report(model, chosen, compact_options=CompactOptions(pool_reorder_cost=0))
+    assert count_ops(without, "CompactPool") == 0
+    assert "more than NNInterpolate + MaxPool cost" in report.layers[0].interpolated_for["pool"]
+    compact, report = check_agreement(model, chosen, backend)
+    assert count_ops(compact, "CompactPool") == 1 and count_ops(compact, "NNInterpolate") == 0
+    assert "pool" not in report.layers[0].interpolated_for
+
+
 def test_pooling_feeding_perforated_1x1_pools_only_its_positions(backend):
     g = GraphBuilder()
     a = g.conv("a", "x", 4, 6)

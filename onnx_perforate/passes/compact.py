@@ -41,6 +41,7 @@ from ..graph import conv_geometry
 from .activation import fuse_activation
 from .op_table import Semantics, is_channel_axis, ops_with
 from .position_wise import MOVABLE, operand_replacements
+from .profitability import nchwc_block
 from .surgery import Refusal, Surgeon, constant_value, extra_outputs_used, node_name
 
 
@@ -78,6 +79,12 @@ class CompactOptions:
     # pool1 (docs/benchmarks.md): CompactPool 0.09 ms against 0.24 ms at grid r=0.75 (13530 entries
     # per plane against a cost of 15724), 0.36 ms against 0.25 ms at grid r=0.5 (18150 against 15724).
     pool_window_read_cost: float = 1 / 8
+    # ... plus, when ORT runs that pool in its NCHWc layout (channels a multiple of the block), the
+    # ReorderInput it puts before it, less the reorder of the smaller pooled tensor CompactPool's NCHW
+    # output then needs: this many units per element. On SqueezeNet's pool1 (uniform r = 0.3, 1 thread,
+    # AVX2) ReorderInput took 0.40-0.53 ms, as long as NNInterpolate itself; pooling it compactly made the
+    # whole network 2.4-3.9% faster (docs/benchmarks.md). 0 leaves the reorders out of the comparison.
+    pool_reorder_cost: float = 1.0
 
 
 class CompactPass:
@@ -459,7 +466,11 @@ class CompactPass:
             # A max window's key is its set of entries; an average window's is (divisor, entries, counts).
             entries = sum(len(w) if pool_attrs["mode"] == "max" else len(w[1]) for w in windows)
             window_reads = len(windows) * kernel[0] * kernel[1]
-            explicit = compact.index.values.size + self.options.pool_window_read_cost * window_reads
+            plane = compact.index.values.size
+            explicit = plane + self.options.pool_window_read_cost * window_reads
+            channels = self.channels(compact)
+            if channels and channels % nchwc_block() == 0:
+                explicit += self.options.pool_reorder_cost * (plane - len(windows))
             if entries > explicit:
                 return Refusal(f"{op}: CompactPool would read {entries} values per plane, more than NNInterpolate + "
                                f"{op} cost ({explicit:.0f})", node.name)
