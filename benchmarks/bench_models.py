@@ -145,9 +145,9 @@ STATISTICS = {"median": statistics.median, "min": min, "p10": lambda v: float(np
 
 
 def fractions(speedup: float, reduction: float) -> str:
-    """'achieved fraction | share of the saved time' cells."""
-    share = (speedup - 1) / (reduction - 1) if reduction > 1.0001 else float("nan")
-    return f"{speedup / reduction:.2f} | {share:.2f}"
+    """'achieved fraction | share of the saved time' cells (no share where the rewrite removed no MACs)."""
+    share = f"{(speedup - 1) / (reduction - 1):.2f}" if reduction > 1.0001 else "-"
+    return f"{speedup / reduction:.2f} | {share}"
 
 
 # ----------------------------------------------------------------------------------------------------
