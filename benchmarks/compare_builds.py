@@ -38,6 +38,10 @@ LAYERS = [
     ("1x1 16 -> 64 over 756 positions", 32, 16, 64, (1, 756), 1, 1, 0, None, ("row", 0.0)),
     ("1x1 64 -> 64 over 182 positions", 32, 64, 64, (1, 182), 1, 1, 0, None, ("row", 0.0)),
     ("1x1 256 -> 64 over 42 positions", 32, 256, 64, (1, 42), 1, 1, 0, None, ("row", 0.0)),
+    # SqueezeNet's conv10 (weights larger than L2) on compact inputs (grid r = 0.75) and unperforated
+    ("1x1 512 -> 1000 over 42 positions", 1, 512, 1000, (1, 42), 1, 1, 0, None, ("row", 0.0)),
+    ("1x1 512 -> 1000 over 42 positions", 32, 512, 1000, (1, 42), 1, 1, 0, None, ("row", 0.0)),
+    ("1x1 512 -> 1000 over 169 positions", 1, 512, 1000, (1, 169), 1, 1, 0, None, ("row", 0.0)),
     # full padded inputs: the three layers of bench_kernels.py, and a SqueezeNet expand3x3 lightly perforated
     ("vgg-conv3, r = 0.5", 1, 128, 192, (56, 56), 3, 1, 1, None, ("uniform", 0.5)),
     ("vgg-conv3, r = 0.75", 1, 128, 192, (56, 56), 3, 1, 1, None, ("uniform", 0.75)),
@@ -112,14 +116,18 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=40, help="timed runs per session (batch 1: 5x as many)")
     parser.add_argument("--cold", action="store_true", help="evict the caches before every timed run")
+    parser.add_argument("--only", metavar="TEXT", help="only the layers whose name contains TEXT")
     args = parser.parse_args(argv)
+    layers = [layer for layer in LAYERS if args.only is None or args.only in layer[0]]
+    if not layers:
+        raise SystemExit(f"error: no layer's name contains {args.only!r}")
     rng = np.random.default_rng(0)
     print(f"# PerforatedConv layers, two builds (onnxruntime {ort.__version__}, {runtime.cpu_description()}; "
           "medians of interleaved runs)\n")
     print(f"before: {args.before}  \nafter: {args.after}\n")
     print("| layer | batch | threads | before ms | after ms | after / before |")
     print("|---|---|---|---|---|---|")
-    for name, batch, c, m, hw, kernel, stride, pad, producer, own in LAYERS:
+    for name, batch, c, m, hw, kernel, stride, pad, producer, own in layers:
         model, feed = layer_model(batch, c, m, hw, kernel, stride, pad, producer, own, rng)
         for threads in args.threads:
             sessions = [build_session(model, library, threads) for library in (args.before, args.after)]

@@ -112,6 +112,9 @@ LARGE_CASES = [
     ((3, 48, 14, 14), (48, 1, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=48)),
     ((1, 64, 13, 13), (128, 16, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=4)),
     ((2, 300, 9, 9), (33, 300, 1, 1), ops.ConvAttributes((1, 1))),
+    # Weights of one pass larger than half of any L2 (SqueezeNet's conv10, 2 MB): the panels go in
+    # L2-sized chunks, each serving every tile of the block before the next.
+    ((1, 512, 13, 13), (1000, 512, 1, 1), ops.ConvAttributes((1, 1))),
     # One input channel, many outputs (a grey image's first layer; channel multiplier 8): the GEMM.
     ((4, 1, 28, 28), (16, 1, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1))),
     ((2, 6, 11, 11), (48, 1, 3, 3), ops.ConvAttributes((3, 3), pads=(1, 1, 1, 1), group=6)),

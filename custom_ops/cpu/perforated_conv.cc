@@ -8,6 +8,8 @@
 #include <thread>
 #include <vector>
 
+#include <unistd.h>
+
 #include "blas.h"
 
 namespace onnx_perforate {
@@ -101,8 +103,14 @@ int64_t PassDepth(int64_t patch) {
 }
 
 // Bytes of weight panels one KC pass may stream and still expect to find in L2 on its next tile: half
-// of a 1 MiB L2.
-constexpr int64_t kL2Share = int64_t{512} << 10;
+// of this CPU's L2 (1 MiB on Zen 5 and recent Xeons, 512 KiB on Zen 1-3; 512 KiB where not reported).
+int64_t L2Share() {
+  static const int64_t share = [] {
+    const long bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return (bytes > 0 ? static_cast<int64_t>(bytes) : int64_t{512} << 10) / 2;
+  }();
+  return share;
+}
 
 // Rows of one plane no wider than a vector once padded (wp <= 16: 13x13 and 7x7 maps), with their left
 // and right padding: one masked load and store per row. On such planes a memmove call and two fills per
@@ -357,15 +365,19 @@ void GemmBlock(const ConvCall& c, const PackedWeights& packed, const float* cons
   const int64_t depth = PassDepth(patch);
   for (int64_t pc = 0; pc < patch; pc += depth) {
     const int64_t kc = std::min(depth, patch - pc);
-    // The first tile streams the pass's weight panels from L3 or memory (the layers before evicted
-    // them from L2): it prefetches them. The other tiles find them in L2, unless they do not fit.
-    const bool panels_exceed_l2 = width * kc * int64_t{sizeof(float)} > kL2Share;
-    for (int64_t j = 0; j < tiles; ++j) {
-      const GemmIsa::Kernel tile_kernel = isa.Get(packed.vectors, kn - j * nr <= nr / 2, j == 0 || panels_exceed_l2);
-      for (int64_t i = i0; i < i1; ++i)
-        tile_kernel(kc, packed.Panel(g, i) + pc * mr, rows + pc, positions + k0 + j * nr,
-                    tile + j * nr * width + (i - i0) * mr, width, pc == 0);
-      if (prefetch) prefetch->Step();
+    // The panels go in chunks that fit in L2: the first tile streams a chunk from L3 or memory (the
+    // layers before evicted it), prefetching it, and the other tiles find it in L2. One chunk unless
+    // the pass's weights exceed L2 (SqueezeNet's conv10: 1000 x 512).
+    const int64_t chunk = std::max<int64_t>(1, L2Share() / (kc * mr * int64_t{sizeof(float)}));
+    for (int64_t c0 = i0; c0 < i1; c0 += chunk) {
+      const int64_t c1 = std::min(i1, c0 + chunk);
+      for (int64_t j = 0; j < tiles; ++j) {
+        const GemmIsa::Kernel tile_kernel = isa.Get(packed.vectors, kn - j * nr <= nr / 2, j == 0);
+        for (int64_t i = c0; i < c1; ++i)
+          tile_kernel(kc, packed.Panel(g, i) + pc * mr, rows + pc, positions + k0 + j * nr,
+                      tile + j * nr * width + (i - i0) * mr, width, pc == 0);
+        if (prefetch && c0 == i0) prefetch->Step();
+      }
     }
   }
   // The block may span images: store each image's part into its own rows of Yc.
