@@ -2,9 +2,11 @@
 // small to pay for waking it; and the per-thread scratch buffers the tasks write into.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <thread>
 #include <vector>
 
 namespace onnx_perforate {
@@ -29,6 +31,12 @@ inline void RunMaybeSerially(const ParallelRunner& parallel, int64_t floats, siz
   } else {
     parallel(total, fn);
   }
+}
+
+// The cores of this machine (what the kernels size their task counts by; ORT's pool may use fewer).
+inline int64_t Cores() {
+  static const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  return cores;
 }
 
 // A per-thread scratch buffer (a thread_local vector) grown to at least `size` elements.

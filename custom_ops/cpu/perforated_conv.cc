@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
-#include <thread>
 #include <vector>
 
 #include <unistd.h>
@@ -67,11 +66,6 @@ void BiasActivation(float* __restrict y, int64_t n, float bias, Activation act, 
 // Columns (computed positions) per task, a multiple of `unit`. One block per core keeps every core
 // busy when N * group is small; more blocks than that only cost bandwidth, since every block streams
 // all the weights through the cache again. The bounds keep a task's buffers in L2.
-int64_t Cores() {
-  static const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
-  return cores;
-}
-
 int64_t ColumnBlock(int64_t count, int64_t outer_tasks, int64_t unit, int64_t min_block, int64_t max_block) {
   // As many blocks as needed to respect max_block, and a multiple of the cores so they end together.
   const int64_t cores = Cores();

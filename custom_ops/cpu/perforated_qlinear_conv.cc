@@ -9,7 +9,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
-#include <thread>
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 // GCC 12's false positive inside its own AVX-512 headers when not optimising (bug 105593), as in
@@ -260,11 +259,6 @@ void ReceptiveFieldSums(const T* buffer, int64_t pixels, int64_t stride, int64_t
         sums[g * count + k] = sum - centre;
       }
   });
-}
-
-int64_t Cores() {
-  static const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
-  return cores;
 }
 
 thread_local std::vector<uint8_t> tls_input_bytes;
