@@ -83,7 +83,7 @@ class CompactOptions:
     # ReorderInput it puts before it, less the reorder of the smaller pooled tensor CompactPool's NCHW
     # output then needs: this many units per element. On SqueezeNet's pool1 (uniform r = 0.3, 1 thread,
     # AVX2) ReorderInput took 0.40-0.53 ms, as long as NNInterpolate itself; pooling it compactly made the
-    # whole network 2.4-3.9% faster (docs/benchmarks.md). 0 leaves the reorders out of the comparison.
+    # whole network 4-7% faster at 1 thread, 1% at 2 (docs/benchmarks.md). 0 leaves the reorders out.
     pool_reorder_cost: float = 1.0
 
 
