@@ -43,6 +43,9 @@ LAYERS = [
     ("1x1 512 -> 1000 over 42 positions", 32, 512, 1000, (1, 42), 1, 1, 0, None, ("row", 0.0)),
     ("1x1 512 -> 1000 over 169 positions", 1, 512, 1000, (1, 169), 1, 1, 0, None, ("row", 0.0)),
     # full padded inputs: the three layers of bench_kernels.py, and a SqueezeNet expand3x3 lightly perforated
+    ("vgg-conv3, full mask", 1, 128, 192, (56, 56), 3, 1, 1, None, ("uniform", 0.0)),
+    ("vgg-conv4, full mask", 1, 256, 256, (28, 28), 3, 1, 1, None, ("uniform", 0.0)),
+    ("alexnet-conv4, full mask", 1, 192, 384, (13, 13), 3, 1, 1, None, ("uniform", 0.0)),
     ("vgg-conv3, r = 0.5", 1, 128, 192, (56, 56), 3, 1, 1, None, ("uniform", 0.5)),
     ("vgg-conv3, r = 0.75", 1, 128, 192, (56, 56), 3, 1, 1, None, ("uniform", 0.75)),
     ("vgg-conv4, r = 0.5", 1, 256, 256, (28, 28), 3, 1, 1, None, ("uniform", 0.5)),
