@@ -93,13 +93,18 @@ def select(model, spec: str) -> list:
     return [r for r in records if any(fnmatch.fnmatchcase(r.name, p) for p in patterns)]
 
 
-def build_variants(path, mask_kind, rate, layers, seed=0, variants=("original", "explicit", "compact")):
-    """{variant: ModelProto}, the chosen masks and {variant: its rewrite's report}."""
-    original = dynamic_batch(onnx.load(str(path)))
-    chosen = {
+def choose_masks(original: onnx.ModelProto, mask_kind: str, rate: float, layers: str, seed: int = 0) -> dict:
+    """{Conv name: mask} of ``mask_kind`` at ``rate`` for the Convs ``layers`` selects (see select)."""
+    return {
         r.name: masks_module.make(mask_kind, r.output_shape[2:], rate, seed=seed, model=original, conv=r.name)
         for r in select(original, layers)
     }
+
+
+def build_variants(path, mask_kind, rate, layers, seed=0, variants=("original", "explicit", "compact")):
+    """{variant: ModelProto}, the chosen masks and {variant: its rewrite's report}."""
+    original = dynamic_batch(onnx.load(str(path)))
+    chosen = choose_masks(original, mask_kind, rate, layers, seed)
     compact, report = onnx_perforate.rewrite_with_report(original, chosen, compact=True)
     models = {"original": original, "compact": compact, "compact-nonchwc": compact}
     reports = {"compact": report, "compact-nonchwc": report}

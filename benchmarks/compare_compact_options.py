@@ -22,13 +22,12 @@ from pathlib import Path
 import onnx
 
 import onnx_perforate
-from onnx_perforate import masks as masks_module
 from onnx_perforate import runtime
 from onnx_perforate.passes.compact import CompactOptions
 from onnx_perforate.rewrite import RewriteOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_models import dynamic_batch, latency, select  # noqa: E402
+from bench_models import choose_masks, dynamic_batch, latency  # noqa: E402
 
 
 def compact_options(pairs: list[str]) -> CompactOptions:
@@ -64,8 +63,7 @@ def main(argv=None) -> int:
     settings = {"before": compact_options(args.before), "after": compact_options(args.after)}
 
     original = dynamic_batch(onnx.load(str(args.model)))
-    chosen = {r.name: masks_module.make(args.mask, r.output_shape[2:], args.rate, seed=0, model=original, conv=r.name)
-              for r in select(original, args.layers)}
+    chosen = choose_masks(original, args.mask, args.rate, args.layers)
     models = {"original": original}
     for key, options in settings.items():
         models[key] = onnx_perforate.rewrite(original, chosen, RewriteOptions(compact_options=options))

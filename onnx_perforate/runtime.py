@@ -49,10 +49,14 @@ def _cpuinfo_fields(cpuinfo: str | None) -> dict[str, str]:
     return fields
 
 
+def _flags(fields: dict[str, str]) -> frozenset[str]:
+    return frozenset(fields.get("flags", "").split())
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """This CPU's feature flags as Linux names them (``avx512f``, ``avx2``...); empty elsewhere."""
-    return frozenset(_cpuinfo_fields(None).get("flags", "").split())
+    return _flags(_cpuinfo_fields(None))
 
 
 def cpu_description(cpuinfo: str | None = None) -> str:
@@ -60,7 +64,7 @@ def cpu_description(cpuinfo: str | None = None) -> str:
     VNNI (ORT's INT8 sums are exact only with it; docs/ops.md), and the cores this process may use.
     ``cpuinfo`` is /proc/cpuinfo's text (read when None; other systems get the platform's name)."""
     fields = _cpuinfo_fields(cpuinfo)
-    flags = set(fields.get("flags", "").split())
+    flags = _flags(fields)
     parts = [fields.get("model name") or platform.processor() or platform.machine()]
     if flags:
         simd = next((name for flag, name in _SIMD_LEVELS if flag in flags), "no AVX2")
